@@ -1,0 +1,520 @@
+"""The real backend: typed wrappers over /dev/kvm, one class per fd kind.
+
+Methods are the ioctls and file operations by their kernel names. Every failure
+is the kernel's own errno as OSError; nothing here re-validates what the kernel
+validates (the point is to observe the kernel). Each object owns its fd and
+closes it on `close()` / context exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import signal
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from guestmem import uapi
+from guestmem.exits import (
+    Exit,
+    FailEntryExit,
+    HltExit,
+    HostSigbus,
+    HypercallExit,
+    InternalErrorExit,
+    IoExit,
+    KvmRunError,
+    MemoryFaultExit,
+    MmioExit,
+    ShutdownExit,
+    SystemEventExit,
+    UnknownExit,
+)
+from guestmem.host import libc
+
+BACKEND = "kvm"
+
+
+class _Fd:
+    """An owned file descriptor, closed once."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise OSError(errno.EBADF, "closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            self.close()
+
+    def _ioctl(self, request: int, arg: int | ctypes.Structure = 0) -> int:
+        if isinstance(arg, int):
+            return fcntl.ioctl(self.fd, request, arg)
+        return fcntl.ioctl(self.fd, request, arg, True)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the host's KVM offers, probed once (system scope, then a default VM)."""
+
+    api_version: int
+    implementation: str  # kvm_intel, kvm_amd, kvm_pvm or unknown
+    vm_types: frozenset[int]
+    guest_memfd: bool
+    guest_memfd_flags: int  # KVM_CAP_GUEST_MEMFD_FLAGS on a default VM
+    memory_attributes: int  # KVM_CAP_MEMORY_ATTRIBUTES, system scope
+    user_memory2: bool
+    memory_fault_info: bool
+    exit_hypercall: int  # KVM_CAP_EXIT_HYPERCALL valid mask
+    pre_fault_memory: bool
+    readonly_mem: bool
+    nr_memslots: int
+    multi_address_space: int
+    numa_nodes: int
+    gmem_flags_by_vm_type: dict[int, int]  # KVM_CAP_GUEST_MEMFD_FLAGS on a VM of each type
+    system: dict[str, int]  # every known capability at system scope, by name
+    runs_guests: bool = True
+
+    def gmem_flags_for(self, vm_type: int) -> int:
+        return self.gmem_flags_by_vm_type.get(vm_type, 0)
+
+
+def kvm_implementation() -> str:
+    """Which module backs /dev/kvm (host-notes: this machine is kvm_pvm)."""
+    for name in ("kvm_pvm", "kvm_intel", "kvm_amd"):
+        if os.path.isdir(f"/sys/module/{name}"):
+            return name
+    return "unknown"
+
+
+def numa_node_count() -> int:
+    try:
+        return sum(1 for d in os.listdir("/sys/devices/system/node") if d[4:].isdigit()
+                   and d.startswith("node"))
+    except FileNotFoundError:
+        return 1
+
+
+class Kvm(_Fd):
+    """/dev/kvm."""
+
+    backend = BACKEND
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        super().__init__(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        self._caps: Capabilities | None = None
+
+    def api_version(self) -> int:
+        return self._ioctl(uapi.KVM_GET_API_VERSION)
+
+    def check_extension(self, cap: int) -> int:
+        return self._ioctl(uapi.KVM_CHECK_EXTENSION, cap)
+
+    def vcpu_mmap_size(self) -> int:
+        return self._ioctl(uapi.KVM_GET_VCPU_MMAP_SIZE)
+
+    def supported_vm_types(self) -> frozenset[int]:
+        # Selftests treat a missing KVM_CAP_VM_TYPES as BIT(default) (upstream.md §1.4).
+        mask = self.check_extension(uapi.KVM_CAP_VM_TYPES) or 1 << uapi.KVM_X86_DEFAULT_VM
+        return frozenset(t for t in range(64) if mask >> t & 1)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        if self._caps is None:
+            self._caps = self._probe()
+        return self._caps
+
+    def _probe(self) -> Capabilities:
+        system = {
+            name: self.check_extension(nr) for nr, name in sorted(uapi.CAPABILITY_NAMES.items())
+        }
+        vm_types = self.supported_vm_types()
+        by_type: dict[int, int] = {}
+        for vm_type in sorted(vm_types):
+            with self.create_vm(vm_type) as vm:
+                by_type[vm_type] = (
+                    vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
+                    if system["KVM_CAP_GUEST_MEMFD"]
+                    else 0
+                )
+        return Capabilities(
+            api_version=self.api_version(),
+            implementation=kvm_implementation(),
+            vm_types=vm_types,
+            guest_memfd=bool(system["KVM_CAP_GUEST_MEMFD"]),
+            guest_memfd_flags=by_type.get(uapi.KVM_X86_DEFAULT_VM, 0),
+            memory_attributes=system["KVM_CAP_MEMORY_ATTRIBUTES"],
+            user_memory2=bool(system["KVM_CAP_USER_MEMORY2"]),
+            memory_fault_info=bool(system["KVM_CAP_MEMORY_FAULT_INFO"]),
+            exit_hypercall=system["KVM_CAP_EXIT_HYPERCALL"],
+            pre_fault_memory=bool(system["KVM_CAP_PRE_FAULT_MEMORY"]),
+            readonly_mem=bool(system["KVM_CAP_READONLY_MEM"]),
+            nr_memslots=system["KVM_CAP_NR_MEMSLOTS"],
+            multi_address_space=system["KVM_CAP_MULTI_ADDRESS_SPACE"],
+            numa_nodes=numa_node_count(),
+            gmem_flags_by_vm_type=by_type,
+            system=system,
+        )
+
+    def open_fd_count(self) -> int:
+        """Open fds of this process (leak checks)."""
+        return libc.fd_count()
+
+    def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
+        return Vm(self, self._ioctl(uapi.KVM_CREATE_VM, vm_type), vm_type)
+
+    def mmap_anonymous(self, length: int) -> Mapping:
+        """Anonymous shared host memory, e.g. for a memslot's userspace_addr."""
+        prot = libc.PROT_READ | libc.PROT_WRITE
+        addr = libc.mmap(length, prot, libc.MAP_SHARED | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
+        return Mapping(addr, length)
+
+
+class Vm(_Fd):
+    def __init__(self, kvm: Kvm, fd: int, vm_type: int) -> None:
+        super().__init__(fd)
+        self.kvm = kvm
+        self.vm_type = vm_type
+
+    def check_extension(self, cap: int) -> int:
+        return self._ioctl(uapi.KVM_CHECK_EXTENSION, cap)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        args = uapi.kvm_create_guest_memfd(size=size, flags=flags)
+        return GuestMemfd(self, self._ioctl(uapi.KVM_CREATE_GUEST_MEMFD, args))
+
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> None:
+        region = uapi.kvm_userspace_memory_region(
+            slot=slot,
+            flags=flags,
+            guest_phys_addr=guest_phys_addr,
+            memory_size=memory_size,
+            userspace_addr=userspace_addr,
+        )
+        self._ioctl(uapi.KVM_SET_USER_MEMORY_REGION, region)
+
+    def set_user_memory_region2(
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int = 0,
+        guest_memfd: GuestMemfd | int = 0,
+        guest_memfd_offset: int = 0,
+    ) -> None:
+        fd = guest_memfd.fd if isinstance(guest_memfd, GuestMemfd) else guest_memfd
+        region = uapi.kvm_userspace_memory_region2(
+            slot=slot,
+            flags=flags,
+            guest_phys_addr=guest_phys_addr,
+            memory_size=memory_size,
+            userspace_addr=userspace_addr,
+            guest_memfd_offset=guest_memfd_offset,
+            guest_memfd=fd & 0xFFFFFFFF,
+        )
+        self._ioctl(uapi.KVM_SET_USER_MEMORY_REGION2, region)
+
+    def delete_memslot(self, slot: int) -> None:
+        """A memslot is deleted by setting it with size 0 (kvm_set_memory_region)."""
+        self.set_user_memory_region2(slot, 0, 0, 0)
+
+    def set_memory_attributes(
+        self, address: int, size: int, attributes: int, flags: int = 0
+    ) -> None:
+        attrs = uapi.kvm_memory_attributes(
+            address=address, size=size, attributes=attributes, flags=flags
+        )
+        self._ioctl(uapi.KVM_SET_MEMORY_ATTRIBUTES, attrs)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        req = uapi.kvm_enable_cap(cap=cap, flags=flags)
+        for i, value in enumerate(args):
+            req.args[i] = value
+        self._ioctl(uapi.KVM_ENABLE_CAP, req)
+
+    def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
+        return Vcpu(self, self._ioctl(uapi.KVM_CREATE_VCPU, vcpu_id), vcpu_id)
+
+    def get_dirty_log(self, slot: int, npages: int) -> bytes:
+        bitmap = ctypes.create_string_buffer(((npages + 63) // 64) * 8)
+        log = uapi.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
+        self._ioctl(uapi.KVM_GET_DIRTY_LOG, log)
+        return bitmap.raw
+
+
+class GuestMemfd(_Fd):
+    """A guest_memfd file (KVM_CREATE_GUEST_MEMFD)."""
+
+    def __init__(self, vm: Vm, fd: int) -> None:
+        super().__init__(fd)
+        self.vm = vm
+
+    def stat(self) -> os.stat_result:
+        return os.fstat(self.fd)
+
+    @property
+    def size(self) -> int:
+        return self.stat().st_size
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        libc.fallocate(self.fd, mode, offset, length)
+
+    def allocate(self, offset: int, length: int) -> None:
+        self.fallocate(uapi.FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        self.fallocate(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, offset, length)
+
+    def ioctl(self, request: int, arg: int = 0) -> int:
+        """Any ioctl on the file (ML guest_memfd has none: ENOTTY)."""
+        return self._ioctl(request, arg)
+
+    def ftruncate(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+
+    def read(self, n: int) -> bytes:
+        return os.read(self.fd, n)
+
+    def write(self, data: bytes) -> int:
+        return os.write(self.fd, data)
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return os.pread(self.fd, n, offset)
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        return os.pwrite(self.fd, data, offset)
+
+    def mmap(
+        self,
+        length: int | None = None,
+        offset: int = 0,
+        prot: int = libc.PROT_READ | libc.PROT_WRITE,
+        shared: bool = True,
+    ) -> Mapping:
+        length = self.size if length is None else length
+        flags = libc.MAP_SHARED if shared else libc.MAP_PRIVATE
+        return Mapping(libc.mmap(length, prot, flags, self.fd, offset), length)
+
+
+class Mapping:
+    """A host userspace mapping. `read`/`write` go through /proc/self/mem so that
+    an access the kernel would answer with SIGBUS raises HostSigbus (the GUP
+    behind /proc/self/mem fails with EIO exactly there) instead of killing the
+    interpreter; `touch_in_child` observes the real signal."""
+
+    _mem_fd: int | None = None
+
+    def __init__(self, addr: int, length: int) -> None:
+        self.addr = addr
+        self.length = length
+        self._mapped = True
+
+    @classmethod
+    def _mem(cls) -> int:
+        if cls._mem_fd is None:
+            cls._mem_fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+        return cls._mem_fd
+
+    def _check(self, offset: int, length: int) -> None:
+        if not self._mapped:
+            raise OSError(errno.EBADF, "mapping was unmapped")
+        if offset < 0 or length < 0 or offset + length > self.length:
+            raise ValueError(f"[{offset:#x}, +{length:#x}) outside a {self.length:#x} mapping")
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        try:
+            data = os.pread(self._mem(), length, self.addr + offset)
+        except OSError as e:
+            if e.errno in (errno.EIO, errno.EFAULT):
+                raise HostSigbus(self.addr + offset) from e
+            raise
+        if len(data) != length:  # a short read stops at the first page that faults
+            raise HostSigbus(self.addr + offset + len(data))
+        return data
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check(offset, len(data))
+        try:
+            done = os.pwrite(self._mem(), data, self.addr + offset)
+        except OSError as e:
+            if e.errno in (errno.EIO, errno.EFAULT):
+                raise HostSigbus(self.addr + offset) from e
+            raise
+        if done != len(data):
+            raise HostSigbus(self.addr + offset + done)
+
+    def fill(self, offset: int, byte: int, length: int) -> None:
+        """memset in this process: fast, but the caller must know no page SIGBUSes."""
+        self._check(offset, length)
+        libc.memset(self.addr + offset, byte, length)
+
+    def touch_in_child(self, offset: int, write: bool = False, length: int = 1) -> int | None:
+        """Touch [offset, offset+length) in a forked child; return the signal that
+        killed it (e.g. SIGBUS) or None. The authoritative SIGBUS check."""
+        self._check(offset, 0)
+        pid = os.fork()
+        if pid == 0:  # child: touch with plain loads/stores, like a C program would
+            try:
+                addr = self.addr + offset
+                if write:
+                    libc.memset(addr, 0x5A, length)
+                else:
+                    ctypes.string_at(addr, length)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        return os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+
+    def madvise(self, offset: int, length: int, advice: int) -> None:
+        self._check(offset, length)
+        libc.madvise(self.addr + offset, length, advice)
+
+    def munmap(self) -> None:
+        if self._mapped:
+            self._mapped = False
+            libc.munmap(self.addr, self.length)
+
+    close = munmap
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.munmap()
+
+
+SIGBUS = signal.SIGBUS
+
+
+class Vcpu(_Fd):
+    def __init__(self, vm: Vm, fd: int, vcpu_id: int) -> None:
+        super().__init__(fd)
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        self._run_size = vm.kvm.vcpu_mmap_size()
+        prot = libc.PROT_READ | libc.PROT_WRITE
+        self._run_addr = libc.mmap(self._run_size, prot, libc.MAP_SHARED, fd, 0)
+        self.kvm_run = uapi.kvm_run.from_address(self._run_addr)
+
+    def close(self) -> None:
+        if not self.closed:
+            libc.munmap(self._run_addr, self._run_size)
+        super().close()
+
+    # --- registers ----------------------------------------------------------------------------
+    def get_regs(self) -> uapi.kvm_regs:
+        regs = uapi.kvm_regs()
+        self._ioctl(uapi.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        self._ioctl(uapi.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> uapi.kvm_sregs:
+        sregs = uapi.kvm_sregs()
+        self._ioctl(uapi.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        self._ioctl(uapi.KVM_SET_SREGS, sregs)
+
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
+        """KVM_PRE_FAULT_MEMORY; returns the (gpa, size) KVM wrote back."""
+        req = uapi.kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
+        self._ioctl(uapi.KVM_PRE_FAULT_MEMORY, req)
+        return req.gpa, req.size
+
+    # --- running ------------------------------------------------------------------------------
+    def run(self) -> Exit:
+        """KVM_RUN. Returns the typed exit; a failing KVM_RUN raises KvmRunError
+        carrying the errno and the exit KVM reported with it (MEMORY_FAULT)."""
+        try:
+            self._ioctl(uapi.KVM_RUN)
+        except OSError as e:
+            reason = self.kvm_run.exit_reason
+            exit = self._decode() if reason == uapi.KVM_EXIT_MEMORY_FAULT else None
+            raise KvmRunError(e.errno or errno.EIO, exit) from None
+        return self._decode()
+
+    def _decode(self) -> Exit:
+        run = self.kvm_run
+        reason = run.exit_reason
+        u = run.exit
+        if reason == uapi.KVM_EXIT_IO:
+            io = u.io
+            data = b""
+            if io.direction == uapi.KVM_EXIT_IO_OUT:
+                data = ctypes.string_at(self._run_addr + io.data_offset, io.size * io.count)
+            return IoExit(reason, io.direction, io.size, io.port, io.count, data)
+        if reason == uapi.KVM_EXIT_HYPERCALL:
+            hc = u.hypercall
+            return HypercallExit(reason, hc.nr, tuple(hc.args), hc.flags)
+        if reason == uapi.KVM_EXIT_MEMORY_FAULT:
+            mf = u.memory_fault
+            return MemoryFaultExit(reason, mf.flags, mf.gpa, mf.size)
+        if reason == uapi.KVM_EXIT_MMIO:
+            m = u.mmio
+            return MmioExit(reason, m.phys_addr, bytes(m.data)[: m.len], m.len, bool(m.is_write))
+        if reason == uapi.KVM_EXIT_HLT:
+            return HltExit(reason)
+        if reason == uapi.KVM_EXIT_SHUTDOWN:
+            return ShutdownExit(reason)
+        if reason == uapi.KVM_EXIT_FAIL_ENTRY:
+            fe = u.fail_entry
+            return FailEntryExit(reason, fe.hardware_entry_failure_reason, fe.cpu)
+        if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
+            ie = u.internal
+            return InternalErrorExit(reason, ie.suberror, tuple(ie.data[: min(ie.ndata, 16)]))
+        if reason == uapi.KVM_EXIT_SYSTEM_EVENT:
+            se = u.system_event
+            return SystemEventExit(reason, se.type, tuple(se.data[: min(se.ndata, 16)]))
+        return UnknownExit(reason, u.hw_exit_reason)
+
+    def complete_io_in(self, data: bytes) -> None:
+        """Answer a KVM_EXIT_IO IN: KVM copies the bytes into the guest on the next run."""
+        io = self.kvm_run.exit.io
+        ctypes.memmove(self._run_addr + io.data_offset, data, io.size * io.count)
+
+    def complete_hypercall(self, ret: int) -> None:
+        """Answer a KVM_EXIT_HYPERCALL: KVM puts `ret` in the guest's RAX on the next run."""
+        self.kvm_run.exit.hypercall.ret = ret & 0xFFFFFFFFFFFFFFFF
+
+    @property
+    def immediate_exit(self) -> bool:
+        return bool(self.kvm_run.immediate_exit)
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        self.kvm_run.immediate_exit = int(value)

@@ -1,0 +1,90 @@
+"""The few libc calls Python's stdlib does not expose the way we need them.
+
+mmap through libc (not the `mmap` module) so that a mapping may be larger than
+the file, MAP_PRIVATE/PROT_EXEC can be requested and refused with the kernel's
+errno, and the address is known for `userspace_addr`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from typing import Final
+
+from guestmem.exits import oserror
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+_libc.memset.restype = ctypes.c_void_p
+
+PROT_NONE: Final = 0
+PROT_READ: Final = 1
+PROT_WRITE: Final = 2
+PROT_EXEC: Final = 4
+MAP_SHARED: Final = 0x01
+MAP_PRIVATE: Final = 0x02
+MAP_ANONYMOUS: Final = 0x20
+MAP_NORESERVE: Final = 0x4000
+MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+MADV_DONTNEED: Final = 4
+MADV_HUGEPAGE: Final = 14
+MADV_COLLAPSE: Final = 25
+
+
+def _errno() -> int:
+    return ctypes.get_errno()
+
+
+def mmap(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+    addr = _libc.mmap(None, length, prot, flags, fd, offset)
+    if addr is None or addr == MAP_FAILED:
+        raise oserror(_errno(), "mmap")
+    return int(addr)
+
+
+def munmap(addr: int, length: int) -> None:
+    if _libc.munmap(addr, length) != 0:
+        raise oserror(_errno(), "munmap")
+
+
+def madvise(addr: int, length: int, advice: int) -> None:
+    if _libc.madvise(addr, length, advice) != 0:
+        raise oserror(_errno(), "madvise")
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any mode bits (os.posix_fallocate cannot pass a mode)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        raise oserror(_errno(), "fallocate")
+
+
+def memset(addr: int, byte: int, length: int) -> None:
+    _libc.memset(addr, byte, length)
+
+
+def read_memory(addr: int, length: int) -> bytes:
+    return ctypes.string_at(addr, length)
+
+
+def write_memory(addr: int, data: bytes) -> None:
+    ctypes.memmove(addr, data, len(data))
+
+
+def fd_count() -> int:
+    """Open fds of this process, for leak tests."""
+    return len(os.listdir("/proc/self/fd"))

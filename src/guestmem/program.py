@@ -1,0 +1,116 @@
+"""What a guest does, as data (layer 1).
+
+A `Program` is a list of steps. `guestmem.guest` compiles it to x86-64 machine
+code for the kernel; the model's vCPU interprets the same steps. The guest talks
+to the VMM only through port I/O on the ports below and the MAP_GPA_RANGE
+hypercall, so both backends produce the same exits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from guestmem import uapi
+
+# Port I/O protocol between guest programs and the VMM (our choice; the sources
+# leave it open). Every report is a 64-bit value sent as two 32-bit OUTs.
+PORT_REPORT_LO: Final = 0xE0
+PORT_REPORT_HI: Final = 0xE4
+PORT_DONE: Final = 0xF4
+
+# Report tags: the low 32 bits say what a report is, the high 32 bits carry data
+# that fits (a step index); full 64-bit values go in a following report.
+VERIFY_OK: Final = 0x0
+MISMATCH_TAG: Final = 0x4D49534D  # "MSIM": next two reports are the address and the word read
+
+
+def pattern_word(value: int, step: int, index: int) -> int:
+    """The 64-bit word a pattern puts at word `index` of its range."""
+    return (value + index * step) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True)
+class WritePattern:
+    """Write word i = value + i*step (64-bit words) over [gpa, gpa+length)."""
+
+    gpa: int
+    length: int
+    value: int
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class VerifyPattern:
+    """Check [gpa, gpa+length) holds the pattern; report VERIFY_OK, or
+    MISMATCH_TAG then the first bad address then the word found there."""
+
+    gpa: int
+    length: int
+    value: int
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class ReadValue:
+    """Read the 64-bit word at gpa and report it."""
+
+    gpa: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """Report a constant (a marker the host can wait for)."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class MapGpaRange:
+    """KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs) and report the value it returns.
+
+    `page_size` is 4K/2M/1G in bytes; `encrypted` asks for private memory."""
+
+    gpa: int
+    npages: int
+    page_size: int = uapi.PAGE_SIZE
+    encrypted: bool = True
+
+    @property
+    def attrs(self) -> int:
+        size_bits = {
+            4096: uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
+            2 << 20: uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_2M,
+            1 << 30: uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_1G,
+        }
+        if self.page_size not in size_bits:
+            raise ValueError(f"page_size must be 4K, 2M or 1G, not {self.page_size}")
+        enc = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED if self.encrypted else 0
+        return size_bits[self.page_size] | enc
+
+
+@dataclass(frozen=True)
+class Loop:
+    """Repeat the inner steps `count` times (for benchmarks: exits per second)."""
+
+    count: int
+    body: tuple[Step, ...]
+
+
+@dataclass(frozen=True)
+class Halt:
+    """Stop: tell the VMM through PORT_DONE (HLT is not usable at CPL3)."""
+
+
+Step = WritePattern | VerifyPattern | ReadValue | Report | MapGpaRange | Loop | Halt
+
+
+@dataclass(frozen=True)
+class Program:
+    steps: tuple[Step, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def of(cls, *steps: Step) -> Program:
+        if not steps or not isinstance(steps[-1], Halt):
+            steps = (*steps, Halt())
+        return cls(tuple(steps))

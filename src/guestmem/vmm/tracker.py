@@ -1,0 +1,102 @@
+"""The VMM's record of which guest memory is shared and which is private.
+
+Seed 001 (Sean Christopherson, KVM_GET_SHARED_PAGES_LIST review): KVM should not
+keep the list; the guest's KVM_HC_MAP_GPA_RANGE exits to userspace, and the VMM
+keeps the "shared regions list" that live migration consults. This is that list:
+an extent map over gfns, plus a log of every request as the guest made it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from guestmem import uapi
+from guestmem.extents import ExtentMap
+
+_PAGE_SIZE_BITS = {
+    uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_4K: 4096,
+    uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_2M: 2 << 20,
+    uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_1G: 1 << 30,
+}
+_PAGE_SIZE_MASK = 0xF  # attrs bits 3:0 (Documentation/virt/kvm/x86/hypercalls.rst)
+_ENC_MASK = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED
+_GFN_LIMIT = 1 << 52  # x86-64: 52-bit physical addresses
+
+
+class Sharing(Enum):
+    SHARED = "shared"
+    PRIVATE = "private"
+
+
+@dataclass(frozen=True)
+class MapGpaRequest:
+    """One KVM_HC_MAP_GPA_RANGE as the guest issued it, and what the VMM answered."""
+
+    gpa: int
+    npages: int  # always in 4 KiB pages, whatever the page-size hint
+    attrs: int
+    ret: int
+
+    @property
+    def page_size(self) -> int | None:
+        return _PAGE_SIZE_BITS.get(self.attrs & _PAGE_SIZE_MASK)
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.attrs & _ENC_MASK)
+
+
+def validate_map_gpa_range(gpa: int, npages: int, attrs: int) -> int:
+    """0 if the request is well formed, else the negative guest error code.
+
+    KVM itself rejects an unaligned gpa, npages == 0 and gfn overflow with
+    -KVM_EINVAL before exiting (x86.c __kvm_emulate_hypercall); the attribute
+    checks are the VMM's, as QEMU's kvm_handle_hc_map_gpa_range does: unknown
+    bits or an undefined page-size encoding are -KVM_EINVAL.
+    """
+    gfn = gpa >> uapi.PAGE_SHIFT
+    if gpa % uapi.PAGE_SIZE or npages == 0 or gfn + npages > _GFN_LIMIT:
+        return -uapi.KVM_EINVAL
+    if attrs & ~(_PAGE_SIZE_MASK | _ENC_MASK) or (attrs & _PAGE_SIZE_MASK) not in _PAGE_SIZE_BITS:
+        return -uapi.KVM_EINVAL
+    return 0
+
+
+class SharedRegionTracker:
+    """Shared/private state per gfn, kept as ranges; `initial` is what memory the
+    guest has not yet converted is (SEV/TDX guests start private; default VMs shared)."""
+
+    def __init__(self, initial: Sharing = Sharing.SHARED) -> None:
+        self.initial = initial
+        self.requests: list[MapGpaRequest] = []
+        self._changed: ExtentMap[Sharing] = ExtentMap()
+
+    def record(self, gpa: int, npages: int, attrs: int) -> int:
+        """Apply one guest request; returns the value for the guest's RAX.
+        A rejected request is logged but changes no state."""
+        ret = validate_map_gpa_range(gpa, npages, attrs)
+        self.requests.append(MapGpaRequest(gpa, npages, attrs, ret))
+        if ret == 0:
+            gfn = gpa >> uapi.PAGE_SHIFT
+            state = Sharing.PRIVATE if attrs & _ENC_MASK else Sharing.SHARED
+            # Store only what differs from the initial state: ranges stay few.
+            self._changed.set(gfn, gfn + npages, None if state == self.initial else state)
+        return ret
+
+    def state(self, gpa: int) -> Sharing:
+        return self._changed.get(gpa >> uapi.PAGE_SHIFT) or self.initial
+
+    def ranges(self, state: Sharing, start: int = 0, end: int = _GFN_LIMIT << 12) -> list[
+        tuple[int, int]
+    ]:
+        """(gpa, size) of every region in [start, end) that is in `state`."""
+        s, e = start >> uapi.PAGE_SHIFT, -(-end // uapi.PAGE_SIZE)
+        if state == self.initial:
+            spans = list(self._changed.gaps(s, e))
+        else:
+            spans = [(a, b) for a, b, _ in self._changed.overlapping(s, e)]
+        return [(a << uapi.PAGE_SHIFT, (b - a) << uapi.PAGE_SHIFT) for a, b in spans]
+
+    def shared_ranges(self, start: int = 0, end: int = _GFN_LIMIT << 12) -> list[tuple[int, int]]:
+        return self.ranges(Sharing.SHARED, start, end)
