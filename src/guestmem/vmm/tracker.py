@@ -21,7 +21,7 @@ _PAGE_SIZE_BITS = {
 }
 _PAGE_SIZE_MASK = 0xF  # attrs bits 3:0 (Documentation/virt/kvm/x86/hypercalls.rst)
 _ENC_MASK = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED
-_GFN_LIMIT = 1 << 52  # x86-64: 52-bit physical addresses
+_GFN_LIMIT = 1 << (52 - uapi.PAGE_SHIFT)  # x86-64: at most 52-bit physical addresses
 
 
 class Sharing(Enum):
@@ -51,7 +51,8 @@ def validate_map_gpa_range(gpa: int, npages: int, attrs: int) -> int:
     """0 if the request is well formed, else the negative guest error code.
 
     KVM itself rejects an unaligned gpa, npages == 0 and gfn overflow with
-    -KVM_EINVAL before exiting (x86.c __kvm_emulate_hypercall); the attribute
+    -KVM_EINVAL before exiting (x86.c __kvm_emulate_hypercall); a range beyond
+    52-bit physical addresses is our choice (no x86 guest has memory there); the attribute
     checks are the VMM's, as QEMU's kvm_handle_hc_map_gpa_range does: unknown
     bits or an undefined page-size encoding are -KVM_EINVAL.
     """

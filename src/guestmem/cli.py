@@ -1,0 +1,129 @@
+"""`guestmem ...`: thin, parses arguments, calls one layer, prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import guestmem
+from guestmem import uapi
+
+console = Console()
+
+
+def _open(backend: str) -> Any:
+    if backend == "kvm" and not os.path.exists("/dev/kvm"):
+        raise click.ClickException(
+            "/dev/kvm does not exist on this machine: the kvm backend needs a host with KVM"
+        )
+    try:
+        return guestmem.Kvm(backend=backend)
+    except OSError as e:
+        raise click.ClickException(f"cannot open the {backend} backend: {e}") from e
+
+
+@click.group()
+@click.version_option(guestmem.__version__)
+def main() -> None:
+    """guestmem: Linux KVM guest_memfd, a VMM and a conformance suite."""
+
+
+def profile_of(caps: Any) -> str:
+    """Which spec profile (DESIGN.md "Kernel profiles") the host matches."""
+    mainline = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+    if caps.memory_attributes & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE and len(caps.vm_types) > 1:
+        return "coco"
+    if caps.guest_memfd and caps.guest_memfd_flags & mainline == mainline:
+        return "mainline"
+    if caps.guest_memfd:
+        return "pre-6.18 (guest_memfd without MMAP/INIT_SHARED)"
+    return "none (no guest_memfd)"
+
+
+def info_record(kvm: Any) -> dict[str, Any]:
+    caps = kvm.capabilities
+    record = asdict(caps)
+    record["vm_types"] = {uapi.VM_TYPE_NAMES.get(t, str(t)): t for t in sorted(caps.vm_types)}
+    record["gmem_flags_by_vm_type"] = {
+        uapi.VM_TYPE_NAMES.get(t, str(t)): f for t, f in caps.gmem_flags_by_vm_type.items()
+    }
+    record["guest_memfd_flag_names"] = [
+        name
+        for name, bit in (
+            ("MMAP", uapi.GUEST_MEMFD_FLAG_MMAP),
+            ("INIT_SHARED", uapi.GUEST_MEMFD_FLAG_INIT_SHARED),
+        )
+        if caps.guest_memfd_flags & bit
+    ]
+    record["backend"] = kvm.backend
+    record["profile"] = profile_of(caps)
+    return record
+
+
+@main.command()
+@click.option("--backend", default="kvm", show_default=True, type=click.Choice(guestmem.BACKENDS))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON record.")
+def info(backend: str, as_json: bool) -> None:
+    """What the host's KVM supports, and which spec profile it matches."""
+    with _open(backend) as kvm:
+        record = info_record(kvm)
+    if as_json:
+        click.echo(json.dumps(record, indent=2, sort_keys=True))
+        return
+    table = Table(title=f"guestmem info ({backend} backend)", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("KVM implementation", record["implementation"])
+    table.add_row("API version", str(record["api_version"]))
+    table.add_row("spec profile", record["profile"])
+    table.add_row("VM types", ", ".join(f"{n} ({v})" for n, v in record["vm_types"].items()))
+    table.add_row(
+        "guest_memfd flags",
+        f"{record['guest_memfd_flags']:#x} " + "|".join(record["guest_memfd_flag_names"]),
+    )
+    for name, flags in record["gmem_flags_by_vm_type"].items():
+        table.add_row(f"  on a {name} VM", f"{flags:#x}")
+    table.add_row("NUMA nodes", str(record["numa_nodes"]))
+    table.add_section()
+    for name, value in record["system"].items():
+        table.add_row(name, str(value) if value < 256 else f"{value:#x}")
+    console.print(table)
+
+
+@main.command()
+@click.option("--backend", default="kvm", show_default=True, type=click.Choice(guestmem.BACKENDS))
+@click.option("--all-vm-types", is_flag=True, help="Also list cases for VM types the host lacks.")
+@click.option("-k", "pattern", default="", help="Only cases whose name contains this.")
+def check(backend: str, all_vm_types: bool, pattern: str) -> None:
+    """Run the conformance suite and print a table."""
+    from guestmem.check import Status, instances, run_instance
+
+    with _open(backend) as kvm:
+        types = tuple(uapi.VM_TYPE_NAMES) if all_vm_types else tuple(
+            sorted(kvm.capabilities.vm_types))
+        selected = [i for i in instances(types) if pattern in i.name]
+        results = [run_instance(kvm, inst) for inst in selected]
+    table = Table(title=f"guestmem conformance ({backend} backend)")
+    for col in ("case", "expected", "observed", "result"):
+        table.add_column(col, overflow="fold")
+    style = {Status.PASS: "green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
+    for r in results:
+        table.add_row(r.name, r.expected, r.observed,
+                      f"[{style[r.status]}]{r.status.value}[/]")
+    console.print(table)
+    counts = {s: sum(r.status is s for r in results) for s in Status}
+    console.print(f"{counts[Status.PASS]} passed, {counts[Status.FAIL]} failed, "
+                  f"{counts[Status.SKIP]} skipped")
+    if counts[Status.FAIL]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+from hypothesis import given
+from hypothesis import strategies as st
+
+from guestmem.extents import ExtentMap
+
+N = 64
+ops = st.lists(
+    st.tuples(st.integers(0, N), st.integers(0, N), st.sampled_from([None, "a", "b"])),
+    max_size=30,
+)
+
+
+@given(ops)
+def test_matches_a_per_point_reference(operations):
+    emap: ExtentMap[str] = ExtentMap()
+    ref: list[str | None] = [None] * N
+    for start, end, value in operations:
+        emap.set(start, end, value)
+        for i in range(start, min(end, N)):
+            ref[i] = value
+    assert [emap.get(i) for i in range(N)] == ref
+    # Invariants: sorted, non-overlapping, non-empty, adjacent equal extents merged.
+    items = list(emap.items())
+    for (s1, e1, v1), (s2, _, v2) in zip(items, items[1:], strict=False):
+        assert s1 < e1 <= s2
+        assert not (e1 == s2 and v1 == v2)
+    assert emap.covered(0, N) == sum(v is not None for v in ref)
+    gaps = [i for a, b in emap.gaps(0, N) for i in range(a, b)]
+    assert gaps == [i for i, v in enumerate(ref) if v is None]
+
+
+def test_all_equal_and_overlapping():
+    emap: ExtentMap[int] = ExtentMap()
+    emap.set(10, 20, 1)
+    emap.set(20, 30, 1)
+    assert list(emap.items()) == [(10, 30, 1)]
+    assert emap.all_equal(12, 28, 1)
+    assert not emap.all_equal(5, 28, 1)
+    assert emap.all_equal(0, 10, None)
+    assert list(emap.overlapping(15, 40)) == [(15, 30, 1)]
+
+
+def test_a_terabyte_of_pages_is_one_extent():
+    emap: ExtentMap[str] = ExtentMap()
+    pages = (1 << 40) >> 12
+    emap.set(0, pages, "shared")
+    emap.set(pages // 2, pages // 2 + 1, "private")
+    assert len(emap) == 3
+    assert emap.get(pages - 1) == "shared"
