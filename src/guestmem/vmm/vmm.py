@@ -1,0 +1,233 @@
+"""A small VMM over the backend-neutral API (layer 4).
+
+It creates a VM with guest_memfd-backed (MMAP|INIT_SHARED) or anonymous memory,
+loads a guest image, runs the vCPU and dispatches exits: port I/O reports from
+the guest program, KVM_HC_MAP_GPA_RANGE into the shared/private tracker, memory
+faults. It never touches /dev/kvm itself, only `Kvm`/`Vm`/`Vcpu` methods.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Self
+
+from guestmem import program as p
+from guestmem import uapi
+from guestmem.exits import (
+    Exit,
+    HypercallExit,
+    IoExit,
+    KvmRunError,
+    MemoryFaultExit,
+)
+from guestmem.vmm import machine
+from guestmem.vmm.tracker import SharedRegionTracker, Sharing
+
+GMEM_BACKING_FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+
+
+class GuestTimeout(Exception):
+    """The guest did not finish within the VMM's time limit."""
+
+
+class UnhandledExit(Exception):
+    def __init__(self, exit: Exit) -> None:
+        super().__init__(f"unhandled exit {exit!r}")
+        self.exit = exit
+
+
+@dataclass
+class MemoryRegion:
+    """One memslot and the host memory behind it."""
+
+    slot: int
+    gpa: int
+    size: int
+    backing: str  # "gmem" or "anon"
+    mapping: Any
+    gmem: Any = None
+
+    def contains(self, gpa: int) -> bool:
+        return self.gpa <= gpa < self.gpa + self.size
+
+
+@dataclass
+class RunResult:
+    """What one `Vmm.run()` saw. `stop` is "done" (the program halted),
+    "memory_fault" (KVM_RUN failed with a MEMORY_FAULT exit) or "error"."""
+
+    stop: str
+    reports: list[int] = field(default_factory=list)
+    exits: int = 0
+    errno: int | None = None
+    memory_fault: MemoryFaultExit | None = None
+    log: list[str] = field(default_factory=list)
+
+
+class Vmm:
+    def __init__(
+        self,
+        kvm: Any,
+        vm_type: int = uapi.KVM_X86_DEFAULT_VM,
+        backing: str = "gmem",
+        low_memory_size: int = machine.LOW_MEMORY_SIZE,
+    ) -> None:
+        self.kvm = kvm
+        self.vm = kvm.create_vm(vm_type)
+        self.regions: list[MemoryRegion] = []
+        self.exit_hypercall = self._enable_exit_hypercall()
+        self.tracker = SharedRegionTracker(Sharing.SHARED)
+        self._next_slot = 0
+        self.log: list[str] = []
+        self.low = self.add_memory(0, low_memory_size, backing)
+        self.vcpu = self.vm.create_vcpu(0)
+        self.handlers: dict[type[Exit], Callable[[Any, RunResult], bool]] = {
+            IoExit: self._handle_io,
+            HypercallExit: self._handle_hypercall,
+        }
+        self._report_lo: int | None = None
+
+    # --- memory -----------------------------------------------------------------------------
+    def _enable_exit_hypercall(self) -> bool:
+        """KVM_CAP_EXIT_HYPERCALL with BIT(KVM_HC_MAP_GPA_RANGE), if the host offers it."""
+        want = 1 << uapi.KVM_HC_MAP_GPA_RANGE
+        if not self.vm.check_extension(uapi.KVM_CAP_EXIT_HYPERCALL) & want:
+            return False
+        self.vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, want)
+        return True
+
+    def add_memory(self, gpa: int, size: int, backing: str = "gmem") -> MemoryRegion:
+        """A new memslot at gpa. guest_memfd memory is MMAP|INIT_SHARED and its
+        userspace_addr is the guest_memfd's own mmap, so KVM's two memory paths
+        (MMU faults through guest_memfd, emulator through userspace_addr) agree."""
+        slot = self._next_slot
+        if backing == "gmem":
+            gmem = self.vm.create_guest_memfd(size, GMEM_BACKING_FLAGS)
+            mapping = gmem.mmap(size)
+            self.vm.set_user_memory_region2(slot, uapi.KVM_MEM_GUEST_MEMFD, gpa, size,
+                                            mapping.addr, gmem, 0)
+        elif backing == "anon":
+            gmem = None
+            mapping = self.kvm.mmap_anonymous(size)
+            self.vm.set_user_memory_region2(slot, 0, gpa, size, mapping.addr)
+        else:
+            raise ValueError(f"backing must be 'gmem' or 'anon', not {backing!r}")
+        self._next_slot += 1
+        region = MemoryRegion(slot, gpa, size, backing, mapping, gmem)
+        self.regions.append(region)
+        self.log.append(f"memslot {slot}: [{gpa:#x}, {gpa + size:#x}) {backing}")
+        return region
+
+    def region_of(self, gpa: int) -> MemoryRegion:
+        for region in self.regions:
+            if region.contains(gpa):
+                return region
+        raise ValueError(f"no memory at GPA {gpa:#x}")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Host read of guest memory through the slot's mapping."""
+        region = self.region_of(gpa)
+        return region.mapping.read(gpa - region.gpa, length)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        region = self.region_of(gpa)
+        region.mapping.write(gpa - region.gpa, data)
+
+    # --- loading and running ------------------------------------------------------------------
+    def load(self, image: machine.GuestImage) -> None:
+        for gpa, data in machine.low_memory_contents(image):
+            self.write(gpa, data)
+        self.vcpu.set_sregs(machine.initial_sregs(self.vcpu.get_sregs()))
+        self.vcpu.set_regs(machine.initial_regs(image))
+        self.image = image
+
+    def run(self, timeout: float = 30.0) -> RunResult:
+        """Run until the program halts or KVM_RUN fails."""
+        result = RunResult(stop="running")
+        with _alarm(timeout):
+            while result.stop == "running":
+                try:
+                    exit = self.vcpu.run()
+                except KvmRunError as e:
+                    result.stop = "memory_fault" if e.exit else "error"
+                    result.errno = e.errno
+                    if isinstance(e.exit, MemoryFaultExit):
+                        result.memory_fault = e.exit
+                        result.log.append(
+                            f"KVM_RUN failed: errno {e.errno}, MEMORY_FAULT gpa={e.exit.gpa:#x} "
+                            f"size={e.exit.size:#x} flags={e.exit.flags:#x}")
+                    break
+                result.exits += 1
+                handler = self.handlers.get(type(exit))
+                if handler is None:
+                    raise UnhandledExit(exit)
+                if handler(exit, result):
+                    result.stop = "done"
+        return result
+
+    def _handle_io(self, exit: IoExit, result: RunResult) -> bool:
+        if not exit.is_out:
+            raise UnhandledExit(exit)
+        if exit.port == p.PORT_REPORT_LO:
+            self._report_lo = exit.value()
+        elif exit.port == p.PORT_REPORT_HI:
+            if self._report_lo is None:
+                raise UnhandledExit(exit)
+            result.reports.append(self._report_lo | exit.value() << 32)
+            self._report_lo = None
+        elif exit.port == p.PORT_DONE:
+            return True
+        else:
+            raise UnhandledExit(exit)
+        return False
+
+    def _handle_hypercall(self, exit: HypercallExit, result: RunResult) -> bool:
+        if exit.nr != uapi.KVM_HC_MAP_GPA_RANGE:
+            self.vcpu.complete_hypercall(-uapi.KVM_ENOSYS)
+            return False
+        gpa, npages, attrs = exit.args[:3]
+        ret = self.tracker.record(gpa, npages, attrs)
+        result.log.append(f"MAP_GPA_RANGE gpa={gpa:#x} npages={npages} attrs={attrs:#x} -> {ret}")
+        self.vcpu.complete_hypercall(ret)
+        return False
+
+    # --- lifetime -----------------------------------------------------------------------------
+    def close(self) -> None:
+        self.vcpu.close()
+        for region in self.regions:
+            region.mapping.munmap()
+            if region.gmem is not None:
+                region.gmem.close()
+        self.vm.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _alarm:  # noqa: N801 - used as a context manager
+    """Interrupt a stuck KVM_RUN: SIGALRM makes KVM_RUN return EINTR, and the
+    handler raises GuestTimeout out of the ioctl. Main thread only."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.active = threading.current_thread() is threading.main_thread() and seconds > 0
+
+    def __enter__(self) -> None:
+        if self.active:
+            self._old = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def _fire(self, signum: int, frame: FrameType | None) -> None:
+        raise GuestTimeout(f"guest still running after {self.seconds}s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._old)
