@@ -17,6 +17,7 @@ from guestmem import uapi
 # leave it open). Every report is a 64-bit value sent as two 32-bit OUTs.
 PORT_REPORT_LO: Final = 0xE0
 PORT_REPORT_HI: Final = 0xE4
+PORT_TICK: Final = 0xE8  # one exit, counted by the VMM (benchmarks)
 PORT_DONE: Final = 0xF4
 
 # Report tags: the low 32 bits say what a report is, the high 32 bits carry data
@@ -69,7 +70,9 @@ class Report:
 class MapGpaRange:
     """KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs) and report the value it returns.
 
-    `page_size` is 4K/2M/1G in bytes; `encrypted` asks for private memory."""
+    `npages` counts 4 KiB pages whatever the page size; `page_size` (4K/2M/1G in
+    bytes) is only the guest's hint (Documentation/virt/kvm/x86/hypercalls.rst);
+    `encrypted` asks for private memory."""
 
     gpa: int
     npages: int
@@ -90,6 +93,11 @@ class MapGpaRange:
 
 
 @dataclass(frozen=True)
+class Tick:
+    """One port-I/O exit the VMM only counts (exits-per-second benchmarks)."""
+
+
+@dataclass(frozen=True)
 class Loop:
     """Repeat the inner steps `count` times (for benchmarks: exits per second)."""
 
@@ -102,7 +110,7 @@ class Halt:
     """Stop: tell the VMM through PORT_DONE (HLT is not usable at CPL3)."""
 
 
-Step = WritePattern | VerifyPattern | ReadValue | Report | MapGpaRange | Loop | Halt
+Step = WritePattern | VerifyPattern | ReadValue | Report | MapGpaRange | Tick | Loop | Halt
 
 
 @dataclass(frozen=True)

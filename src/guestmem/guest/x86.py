@@ -123,6 +123,8 @@ class Compiler:
             case p.Report(value=value):
                 self.asm.mov_imm(R.R8, value)
                 self._report_r8()
+            case p.Tick():
+                self.asm.out(p.PORT_TICK)
             case p.MapGpaRange():
                 self._map_gpa_range(step)
             case p.Loop():

@@ -63,6 +63,7 @@ class RunResult:
     stop: str
     reports: list[int] = field(default_factory=list)
     exits: int = 0
+    ticks: int = 0
     errno: int | None = None
     memory_fault: MemoryFaultExit | None = None
     log: list[str] = field(default_factory=list)
@@ -179,6 +180,8 @@ class Vmm:
                 raise UnhandledExit(exit)
             result.reports.append(self._report_lo | exit.value() << 32)
             self._report_lo = None
+        elif exit.port == p.PORT_TICK:
+            result.ticks += 1
         elif exit.port == p.PORT_DONE:
             return True
         else:

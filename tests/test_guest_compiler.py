@@ -1,0 +1,68 @@
+import pytest
+from iced_x86 import Decoder, Formatter, FormatterSyntax
+
+from guestmem import program as p
+from guestmem.guest import compile_program, default_hypercall_abi
+from guestmem.vmm import machine
+
+
+def disassemble(code: bytes) -> list[str]:
+    fmt = Formatter(FormatterSyntax.INTEL)
+    return [fmt.format(ins) for ins in Decoder(64, code, ip=machine.CODE)]
+
+
+def test_map_gpa_range_uses_the_pvm_register_convention():
+    prog = p.Program.of(p.MapGpaRange(1 << 32, 512, 2 << 20))
+    text = "\n".join(disassemble(compile_program(prog, "pvm").code))
+    assert "mov rax,0Ch" in text  # KVM_HC_MAP_GPA_RANGE
+    assert "mov rbx,100000000h" in text
+    assert "mov r10,200h" in text and "mov rcx" not in text
+    assert "mov rdx,11h" in text  # 2M | ENCRYPTED
+    assert "syscall" in text
+
+
+@pytest.mark.parametrize("abi", ["vmcall", "vmmcall"])
+def test_map_gpa_range_upstream_convention(abi):
+    text = "\n".join(disassemble(compile_program(p.Program.of(p.MapGpaRange(0, 1, encrypted=False)),
+                                                 abi).code))
+    assert "mov rcx,1" in text and "mov rdx,0" in text and abi in text
+
+
+def test_reports_are_two_32_bit_outs_and_halt_is_port_done():
+    text = disassemble(compile_program(p.Program.of(p.Report(5))).code)
+    assert text.count("out 0E0h,eax") == 1 and text.count("out 0E4h,eax") == 1
+    assert "out 0F4h,eax" in text
+
+
+def test_bad_programs_are_rejected():
+    with pytest.raises(ValueError):
+        compile_program(p.Program.of(p.WritePattern(4, 8, 0)))  # unaligned
+    with pytest.raises(ValueError):
+        compile_program(p.Program.of(p.MapGpaRange(0, 1, page_size=8192)))
+    with pytest.raises(ValueError):
+        compile_program(p.Program.of(p.Report(0)), "int80")
+    nested = p.Report(1)
+    for _ in range(5):
+        nested = p.Loop(2, (nested,))
+    with pytest.raises(ValueError):
+        compile_program(p.Program.of(nested))
+
+
+def test_program_of_appends_halt_once():
+    assert p.Program.of(p.Report(1)).steps[-1] == p.Halt()
+    assert p.Program.of(p.Halt()).steps == (p.Halt(),)
+
+
+def test_default_abi_per_implementation():
+    assert default_hypercall_abi("kvm_pvm") == "pvm"
+    assert default_hypercall_abi("kvm_amd") == "vmmcall"
+    assert default_hypercall_abi("kvm_intel") == "vmcall"
+
+
+def test_page_tables_identity_map_64_gib_with_2m_pages():
+    tables = dict(machine.page_tables())
+    pds = tables[machine.PD_BASE]
+    entry = int.from_bytes(pds[8 * 512 * 4: 8 * 512 * 4 + 8], "little")  # first 2M of 4 GiB
+    assert entry & ~0xFFF == 4 << 30 and entry & machine.PTE_HUGE and entry & machine.PTE_USER
+    assert machine.PD_BASE + len(pds) <= machine.GDT
+    assert machine.CODE >= machine.IDT + 0x1000

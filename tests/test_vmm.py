@@ -1,0 +1,88 @@
+"""The VMM's exit dispatch, with a scripted vCPU standing in for KVM_RUN."""
+
+import errno
+
+import pytest
+
+from guestmem import program as p
+from guestmem import uapi
+from guestmem.exits import HypercallExit, IoExit, KvmRunError, MemoryFaultExit, ShutdownExit
+from guestmem.vmm import Sharing, UnhandledExit, Vmm
+
+ENC = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED
+
+
+class ScriptedVcpu:
+    def __init__(self, script):
+        self.script = list(script)
+        self.hypercall_returns = []
+
+    def run(self):
+        item = self.script.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def complete_hypercall(self, ret):
+        self.hypercall_returns.append(ret)
+
+    def close(self):
+        pass
+
+
+def out(port, value):
+    return IoExit(uapi.KVM_EXIT_IO, uapi.KVM_EXIT_IO_OUT, 4, port, 1, value.to_bytes(4, "little"))
+
+
+def report(value):
+    return [out(p.PORT_REPORT_LO, value & 0xFFFFFFFF), out(p.PORT_REPORT_HI, value >> 32)]
+
+
+def hypercall(gpa, npages, attrs, nr=uapi.KVM_HC_MAP_GPA_RANGE):
+    return HypercallExit(uapi.KVM_EXIT_HYPERCALL, nr, (gpa, npages, attrs, 0, 0, 0), 1)
+
+
+@pytest.fixture
+def vmm(host_kvm):
+    with Vmm(host_kvm) as v:
+        v.vcpu.close()
+        yield v
+
+
+def test_map_gpa_range_requests_reach_the_tracker(vmm):
+    vmm.vcpu = ScriptedVcpu([
+        hypercall(1 << 32, 512, ENC | uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_2M),
+        hypercall((1 << 32) + 4096, 1, 0),
+        hypercall(3, 1, 0),  # unaligned: the VMM answers -KVM_EINVAL
+        hypercall(0, 1, 0, nr=99),  # not MAP_GPA_RANGE: -KVM_ENOSYS
+        *report(0x1234_5678_9ABC),
+        out(p.PORT_DONE, 0),
+    ])
+    result = vmm.run()
+    assert result.stop == "done"
+    assert result.reports == [0x1234_5678_9ABC]
+    assert vmm.vcpu.hypercall_returns == [0, 0, -uapi.KVM_EINVAL, -uapi.KVM_ENOSYS]
+    reqs = vmm.tracker.requests
+    assert [(r.gpa, r.npages, r.page_size, r.encrypted) for r in reqs] == [
+        (1 << 32, 512, 2 << 20, True), ((1 << 32) + 4096, 1, 4096, False), (3, 1, 4096, False)]
+    assert vmm.tracker.ranges(Sharing.PRIVATE) == [(1 << 32, 4096),
+                                                   ((1 << 32) + 8192, (2 << 20) - 8192)]
+
+
+def test_memory_fault_stops_the_run_with_errno_and_exit(vmm):
+    fault = MemoryFaultExit(uapi.KVM_EXIT_MEMORY_FAULT, 0, 1 << 32, 4096)
+    vmm.vcpu = ScriptedVcpu([KvmRunError(errno.EFAULT, fault)])
+    result = vmm.run()
+    assert (result.stop, result.errno, result.memory_fault) == ("memory_fault", errno.EFAULT, fault)
+
+
+def test_unexpected_exits_are_errors_not_ignored(vmm):
+    vmm.vcpu = ScriptedVcpu([ShutdownExit(uapi.KVM_EXIT_SHUTDOWN)])
+    with pytest.raises(UnhandledExit):
+        vmm.run()
+    vmm.vcpu = ScriptedVcpu([out(0x80, 1)])
+    with pytest.raises(UnhandledExit):
+        vmm.run()
+    vmm.vcpu = ScriptedVcpu([out(p.PORT_REPORT_HI, 1)])  # high half without a low half
+    with pytest.raises(UnhandledExit):
+        vmm.run()
