@@ -11,14 +11,14 @@ def disassemble(code: bytes) -> list[str]:
     return [fmt.format(ins) for ins in Decoder(64, code, ip=machine.CODE)]
 
 
-def test_map_gpa_range_uses_the_pvm_register_convention():
+def test_map_gpa_range_through_the_port_doorbell():
     prog = p.Program.of(p.MapGpaRange(1 << 32, 512, 2 << 20))
-    text = "\n".join(disassemble(compile_program(prog, "pvm").code))
+    text = "\n".join(disassemble(compile_program(prog, "port").code))
     assert "mov rax,0Ch" in text  # KVM_HC_MAP_GPA_RANGE
     assert "mov rbx,100000000h" in text
-    assert "mov r10,200h" in text and "mov rcx" not in text
+    assert "mov rcx,200h" in text
     assert "mov rdx,11h" in text  # 2M | ENCRYPTED
-    assert "syscall" in text
+    assert "out 0ECh,eax" in text and "vmcall" not in text
 
 
 @pytest.mark.parametrize("abi", ["vmcall", "vmmcall"])
@@ -54,7 +54,7 @@ def test_program_of_appends_halt_once():
 
 
 def test_default_abi_per_implementation():
-    assert default_hypercall_abi("kvm_pvm") == "pvm"
+    assert default_hypercall_abi("kvm_pvm") == "port"
     assert default_hypercall_abi("kvm_amd") == "vmmcall"
     assert default_hypercall_abi("kvm_intel") == "vmcall"
 

@@ -13,9 +13,17 @@ ENC = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED
 
 
 class ScriptedVcpu:
-    def __init__(self, script):
+    def __init__(self, script, regs=None):
         self.script = list(script)
         self.hypercall_returns = []
+        self.regs = regs or uapi.kvm_regs()
+        self.set_regs_calls = []
+
+    def get_regs(self):
+        return uapi.kvm_regs.from_buffer_copy(self.regs)
+
+    def set_regs(self, regs):
+        self.set_regs_calls.append(uapi.kvm_regs.from_buffer_copy(regs))
 
     def run(self):
         item = self.script.pop(0)
@@ -86,3 +94,20 @@ def test_unexpected_exits_are_errors_not_ignored(vmm):
     vmm.vcpu = ScriptedVcpu([out(p.PORT_REPORT_HI, 1)])  # high half without a low half
     with pytest.raises(UnhandledExit):
         vmm.run()
+
+
+def test_port_doorbell_reads_registers_and_answers_in_rax(vmm):
+    regs = uapi.kvm_regs(rax=uapi.KVM_HC_MAP_GPA_RANGE, rbx=1 << 33, rcx=16, rdx=ENC, rip=0x1234)
+    vmm.vcpu = ScriptedVcpu([out(p.PORT_HYPERCALL, 12), out(p.PORT_DONE, 0)], regs)
+    assert vmm.run().stop == "done"
+    (answer,) = vmm.vcpu.set_regs_calls
+    assert answer.rax == 0 and answer.rip == 0x1234 and answer.rbx == 1 << 33
+    assert [(r.gpa, r.npages, r.encrypted) for r in vmm.tracker.requests] == [(1 << 33, 16, True)]
+
+
+def test_port_doorbell_unknown_hypercall_gets_kvm_enosys(vmm):
+    vmm.vcpu = ScriptedVcpu([out(p.PORT_HYPERCALL, 0), out(p.PORT_DONE, 0)],
+                            uapi.kvm_regs(rax=99))
+    vmm.run()
+    assert vmm.vcpu.set_regs_calls[0].rax == (1 << 64) - uapi.KVM_ENOSYS
+    assert vmm.tracker.requests == []

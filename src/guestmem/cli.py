@@ -15,7 +15,10 @@ from rich.table import Table
 import guestmem
 from guestmem import uapi
 
-console = Console()
+
+def _console() -> Console:
+    """Made per command, so COLUMNS and the terminal are read when it runs."""
+    return Console()
 
 
 def _open(backend: str) -> Any:
@@ -94,7 +97,7 @@ def info(backend: str, as_json: bool) -> None:
     table.add_section()
     for name, value in record["system"].items():
         table.add_row(name, str(value) if value < 256 else f"{value:#x}")
-    console.print(table)
+    _console().print(table)
 
 
 @main.command()
@@ -117,12 +120,30 @@ def check(backend: str, all_vm_types: bool, pattern: str) -> None:
     for r in results:
         table.add_row(r.name, r.expected, r.observed,
                       f"[{style[r.status]}]{r.status.value}[/]")
+    console = _console()
     console.print(table)
     counts = {s: sum(r.status is s for r in results) for s in Status}
     console.print(f"{counts[Status.PASS]} passed, {counts[Status.FAIL]} failed, "
                   f"{counts[Status.SKIP]} skipped")
     if counts[Status.FAIL]:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--backend", default="kvm", show_default=True, type=click.Choice(guestmem.BACKENDS))
+def demo(backend: str) -> None:
+    """Boot a real guest on guest_memfd memory and show each step."""
+    from guestmem import demo as scenario
+
+    failed = 0
+    console = _console()
+    with _open(backend) as kvm:
+        for step in scenario.run(kvm):
+            mark = "[green]ok[/]" if step.ok else "[bold red]FAILED[/]"
+            console.print(f"{mark} [bold]{step.title}[/]: {step.detail}")
+            failed += not step.ok
+    if failed:
+        raise click.ClickException(f"{failed} demo step(s) did not behave as expected")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ from guestmem import uapi
 PORT_REPORT_LO: Final = 0xE0
 PORT_REPORT_HI: Final = 0xE4
 PORT_TICK: Final = 0xE8  # one exit, counted by the VMM (benchmarks)
+# Hypercall doorbell (guestmem extension, "port" ABI): `out PORT_HYPERCALL, eax` with
+# the upstream hypercall registers (RAX=nr, RBX, RCX, RDX, RSI); the VMM reads them
+# with KVM_GET_REGS and answers in RAX with KVM_SET_REGS. For hosts whose KVM cannot
+# deliver KVM_EXIT_HYPERCALL to userspace (this project's kvm_pvm host: README).
+PORT_HYPERCALL: Final = 0xEC
 PORT_DONE: Final = 0xF4
 
 # Report tags: the low 32 bits say what a report is, the high 32 bits carry data

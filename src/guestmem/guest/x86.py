@@ -4,10 +4,12 @@ The code runs at CPL3 in the machine of `guestmem.vmm.machine`. Register use:
 rax/rbx/rcx/rdx/rdi/r8/r10 are scratch for a step; r12-r15 hold loop counters,
 so loops nest four deep.
 
-Hypercall ABIs (how KVM_HC_MAP_GPA_RANGE is issued):
-- "vmcall" / "vmmcall": upstream x86 (RAX=nr, RBX, RCX, RDX; kvm_emulate_hypercall).
-- "pvm": PVM, SYSCALL with RAX=nr and arguments in RBX, R10 (instead of RCX), RDX
-  (arch/x86/kvm/pvm/pvm.c handle_exit_syscall -> handle_kvm_hypercall).
+Hypercall ABIs (how KVM_HC_MAP_GPA_RANGE is issued), all with RAX=nr, RBX, RCX, RDX:
+- "vmcall" / "vmmcall": upstream x86 (kvm_emulate_hypercall; Intel / AMD).
+- "port": guestmem's doorbell, `out PORT_HYPERCALL` handled by the VMM. Used on
+  kvm_pvm hosts: that KVM answers a native VMCALL itself with -1 (the
+  kvm:kvm_hypercall tracepoint never fires), loops on an emulated one, and SYSCALL
+  stays in the guest (virt-pvm's SYSCALL hypercalls need MSR_PVM_*, absent here).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from guestmem import program as p
 from guestmem import uapi
 from guestmem.vmm.machine import CODE, GuestImage
 
-HYPERCALL_ABIS = ("pvm", "vmcall", "vmmcall")
+HYPERCALL_ABIS = ("port", "vmcall", "vmmcall")
 _LOOP_REGISTERS = (R.R12, R.R13, R.R14, R.R15)
 _MASK64 = (1 << 64) - 1
 
@@ -97,7 +99,7 @@ class _Assembler:
 
 
 class Compiler:
-    def __init__(self, hypercall_abi: str = "pvm") -> None:
+    def __init__(self, hypercall_abi: str = "vmcall") -> None:
         if hypercall_abi not in HYPERCALL_ABIS:
             raise ValueError(f"hypercall ABI {hypercall_abi!r} not one of {HYPERCALL_ABIS}")
         self.abi = hypercall_abi
@@ -186,9 +188,12 @@ class Compiler:
         a = self.asm
         a.mov_imm(R.RAX, uapi.KVM_HC_MAP_GPA_RANGE)
         a.mov_imm(R.RBX, s.gpa)
-        a.mov_imm(R.R10 if self.abi == "pvm" else R.RCX, s.npages)
+        a.mov_imm(R.RCX, s.npages)
         a.mov_imm(R.RDX, s.attrs)
-        a.plain({"pvm": Code.SYSCALL, "vmcall": Code.VMCALL, "vmmcall": Code.VMMCALL}[self.abi])
+        if self.abi == "port":
+            a.out(p.PORT_HYPERCALL)
+        else:
+            a.plain(Code.VMCALL if self.abi == "vmcall" else Code.VMMCALL)
         a.mov(R.R8, R.RAX)
         self._report_r8()
 
@@ -226,10 +231,10 @@ class Compiler:
         a.jmp(spin)  # a VMM that resumes anyway gets PORT_DONE again
 
 
-def compile_program(prog: p.Program, hypercall_abi: str = "pvm") -> GuestImage:
+def compile_program(prog: p.Program, hypercall_abi: str = "vmcall") -> GuestImage:
     return Compiler(hypercall_abi).compile(prog)
 
 
 def default_hypercall_abi(implementation: str) -> str:
     """The hypercall instruction the host's KVM implementation expects."""
-    return {"kvm_pvm": "pvm", "kvm_amd": "vmmcall"}.get(implementation, "vmcall")
+    return {"kvm_pvm": "port", "kvm_amd": "vmmcall"}.get(implementation, "vmcall")

@@ -180,6 +180,8 @@ class Vmm:
                 raise UnhandledExit(exit)
             result.reports.append(self._report_lo | exit.value() << 32)
             self._report_lo = None
+        elif exit.port == p.PORT_HYPERCALL:
+            self._handle_doorbell(result)
         elif exit.port == p.PORT_TICK:
             result.ticks += 1
         elif exit.port == p.PORT_DONE:
@@ -189,14 +191,28 @@ class Vmm:
         return False
 
     def _handle_hypercall(self, exit: HypercallExit, result: RunResult) -> bool:
-        if exit.nr != uapi.KVM_HC_MAP_GPA_RANGE:
-            self.vcpu.complete_hypercall(-uapi.KVM_ENOSYS)
-            return False
-        gpa, npages, attrs = exit.args[:3]
+        """KVM_EXIT_HYPERCALL: KVM validated gpa/npages already; answer via kvm_run."""
+        self.vcpu.complete_hypercall(self.hypercall(exit.nr, exit.args, result))
+        return False
+
+    def _handle_doorbell(self, result: RunResult) -> None:
+        """The "port" ABI: arguments in the guest's registers, answer in its RAX."""
+        regs = self.vcpu.get_regs()
+        args = (regs.rbx, regs.rcx, regs.rdx, regs.rsi, 0, 0)
+        regs.rax = self.hypercall(regs.rax, args, result) & 0xFFFF_FFFF_FFFF_FFFF
+        self.vcpu.set_regs(regs)
+
+    def hypercall(self, nr: int, args: tuple[int, ...], result: RunResult) -> int:
+        """One guest hypercall; returns the guest's RAX. Only MAP_GPA_RANGE is
+        known (KVM_CAP_EXIT_HYPERCALL's only valid bit); others get -KVM_ENOSYS
+        as __kvm_emulate_hypercall answers unknown numbers."""
+        if nr != uapi.KVM_HC_MAP_GPA_RANGE:
+            result.log.append(f"hypercall {nr} -> -KVM_ENOSYS")
+            return -uapi.KVM_ENOSYS
+        gpa, npages, attrs = args[:3]
         ret = self.tracker.record(gpa, npages, attrs)
         result.log.append(f"MAP_GPA_RANGE gpa={gpa:#x} npages={npages} attrs={attrs:#x} -> {ret}")
-        self.vcpu.complete_hypercall(ret)
-        return False
+        return ret
 
     # --- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:

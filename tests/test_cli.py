@@ -1,0 +1,48 @@
+import json
+
+from click.testing import CliRunner
+
+from guestmem import demo
+from guestmem.cli import main
+
+
+def test_demo_steps_all_hold_on_the_kernel(host_kvm):
+    steps = list(demo.run(host_kvm))
+    assert [s.title for s in steps if not s.ok] == []
+    assert steps[-1].title == "guest_memfd closed for good"
+    assert "EFAULT" in steps[-1].detail
+
+
+def test_cli_demo_exits_zero(host_kvm):
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert "FAILED" not in result.output
+
+
+def test_info_json_reports_implementation_and_profile(host_kvm):
+    result = CliRunner().invoke(main, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    caps = host_kvm.capabilities
+    assert record["implementation"] == caps.implementation
+    assert record["guest_memfd_flags"] == caps.guest_memfd_flags
+    assert record["system"]["KVM_CAP_GUEST_MEMFD"] == 1
+    assert record["profile"] == "mainline"
+
+
+def test_check_prints_the_table_and_counts(host_kvm):
+    result = CliRunner().invoke(main, ["check", "-k", "gmem.fallocate"])
+    assert result.exit_code == 0, result.output
+    assert "3 passed, 0 failed, 0 skipped" in result.output  # flag sets 0, MMAP, MMAP|SHARED
+
+
+def test_check_lists_missing_vm_types_with_reasons(host_kvm):
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(
+        main, ["check", "-k", "memslot.overlap", "--all-vm-types"])
+    assert result.exit_code == 0, result.output
+    assert "not in KVM_CAP_VM_TYPES" in result.output
+
+
+def test_unknown_backend_is_refused():
+    result = CliRunner().invoke(main, ["info", "--backend", "nope"])
+    assert result.exit_code != 0
