@@ -10,11 +10,16 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-BACKENDS = ("kvm",)
+BACKENDS = ("model", "kvm")
 
 
-def Kvm(backend: str = "kvm", **options: Any) -> Any:  # noqa: N802 - reads like the class it returns
-    """Open a backend's /dev/kvm equivalent."""
+def Kvm(backend: str = "model", **options: Any) -> Any:  # noqa: N802 - reads like a class
+    """Open a backend: "model" (the embedded default, options: profile=...) or
+    "kvm" (the host kernel through /dev/kvm)."""
+    if backend == "model":
+        from guestmem.model import Kvm as ModelKvm
+
+        return ModelKvm(**options)
     if backend == "kvm":
         from guestmem.host import Kvm as HostKvm
 

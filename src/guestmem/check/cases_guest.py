@@ -10,7 +10,8 @@ import errno
 
 from guestmem import program as p
 from guestmem import uapi
-from guestmem.check.suite import Ctx, case, needs_guests
+from guestmem.check.suite import Ctx, case, needs_exit_hypercall, needs_guests
+from guestmem.exits import HypercallExit
 from guestmem.guest import compile_program, default_hypercall_abi
 from guestmem.vmm import Sharing, Vmm
 
@@ -144,7 +145,7 @@ def map_gpa_range(ctx: Ctx) -> None:
       needs=(needs_guests,))
 def native_vmcall_cpl3(ctx: Ctx) -> None:
     abi = "vmmcall" if ctx.caps.implementation == "kvm_amd" else "vmcall"
-    with Vmm(ctx.kvm, ctx.vm_type) as vmm:
+    with Vmm(ctx.kvm, ctx.vm_type, cpl=3) as vmm:
         ctx.true("KVM_CAP_EXIT_HYPERCALL enabled for MAP_GPA_RANGE", vmm.exit_hypercall)
         vmm.load(compile_program(p.Program.of(p.MapGpaRange(HIGH, 1, PS, encrypted=True)), abi))
         result = vmm.run()
@@ -152,3 +153,35 @@ def native_vmcall_cpl3(ctx: Ctx) -> None:
         # kvm:kvm_hypercall tracepoint never fires; README "Guests under PVM").
         ctx.equal("guest's RAX", [(1 << 64) - uapi.KVM_EPERM], result.reports)
         ctx.equal("hypercall exits seen by the VMM", [], vmm.tracker.requests)
+
+
+def needs_hypercall_exits(caps: object, vm_type: int, gmem_flags: int) -> str | None:
+    if getattr(caps, "implementation", "") == "kvm_pvm":
+        return ("kvm_pvm answers VMCALL itself and cannot deliver KVM_EXIT_HYPERCALL "
+                "(README: MAP_GPA_RANGE on this host)")
+    return needs_exit_hypercall(caps, vm_type, gmem_flags)
+
+
+@case("hypercall.kvm_exit", "x86.c __kvm_emulate_hypercall, KVM_CAP_EXIT_HYPERCALL",
+      "from a CPL0 guest, MAP_GPA_RANGE exits to userspace as KVM_EXIT_HYPERCALL with "
+      "nr/args/flags; KVM itself answers a bad gpa or npages 0 with -KVM_EINVAL, no exit",
+      needs=(needs_guests, needs_hypercall_exits))
+def kvm_exit(ctx: Ctx) -> None:
+    abi = "vmmcall" if ctx.caps.implementation == "kvm_amd" else "vmcall"
+    with Vmm(ctx.kvm, ctx.vm_type, cpl=0) as vmm:
+        seen: list[object] = []
+        handler = vmm.handlers[HypercallExit]
+        vmm.handlers[HypercallExit] = lambda e, r: seen.append(e) or handler(e, r)
+        vmm.load(compile_program(p.Program.of(
+            p.MapGpaRange(HIGH, 512, MB2, encrypted=True),
+            p.MapGpaRange(HIGH + 1, 1, PS, encrypted=False),
+            p.MapGpaRange(HIGH, 0, PS, encrypted=False),
+        ), abi))
+        result = vmm.run()
+        einval = (1 << 64) - uapi.KVM_EINVAL
+        ctx.equal("guest's RAX per call", [0, einval, einval], result.reports)
+        ctx.equal("KVM_EXIT_HYPERCALL exits", [(uapi.KVM_HC_MAP_GPA_RANGE, (HIGH, 512, 0x11),
+                                               uapi.KVM_EXIT_HYPERCALL_LONG_MODE)],
+                  [(e.nr, e.args[:3], e.flags) for e in seen])
+        ctx.equal("tracker", [(HIGH, 512, True)],
+                  [(r.gpa, r.npages, r.encrypted) for r in vmm.tracker.requests])

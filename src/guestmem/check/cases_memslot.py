@@ -238,7 +238,8 @@ def prefault_unsupported(ctx: Ctx) -> None:
       "pre-fault (0, 2M) leaves 0; a range past the slot leaves pages and fails ENOENT",
       needs=(needs_pre_fault,))
 def prefault_basic(ctx: Ctx) -> None:
-    with ctx.vm() as vm, ctx.gmem(vm, MB2 + PS, 0) as g:
+    # MMAP makes the slot guest_memfd-only, so shared pages come from the file too.
+    with ctx.vm() as vm, ctx.gmem(vm, MB2 + PS, MMAP) as g:
         vm.set_user_memory_region2(10, GMEM, 1 << 32, MB2 + PS, 0, g, 0)
         with vm.create_vcpu(0) as vcpu:
             gpa, left = ctx.ok("pre-fault (0, 2M)", vcpu.pre_fault_memory, 1 << 32, MB2)

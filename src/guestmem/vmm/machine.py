@@ -99,15 +99,24 @@ def low_memory_contents(image: GuestImage) -> list[tuple[int, bytes]]:
     return [*page_tables(), (GDT, gdt()), (CODE, image.code)]
 
 
+def default_cpl(implementation: str) -> int:
+    """CPL3 on kvm_pvm (only 64-bit CPL3 code runs natively there); CPL0 elsewhere,
+    where KVM's hypercalls need it (__kvm_emulate_hypercall: CPL != 0 -> -KVM_EPERM)."""
+    return 3 if implementation == "kvm_pvm" else 0
+
+
 def _segment(selector: int, typ: int, dpl: int, long: int = 0, db: int = 0) -> uapi.kvm_segment:
     return uapi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=selector, type=typ, present=1,
                             dpl=dpl, db=db, s=1, l=long, g=1)
 
 
-def initial_sregs(sregs: uapi.kvm_sregs) -> uapi.kvm_sregs:
-    """64-bit CPL3 state: flat user segments, paging on, long mode active."""
-    sregs.cs = _segment(USER_CS, 0xB, 3, long=1)
-    data = _segment(USER_DS, 0x3, 3, db=1)
+def initial_sregs(sregs: uapi.kvm_sregs, cpl: int = 3) -> uapi.kvm_sregs:
+    """64-bit state at `cpl` (0 or 3): flat segments, paging on, long mode active."""
+    if cpl not in (0, 3):
+        raise ValueError(f"cpl must be 0 or 3, not {cpl}")
+    code, data_sel = (USER_CS, USER_DS) if cpl == 3 else (KERNEL_CS, KERNEL_DS)
+    sregs.cs = _segment(code, 0xB, cpl, long=1)
+    data = _segment(data_sel, 0x3, cpl, db=1)
     sregs.ds = sregs.es = sregs.ss = sregs.fs = sregs.gs = data
     sregs.tr = uapi.kvm_segment(base=0, limit=0x67, selector=0, type=0xB, present=1)
     sregs.ldt = uapi.kvm_segment(base=0, limit=0xFFFF, selector=0, type=0x2, present=1)

@@ -11,17 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from guestmem import uapi
+from guestmem import hypercall, uapi
 from guestmem.extents import ExtentMap
 
-_PAGE_SIZE_BITS = {
-    uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_4K: 4096,
-    uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_2M: 2 << 20,
-    uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_1G: 1 << 30,
-}
-_PAGE_SIZE_MASK = 0xF  # attrs bits 3:0 (Documentation/virt/kvm/x86/hypercalls.rst)
-_ENC_MASK = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED
-_GFN_LIMIT = 1 << (52 - uapi.PAGE_SHIFT)  # x86-64: at most 52-bit physical addresses
+_PAGE_SIZE_BITS = hypercall.PAGE_SIZE_BITS
+_PAGE_SIZE_MASK = hypercall.PAGE_SIZE_MASK
+_ENC_MASK = hypercall.ENC_MASK
+_GFN_LIMIT = hypercall.GFN_LIMIT
 
 
 class Sharing(Enum):
@@ -48,20 +44,9 @@ class MapGpaRequest:
 
 
 def validate_map_gpa_range(gpa: int, npages: int, attrs: int) -> int:
-    """0 if the request is well formed, else the negative guest error code.
-
-    KVM itself rejects an unaligned gpa, npages == 0 and gfn overflow with
-    -KVM_EINVAL before exiting (x86.c __kvm_emulate_hypercall); a range beyond
-    52-bit physical addresses is our choice (no x86 guest has memory there); the attribute
-    checks are the VMM's, as QEMU's kvm_handle_hc_map_gpa_range does: unknown
-    bits or an undefined page-size encoding are -KVM_EINVAL.
-    """
-    gfn = gpa >> uapi.PAGE_SHIFT
-    if gpa % uapi.PAGE_SIZE or npages == 0 or gfn + npages > _GFN_LIMIT:
-        return -uapi.KVM_EINVAL
-    if attrs & ~(_PAGE_SIZE_MASK | _ENC_MASK) or (attrs & _PAGE_SIZE_MASK) not in _PAGE_SIZE_BITS:
-        return -uapi.KVM_EINVAL
-    return 0
+    """0 if the request is well formed, else the negative guest error code: KVM's
+    checks, then the VMM's (guestmem.hypercall)."""
+    return hypercall.kvm_check(gpa, npages) or hypercall.vmm_check(attrs)
 
 
 class SharedRegionTracker:

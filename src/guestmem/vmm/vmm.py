@@ -47,7 +47,7 @@ class MemoryRegion:
     slot: int
     gpa: int
     size: int
-    backing: str  # "gmem" or "anon"
+    backing: str  # "gmem", "gmem+shared" (private in gmem, shared at userspace_addr) or "anon"
     mapping: Any
     gmem: Any = None
 
@@ -76,8 +76,10 @@ class Vmm:
         vm_type: int = uapi.KVM_X86_DEFAULT_VM,
         backing: str = "gmem",
         low_memory_size: int = machine.LOW_MEMORY_SIZE,
+        cpl: int | None = None,
     ) -> None:
         self.kvm = kvm
+        self.cpl = machine.default_cpl(kvm.capabilities.implementation) if cpl is None else cpl
         self.vm = kvm.create_vm(vm_type)
         self.regions: list[MemoryRegion] = []
         self.exit_hypercall = self._enable_exit_hypercall()
@@ -102,13 +104,21 @@ class Vmm:
         return True
 
     def add_memory(self, gpa: int, size: int, backing: str = "gmem") -> MemoryRegion:
-        """A new memslot at gpa. guest_memfd memory is MMAP|INIT_SHARED and its
-        userspace_addr is the guest_memfd's own mmap, so KVM's two memory paths
-        (MMU faults through guest_memfd, emulator through userspace_addr) agree."""
+        """A new memslot at gpa.
+
+        "gmem" on a VM that allows MMAP|INIT_SHARED: one guest_memfd whose own mmap
+        is the slot's userspace_addr, so KVM's two memory paths (MMU faults through
+        guest_memfd, emulator through userspace_addr) see the same pages. On a VM
+        with private memory (INIT_SHARED not allowed, upstream.md §1.4) the
+        selftests' layout instead: a guest_memfd (flags 0) for private pages and
+        anonymous memory at userspace_addr for shared ones ("gmem+shared")."""
         slot = self._next_slot
         if backing == "gmem":
-            gmem = self.vm.create_guest_memfd(size, GMEM_BACKING_FLAGS)
-            mapping = gmem.mmap(size)
+            supported = self.vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
+            in_place = supported & GMEM_BACKING_FLAGS == GMEM_BACKING_FLAGS
+            gmem = self.vm.create_guest_memfd(size, GMEM_BACKING_FLAGS if in_place else 0)
+            mapping = gmem.mmap(size) if in_place else self.kvm.mmap_anonymous(size)
+            backing = "gmem" if in_place else "gmem+shared"
             self.vm.set_user_memory_region2(slot, uapi.KVM_MEM_GUEST_MEMFD, gpa, size,
                                             mapping.addr, gmem, 0)
         elif backing == "anon":
@@ -142,8 +152,10 @@ class Vmm:
     def load(self, image: machine.GuestImage) -> None:
         for gpa, data in machine.low_memory_contents(image):
             self.write(gpa, data)
-        self.vcpu.set_sregs(machine.initial_sregs(self.vcpu.get_sregs()))
+        self.vcpu.set_sregs(machine.initial_sregs(self.vcpu.get_sregs(), self.cpl))
         self.vcpu.set_regs(machine.initial_regs(image))
+        if getattr(self.vcpu, "interprets_programs", False):  # the model runs the program itself
+            self.vcpu.load_program(image.program, image.hypercall_abi)
         self.image = image
 
     def run(self, timeout: float = 30.0) -> RunResult:

@@ -1,0 +1,186 @@
+"""Sparse page contents, kept as extents over page indexes (DESIGN.md "Scale").
+
+A page's bytes are one of:
+- Fill(b): every byte is b (a zeroed page is Fill(0));
+- Pattern(value, step, origin): the guest program pattern, 64-bit word at byte
+  offset o is value + ((o - origin) // 8) * step — what WritePattern writes, so a
+  1 TiB pattern is one extent and verifying it is one comparison;
+- Bytes(page): real bytes, for pages written with arbitrary data (host writes).
+
+Offsets are byte offsets in the backing object (a guest_memfd inode or an
+anonymous mapping), so contents stay put when the object is mapped elsewhere.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from guestmem.extents import ExtentMap
+
+PAGE = 4096
+_MASK = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Fill:
+    byte: int
+
+
+@dataclass(frozen=True)
+class Pattern:
+    value: int
+    step: int
+    origin: int  # byte offset of word 0
+
+    def word_at(self, offset: int) -> int:
+        return (self.value + ((offset - self.origin) // 8) * self.step) & _MASK
+
+
+@dataclass(frozen=True)
+class Bytes:
+    page: int  # the page index the bytes belong to (never merges with a neighbour)
+
+
+Content = Fill | Pattern | Bytes
+ZERO = Fill(0)
+
+
+class PageStore:
+    """Contents of one backing object: which pages hold what."""
+
+    def __init__(self) -> None:
+        self.extents: ExtentMap[Content] = ExtentMap()
+        self.pages: dict[int, bytearray] = {}
+
+    def clear(self, first: int, last: int) -> None:
+        """Forget [first, last) (the pages were freed)."""
+        for start, end, c in list(self.extents.overlapping(first, last)):
+            if isinstance(c, Bytes):
+                for i in range(start, end):
+                    self.pages.pop(i, None)
+        self.extents.clear(first, last)
+
+    def content(self, index: int) -> Content | None:
+        return self.extents.get(index)
+
+    # --- writing ----------------------------------------------------------------------------
+    def set(self, first: int, last: int, content: Content) -> None:
+        self.clear(first, last)
+        self.extents.set(first, last, content)
+
+    def write_pattern(self, offset: int, length: int, value: int, step: int) -> None:
+        """Write a pattern over [offset, offset+length); partial pages become Bytes."""
+        self._write_uniform(offset, length, Pattern(value & _MASK, step & _MASK, offset))
+
+    def write_bytes(self, offset: int, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            index, within = divmod(offset + pos, PAGE)
+            n = min(PAGE - within, len(data) - pos)
+            page = self._materialize(index)
+            page[within:within + n] = data[pos:pos + n]
+            pos += n
+
+    def fill(self, offset: int, length: int, byte: int) -> None:
+        self._write_uniform(offset, length, Fill(byte))
+
+    def _write_uniform(self, offset: int, length: int, content: Fill | Pattern) -> None:
+        end = offset + length
+        first_full, last_full = -(-offset // PAGE), end // PAGE
+        if first_full >= last_full:  # no whole page: real bytes
+            self.write_bytes(offset, render(content, offset, length))
+            return
+        self.set(first_full, last_full, content)
+        for lo, hi in ((offset, first_full * PAGE), (last_full * PAGE, end)):  # partial edges
+            if lo < hi:
+                self.write_bytes(lo, render(content, lo, hi - lo))
+
+    def _materialize(self, index: int) -> bytearray:
+        """Turn page `index` into real bytes (keeping what it held) and return them."""
+        c = self.extents.get(index)
+        if isinstance(c, Bytes):
+            return self.pages[index]
+        data = bytearray(render(c if c is not None else ZERO, index * PAGE, PAGE))
+        self.extents.set(index, index + 1, Bytes(index))
+        self.pages[index] = data
+        return data
+
+    # --- reading ----------------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of [offset, offset+length); pages with no content read as zeros."""
+        out = bytearray()
+        for lo, hi, c in self._pieces(offset, offset + length):
+            out += self._render_piece(lo, hi, c)
+        return bytes(out)
+
+    def _pieces(self, lo: int, hi: int) -> Iterator[tuple[int, int, Content]]:
+        """(start, end, content) byte pieces covering [lo, hi), gaps as ZERO."""
+        pos = lo
+        for s, e, c in self.extents.overlapping(lo // PAGE, -(-hi // PAGE)):
+            s_b, e_b = max(s * PAGE, lo), min(e * PAGE, hi)
+            if s_b > pos:
+                yield pos, s_b, ZERO
+            yield s_b, e_b, c
+            pos = e_b
+        if pos < hi:
+            yield pos, hi, ZERO
+
+    def _render_piece(self, lo: int, hi: int, c: Content) -> bytes:
+        if isinstance(c, Bytes):
+            index = lo // PAGE
+            page = self.pages[index]
+            return bytes(page[lo - index * PAGE: hi - index * PAGE])
+        return render(c, lo, hi - lo)
+
+    def first_mismatch(self, offset: int, length: int,
+                       want: Pattern | Fill) -> tuple[int, int] | None:
+        """First 8-byte word in [offset, +length) that differs from `want`, as
+        (byte offset, word found), or None. Costs per extent, not per page."""
+        for lo, hi, c in self._pieces(offset, offset + length):
+            if c == want or (isinstance(c, Fill) and isinstance(want, Pattern)
+                             and want.step == 0 and _fill_word(c.byte) == want.value) or (
+                    isinstance(c, Pattern) and isinstance(want, Pattern) and c.step == want.step
+                    and (lo - c.origin) % 8 == 0 and c.word_at(lo) == want.word_at(lo)):
+                continue
+            found = self._scan(lo, hi, c, want)
+            if found is not None:
+                return found
+        return None
+
+    def _scan(self, lo: int, hi: int, c: Content, want: Pattern | Fill) -> tuple[int, int] | None:
+        """Word-by-word comparison of one piece that is not equal symbolically.
+        Formula contents are compared on their first page only (enough: both are
+        linear in the word index); real bytes are compared page by page."""
+        pos = lo
+        while pos < hi:
+            n = min(hi - pos, PAGE - pos % PAGE)
+            data = self._render_piece(pos, pos + n, c)
+            expect = render(want, pos, n)
+            if data != expect:
+                for w in range(0, n, 8):
+                    if data[w:w + 8] != expect[w:w + 8]:
+                        return pos + w, int.from_bytes(data[w:w + 8].ljust(8, b"\0"), "little")
+            if not isinstance(c, Bytes):
+                break  # two formulas linear in the word index that agree on a page agree
+
+            pos += n
+        return None
+
+
+def _fill_word(byte: int) -> int:
+    return int.from_bytes(bytes([byte]) * 8, "little")
+
+
+def render(c: Content, offset: int, length: int) -> bytes:
+    """The bytes of content c at [offset, offset+length) (for small ranges)."""
+    if isinstance(c, Fill):
+        return bytes([c.byte]) * length
+    if isinstance(c, Pattern):
+        start = offset - (offset - c.origin) % 8  # word-aligned start, relative to origin
+        nwords = -(-(offset + length - start) // 8)
+        words = [c.word_at(start + 8 * i) for i in range(nwords)]
+        blob = struct.pack(f"<{nwords}Q", *words)
+        return blob[offset - start: offset - start + length]
+    raise TypeError(f"render of {c!r} needs the page store")

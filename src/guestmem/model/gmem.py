@@ -1,0 +1,269 @@
+"""The guest_memfd inode and file (virt/kvm/guest_memfd.c), per range, never per page."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
+
+from guestmem import uapi
+from guestmem.exits import oserror
+from guestmem.extents import ExtentMap
+from guestmem.model.content import PAGE, ZERO, PageStore
+from guestmem.model.process import PROT_EXEC, HostProcess, Mapping
+
+if TYPE_CHECKING:
+    from guestmem.model.vm import Memslot, Vm
+
+MAX_LFS_FILESIZE = (1 << 63) - 1  # s_maxbytes of the guest_memfd mount
+_inode_numbers = itertools.count(0x1000)
+
+
+@dataclass(frozen=True)
+class FolioState:
+    """One range of folios: uptodate = initialised (zeroed or written), PG_uptodate."""
+
+    uptodate: bool = False
+    hwpoison: bool = False
+
+
+@dataclass(frozen=True)
+class ModelStat:
+    st_size: int
+    st_blksize: int
+    st_mode: int
+    st_ino: int
+
+
+class GmemInode:
+    def __init__(self, process: HostProcess, vm: Vm, size: int, flags: int) -> None:
+        self.process = process
+        self.vm = vm
+        self.size = size
+        self.npages = size // PAGE
+        self.flags = flags
+        self.ino = next(_inode_numbers)
+        self.folios: ExtentMap[FolioState] = ExtentMap()
+        self.store = PageStore()
+        self.bindings: ExtentMap[Memslot] = ExtentMap()  # file index -> memslot (kvm_gmem_bind)
+        self.mappings: set[Mapping] = set()
+        self.file_open = True  # the fd; mappings also hold the file (kvm_gmem_release)
+        self.released = False
+
+    @property
+    def mmap_supported(self) -> bool:
+        return bool(self.flags & uapi.GUEST_MEMFD_FLAG_MMAP)
+
+    @property
+    def init_shared(self) -> bool:
+        return bool(self.flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
+
+    # --- folios -------------------------------------------------------------------------------
+    def allocated_pages(self) -> int:
+        return self.folios.covered(0, self.npages)
+
+    def _allocate(self, first: int, last: int) -> None:
+        """kvm_gmem_get_folio for every missing index: new folios, not uptodate."""
+        for lo, hi in list(self.folios.gaps(first, last)):
+            self.process.stats.allocate(hi - lo)
+            self.folios.set(lo, hi, FolioState())
+
+    def _make_uptodate(self, first: int, last: int) -> None:
+        """Zero every !uptodate folio once and mark it uptodate (guest_memfd.c
+        kvm_gmem_get_pfn / kvm_gmem_fault_user_mapping: folio_zero + mark uptodate)."""
+        for lo, hi, state in list(self.folios.overlapping(first, last)):
+            if not state.uptodate:
+                self.store.set(lo, hi, ZERO)
+                self.folios.set(lo, hi, FolioState(uptodate=True, hwpoison=state.hwpoison))
+
+    def poisoned(self, first: int, last: int) -> int | None:
+        for lo, _, state in self.folios.overlapping(first, last):
+            if state.hwpoison:
+                return lo
+        return None
+
+    def get_pages(self, first: int, last: int) -> None:
+        """Allocate and initialise [first, last) for a user (host fault or guest)."""
+        self._allocate(first, last)
+        self._make_uptodate(first, last)
+
+    def _free(self, first: int, last: int) -> None:
+        self.process.stats.free(self.folios.covered(first, last))
+        self.folios.clear(first, last)
+        self.store.clear(first, last)
+
+    # --- host userspace faults (kvm_gmem_fault_user_mapping) ----------------------------------
+    def fault(self, index: int, count: int, write: bool) -> str | None:
+        if index + count > self.npages:
+            return "beyond EOF"  # pgoff << PAGE_SHIFT >= i_size
+        if not self.init_shared:
+            return "private memory (no GUEST_MEMFD_FLAG_INIT_SHARED)"  # ML: kvm_gmem_is_shared_mem
+        if self.poisoned(index, index + count) is not None:
+            return "hwpoison"  # __do_fault: VM_FAULT_HWPOISON
+        self.get_pages(index, index + count)
+        return None
+
+    def unmapped(self, mapping: Mapping) -> None:
+        self.mappings.discard(mapping)
+        self._maybe_release()
+
+    # --- PUNCH_HOLE (kvm_gmem_punch_hole) ---------------------------------------------------
+    def punch_hole_path(self, first: int, last: int) -> Generator[str, None, None]:
+        """invalidate_begin -> truncate -> invalidate_end, yielding where the kernel
+        could be preempted between them (the explorer interleaves here)."""
+        last = min(last, self.npages)
+        if first >= last:
+            return
+        vms = self._invalidate_begin(first, last)
+        yield "invalidate_begin"
+        for m in self.mappings:  # truncate_inode_pages_range also zaps userspace PTEs
+            m.zap(first, last)
+        self._free(first, last)
+        yield "truncated"
+        for vm in vms:
+            vm.mmu.invalidate_end()
+
+    def _invalidate_begin(self, first: int, last: int) -> list[Vm]:
+        """Zap stage-2 mappings of every memslot bound in [first, last): one
+        invalidation and one TLB flush per VM, however many memslots the range
+        spans (seed 000: batch TLB flushes across memslots)."""
+        by_vm: dict[int, tuple[Vm, list[tuple[int, int]]]] = {}
+        for lo, hi, slot in self.bindings.overlapping(first, last):
+            gfn = slot.base_gfn + (lo - slot.gmem_pgoff)
+            by_vm.setdefault(id(slot.vm), (slot.vm, []))[1].append((gfn, gfn + hi - lo))
+        for vm, ranges in by_vm.values():
+            vm.mmu.invalidate_begin(ranges)
+        return [vm for vm, _ in by_vm.values()]
+
+    def bound_gfn_ranges(self, first: int, last: int) -> Iterator[tuple[Any, int, int]]:
+        for lo, hi, slot in self.bindings.overlapping(first, last):
+            gfn = slot.base_gfn + (lo - slot.gmem_pgoff)
+            yield slot, gfn, gfn + hi - lo
+
+    # --- release (kvm_gmem_release) ------------------------------------------------------------
+    def close_fd(self) -> None:
+        self.file_open = False
+        self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        """The last file reference is gone: unbind every memslot (they stay, dead),
+        zap their stage-2 mappings, drop the VM reference; the inode dies with it
+        and its folios are freed."""
+        if self.released or self.file_open or self.mappings:
+            return
+        self.released = True
+        vms = self._invalidate_begin(0, self.npages)
+        for _, _, slot in list(self.bindings.items()):
+            slot.gmem = None
+        self.bindings = ExtentMap()
+        for vm in vms:
+            vm.mmu.invalidate_end()
+        self._free(0, self.npages)
+        self.vm.put_ref()
+
+
+class GuestMemfd:
+    """The file: what KVM_CREATE_GUEST_MEMFD returns (a model fd)."""
+
+    def __init__(self, vm: Vm, inode: GmemInode) -> None:
+        self.vm = vm
+        self.inode = inode
+        self.fd = vm.kvm.process.install(self)
+        self.closed = False
+
+    def _live(self) -> GmemInode:
+        if self.closed:
+            raise oserror(errno.EBADF, "closed")
+        return self.inode
+
+    def stat(self) -> ModelStat:
+        inode = self._live()
+        return ModelStat(inode.size, PAGE, 0o100600, inode.ino)
+
+    @property
+    def size(self) -> int:
+        return self._live().size
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """vfs_fallocate then kvm_gmem_fallocate, checks in their order (upstream.md §2.4)."""
+        inode = self._live()
+        keep, punch = uapi.FALLOC_FL_KEEP_SIZE, uapi.FALLOC_FL_PUNCH_HOLE
+        if offset < 0 or length <= 0:
+            raise oserror(errno.EINVAL, "fallocate")  # vfs_fallocate
+        if mode & punch and not mode & keep:
+            raise oserror(errno.EOPNOTSUPP, "fallocate")  # vfs: PUNCH_HOLE needs KEEP_SIZE
+        if offset + length > MAX_LFS_FILESIZE:
+            raise oserror(errno.EFBIG, "fallocate")  # vfs: beyond s_maxbytes
+        if not mode & keep or mode & ~(keep | punch):
+            raise oserror(errno.EOPNOTSUPP, "fallocate")  # kvm_gmem_fallocate
+        if offset % PAGE or length % PAGE:
+            raise oserror(errno.EINVAL, "fallocate")
+        first, last = offset // PAGE, (offset + length) // PAGE
+        if mode & punch:
+            for _ in inode.punch_hole_path(first, last):  # runs to completion
+                pass
+            return
+        if offset + length > inode.size:  # kvm_gmem_allocate: "immutable by default"
+            raise oserror(errno.EINVAL, "fallocate")
+        inode._allocate(first, last)  # allocation does not zero (upstream.md §2.11)
+
+    def allocate(self, offset: int, length: int) -> None:
+        self.fallocate(uapi.FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        self.fallocate(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, offset, length)
+
+    # File operations guest_memfd does not have (upstream.md §2.3).
+    def read(self, n: int) -> bytes:
+        self._live()
+        raise oserror(errno.EINVAL, "read")  # no read_iter
+
+    def write(self, data: bytes) -> int:
+        self._live()
+        raise oserror(errno.EINVAL, "write")  # no write_iter
+
+    def pread(self, n: int, offset: int) -> bytes:
+        self._live()
+        raise oserror(errno.ESPIPE, "pread")  # no llseek: FMODE_PREAD unset
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        self._live()
+        raise oserror(errno.ESPIPE, "pwrite")
+
+    def ftruncate(self, length: int) -> None:
+        self._live()
+        raise oserror(errno.EINVAL, "ftruncate")  # kvm_gmem_setattr: size is immutable
+
+    def ioctl(self, request: int, arg: int = 0) -> int:
+        self._live()
+        raise oserror(errno.ENOTTY, "ioctl")  # ML: no unlocked_ioctl
+
+    def mmap(self, length: int | None = None, offset: int = 0, prot: int = 3,
+             shared: bool = True) -> Mapping:
+        inode = self._live()
+        length = inode.size if length is None else length
+        if prot & PROT_EXEC:
+            raise oserror(errno.EPERM, "mmap")  # do_mmap: the mount is noexec
+        if not inode.mmap_supported:
+            raise oserror(errno.ENODEV, "mmap")  # kvm_gmem_mmap
+        if not shared:
+            raise oserror(errno.EINVAL, "mmap")  # "Copy-on-write not allowed"
+        if length <= 0 or offset % PAGE:
+            raise oserror(errno.EINVAL, "mmap")
+        mapping = self.vm.kvm.process.mmap(length, inode, offset, prot)
+        inode.mappings.add(mapping)
+        return mapping
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.vm.kvm.process.release_fd(self.fd)
+            self.inode.close_fd()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

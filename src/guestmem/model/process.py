@@ -1,0 +1,217 @@
+"""The host process of the model: its fd table, address space, mappings, memory.
+
+Model fds are real fd numbers (each model file holds an open /dev/null), so a
+model fd never collides with a real file of this process and `fget()` on any
+other open fd finds "a file that is not a guest_memfd", as in the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Self
+
+from guestmem.exits import HostSigbus, oserror
+from guestmem.extents import ExtentMap
+from guestmem.model.content import PAGE, PageStore
+
+TASK_SIZE_MAX = (1 << 47) - PAGE  # x86-64 4-level user address space (access_ok)
+MMAP_BASE = 0x7F00_0000_0000
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MADV_DONTNEED, MADV_HUGEPAGE, MADV_COLLAPSE = 4, 14, 25
+
+
+class Backing(Protocol):
+    """What a mapping maps: a guest_memfd inode or anonymous memory."""
+
+    def fault(self, index: int, count: int, write: bool) -> str | None:
+        """Make pages [index, index+count) present for a host access; None or
+        the reason for SIGBUS."""
+
+    store: PageStore
+
+
+class FOREIGN:
+    """fget() found an open fd that is not a model object."""
+
+
+@dataclass
+class Stats:
+    pages_allocated: int = 0  # pages with a folio behind them, all backings
+    peak_pages_allocated: int = 0
+
+    def allocate(self, n: int) -> None:
+        self.pages_allocated += n
+        self.peak_pages_allocated = max(self.peak_pages_allocated, self.pages_allocated)
+
+    def free(self, n: int) -> None:
+        self.pages_allocated -= n
+        if self.pages_allocated < 0:
+            raise AssertionError("freed more pages than were allocated")
+
+
+class HostProcess:
+    def __init__(self) -> None:
+        self.fds: dict[int, Any] = {}
+        self.mappings: dict[int, Mapping] = {}
+        self._next_addr = MMAP_BASE
+        self.stats = Stats()
+
+    # --- fds ----------------------------------------------------------------------------------
+    def install(self, obj: Any) -> int:
+        fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        self.fds[fd] = obj
+        return fd
+
+    def release_fd(self, fd: int) -> None:
+        if self.fds.pop(fd, None) is not None:
+            os.close(fd)
+
+    def fget(self, fd: int) -> Any:
+        """The object behind fd; FOREIGN for a real file; EBADF if nothing is open."""
+        if fd in self.fds:
+            return self.fds[fd]
+        try:
+            os.fstat(fd)
+        except OSError as e:
+            raise oserror(errno.EBADF, "fget") from e
+        return FOREIGN
+
+    # --- address space ---------------------------------------------------------------------------
+    def mmap(self, length: int, backing: Backing, offset: int, prot: int) -> Mapping:
+        npages = -(-length // PAGE)
+        addr = self._next_addr
+        self._next_addr += (npages + 16) * PAGE  # leave a gap: stray accesses hit nothing
+        mapping = Mapping(self, addr, length, backing, offset // PAGE, prot)
+        self.mappings[addr] = mapping
+        return mapping
+
+    def mapping_at(self, addr: int) -> tuple[Mapping, int] | None:
+        for m in self.mappings.values():
+            if m.addr <= addr < m.addr + m.length:
+                return m, addr - m.addr
+        return None
+
+
+class AnonymousMemory:
+    """MAP_SHARED|MAP_ANONYMOUS memory: pages appear zeroed on first touch."""
+
+    def __init__(self, process: HostProcess, npages: int) -> None:
+        self.process = process
+        self.npages = npages
+        self.store = PageStore()
+        self.present: ExtentMap[bool] = ExtentMap()
+
+    def fault(self, index: int, count: int, write: bool) -> str | None:
+        if index + count > self.npages:
+            return "beyond the end of the mapping"
+        # New pages have no content, which reads as zeros: nothing to write.
+        for lo, hi in list(self.present.gaps(index, index + count)):
+            self.process.stats.allocate(hi - lo)
+        self.present.set(index, index + count, True)
+        return None
+
+    def unmapped(self, mapping: Mapping) -> None:
+        """The only mapping is gone: the memory is freed."""
+        self.process.stats.free(self.present.covered(0, self.npages))
+        self.present = ExtentMap()
+        self.store = PageStore()
+
+
+@dataclass(eq=False)
+class Mapping:
+    """A host VMA. `ptes` records which pages have a userspace PTE (present)."""
+
+    process: HostProcess
+    addr: int
+    length: int
+    backing: Any
+    pgoff: int
+    prot: int
+    ptes: ExtentMap[bool] = field(default_factory=ExtentMap)
+    mapped: bool = True
+
+    def _check(self, offset: int, length: int) -> None:
+        if not self.mapped:
+            raise OSError(errno.EBADF, "mapping was unmapped")
+        if offset < 0 or length < 0 or offset + length > self.length:
+            raise ValueError(f"[{offset:#x}, +{length:#x}) outside a {self.length:#x} mapping")
+
+    def _fault(self, offset: int, length: int, write: bool) -> None:
+        """The host page fault for [offset, offset+length): SIGBUS or present PTEs."""
+        first, last = offset // PAGE, -(-(offset + length) // PAGE)
+        for lo, hi in list(self.ptes.gaps(first, last)):
+            reason = self.backing.fault(self.pgoff + lo, hi - lo, write)
+            if reason is not None:
+                bad = self._first_bad(lo, hi, write)
+                raise HostSigbus(self.addr + max(bad * PAGE, offset), reason)
+            self.ptes.set(lo, hi, True)
+
+    def _first_bad(self, lo: int, hi: int, write: bool) -> int:
+        """The first page of [lo, hi) whose fault fails (binary search over ranges)."""
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.backing.fault(self.pgoff + lo, mid - lo, write) is None:
+                self.ptes.set(lo, mid, True)
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        self._fault(offset, length, False)
+        return self.backing.store.read(self.pgoff * PAGE + offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check(offset, len(data))
+        self._fault(offset, len(data), True)
+        self.backing.store.write_bytes(self.pgoff * PAGE + offset, data)
+
+    def fill(self, offset: int, byte: int, length: int) -> None:
+        self._check(offset, length)
+        self._fault(offset, length, True)
+        self.backing.store.fill(self.pgoff * PAGE + offset, length, byte)
+
+    def touch_in_child(self, offset: int, write: bool = False, length: int = 1) -> int | None:
+        """The signal a real access would get (the model has no child to kill)."""
+        self._check(offset, 0)
+        try:
+            self._fault(offset, length, write)
+        except HostSigbus:
+            return signal.SIGBUS
+        return None
+
+    def madvise(self, offset: int, length: int, advice: int) -> None:
+        self._check(offset, length)
+        if advice == MADV_COLLAPSE:  # guest_memfd refuses khugepaged collapse (test_collapse)
+            raise oserror(errno.EINVAL, "madvise")
+        if advice == MADV_DONTNEED:  # drops PTEs; the shared file keeps its pages
+            self.ptes.clear(offset // PAGE, -(-(offset + length) // PAGE))
+        elif advice != MADV_HUGEPAGE:
+            raise oserror(errno.EINVAL, "madvise")
+
+    def zap(self, first: int, last: int) -> None:
+        """unmap_mapping_range for backing indexes [first, last)."""
+        lo, hi = max(first - self.pgoff, 0), last - self.pgoff
+        if lo < hi:
+            self.ptes.clear(lo, hi)
+
+    def munmap(self) -> None:
+        if self.mapped:
+            self.mapped = False
+            self.ptes = ExtentMap()
+            self.process.mappings.pop(self.addr, None)
+            detach = getattr(self.backing, "unmapped", None)
+            if detach:
+                detach(self)
+
+    close = munmap
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.munmap()

@@ -1,0 +1,327 @@
+"""The model's vCPU: runs guest `Program`s and returns the exits the kernel would.
+
+It interprets the program the VMM loaded (GuestImage.program) instead of x86
+code; every exit it produces is one the real vCPU produces for the compiled
+code: port I/O for reports, ticks and the doorbell, KVM_EXIT_HYPERCALL, and a
+failing KVM_RUN with KVM_EXIT_MEMORY_FAULT. Guest memory accesses take KVM's
+two paths (arch/x86/kvm/mmu/mmu.c __kvm_mmu_faultin_pfn): private or
+guest_memfd-only slots fault through guest_memfd, the rest through the slot's
+userspace_addr and the host process's mappings.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
+
+from guestmem import hypercall, uapi
+from guestmem import program as p
+from guestmem.exits import (
+    Exit,
+    HostSigbus,
+    HypercallExit,
+    IoExit,
+    KvmRunError,
+    MemoryFaultExit,
+    MmioExit,
+    oserror,
+)
+from guestmem.extents import ExtentMap
+from guestmem.model.content import PAGE, PageStore, Pattern
+
+if TYPE_CHECKING:
+    from guestmem.model.vm import Memslot, Vm
+
+_MASK = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class _Fault:
+    """A failing KVM_RUN: errno and the exit filled in with it."""
+
+    err: int
+    exit: Exit | None
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A run of guest memory resolved to its backing store."""
+
+    store: PageStore
+    offset: int  # byte offset in the store
+    gpa: int
+    length: int
+
+
+Execution = Generator[Exit | _Fault, None, None]
+
+
+class Vcpu:
+    interprets_programs = True
+
+    def __init__(self, vm: Vm, vcpu_id: int) -> None:
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        self.regs = uapi.kvm_regs()
+        self.sregs = uapi.kvm_sregs()
+        self._execution: Execution | None = None
+        self._hypercall_ret: int | None = None
+        self.closed = False
+        self.fd = vm.kvm.process.install(self)
+        self.encrypted_view: ExtentMap[bool] = ExtentMap()  # the guest's own C-bit view
+
+    # --- registers and setup ------------------------------------------------------------------
+    def get_regs(self) -> uapi.kvm_regs:
+        return uapi.kvm_regs.from_buffer_copy(self.regs)
+
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        self.regs = uapi.kvm_regs.from_buffer_copy(regs)
+
+    def get_sregs(self) -> uapi.kvm_sregs:
+        return uapi.kvm_sregs.from_buffer_copy(self.sregs)
+
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        self.sregs = uapi.kvm_sregs.from_buffer_copy(sregs)
+
+    def load_program(self, program: p.Program, hypercall_abi: str) -> None:
+        """Model only: the program the VMM placed in guest memory, to interpret."""
+        self._abi = hypercall_abi
+        self._execution = self._run_steps(program.steps)
+
+    @property
+    def cpl(self) -> int:
+        return int(self.sregs.cs.dpl)
+
+    # --- KVM_RUN --------------------------------------------------------------------------------
+    def run(self) -> Exit:
+        if self.closed:
+            raise oserror(errno.EBADF, "closed vCPU")
+        if self._execution is None:
+            raise KvmRunError(errno.EFAULT, None)  # nothing to execute: no code mapped
+        item = next(self._execution)
+        if isinstance(item, _Fault):
+            raise KvmRunError(item.err, item.exit)
+        return item
+
+    def complete_io_in(self, data: bytes) -> None:
+        """Guest programs never do IN; accepted for API parity."""
+
+    def complete_hypercall(self, ret: int) -> None:
+        self._hypercall_ret = ret & _MASK
+
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
+        """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory, x86 kvm_arch_vcpu_pre_fault_memory)."""
+        if flags:
+            raise oserror(errno.EINVAL, "KVM_PRE_FAULT_MEMORY flags")
+        if gpa % PAGE or size % PAGE or gpa + size <= gpa:
+            raise oserror(errno.EINVAL, "KVM_PRE_FAULT_MEMORY range")
+        if not self.vm.memslots:
+            raise oserror(errno.ENOSPC, "KVM_PRE_FAULT_MEMORY")  # observed on 6.18: no MMU root
+        if not self.vm.kvm.profile.pre_fault_memory:
+            raise oserror(errno.EOPNOTSUPP, "KVM_PRE_FAULT_MEMORY")  # !tdp_enabled
+        done = 0
+        while done < size:
+            gfn = (gpa + done) // PAGE
+            if self.vm.slot_for_gfn(gfn) is None:
+                if done:
+                    break
+                raise oserror(errno.ENOENT, "KVM_PRE_FAULT_MEMORY: no memslot")
+            fault = self._fault_in(gfn, gfn + 1, write=False, private=self.vm.is_private(gfn))
+            if isinstance(fault, _Fault):
+                if done:
+                    break
+                raise oserror(fault.err, "KVM_PRE_FAULT_MEMORY")
+            done += PAGE
+        return gpa + done, size - done
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.vm.kvm.process.release_fd(self.fd)
+            self.vm.vcpus.pop(self.vcpu_id, None)
+            self.vm.put_ref()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the program ---
+    def _run_steps(self, steps: tuple[p.Step, ...]) -> Execution:
+        for step in steps:
+            yield from self._step(step)
+
+    def _step(self, step: p.Step) -> Execution:
+        match step:
+            case p.WritePattern(gpa=gpa, length=length, value=value, step=inc):
+                pieces = yield from self._memory(gpa, length, write=True)
+                for piece in pieces:
+                    first_word = (piece.gpa - gpa) // 8
+                    piece.store.write_pattern(piece.offset, piece.length,
+                                              value + first_word * inc, inc)
+            case p.VerifyPattern(gpa=gpa, length=length, value=value, step=inc):
+                pieces = yield from self._memory(gpa, length, write=False)
+                yield from self._verify(pieces, gpa, value, inc)
+            case p.ReadValue(gpa=gpa):
+                (piece, *rest) = yield from self._memory(gpa, 8, write=False)
+                data = b"".join(x.store.read(x.offset, x.length) for x in (piece, *rest))
+                yield from self._report(int.from_bytes(data, "little"))
+            case p.Report(value=value):
+                yield from self._report(value)
+            case p.Tick():
+                yield _out(p.PORT_TICK, 0)
+            case p.MapGpaRange():
+                ret = yield from self._hypercall(uapi.KVM_HC_MAP_GPA_RANGE,
+                                                 (step.gpa, step.npages, step.attrs))
+                if ret == 0:
+                    gfn = step.gpa // PAGE
+                    view = True if step.encrypted else None
+                    self.encrypted_view.set(gfn, gfn + step.npages, view)
+                yield from self._report(ret)
+            case p.Loop(count=count, body=body):
+                for _ in range(count):
+                    for inner in body:
+                        yield from self._step(inner)
+            case p.Halt():
+                while True:
+                    yield _out(p.PORT_DONE, 0)
+            case _:
+                raise TypeError(f"unknown step {step!r}")
+
+    def _report(self, value: int) -> Execution:
+        value &= _MASK
+        yield _out(p.PORT_REPORT_LO, value & 0xFFFFFFFF)
+        yield _out(p.PORT_REPORT_HI, value >> 32)
+
+    def _verify(self, pieces: list[_Piece], gpa: int, value: int, inc: int) -> Execution:
+        for piece in pieces:
+            first_word = (piece.gpa - gpa) // 8
+            want = Pattern((value + first_word * inc) & _MASK, inc & _MASK, piece.offset)
+            bad = piece.store.first_mismatch(piece.offset, piece.length, want)
+            if bad is not None:
+                offset, found = bad
+                yield from self._report(p.MISMATCH_TAG)
+                yield from self._report(piece.gpa + offset - piece.offset)
+                yield from self._report(found)
+                return
+        yield from self._report(p.VERIFY_OK)
+
+    def _hypercall(self, nr: int, args: tuple[int, ...]) -> Generator[Exit | _Fault, None, int]:
+        """Issue a hypercall the way the compiled code does for this ABI."""
+        if self._abi == "port":  # the doorbell: arguments in registers, answer in RAX
+            self.regs.rax, self.regs.rbx, self.regs.rcx, self.regs.rdx = nr, *args
+            yield _out(p.PORT_HYPERCALL, nr & 0xFFFFFFFF)
+            return int(self.regs.rax)
+        # __kvm_emulate_hypercall: CPL != 0 -> -KVM_EPERM, without exiting.
+        if self.cpl != 0:
+            return -uapi.KVM_EPERM & _MASK
+        if nr != uapi.KVM_HC_MAP_GPA_RANGE or not self.vm.exit_hypercall_mask & (1 << nr):
+            return -uapi.KVM_ENOSYS & _MASK
+        gpa, npages, attrs = args
+        bad = hypercall.kvm_check(gpa, npages)
+        if bad:
+            return bad & _MASK
+        self._hypercall_ret = None
+        yield HypercallExit(uapi.KVM_EXIT_HYPERCALL, nr, (gpa, npages, attrs, 0, 0, 0),
+                            uapi.KVM_EXIT_HYPERCALL_LONG_MODE)
+        return self._hypercall_ret if self._hypercall_ret is not None else 0
+
+    # --- guest memory ---
+    def _memory(self, gpa: int, length: int, write: bool) -> Generator[
+            Exit | _Fault, None, list[_Piece]]:
+        """Resolve [gpa, gpa+length) to backing stores, faulting pages in; a fault
+        is reported as a failing KVM_RUN and retried when the VMM runs again."""
+        while True:
+            result = self._resolve(gpa, length, write)
+            if not isinstance(result, _Fault | MmioExit):
+                return result
+            yield result
+
+    def _resolve(self, gpa: int, length: int, write: bool) -> list[_Piece] | _Fault | MmioExit:
+        pieces: list[_Piece] = []
+        first, last = gpa // PAGE, -(-(gpa + length) // PAGE)
+        gfn = first
+        while gfn < last:
+            slot = self.vm.slot_for_gfn(gfn)
+            if slot is None:  # no memslot: emulated MMIO
+                return MmioExit(uapi.KVM_EXIT_MMIO, max(gpa, gfn * PAGE), b"", 8, write)
+            end = self._uniform_end(gfn, min(last, slot.end_gfn))
+            private = self._access_is_private(gfn)
+            fault = self._fault_in(gfn, end, write, private, slot)
+            if isinstance(fault, _Fault):
+                return fault
+            lo, hi = max(gpa, gfn * PAGE), min(gpa + length, end * PAGE)
+            store, base = fault
+            pieces.append(_Piece(store, base + lo - gfn * PAGE, lo, hi - lo))
+            if write and slot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+                self.vm.dirty.set(gfn, end, True)
+            gfn = end
+        return pieces
+
+    def _uniform_end(self, gfn: int, limit: int) -> int:
+        """End of the run from gfn over which privateness (attributes and the
+        guest's own view) does not change."""
+        end = limit
+        for emap in (self.vm.attributes, self.encrypted_view):
+            for s, e, _ in emap.overlapping(gfn, limit):
+                for point in (s, e):
+                    if gfn < point < end:
+                        end = point
+        return end
+
+    def _access_is_private(self, gfn: int) -> bool:
+        """SW_PROTECTED: the attributes say (kvm_mem_is_private); SEV/SNP/TDX: the
+        hardware access does (the guest's C-bit / shared-bit view)."""
+        if self.vm.vm_type_info.private_from_hardware:
+            return bool(self.encrypted_view.get(gfn))
+        return self.vm.is_private(gfn)
+
+    def _fault_in(self, first: int, last: int, write: bool, private: bool,
+                  slot: Memslot | None = None) -> tuple[PageStore, int] | _Fault:
+        """kvm_mmu_faultin_pfn for [first, last): (store, byte offset of first) or a fault."""
+        slot = slot or self.vm.slot_for_gfn(first)
+        assert slot is not None
+        flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0
+
+        def memory_fault(err: int, gfn: int) -> _Fault:
+            return _Fault(err, MemoryFaultExit(uapi.KVM_EXIT_MEMORY_FAULT, flags, gfn * PAGE, PAGE))
+
+        # Hardware-private VMs: a private/shared mismatch with the attributes exits.
+        if self.vm.vm_type_info.private_from_hardware and private != self.vm.is_private(first):
+            return memory_fault(errno.EFAULT, first)
+        if private or slot.gmem_only:  # kvm_mmu_faultin_pfn_gmem
+            inode = slot.gmem
+            if not slot.is_gmem_slot or inode is None:
+                return memory_fault(errno.EFAULT, first)  # no guest_memfd / file released
+            lo, hi = slot.gmem_index(first), slot.gmem_index(last)
+            poisoned = inode.poisoned(lo, hi)
+            if poisoned is not None:
+                return memory_fault(errno.EHWPOISON, first + poisoned - lo)
+            inode.get_pages(lo, hi)  # kvm_gmem_get_pfn: allocate, zero once
+            self.vm.mmu.map(first, last)
+            return inode.store, lo * PAGE
+        return self._fault_in_hva(slot, first, last, write, memory_fault)
+
+    def _fault_in_hva(self, slot: Memslot, first: int, last: int, write: bool,
+                      memory_fault: Any) -> tuple[PageStore, int] | _Fault:
+        """Shared access through userspace_addr: GUP of the host mapping."""
+        hva = slot.userspace_addr + (first - slot.base_gfn) * PAGE
+        found = self.vm.kvm.process.mapping_at(hva)
+        length = (last - first) * PAGE
+        if found is None or found[1] + length > found[0].length:
+            return memory_fault(errno.EFAULT, first)
+        mapping, offset = found
+        try:
+            mapping._fault(offset, length, write)
+        except HostSigbus as e:
+            return memory_fault(errno.EFAULT, first + (e.addr - hva) // PAGE)
+        self.vm.mmu.map(first, last)
+        return mapping.backing.store, mapping.pgoff * PAGE + offset
+
+
+def _out(port: int, value: int) -> IoExit:
+    return IoExit(uapi.KVM_EXIT_IO, uapi.KVM_EXIT_IO_OUT, 4, port, 1, value.to_bytes(4, "little"))
+

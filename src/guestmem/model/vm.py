@@ -1,0 +1,344 @@
+"""The VM: memslots, memory attributes, the stage-2 MMU (virt/kvm/kvm_main.c, x86 mmu)."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Self
+
+from guestmem import uapi
+from guestmem.exits import oserror
+from guestmem.extents import ExtentMap
+from guestmem.model.content import PAGE
+from guestmem.model.gmem import GmemInode, GuestMemfd
+from guestmem.model.process import FOREIGN, TASK_SIZE_MAX
+from guestmem.model.profile import VmType
+
+if TYPE_CHECKING:
+    from guestmem.model.kvm import Kvm
+    from guestmem.model.vcpu import Vcpu
+
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1  # include/linux/kvm_host.h
+GFN_LIMIT = 1 << 52  # gfns are u64; "gpa + size wraps" is checked on bytes
+KVM_MAX_VCPUS = 1024
+
+
+@dataclass(eq=False)
+class Memslot:
+    vm: Vm
+    id: int
+    base_gfn: int
+    npages: int
+    flags: int
+    userspace_addr: int
+    gmem: GmemInode | None = None  # NULL once the file is released (kvm_gmem_release)
+    gmem_pgoff: int = 0
+    is_gmem_slot: bool = False  # KVM_MEM_GUEST_MEMFD was given
+    gmem_only: bool = False  # KVM_MEMSLOT_GMEM_ONLY: bound to a guest_memfd with MMAP
+
+    @property
+    def end_gfn(self) -> int:
+        return self.base_gfn + self.npages
+
+    def gmem_index(self, gfn: int) -> int:
+        return gfn - self.base_gfn + self.gmem_pgoff  # kvm_gmem_get_index
+
+
+@dataclass
+class Stage2Mmu:
+    """Which gfns have a stage-2 (SPTE) mapping, and what invalidating them cost."""
+
+    mapped: ExtentMap[bool] = field(default_factory=ExtentMap)
+    invalidations: int = 0
+    tlb_flushes: int = 0
+    zapped_pages: int = 0
+    in_progress: int = 0  # mmu_invalidate_in_progress: faults retry while > 0
+
+    def map(self, first: int, last: int) -> None:
+        self.mapped.set(first, last, True)
+
+    def invalidate_begin(self, ranges: list[tuple[int, int]]) -> None:
+        """kvm_mmu_invalidate_begin + unmap of every range, then one TLB flush."""
+        self.in_progress += 1
+        self.invalidations += 1
+        zapped = 0
+        for first, last in ranges:
+            zapped += self.mapped.covered(first, last)
+            self.mapped.clear(first, last)
+        if zapped:
+            self.zapped_pages += zapped
+            self.tlb_flushes += 1
+
+    def invalidate_end(self) -> None:
+        self.in_progress -= 1
+
+    def zap(self, ranges: list[tuple[int, int]]) -> None:
+        self.invalidate_begin(ranges)
+        self.invalidate_end()
+
+
+class Vm:
+    def __init__(self, kvm: Kvm, vm_type: VmType) -> None:
+        self.kvm = kvm
+        self.vm_type_info = vm_type
+        self.vm_type = vm_type.number
+        self.memslots: dict[tuple[int, int], Memslot] = {}  # (as_id, id) -> slot
+        self.attributes: ExtentMap[int] = ExtentMap()  # gfn -> attrs, absent = 0
+        self.mmu = Stage2Mmu()
+        self.exit_hypercall_mask = 0
+        self.vcpus: dict[int, Vcpu] = {}
+        self.dirty: ExtentMap[bool] = ExtentMap()  # gfns written in LOG_DIRTY_PAGES slots
+        self.refs = 1  # the fd; guest_memfd files and vCPUs take more (kvm_get_kvm)
+        self.fd_open = True
+        self.destroyed = False
+        self.fd = kvm.process.install(self)
+
+    @property
+    def closed(self) -> bool:
+        return not self.fd_open
+
+    def _live(self) -> None:
+        if not self.fd_open:
+            raise oserror(errno.EBADF, "closed VM fd")
+
+    # --- references ---------------------------------------------------------------------------
+    def get_ref(self) -> None:
+        self.refs += 1
+
+    def put_ref(self) -> None:
+        self.refs -= 1
+        if self.refs == 0:
+            self._destroy()
+
+    def _destroy(self) -> None:
+        """kvm_destroy_vm: free every memslot (unbinding guest_memfd ranges)."""
+        self.destroyed = True
+        for slot in list(self.memslots.values()):
+            self._delete_slot(slot)
+        self.kvm.vms.discard(self)
+
+    def close(self) -> None:
+        if self.fd_open:
+            self.fd_open = False
+            self.kvm.process.release_fd(self.fd)
+            self.put_ref()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- capabilities ----------------------------------------------------------------------------
+    def supported_attributes(self) -> int:
+        """kvm_supported_mem_attributes: PRIVATE iff the VM has private memory."""
+        if self.kvm.profile.memory_attributes and self.vm_type_info.has_private_mem:
+            return uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+        return 0
+
+    def check_extension(self, cap: int) -> int:
+        self._live()
+        if cap == uapi.KVM_CAP_GUEST_MEMFD_FLAGS:
+            return self.vm_type_info.gmem_flags
+        if cap == uapi.KVM_CAP_MEMORY_ATTRIBUTES:
+            return self.supported_attributes()
+        return self.kvm.check_extension(cap)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        self._live()
+        if cap != uapi.KVM_CAP_EXIT_HYPERCALL or flags:
+            raise oserror(errno.EINVAL, "enable_cap")  # kvm_vm_ioctl_enable_cap: unknown
+        mask = args[0] if args else 0
+        if mask & ~self.kvm.profile.exit_hypercall:
+            raise oserror(errno.EINVAL, "enable_cap")  # x86.c: outside VALID_MASK
+        self.exit_hypercall_mask = mask
+
+    # --- guest_memfd ------------------------------------------------------------------------------
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """kvm_gmem_create: unsupported flags, size <= 0, unaligned -> EINVAL."""
+        self._live()
+        if flags & ~self.vm_type_info.gmem_flags:
+            raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD flags")
+        if size <= 0 or size >= 1 << 63 or size % PAGE:
+            raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD size")
+        inode = GmemInode(self.kvm.process, self, size, flags)
+        self.get_ref()  # "the file pins KVM"
+        return GuestMemfd(self, inode)
+
+    # --- memslots (kvm_set_memory_region, checks in the kernel's order) ------------------------
+    def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
+                               memory_size: int, userspace_addr: int) -> None:
+        self._live()
+        if flags & ~(uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY):
+            raise oserror(errno.EINVAL, "KVM_SET_USER_MEMORY_REGION flags")  # v1 has no gmem
+        self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr, 0, 0)
+
+    def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int,
+                                memory_size: int, userspace_addr: int = 0,
+                                guest_memfd: Any = 0, guest_memfd_offset: int = 0) -> None:
+        self._live()
+        fd = guest_memfd.fd if hasattr(guest_memfd, "fd") else int(guest_memfd)
+        self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr,
+                                fd & 0xFFFFFFFF, guest_memfd_offset)
+
+    def delete_memslot(self, slot: int) -> None:
+        self.set_user_memory_region2(slot, 0, 0, 0)
+
+    def _valid_flags(self, flags: int) -> int:
+        """check_memory_region_flags."""
+        valid = uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_GUEST_MEMFD
+        if flags & uapi.KVM_MEM_GUEST_MEMFD:
+            valid &= ~uapi.KVM_MEM_LOG_DIRTY_PAGES  # no dirty logging of gmem slots
+        elif self.kvm.capabilities.readonly_mem:
+            valid |= uapi.KVM_MEM_READONLY
+        return valid
+
+    def _set_memory_region(self, slot_word: int, flags: int, gpa: int, size: int, hva: int,
+                           gmem_fd: int, offset: int) -> None:
+        einval = oserror(errno.EINVAL, "KVM_SET_USER_MEMORY_REGION2")
+        as_id, id_ = slot_word >> 16, slot_word & 0xFFFF
+        is_gmem = bool(flags & uapi.KVM_MEM_GUEST_MEMFD)
+        if flags & ~self._valid_flags(flags):
+            raise einval
+        if size % PAGE or size >= 1 << 64:
+            raise einval
+        if gpa % PAGE:
+            raise einval
+        if hva % PAGE or hva + size > TASK_SIZE_MAX:  # access_ok, checked for gmem slots too
+            raise einval
+        if is_gmem and (offset % PAGE or offset + size >= 1 << 64):
+            raise einval
+        if as_id >= 1 or id_ >= self.kvm.profile.nr_memslots:
+            raise einval
+        if gpa + size >= 1 << 64:  # base_gfn + npages wraps
+            raise einval
+        npages = size // PAGE
+        if npages > KVM_MEM_MAX_NR_PAGES:
+            raise einval
+        old = self.memslots.get((as_id, id_))
+        if size == 0:
+            if old is None:
+                raise einval
+            self._delete_slot(old)
+            return
+        base_gfn = gpa // PAGE
+        if old is not None:
+            if is_gmem:
+                raise einval  # guest_memfd slots are immutable, only deletable
+            if (hva != old.userspace_addr or npages != old.npages
+                    or (flags ^ old.flags) & (uapi.KVM_MEM_READONLY | uapi.KVM_MEM_GUEST_MEMFD)):
+                raise einval
+            if base_gfn == old.base_gfn and flags == old.flags:
+                return
+            self._check_overlap(base_gfn, npages, old)
+            self._move_or_flags(old, base_gfn, flags)
+            return
+        self._check_overlap(base_gfn, npages, None)
+        slot = Memslot(self, id_, base_gfn, npages, flags, hva, is_gmem_slot=is_gmem)
+        if is_gmem:
+            self._gmem_bind(slot, gmem_fd, offset)
+        self.memslots[(as_id, id_)] = slot
+
+    def _check_overlap(self, base_gfn: int, npages: int, skip: Memslot | None) -> None:
+        for other in self.memslots.values():
+            overlaps = base_gfn < other.end_gfn and other.base_gfn < base_gfn + npages
+            if other is not skip and overlaps:
+                raise oserror(errno.EEXIST, "memslot overlaps another")
+
+    def _move_or_flags(self, slot: Memslot, base_gfn: int, flags: int) -> None:
+        """KVM_MR_MOVE / KVM_MR_FLAGS_ONLY of a non-gmem slot."""
+        if base_gfn != slot.base_gfn:
+            self.mmu.zap([(slot.base_gfn, slot.end_gfn)])
+        slot.base_gfn, slot.flags = base_gfn, flags
+
+    def _gmem_bind(self, slot: Memslot, fd: int, offset: int) -> None:
+        """kvm_gmem_bind (upstream.md §2.8)."""
+        file = self.kvm.process.fget(fd)
+        if file is FOREIGN or not isinstance(file, GuestMemfd) or file.closed:
+            raise oserror(errno.EINVAL, "not a guest_memfd")
+        inode = file.inode
+        if inode.vm is not self:
+            raise oserror(errno.EINVAL, "guest_memfd of another VM")
+        if offset < 0 or offset % PAGE or offset + slot.npages * PAGE > inode.size:
+            raise oserror(errno.EINVAL, "guest_memfd offset")
+        first = offset // PAGE
+        if not inode.bindings.all_equal(first, first + slot.npages, None):
+            raise oserror(self.kvm.profile.bind_overlap_errno, "guest_memfd range already bound")
+        slot.gmem, slot.gmem_pgoff = inode, first
+        slot.gmem_only = inode.mmap_supported
+        inode.bindings.set(first, first + slot.npages, slot)
+
+    def _delete_slot(self, slot: Memslot) -> None:
+        """KVM_MR_DELETE: zap the slot's mappings, kvm_gmem_unbind, free the slot."""
+        self.mmu.zap([(slot.base_gfn, slot.end_gfn)])
+        if slot.gmem is not None:
+            slot.gmem.bindings.clear(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages)
+            slot.gmem = None
+        self.dirty.clear(slot.base_gfn, slot.end_gfn)
+        self.memslots = {k: s for k, s in self.memslots.items() if s is not slot}
+
+    def slot_for_gfn(self, gfn: int) -> Memslot | None:
+        for slot in self.memslots.values():
+            if slot.base_gfn <= gfn < slot.end_gfn:
+                return slot
+        return None
+
+    def get_dirty_log(self, slot: int, npages: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: the slot's dirty bitmap, cleared as it is read."""
+        self._live()
+        if slot & 0xFFFF >= self.kvm.profile.nr_memslots:
+            raise oserror(errno.EINVAL, "KVM_GET_DIRTY_LOG")
+        memslot = self.memslots.get((slot >> 16, slot & 0xFFFF))
+        if memslot is None or not memslot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+            raise oserror(errno.ENOENT, "KVM_GET_DIRTY_LOG")  # no dirty_bitmap
+        bitmap = bytearray(((memslot.npages + 63) // 64) * 8)
+        for lo, hi, _ in self.dirty.overlapping(memslot.base_gfn, memslot.end_gfn):
+            for gfn in range(lo, hi):  # the bitmap itself is per page: userspace asked for it
+                i = gfn - memslot.base_gfn
+                bitmap[i // 8] |= 1 << (i % 8)
+        self.dirty.clear(memslot.base_gfn, memslot.end_gfn)
+        return bytes(bitmap)
+
+    # --- memory attributes (kvm_vm_ioctl_set_mem_attributes) ---
+    def set_memory_attributes(self, address: int, size: int, attributes: int,
+                              flags: int = 0) -> None:
+        self._live()
+        if not self.kvm.profile.memory_attributes:
+            raise oserror(errno.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES")  # not built
+        if flags:
+            raise oserror(errno.EINVAL, "flags")
+        if attributes & ~self.supported_attributes():
+            raise oserror(errno.EINVAL, "attributes")
+        if size == 0 or address + size >= 1 << 64:
+            raise oserror(errno.EINVAL, "range")
+        if address % PAGE or size % PAGE:
+            raise oserror(errno.EINVAL, "alignment")
+        first, last = address // PAGE, (address + size) // PAGE
+        if self.attributes.all_equal(first, last, attributes or None):
+            return  # kvm_vm_set_mem_attributes: nothing to change, no invalidation
+        self._zap_for_conversion(first, last, attributes)
+        self.attributes.set(first, last, attributes or None)
+
+    def _zap_for_conversion(self, first: int, last: int, attributes: int) -> None:
+        """kvm_arch_pre_set_memory_attributes: zap mappings of the old kind in every
+        memslot the range touches, in one invalidation (one TLB flush)."""
+        ranges = [(max(first, s.base_gfn), min(last, s.end_gfn)) for s in self.memslots.values()
+                  if s.base_gfn < last and first < s.end_gfn]
+        self.mmu.zap(ranges)
+
+    def is_private(self, gfn: int) -> bool:
+        return bool((self.attributes.get(gfn) or 0) & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+    # --- vCPUs ---------------------------------------------------------------------------------
+    def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
+        from guestmem.model.vcpu import Vcpu
+
+        self._live()
+        if vcpu_id >= KVM_MAX_VCPUS:
+            raise oserror(errno.EINVAL, "KVM_CREATE_VCPU")
+        if vcpu_id in self.vcpus:
+            raise oserror(errno.EEXIST, "KVM_CREATE_VCPU")
+        vcpu = Vcpu(self, vcpu_id)
+        self.vcpus[vcpu_id] = vcpu
+        self.get_ref()
+        return vcpu
