@@ -14,16 +14,18 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/guestmem demo
+	@if [ -e /dev/kvm ]; then $(BIN)/guestmem demo --backend kvm; \
+	 else echo "no /dev/kvm on this machine: skipping the demo on the real kernel"; fi
 
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 info: $(STAMP)
-	$(BIN)/guestmem info
+	$(BIN)/guestmem info --backend kvm
 
 check: $(STAMP)
-	$(BIN)/guestmem check
+	$(BIN)/guestmem check --backend kvm
 
 bench: $(STAMP)
 	$(BIN)/python bench/populate.py

@@ -14,13 +14,13 @@ def test_demo_steps_all_hold_on_the_kernel(host_kvm):
 
 
 def test_cli_demo_exits_zero(host_kvm):
-    result = CliRunner().invoke(main, ["demo"])
+    result = CliRunner().invoke(main, ["demo", "--backend", "kvm"])
     assert result.exit_code == 0, result.output
     assert "FAILED" not in result.output
 
 
 def test_info_json_reports_implementation_and_profile(host_kvm):
-    result = CliRunner().invoke(main, ["info", "--json"])
+    result = CliRunner().invoke(main, ["info", "--json", "--backend", "kvm"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
     caps = host_kvm.capabilities
@@ -31,14 +31,14 @@ def test_info_json_reports_implementation_and_profile(host_kvm):
 
 
 def test_check_prints_the_table_and_counts(host_kvm):
-    result = CliRunner().invoke(main, ["check", "-k", "gmem.fallocate"])
+    result = CliRunner().invoke(main, ["check", "--backend", "kvm", "-k", "gmem.fallocate"])
     assert result.exit_code == 0, result.output
     assert "3 passed, 0 failed, 0 skipped" in result.output  # flag sets 0, MMAP, MMAP|SHARED
 
 
 def test_check_lists_missing_vm_types_with_reasons(host_kvm):
     result = CliRunner(env={"COLUMNS": "300"}).invoke(
-        main, ["check", "-k", "memslot.overlap", "--all-vm-types"])
+        main, ["check", "--backend", "kvm", "-k", "memslot.overlap", "--all-vm-types"])
     assert result.exit_code == 0, result.output
     assert "not in KVM_CAP_VM_TYPES" in result.output
 
@@ -46,3 +46,25 @@ def test_check_lists_missing_vm_types_with_reasons(host_kvm):
 def test_unknown_backend_is_refused():
     result = CliRunner().invoke(main, ["info", "--backend", "nope"])
     assert result.exit_code != 0
+
+
+def test_model_is_the_default_backend_and_runs_the_demo():
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert "model backend" in result.output and "FAILED" not in result.output
+    assert "KVM_EXIT_HYPERCALL" in result.output  # the model delivers the real exit
+
+
+def test_model_info_names_its_profile():
+    result = CliRunner().invoke(main, ["info", "--json", "--profile", "coco"])
+    record = json.loads(result.output)
+    assert record["backend"] == "model" and record["profile"] == "coco"
+    assert record["memory_attributes"] == 8
+    assert sorted(record["vm_types"].values()) == [0, 1, 2, 3, 4, 5]
+
+
+def test_model_check_passes_on_both_profiles():
+    for profile in ("mainline", "coco"):
+        result = CliRunner().invoke(main, ["check", "--profile", profile])
+        assert result.exit_code == 0, result.output
+        assert " 0 failed" in result.output

@@ -21,15 +21,29 @@ def _console() -> Console:
     return Console()
 
 
-def _open(backend: str) -> Any:
+def _open(backend: str, profile: str) -> Any:
     if backend == "kvm" and not os.path.exists("/dev/kvm"):
         raise click.ClickException(
-            "/dev/kvm does not exist on this machine: the kvm backend needs a host with KVM"
+            "/dev/kvm does not exist on this machine: the kvm backend needs a host with KVM "
+            "(the model backend, the default, runs anywhere)"
         )
     try:
+        if backend == "model":
+            return guestmem.Kvm(backend="model", profile=profile)
         return guestmem.Kvm(backend=backend)
     except OSError as e:
         raise click.ClickException(f"cannot open the {backend} backend: {e}") from e
+
+
+def _backend_options(fn: Any) -> Any:
+    from guestmem.model import PROFILES
+
+    fn = click.option("--profile", default="mainline", show_default=True,
+                      type=click.Choice(sorted(PROFILES)),
+                      help="Kernel profile the model behaves like (model backend only).")(fn)
+    return click.option("--backend", default="model", show_default=True,
+                        type=click.Choice(guestmem.BACKENDS),
+                        help="model: guest_memfd in Python; kvm: the host kernel.")(fn)
 
 
 @click.group()
@@ -51,6 +65,7 @@ def profile_of(caps: Any) -> str:
 
 
 def info_record(kvm: Any) -> dict[str, Any]:
+    """Everything `info` shows; for the model, its profile is what it matches."""
     caps = kvm.capabilities
     record = asdict(caps)
     record["vm_types"] = {uapi.VM_TYPE_NAMES.get(t, str(t)): t for t in sorted(caps.vm_types)}
@@ -66,26 +81,31 @@ def info_record(kvm: Any) -> dict[str, Any]:
         if caps.guest_memfd_flags & bit
     ]
     record["backend"] = kvm.backend
-    record["profile"] = profile_of(caps)
+    model_profile = getattr(kvm, "profile", None)
+    record["profile"] = model_profile.name if model_profile else profile_of(caps)
+    if model_profile:
+        record["profile_description"] = model_profile.description
     return record
 
 
 @main.command()
-@click.option("--backend", default="kvm", show_default=True, type=click.Choice(guestmem.BACKENDS))
+@_backend_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON record.")
-def info(backend: str, as_json: bool) -> None:
-    """What the host's KVM supports, and which spec profile it matches."""
-    with _open(backend) as kvm:
+def info(backend: str, profile: str, as_json: bool) -> None:
+    """What the backend's KVM supports, and which spec profile it matches."""
+    with _open(backend, profile) as kvm:
         record = info_record(kvm)
     if as_json:
         click.echo(json.dumps(record, indent=2, sort_keys=True))
         return
-    table = Table(title=f"guestmem info ({backend} backend)", show_header=False)
+    table = Table(title=f"guestmem info ({record['backend']} backend)", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("KVM implementation", record["implementation"])
     table.add_row("API version", str(record["api_version"]))
     table.add_row("spec profile", record["profile"])
+    if "profile_description" in record:
+        table.add_row("", record["profile_description"])
     table.add_row("VM types", ", ".join(f"{n} ({v})" for n, v in record["vm_types"].items()))
     table.add_row(
         "guest_memfd flags",
@@ -101,19 +121,20 @@ def info(backend: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--backend", default="kvm", show_default=True, type=click.Choice(guestmem.BACKENDS))
+@_backend_options
 @click.option("--all-vm-types", is_flag=True, help="Also list cases for VM types the host lacks.")
 @click.option("-k", "pattern", default="", help="Only cases whose name contains this.")
-def check(backend: str, all_vm_types: bool, pattern: str) -> None:
+def check(backend: str, profile: str, all_vm_types: bool, pattern: str) -> None:
     """Run the conformance suite and print a table."""
     from guestmem.check import Status, instances, run_instance
 
-    with _open(backend) as kvm:
+    with _open(backend, profile) as kvm:
         types = tuple(uapi.VM_TYPE_NAMES) if all_vm_types else tuple(
             sorted(kvm.capabilities.vm_types))
         selected = [i for i in instances(types) if pattern in i.name]
         results = [run_instance(kvm, inst) for inst in selected]
-    table = Table(title=f"guestmem conformance ({backend} backend)")
+    where = f"model backend, {profile} profile" if backend == "model" else f"{backend} backend"
+    table = Table(title=f"guestmem conformance ({where})")
     for col in ("case", "expected", "observed", "result"):
         table.add_column(col, overflow="fold")
     style = {Status.PASS: "green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
@@ -130,14 +151,14 @@ def check(backend: str, all_vm_types: bool, pattern: str) -> None:
 
 
 @main.command()
-@click.option("--backend", default="kvm", show_default=True, type=click.Choice(guestmem.BACKENDS))
-def demo(backend: str) -> None:
-    """Boot a real guest on guest_memfd memory and show each step."""
+@_backend_options
+def demo(backend: str, profile: str) -> None:
+    """Run a guest on guest_memfd memory and show each step (--backend kvm: a real one)."""
     from guestmem import demo as scenario
 
     failed = 0
     console = _console()
-    with _open(backend) as kvm:
+    with _open(backend, profile) as kvm:
         for step in scenario.run(kvm):
             mark = "[green]ok[/]" if step.ok else "[bold red]FAILED[/]"
             console.print(f"{mark} [bold]{step.title}[/]: {step.detail}")
