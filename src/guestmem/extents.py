@@ -4,6 +4,13 @@ The building block DESIGN.md asks for ("Scale is part of correctness"): the
 kernel keeps per-index state in maple trees and multi-index xarrays, and so do
 we, so that an operation costs in the number of ranges it touches, never in the
 number of pages. Unset points have no value (None).
+
+Representation: a sorted list of boundaries, each one int `pos << 32 | vid`
+meaning "from pos on, the value is palette[vid]" (vid 0: no value), until the
+next boundary. One small int per boundary keeps a million extents in ~45 MB,
+where (start, end, value) tuples in a dict would take four times that.
+Consecutive boundaries never carry the same vid (equal neighbours are merged).
+Values must be hashable; equal values share one palette entry.
 """
 
 from __future__ import annotations
@@ -11,20 +18,43 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
-from sortedcontainers import SortedDict
+from sortedcontainers import SortedList
 
 V = TypeVar("V")
 
+_VID_BITS = 32
+_VID_MASK = (1 << _VID_BITS) - 1
+
 
 class ExtentMap(Generic[V]):
-    """start -> (end, value), non-overlapping; equal neighbours are merged."""
+    __slots__ = ("_keys", "_palette", "_ids")
 
     def __init__(self) -> None:
-        self._map: SortedDict = SortedDict()
+        self._keys: SortedList = SortedList()
+        self._palette: list[V | None] = [None]
+        self._ids: dict[V, int] = {}
 
+    # --- palette ---------------------------------------------------------------------------
+    def _vid(self, value: V | None) -> int:
+        if value is None:
+            return 0
+        vid = self._ids.get(value)
+        if vid is None:
+            vid = len(self._palette)
+            if vid > _VID_MASK:
+                raise OverflowError("more distinct values than an extent map can name")
+            self._palette.append(value)
+            self._ids[value] = vid
+        return vid
+
+    def _vid_at(self, point: int) -> int:
+        i = self._keys.bisect_right((point << _VID_BITS) | _VID_MASK) - 1
+        return self._keys[i] & _VID_MASK if i >= 0 else 0
+
+    # --- reading ---------------------------------------------------------------------------
     def __len__(self) -> int:
         """Number of stored extents (not points)."""
-        return len(self._map)
+        return sum(1 for k in self._keys if k & _VID_MASK)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ExtentMap) and list(self.items()) == list(other.items())
@@ -35,98 +65,75 @@ class ExtentMap(Generic[V]):
 
     def copy(self) -> ExtentMap[V]:
         new: ExtentMap[V] = ExtentMap()
-        new._map = self._map.copy()
+        new._keys = SortedList(self._keys)
+        new._palette = list(self._palette)
+        new._ids = dict(self._ids)
         return new
 
-    def items(self) -> Iterator[tuple[int, int, V]]:
-        for start, (end, value) in self._map.items():
-            yield start, end, value
+    def boundaries(self) -> int:
+        """Stored boundaries: what the map costs in memory."""
+        return len(self._keys)
 
     def get(self, point: int) -> V | None:
-        i = self._map.bisect_right(point) - 1
-        if i < 0:
-            return None
-        start = self._map.keys()[i]
-        end, value = self._map[start]
-        return value if point < end else None
+        return self._palette[self._vid_at(point)]
+
+    def _segments(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """(seg_start, seg_end, vid) of every segment meeting [start, end), clipped."""
+        if start >= end:
+            return
+        pos, vid = start, self._vid_at(start)
+        # boundaries strictly inside (start, end), walked without indexing the list
+        for key in self._keys.irange((start + 1) << _VID_BITS, (end << _VID_BITS) - 1):
+            nxt = key >> _VID_BITS
+            yield pos, nxt, vid
+            pos, vid = nxt, key & _VID_MASK
+        yield pos, end, vid
+
+    def items(self) -> Iterator[tuple[int, int, V]]:
+        keys = self._keys
+        for a, b in zip(keys, keys[1:], strict=False):
+            vid = a & _VID_MASK
+            if vid:
+                yield a >> _VID_BITS, b >> _VID_BITS, self._palette[vid]  # type: ignore[misc]
 
     def overlapping(self, start: int, end: int) -> Iterator[tuple[int, int, V]]:
         """Stored extents clipped to [start, end)."""
-        if start >= end:
-            return
-        keys = self._map.keys()
-        i = max(self._map.bisect_right(start) - 1, 0)
-        while i < len(keys):
-            s = keys[i]
-            if s >= end:
-                break
-            e, value = self._map[s]
-            if e > start:
-                yield max(s, start), min(e, end), value
-            i += 1
+        for s, e, vid in self._segments(start, end):
+            if vid:
+                yield s, e, self._palette[vid]  # type: ignore[misc]
 
     def covered(self, start: int, end: int) -> int:
         """How many points of [start, end) have a value."""
-        return sum(e - s for s, e, _ in self.overlapping(start, end))
+        return sum(e - s for s, e, vid in self._segments(start, end) if vid)
 
     def all_equal(self, start: int, end: int, value: V | None) -> bool:
         """Does every point of [start, end) hold `value` (None: no value at all)?"""
-        if value is None:
-            return not any(True for _ in self.overlapping(start, end))
-        pos = start
-        for s, e, v in self.overlapping(start, end):
-            if s != pos or v != value:
-                return False
-            pos = e
-        return pos >= end
+        want = self._ids.get(value, -1) if value is not None else 0  # type: ignore[arg-type]
+        return all(vid == want for _, _, vid in self._segments(start, end))
 
     def gaps(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """Sub-ranges of [start, end) with no value."""
-        pos = start
-        for s, e, _ in self.overlapping(start, end):
-            if s > pos:
-                yield pos, s
-            pos = e
-        if pos < end:
-            yield pos, end
+        for s, e, vid in self._segments(start, end):
+            if not vid:
+                yield s, e
 
+    # --- writing ---------------------------------------------------------------------------
     def set(self, start: int, end: int, value: V | None) -> None:
         """Give [start, end) `value` (None clears it)."""
         if start >= end:
             return
-        self._cut(start)
-        self._cut(end)
-        for s in list(self._map.irange(start, end, inclusive=(True, False))):
-            del self._map[s]
-        if value is not None:
-            self._map[start] = (end, value)
-            self._merge_around(start)
+        keys = self._keys
+        new = self._vid(value)
+        before = self._vid_at(start - 1)
+        after = self._vid_at(end)
+        lo = keys.bisect_left(start << _VID_BITS)
+        hi = keys.bisect_right((end << _VID_BITS) | _VID_MASK)
+        if lo < hi:
+            del keys[lo:hi]
+        if new != before:
+            keys.add((start << _VID_BITS) | new)
+        if after != new:
+            keys.add((end << _VID_BITS) | after)
 
     def clear(self, start: int, end: int) -> None:
         self.set(start, end, None)
-
-    def _cut(self, point: int) -> None:
-        """Split the extent containing `point` so that one starts exactly there."""
-        i = self._map.bisect_right(point) - 1
-        if i < 0:
-            return
-        s = self._map.keys()[i]
-        e, value = self._map[s]
-        if s < point < e:
-            self._map[s] = (point, value)
-            self._map[point] = (e, value)
-
-    def _merge_around(self, start: int) -> None:
-        end, value = self._map[start]
-        nxt = self._map.get(end)
-        if nxt is not None and nxt[1] == value:
-            del self._map[end]
-            end = nxt[0]
-            self._map[start] = (end, value)
-        i = self._map.index(start)
-        if i > 0:
-            ps = self._map.keys()[i - 1]
-            pe, pv = self._map[ps]
-            if pe == start and pv == value:
-                del self._map[start]
-                self._map[ps] = (end, value)

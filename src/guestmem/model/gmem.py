@@ -51,6 +51,7 @@ class GmemInode:
         self.mappings: set[Mapping] = set()
         self.file_open = True  # the fd; mappings also hold the file (kvm_gmem_release)
         self.released = False
+        process.backings.add(self)
 
     @property
     def mmap_supported(self) -> bool:
@@ -161,6 +162,7 @@ class GmemInode:
         for vm in vms:
             vm.mmu.invalidate_end()
         self._free(0, self.npages)
+        self.process.backings.discard(self)
         self.vm.put_ref()
 
 

@@ -58,6 +58,7 @@ class HostProcess:
         self.mappings: dict[int, Mapping] = {}
         self._next_addr = MMAP_BASE
         self.stats = Stats()
+        self.backings: set[Any] = set()  # live guest_memfd inodes and anonymous memory
 
     # --- fds ----------------------------------------------------------------------------------
     def install(self, obj: Any) -> int:
@@ -103,6 +104,7 @@ class AnonymousMemory:
         self.npages = npages
         self.store = PageStore()
         self.present: ExtentMap[bool] = ExtentMap()
+        process.backings.add(self)
 
     def fault(self, index: int, count: int, write: bool) -> str | None:
         if index + count > self.npages:
@@ -118,6 +120,7 @@ class AnonymousMemory:
         self.process.stats.free(self.present.covered(0, self.npages))
         self.present = ExtentMap()
         self.store = PageStore()
+        self.process.backings.discard(self)
 
 
 @dataclass(eq=False)

@@ -301,7 +301,7 @@ class Vcpu:
             if poisoned is not None:
                 return memory_fault(errno.EHWPOISON, first + poisoned - lo)
             inode.get_pages(lo, hi)  # kvm_gmem_get_pfn: allocate, zero once
-            self.vm.mmu.map(first, last)
+            self.vm.mmu.map(first, last, slot)
             return inode.store, lo * PAGE
         return self._fault_in_hva(slot, first, last, write, memory_fault)
 
@@ -318,7 +318,7 @@ class Vcpu:
             mapping._fault(offset, length, write)
         except HostSigbus as e:
             return memory_fault(errno.EFAULT, first + (e.addr - hva) // PAGE)
-        self.vm.mmu.map(first, last)
+        self.vm.mmu.map(first, last, "hva")
         return mapping.backing.store, mapping.pgoff * PAGE + offset
 
 

@@ -48,14 +48,16 @@ class Memslot:
 class Stage2Mmu:
     """Which gfns have a stage-2 (SPTE) mapping, and what invalidating them cost."""
 
-    mapped: ExtentMap[bool] = field(default_factory=ExtentMap)
+    mapped: ExtentMap[Any] = field(default_factory=ExtentMap)  # gfn -> memslot or "hva"
     invalidations: int = 0
     tlb_flushes: int = 0
     zapped_pages: int = 0
     in_progress: int = 0  # mmu_invalidate_in_progress: faults retry while > 0
 
-    def map(self, first: int, last: int) -> None:
-        self.mapped.set(first, last, True)
+    def map(self, first: int, last: int, source: Any) -> None:
+        """Install SPTEs for [first, last); `source` is the memslot for guest_memfd
+        pages, "hva" for pages reached through userspace_addr."""
+        self.mapped.set(first, last, source)
 
     def invalidate_begin(self, ranges: list[tuple[int, int]]) -> None:
         """kvm_mmu_invalidate_begin + unmap of every range, then one TLB flush."""

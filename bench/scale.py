@@ -1,0 +1,216 @@
+"""Benchmark P1: the model at terabyte scale, and against a naive per-page model.
+
+Workload (a SW_PROTECTED VM of the coco profile): create a guest_memfd of SIZE,
+bind it across 8 memslots at GPA 4 GiB, allocate all of it (fallocate), then run
+random operations through the public API, half KVM_SET_MEMORY_ATTRIBUTES
+(PRIVATE or shared, 50/50) and half PUNCH_HOLE of 4 KiB-2 MiB at random offsets:
+
+  workload A: attribute changes of 4 KiB-2 MiB too (log-uniform)
+  workload B: attribute changes of 4 KiB-1 GiB (log-uniform; CoCo guests convert
+              large ranges at boot, bounce buffers, ballooning)
+
+Reported: create+bind+allocate time; time per operation at 1 GiB, 64 GiB and
+1 TiB (flat = cost in ranges, not pages); a full run of --full-ops at 1 TiB with
+its peak RSS (in a child process); and the same operations at 64 GiB on a
+deliberately naive per-page model (dicts keyed by page, written only here).
+
+    .venv/bin/python bench/scale.py [--ops N] [--full-ops N] [--naive-ops N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from guestmem import uapi
+from guestmem.model import Kvm
+
+PS = uapi.PAGE_SIZE
+GIB = 1 << 30
+BASE_GPA = 4 * GIB
+SLOTS = 8
+PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str  # "attr" or "punch"
+    offset: int  # byte offset in the guest_memfd (= gpa - BASE_GPA)
+    length: int
+    private: bool = False
+
+
+def _log_uniform_pages(rng: random.Random, max_bytes: int) -> int:
+    return max(1, int(math.exp(rng.uniform(0, math.log(max_bytes // PS)))))
+
+
+def operations(size: int, n: int, workload: str, seed: int = 1) -> Iterator[Op]:
+    """The operations, generated lazily (a list of a million would dominate RSS)."""
+    rng = random.Random(seed)
+    attr_max = 2 << 20 if workload == "A" else GIB
+    for _ in range(n):
+        if rng.random() < 0.5:
+            pages = min(_log_uniform_pages(rng, attr_max), size // PS)
+            kind, private = "attr", rng.random() < 0.5
+        else:
+            pages = min(_log_uniform_pages(rng, 2 << 20), size // PS)
+            kind, private = "punch", False
+        start = rng.randrange(0, size // PS - pages + 1)
+        yield Op(kind, start * PS, pages * PS, private)
+
+
+# --- the model --------------------------------------------------------------------------------
+class ModelGuest:
+    def __init__(self, size: int) -> None:
+        self.kvm = Kvm("coco")
+        self.vm = self.kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+        self.gmem = self.vm.create_guest_memfd(size, 0)
+        per_slot = size // SLOTS
+        for i in range(SLOTS):
+            self.vm.set_user_memory_region2(i, uapi.KVM_MEM_GUEST_MEMFD, BASE_GPA + i * per_slot,
+                                            per_slot, 0, self.gmem, i * per_slot)
+        self.gmem.allocate(0, size)
+
+    def apply(self, op: Op) -> None:
+        if op.kind == "attr":
+            self.vm.set_memory_attributes(BASE_GPA + op.offset, op.length,
+                                          PRIVATE if op.private else 0)
+        else:
+            self.gmem.punch_hole(op.offset, op.length)
+
+    def extents(self) -> int:
+        inode = self.gmem.inode
+        return (self.vm.attributes.boundaries() + inode.folios.boundaries()
+                + inode.bindings.boundaries())
+
+
+# --- the naive per-page model (only here, to compare against) ------------------------------------
+class NaivePage:
+    __slots__ = ("uptodate", "refcount")
+
+    def __init__(self) -> None:
+        self.uptodate, self.refcount = False, 1
+
+
+class NaiveGuest:
+    """One Python object per page, every operation a loop over its pages."""
+
+    def __init__(self, size: int) -> None:
+        npages, per_slot = size // PS, size // PS // SLOTS
+        self.attrs: dict[int, int] = {}
+        self.binding = {i: i // per_slot for i in range(npages)}  # file index -> slot
+        self.folios = {i: NaivePage() for i in range(npages)}
+        self.stage2: set[int] = set()
+        self.flushes = 0
+
+    def apply(self, op: Op) -> None:
+        first, last = op.offset // PS, (op.offset + op.length) // PS
+        if op.kind == "attr":
+            value = PRIVATE if op.private else 0
+            if all(self.attrs.get(g, 0) == value for g in range(first, last)):
+                return
+            for g in range(first, last):
+                self.stage2.discard(g)
+                if value:
+                    self.attrs[g] = value
+                else:
+                    self.attrs.pop(g, None)
+        else:
+            for i in range(first, last):
+                if i in self.binding:
+                    self.stage2.discard(i)
+                self.folios.pop(i, None)
+        self.flushes += 1
+
+
+def timed_setup(cls: type, size: int) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    guest = cls(size)
+    return guest, time.perf_counter() - t0
+
+
+def run_ops(guest: object, ops: Iterable[Op]) -> float:
+    t0 = time.perf_counter()
+    for op in ops:
+        guest.apply(op)  # type: ignore[attr-defined]
+    return time.perf_counter() - t0
+
+
+def full_run(size: int, n: int, workload: str) -> dict[str, float]:
+    """One full run; meant for a child process so its peak RSS is its own. The
+    operations are generated while timing (the cost is in both columns alike)."""
+    guest, setup = timed_setup(ModelGuest, size)
+    elapsed = run_ops(guest, operations(size, n, workload))
+    return {"setup_s": setup, "ops_s": elapsed, "us_per_op": elapsed / n * 1e6,
+            "extents": guest.extents(),  # type: ignore[attr-defined]
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ops", type=int, default=100_000, help="operations per size in the table")
+    ap.add_argument("--full-ops", type=int, default=1_000_000, help="operations of the 1 TiB run")
+    ap.add_argument("--naive-ops", type=int, default=2_000, help="sample run on both at 64 GiB")
+    ap.add_argument("--child", nargs=3, metavar=("SIZE", "OPS", "WORKLOAD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(full_run(int(args.child[0]), int(args.child[1]), args.child[2])))
+        return 0
+    console = Console()
+    sizes = {"1 GiB": GIB, "64 GiB": 64 * GIB, "1 TiB": 1 << 40}
+
+    table = Table(title=f"model: {args.ops:,} random operations per size")
+    for col in ("workload", "size", "create+bind+allocate", "µs/op", "extents after"):
+        table.add_column(col, justify="right")
+    for workload in ("A", "B"):
+        for name, size in sizes.items():
+            ops = list(operations(size, args.ops, workload))
+            guest, setup = timed_setup(ModelGuest, size)
+            elapsed = run_ops(guest, ops)
+            table.add_row(workload, name, f"{setup * 1e3:.2f} ms",
+                          f"{elapsed / args.ops * 1e6:.1f}", f"{guest.extents():,}")
+    console.print(table)
+
+    table = Table(title=f"model: full run at 1 TiB, {args.full_ops:,} operations (child process)")
+    for col in ("workload", "create+bind+allocate", "total ops time", "µs/op", "peak RSS"):
+        table.add_column(col, justify="right")
+    for workload in ("A", "B"):
+        out = subprocess.run([sys.executable, __file__, "--child", str(1 << 40),
+                              str(args.full_ops), workload], check=True, capture_output=True,
+                             text=True).stdout
+        r = json.loads(out)
+        table.add_row(workload, f"{r['setup_s'] * 1e3:.2f} ms", f"{r['ops_s']:.1f} s",
+                      f"{r['us_per_op']:.1f}", f"{r['peak_rss_mb']:.0f} MB")
+    console.print(table)
+
+    table = Table(title=f"64 GiB: model vs naive per-page model, same {args.naive_ops:,} ops")
+    for col in ("workload", "setup model", "setup naive", "µs/op model", "µs/op naive",
+                "ratio setup", "ratio per op"):
+        table.add_column(col, justify="right")
+    size = 64 * GIB
+    for workload in ("A", "B"):
+        ops = list(operations(size, args.naive_ops, workload, seed=7))
+        naive, naive_setup = timed_setup(NaiveGuest, size)
+        model, model_setup = timed_setup(ModelGuest, size)
+        m = run_ops(model, ops) / len(ops)
+        n = run_ops(naive, ops) / len(ops)
+        table.add_row(workload, f"{model_setup * 1e3:.2f} ms", f"{naive_setup:.1f} s",
+                      f"{m * 1e6:.1f}", f"{n * 1e6:.1f}", f"{naive_setup / model_setup:,.0f}x",
+                      f"{n / m:,.1f}x")
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

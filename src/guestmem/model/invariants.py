@@ -1,0 +1,106 @@
+"""The model's invariants, in one place (DESIGN.md "Concurrency without threads").
+
+`violations(kvm)` may be called after any step of any run (stateful tests, the
+explorer); it returns what is wrong, empty when all hold. Each check costs in
+ranges, so it can run after every step even of a terabyte guest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from guestmem.model.gmem import GmemInode
+from guestmem.model.process import AnonymousMemory
+from guestmem.model.profile import Prepare
+
+
+def violations(kvm: Any) -> list[str]:
+    out: list[str] = []
+    for check in (_confidentiality, _mapped_pages_are_live, _counters_add_up):
+        out.extend(check(kvm))
+    return out
+
+
+def _inodes(kvm: Any) -> Iterator[GmemInode]:
+    return (b for b in list(kvm.process.backings) if isinstance(b, GmemInode))
+
+
+def _confidentiality(kvm: Any) -> Iterator[str]:
+    """Host userspace never has private memory mapped: no host PTE on a guest_memfd
+    page of an inode without INIT_SHARED (ML: all private), nor on a page whose
+    gfn is private in a VM it is bound to."""
+    for inode in _inodes(kvm):
+        for mapping in inode.mappings:
+            for lo, hi, _ in mapping.ptes.items():
+                first, last = mapping.pgoff + lo, mapping.pgoff + hi
+                if not inode.init_shared:
+                    yield f"inode {inode.ino}: host PTEs on private pages [{first}, {last})"
+                for slot, g0, g1 in inode.bound_gfn_ranges(first, last):
+                    if not slot.vm.attributes.all_equal(g0, g1, None):
+                        private = [(s, e) for s, e, a in slot.vm.attributes.overlapping(g0, g1)
+                                   if a & 8]
+                        if private:
+                            yield f"inode {inode.ino}: host maps private gfns {private}"
+
+
+def _mapped_pages_are_live(kvm: Any) -> Iterator[str]:
+    """No folio is freed while mapped by the host or the stage-2 MMU, and every
+    mapped page was initialised (zeroed) unless the VM type's firmware does it."""
+    for inode in _inodes(kvm):
+        for mapping in inode.mappings:
+            for lo, hi, _ in mapping.ptes.items():
+                yield from _initialised(inode, mapping.pgoff + lo, mapping.pgoff + hi, "host PTE",
+                                        firmware=False)
+    for vm in list(kvm.vms):
+        for g0, g1, source in vm.mmu.mapped.items():
+            if source == "hva":
+                continue
+            slot = source
+            if slot not in vm.memslots.values():
+                yield f"VM {vm.fd}: SPTEs for gfns [{g0}, {g1}) of a deleted memslot"
+            elif slot.gmem is None:
+                yield f"VM {vm.fd}: SPTEs for gfns [{g0}, {g1}) after guest_memfd release"
+            else:
+                firmware = vm.vm_type_info.prepare is Prepare.FIRMWARE
+                yield from _initialised(slot.gmem, slot.gmem_index(g0), slot.gmem_index(g1),
+                                        "SPTE", firmware)
+
+
+def _initialised(inode: GmemInode, first: int, last: int, what: str,
+                 firmware: bool) -> Iterator[str]:
+    missing = list(inode.folios.gaps(first, last))
+    if missing:
+        yield f"inode {inode.ino}: {what} on freed pages {missing}"
+    if not firmware:
+        stale = [(s, e) for s, e, st in inode.folios.overlapping(first, last) if not st.uptodate]
+        if stale:
+            yield f"inode {inode.ino}: {what} on pages never zeroed {stale}"
+
+
+def _counters_add_up(kvm: Any) -> Iterator[str]:
+    """The process's allocated-page counter equals what the backings hold."""
+    held = 0
+    for backing in list(kvm.process.backings):
+        if isinstance(backing, GmemInode):
+            held += backing.allocated_pages()
+        elif isinstance(backing, AnonymousMemory):
+            held += backing.present.covered(0, backing.npages)
+    if held != kvm.process.stats.pages_allocated:
+        yield f"pages allocated {kvm.process.stats.pages_allocated} != held by backings {held}"
+
+
+def leaks_after_close(kvm: Any) -> list[str]:
+    """After every object was closed: no model fd but /dev/kvm's, no live VM or
+    backing, no allocated page."""
+    out = []
+    others = [fd for fd, obj in kvm.process.fds.items() if obj is not kvm]
+    if others:
+        out.append(f"model fds still open: {others}")
+    if kvm.vms:
+        out.append(f"{len(kvm.vms)} VM(s) still alive")
+    if kvm.process.backings:
+        out.append(f"{len(kvm.process.backings)} backing(s) still alive")
+    if kvm.process.stats.pages_allocated:
+        out.append(f"{kvm.process.stats.pages_allocated} pages still allocated")
+    return out
