@@ -37,6 +37,8 @@ class ScriptedVcpu:
     def close(self):
         pass
 
+    immediate_exit = False
+
 
 def out(port, value):
     return IoExit(uapi.KVM_EXIT_IO, uapi.KVM_EXIT_IO_OUT, 4, port, 1, value.to_bytes(4, "little"))
@@ -85,13 +87,15 @@ def test_memory_fault_stops_the_run_with_errno_and_exit(vmm):
 
 
 def test_unexpected_exits_are_errors_not_ignored(vmm):
-    vmm.vcpu = ScriptedVcpu([ShutdownExit(uapi.KVM_EXIT_SHUTDOWN)])
+    eintr = KvmRunError(errno.EINTR, None)  # the immediate_exit run that completes pending I/O
+    vmm.vcpu = ScriptedVcpu([ShutdownExit(uapi.KVM_EXIT_SHUTDOWN), eintr])
     with pytest.raises(UnhandledExit):
         vmm.run()
-    vmm.vcpu = ScriptedVcpu([out(0x80, 1)])
+    assert vmm.vcpu.script == []  # the pending exit was completed before giving up
+    vmm.vcpu = ScriptedVcpu([out(0x80, 1), eintr])
     with pytest.raises(UnhandledExit):
         vmm.run()
-    vmm.vcpu = ScriptedVcpu([out(p.PORT_REPORT_HI, 1)])  # high half without a low half
+    vmm.vcpu = ScriptedVcpu([out(p.PORT_REPORT_HI, 1), eintr])  # high half without low half
     with pytest.raises(UnhandledExit):
         vmm.run()
 

@@ -434,6 +434,10 @@ class Vcpu(_Fd):
     def run(self) -> Exit:
         """KVM_RUN. Returns the typed exit; a failing KVM_RUN raises KvmRunError
         carrying the errno and the exit KVM reported with it (MEMORY_FAULT)."""
+        # KVM writes exit_reason only when it fills an exit; clear it so a failing
+        # KVM_RUN that reports none (e.g. EFAULT from a failed GUP) is not read as
+        # the previous run's exit.
+        self.kvm_run.exit_reason = uapi.KVM_EXIT_UNKNOWN
         try:
             self._ioctl(uapi.KVM_RUN)
         except OSError as e:

@@ -172,8 +172,15 @@ class GuestMemfd:
     def __init__(self, vm: Vm, inode: GmemInode) -> None:
         self.vm = vm
         self.inode = inode
-        self.fd = vm.kvm.process.install(self)
+        self._fd = vm.kvm.process.install(self)
         self.closed = False
+
+    @property
+    def fd(self) -> int:
+        """The fd number; a closed object has none (as the host backend's _Fd)."""
+        if self.closed:
+            raise oserror(errno.EBADF, "closed")
+        return self._fd
 
     def _live(self) -> GmemInode:
         if self.closed:
@@ -261,7 +268,7 @@ class GuestMemfd:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.vm.kvm.process.release_fd(self.fd)
+            self.vm.kvm.process.release_fd(self._fd)
             self.inode.close_fd()
 
     def __enter__(self) -> Self:

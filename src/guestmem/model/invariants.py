@@ -58,9 +58,9 @@ def _mapped_pages_are_live(kvm: Any) -> Iterator[str]:
                 continue
             slot = source
             if slot not in vm.memslots.values():
-                yield f"VM {vm.fd}: SPTEs for gfns [{g0}, {g1}) of a deleted memslot"
+                yield f"VM {vm._fd}: SPTEs for gfns [{g0}, {g1}) of a deleted memslot"
             elif slot.gmem is None:
-                yield f"VM {vm.fd}: SPTEs for gfns [{g0}, {g1}) after guest_memfd release"
+                yield f"VM {vm._fd}: SPTEs for gfns [{g0}, {g1}) after guest_memfd release"
             else:
                 firmware = vm.vm_type_info.prepare is Prepare.FIRMWARE
                 yield from _initialised(slot.gmem, slot.gmem_index(g0), slot.gmem_index(g1),

@@ -68,8 +68,9 @@ class Vcpu:
         self.sregs = uapi.kvm_sregs()
         self._execution: Execution | None = None
         self._hypercall_ret: int | None = None
+        self.immediate_exit = False
         self.closed = False
-        self.fd = vm.kvm.process.install(self)
+        self._fd = vm.kvm.process.install(self)
         self.encrypted_view: ExtentMap[bool] = ExtentMap()  # the guest's own C-bit view
 
     # --- registers and setup ------------------------------------------------------------------
@@ -91,6 +92,12 @@ class Vcpu:
         self._execution = self._run_steps(program.steps)
 
     @property
+    def fd(self) -> int:
+        if self.closed:
+            raise oserror(errno.EBADF, "closed vCPU")
+        return self._fd
+
+    @property
     def cpl(self) -> int:
         return int(self.sregs.cs.dpl)
 
@@ -98,6 +105,8 @@ class Vcpu:
     def run(self) -> Exit:
         if self.closed:
             raise oserror(errno.EBADF, "closed vCPU")
+        if self.immediate_exit:  # completes nothing pending in the model: EINTR at once
+            raise KvmRunError(errno.EINTR, None)
         if self._execution is None:
             raise KvmRunError(errno.EFAULT, None)  # nothing to execute: no code mapped
         item = next(self._execution)
@@ -139,7 +148,7 @@ class Vcpu:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.vm.kvm.process.release_fd(self.fd)
+            self.vm.kvm.process.release_fd(self._fd)
             self.vm.vcpus.pop(self.vcpu_id, None)
             self.vm.put_ref()
 
@@ -307,17 +316,19 @@ class Vcpu:
 
     def _fault_in_hva(self, slot: Memslot, first: int, last: int, write: bool,
                       memory_fault: Any) -> tuple[PageStore, int] | _Fault:
-        """Shared access through userspace_addr: GUP of the host mapping."""
+        """Shared access through userspace_addr: GUP of the host mapping. A failed
+        GUP is KVM_PFN_ERR_FAULT, and x86 kvm_handle_error_pfn returns -EFAULT
+        without a memory-fault exit (observed on 6.18 too)."""
         hva = slot.userspace_addr + (first - slot.base_gfn) * PAGE
         found = self.vm.kvm.process.mapping_at(hva)
         length = (last - first) * PAGE
         if found is None or found[1] + length > found[0].length:
-            return memory_fault(errno.EFAULT, first)
+            return _Fault(errno.EFAULT, None)
         mapping, offset = found
         try:
             mapping._fault(offset, length, write)
-        except HostSigbus as e:
-            return memory_fault(errno.EFAULT, first + (e.addr - hva) // PAGE)
+        except HostSigbus:
+            return _Fault(errno.EFAULT, None)
         self.vm.mmu.map(first, last, "hva")
         return mapping.backing.store, mapping.pgoff * PAGE + offset
 

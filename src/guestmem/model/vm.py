@@ -93,7 +93,13 @@ class Vm:
         self.refs = 1  # the fd; guest_memfd files and vCPUs take more (kvm_get_kvm)
         self.fd_open = True
         self.destroyed = False
-        self.fd = kvm.process.install(self)
+        self._fd = kvm.process.install(self)
+
+    @property
+    def fd(self) -> int:
+        if not self.fd_open:
+            raise oserror(errno.EBADF, "closed VM fd")
+        return self._fd
 
     @property
     def closed(self) -> bool:
@@ -122,7 +128,7 @@ class Vm:
     def close(self) -> None:
         if self.fd_open:
             self.fd_open = False
-            self.kvm.process.release_fd(self.fd)
+            self.kvm.process.release_fd(self._fd)
             self.put_ref()
 
     def __enter__(self) -> Self:

@@ -8,6 +8,7 @@ faults. It never touches /dev/kvm itself, only `Kvm`/`Vm`/`Vcpu` methods.
 
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 from collections.abc import Callable
@@ -176,11 +177,29 @@ class Vmm:
                     break
                 result.exits += 1
                 handler = self.handlers.get(type(exit))
-                if handler is None:
-                    raise UnhandledExit(exit)
-                if handler(exit, result):
-                    result.stop = "done"
+                try:
+                    if handler is None:
+                        raise UnhandledExit(exit)
+                    if handler(exit, result):
+                        result.stop = "done"
+                except UnhandledExit:
+                    self._complete_pending()
+                    raise
         return result
+
+    def _complete_pending(self) -> None:
+        """Let KVM finish an exit we will not answer (an emulated MMIO read, say):
+        KVM_RUN with immediate_exit completes pending I/O and returns EINTR at once
+        (Documentation/virt/kvm/api.rst). Otherwise the next KVM_RUN would complete
+        it into the old instruction, whatever registers were set since."""
+        self.vcpu.immediate_exit = True
+        try:
+            self.vcpu.run()
+        except KvmRunError as e:
+            if e.errno != errno.EINTR:
+                raise
+        finally:
+            self.vcpu.immediate_exit = False
 
     def _handle_io(self, exit: IoExit, result: RunResult) -> bool:
         if not exit.is_out:

@@ -1,0 +1,221 @@
+"""Differential test: the model (mainline profile) against the real kernel.
+
+A hypothesis state machine applies the same random sequence of operations to
+both backends — create guest_memfd, bind, delete slot, allocate, punch, mmap,
+host read/write through the mapping, guest write/read, close — and compares
+results, errnos and bytes; the model's invariants are checked after every step.
+
+Knob: GUESTMEM_DIFF_EXAMPLES (sequences, default 2000) and GUESTMEM_DIFF_STEPS
+(steps per sequence, default 12), e.g. for a long run:
+    GUESTMEM_DIFF_EXAMPLES=50000 .venv/bin/pytest tests/test_differential.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
+
+from guestmem import program as p
+from guestmem import uapi
+from guestmem.exits import HostSigbus
+from guestmem.guest import compile_program, default_hypercall_abi
+from guestmem.model import Kvm as ModelKvm
+from guestmem.model.invariants import violations
+from guestmem.vmm import UnhandledExit, Vmm
+
+from .conftest import kvm_unavailable_reason
+
+PS = uapi.PAGE_SIZE
+GIB = 1 << 30
+EXAMPLES = int(os.environ.get("GUESTMEM_DIFF_EXAMPLES", "2000"))
+STEPS = int(os.environ.get("GUESTMEM_DIFF_STEPS", "12"))
+MMAP, SHARED = uapi.GUEST_MEMFD_FLAG_MMAP, uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+GMEM = uapi.KVM_MEM_GUEST_MEMFD
+
+pytestmark = pytest.mark.skipif(kvm_unavailable_reason() is not None,
+                                reason=f"differential test needs the kernel: "
+                                       f"{kvm_unavailable_reason()}")
+
+
+def outcome(fn, *args):
+    """What a call did, in a form both backends can be compared on."""
+    try:
+        value = fn(*args)
+    except OSError as e:
+        return ("errno", e.errno)
+    except HostSigbus:
+        return ("SIGBUS",)
+    except UnhandledExit as e:
+        return ("unhandled exit", e.exit.reason)
+    return ("ok", value)
+
+
+class World:
+    """One backend: a VMM (VM, low memory, vCPU) and the objects made on it."""
+
+    def __init__(self, kvm):
+        self.kvm = kvm
+        self.vmm = Vmm(kvm)
+        self.abi = default_hypercall_abi(kvm.capabilities.implementation)
+        self.gmems: list = []
+        self.mappings: list = []
+
+    def close(self):
+        for m in self.mappings:
+            m.munmap()
+        for g in self.gmems:
+            g.close()
+        self.vmm.close()
+        self.kvm.close()
+
+    def run_guest(self, *steps):
+        self.vmm.load(compile_program(p.Program.of(*steps), self.abi))
+        r = self.vmm.run()
+        fault = r.memory_fault
+        return r.stop, r.reports, r.errno, (fault.gpa, fault.size, fault.flags) if fault else None
+
+
+class Differential(RuleBasedStateMachine):
+    gmems = Bundle("gmems")
+    mappings = Bundle("mappings")
+
+    def __init__(self):
+        super().__init__()
+        from guestmem.host import Kvm as HostKvm
+
+        self.worlds = (World(ModelKvm("mainline")), World(HostKvm()))
+        self.bound_slots: set[int] = set()
+
+    def both(self, what, fn):
+        """Apply fn to each world; the outcomes must be equal."""
+        results = [outcome(fn, w) for w in self.worlds]
+        assert results[0] == results[1], f"{what}: model {results[0]} != kernel {results[1]}"
+        return results[0]
+
+    def teardown(self):
+        for w in self.worlds:
+            w.close()
+
+    @invariant()
+    def model_invariants_hold(self):
+        assert violations(self.worlds[0].kvm) == []
+
+    # --- guest_memfd ---------------------------------------------------------------------
+    @rule(target=gmems, pages=st.integers(1, 8),
+          flags=st.sampled_from([0, MMAP, MMAP | SHARED, SHARED, 4]))
+    def create(self, pages, flags):
+        def make(w):
+            g = w.vmm.vm.create_guest_memfd(pages * PS, flags)
+            w.gmems.append(g)
+            return len(w.gmems) - 1
+
+        result = self.both(f"create {pages} pages flags {flags}", make)
+        return result[1] if result[0] == "ok" else -1
+
+    @rule(g=gmems, offset=st.integers(-1, 9), length=st.integers(0, 4),
+          mode=st.sampled_from([uapi.FALLOC_FL_KEEP_SIZE,
+                                uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE,
+                                uapi.FALLOC_FL_PUNCH_HOLE, 0]),
+          unaligned=st.booleans())
+    def fallocate(self, g, offset, length, mode, unaligned):
+        if g < 0:
+            return
+        off, n = offset * PS + (1 if unaligned else 0), length * PS
+        self.both(f"fallocate mode {mode} ({off}, {n})",
+                  lambda w: w.gmems[g].fallocate(mode, off, n))
+
+    @rule(g=gmems)
+    def close(self, g):
+        if g < 0:
+            return
+        self.both("close", lambda w: w.gmems[g].close())
+
+    # --- memslots ------------------------------------------------------------------------
+    @rule(g=gmems, slot=st.integers(1, 4), npages=st.integers(1, 4), offset=st.integers(0, 8),
+          gib=st.integers(4, 7))
+    def bind(self, g, slot, npages, offset, gib):
+        if g < 0:
+            return
+        result = self.both(
+            f"bind slot {slot} gpa {gib} GiB npages {npages} offset {offset}",
+            lambda w: w.vmm.vm.set_user_memory_region2(slot, GMEM, gib * GIB, npages * PS, 0,
+                                                       w.gmems[g], offset * PS))
+        if result[0] == "ok":
+            self.bound_slots.add(slot)
+
+    @rule(slot=st.integers(1, 5))
+    def delete(self, slot):
+        self.both(f"delete slot {slot}", lambda w: w.vmm.vm.delete_memslot(slot))
+        self.bound_slots.discard(slot)
+
+    # --- host mappings ---------------------------------------------------------------------
+    @rule(target=mappings, g=gmems, twice=st.booleans())
+    def mmap(self, g, twice):
+        if g < 0:
+            return -1
+
+        def make(w):
+            size = w.gmems[g].stat().st_size
+            w.mappings.append(w.gmems[g].mmap(size * (2 if twice else 1)))
+            return len(w.mappings) - 1
+
+        result = self.both("mmap", make)
+        return result[1] if result[0] == "ok" else -1
+
+    @rule(m=mappings, page=st.integers(0, 15), byte=st.integers(0, 255))
+    def host_write(self, m, page, byte):
+        if m < 0:
+            return
+
+        def write(w):
+            mapping = w.mappings[m]
+            if page * PS >= mapping.length:
+                return "outside"
+            mapping.write(page * PS + 8, bytes([byte]) * 16)
+            return None
+
+        self.both(f"host write page {page}", write)
+
+    @rule(m=mappings, page=st.integers(0, 15))
+    def host_read(self, m, page):
+        if m < 0:
+            return
+
+        def read(w):
+            mapping = w.mappings[m]
+            if page * PS >= mapping.length:
+                return "outside"
+            return mapping.read(page * PS, 64)
+
+        self.both(f"host read page {page}", read)
+
+    @rule(m=mappings)
+    def munmap(self, m):
+        if m < 0:
+            return
+        self.both("munmap", lambda w: w.mappings[m].munmap())
+
+    # --- the guest ---------------------------------------------------------------------------
+    @precondition(lambda self: self.bound_slots)
+    @rule(gib=st.integers(4, 7), page=st.integers(0, 3), value=st.integers(0, 2**64 - 1))
+    def guest_write_read(self, gib, page, value):
+        gpa = gib * GIB + page * PS + 16
+        self.both(f"guest write+read {gpa:#x}",
+                  lambda w: w.run_guest(p.WritePattern(gpa, 16, value, 1), p.ReadValue(gpa + 8)))
+
+    @precondition(lambda self: self.bound_slots)
+    @rule(gib=st.integers(4, 7), page=st.integers(0, 3))
+    def guest_read(self, gib, page):
+        gpa = gib * GIB + page * PS
+        self.both(f"guest read {gpa:#x}", lambda w: w.run_guest(p.ReadValue(gpa)))
+
+
+Differential.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestDifferential = Differential.TestCase
