@@ -1,0 +1,37 @@
+"""A comparable picture of the model's whole state, to prove a failed call changed nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guestmem.model.gmem import GmemInode
+from guestmem.model.process import AnonymousMemory
+
+
+def snapshot(kvm: Any) -> dict[str, Any]:
+    proc = kvm.process
+    state: dict[str, Any] = {
+        "fds": sorted(proc.fds),
+        "pages": proc.stats.pages_allocated,
+        "mappings": sorted((m.addr, m.length, m.pgoff, tuple(m.ptes.items()))
+                           for m in proc.mappings.values()),
+    }
+    for vm in sorted(kvm.vms, key=lambda v: v._fd):
+        state[f"vm{vm._fd}"] = (
+            sorted((k, s.base_gfn, s.npages, s.flags, s.userspace_addr, s.gmem_pgoff,
+                    s.gmem.ino if s.gmem else None) for k, s in vm.memslots.items()),
+            tuple(vm.attributes.items()),
+            tuple((a, b, v if v == "hva" else v.id) for a, b, v in vm.mmu.mapped.items()),
+            (vm.mmu.invalidations, vm.mmu.tlb_flushes, vm.mmu.zapped_pages),
+            tuple(vm.dirty.items()), vm.exit_hypercall_mask, vm.refs, sorted(vm.vcpus),
+        )
+    for b in sorted(proc.backings, key=id):
+        if isinstance(b, GmemInode):
+            state[f"inode{b.ino}"] = (
+                tuple(b.folios.items()), tuple(b.store.extents.items()),
+                {i: bytes(p) for i, p in b.store.pages.items()},
+                tuple((s, e, slot.id) for s, e, slot in b.bindings.items()), b.file_open,
+            )
+        elif isinstance(b, AnonymousMemory):
+            state[f"anon{id(b)}"] = (tuple(b.present.items()), tuple(b.store.extents.items()))
+    return state

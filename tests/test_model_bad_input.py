@@ -1,0 +1,109 @@
+"""Bad input gets the kernel's errno and changes nothing (DESIGN.md "Errors and bad input").
+
+A populated model (coco profile: attributes too) receives random calls with
+mostly invalid arguments; whenever a call fails, the model's whole state must
+be exactly what it was before.
+"""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guestmem import uapi
+from guestmem.model import Kvm
+from guestmem.model.invariants import violations
+from guestmem.model.snapshot import snapshot
+
+PS = uapi.PAGE_SIZE
+GMEM = uapi.KVM_MEM_GUEST_MEMFD
+ints = st.one_of(st.integers(-PS, 16 * PS), st.sampled_from([1, PS - 1, 1 << 63, (1 << 64) - PS]))
+
+
+def populated():
+    kvm = Kvm("coco")
+    vm = kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM)
+    g = vm.create_guest_memfd(8 * PS, uapi.GUEST_MEMFD_FLAG_MMAP)
+    vm.set_user_memory_region2(1, GMEM, 1 << 32, 4 * PS, 0, g, 0)
+    g.allocate(0, 2 * PS)
+    m = g.mmap(8 * PS)
+    vm.set_memory_attributes(1 << 32, PS, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    vcpu = vm.create_vcpu(0)
+    return kvm, vm, g, m, vcpu
+
+
+calls = st.one_of(
+    st.tuples(st.just("bind"), st.integers(0, 40000), st.integers(0, 1 << 8), ints, ints, ints,
+              ints),
+    st.tuples(st.just("create_gmem"), ints, st.integers(0, 1 << 8)),
+    st.tuples(st.just("fallocate"), st.integers(0, 0x7F), ints, ints),
+    st.tuples(st.just("attributes"), ints, ints, st.integers(0, 16), st.integers(0, 1)),
+    st.tuples(st.just("mmap"), ints, st.integers(0, 7), st.booleans()),
+    st.tuples(st.just("enable_cap"), st.integers(0, 300), st.integers(0, 1 << 13)),
+    st.tuples(st.just("create_vcpu"), st.integers(0, 2000)),
+    st.tuples(st.just("pre_fault"), ints, ints, st.integers(0, 1)),
+    st.tuples(st.just("create_vm"), st.integers(0, 8)),
+)
+
+
+def apply(kvm, vm, g, m, vcpu, call):
+    kind, *a = call
+    if kind == "bind":
+        slot, flags, gpa, size, hva, offset = a
+        vm.set_user_memory_region2(slot, flags, gpa, size, hva, g, offset)
+    elif kind == "create_gmem":
+        vm.create_guest_memfd(a[0], a[1])
+    elif kind == "fallocate":
+        g.fallocate(*a)
+    elif kind == "attributes":
+        vm.set_memory_attributes(*a)
+    elif kind == "mmap":
+        g.mmap(a[0], 0, a[1], a[2])
+    elif kind == "enable_cap":
+        vm.enable_cap(a[0], a[1])
+    elif kind == "create_vcpu":
+        vm.create_vcpu(a[0])
+    elif kind == "pre_fault":
+        vcpu.pre_fault_memory(*a)
+    elif kind == "create_vm":
+        kvm.create_vm(a[0])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(calls, min_size=1, max_size=6))
+def test_a_failed_call_changes_nothing(sequence):
+    kvm, vm, g, m, vcpu = populated()
+    failures = 0
+    for call in sequence:
+        before = snapshot(kvm)
+        try:
+            apply(kvm, vm, g, m, vcpu, call)
+        except OSError:
+            failures += 1
+            assert snapshot(kvm) == before, f"{call} failed but changed the model"
+        assert violations(kvm) == []
+
+
+def test_known_bad_calls_fail_with_the_kernels_errno_and_change_nothing():
+    import errno
+    kvm, vm, g, m, vcpu = populated()
+    before = snapshot(kvm)
+    cases = [
+        (errno.EEXIST, vm.set_user_memory_region2, 2, GMEM, 1 << 32, PS, 0, g, 4 * PS),
+        (errno.EINVAL, vm.set_user_memory_region2, 2, GMEM, 1 << 33, PS, 0, g, 0),  # bound
+        (errno.EINVAL, vm.set_user_memory_region2, 2, GMEM, 1 << 33, 8 * PS, 0, g, 4 * PS),
+        (errno.EINVAL, vm.set_memory_attributes, 0, PS, 1),
+        (errno.EINVAL, vm.set_memory_attributes, 0, PS, 8, 1),
+        (errno.EINVAL, g.fallocate, uapi.FALLOC_FL_KEEP_SIZE, 7 * PS, 2 * PS),
+        (errno.EOPNOTSUPP, g.fallocate, uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_ZERO_RANGE, 0,
+         PS),
+        (errno.EINVAL, vm.create_guest_memfd, PS, uapi.GUEST_MEMFD_FLAG_INIT_SHARED),
+        (errno.EEXIST, vm.create_vcpu, 0),
+        (errno.EINVAL, kvm.create_vm, 6),
+    ]
+    for err, fn, *args in cases:
+        try:
+            fn(*args)
+        except OSError as e:
+            assert e.errno == err, (fn.__name__, args, e)
+        else:
+            raise AssertionError(f"{fn.__name__}{args} succeeded")
+        assert snapshot(kvm) == before, (fn.__name__, args)
