@@ -1,6 +1,11 @@
 """Layer 6: the conformance suite (cases run on any backend)."""
 
-from guestmem.check import cases_gmem, cases_guest, cases_memslot  # noqa: F401 - registers
+from guestmem.check import (  # noqa: F401 - registers the cases
+    cases_coco,
+    cases_gmem,
+    cases_guest,
+    cases_memslot,
+)
 from guestmem.check.suite import REGISTRY, Instance, Result, Status, instances, run_instance
 
 __all__ = ["REGISTRY", "Instance", "Result", "Status", "instances", "run_instance"]

@@ -255,7 +255,13 @@ class Vcpu:
         gfn = first
         while gfn < last:
             slot = self.vm.slot_for_gfn(gfn)
-            if slot is None:  # no memslot: emulated MMIO
+            if slot is None:
+                if self._access_is_private(gfn):
+                    # x86 kvm_mmu_faultin_pfn: a private fault goes to guest_memfd first;
+                    # no slot -> memory-fault exit, EFAULT (private_mem_kvm_exits_test).
+                    flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE
+                    return _Fault(errno.EFAULT, MemoryFaultExit(
+                        uapi.KVM_EXIT_MEMORY_FAULT, flags, gfn * PAGE, PAGE))
                 return MmioExit(uapi.KVM_EXIT_MMIO, max(gpa, gfn * PAGE), b"", 8, write)
             end = self._uniform_end(gfn, min(last, slot.end_gfn))
             private = self._access_is_private(gfn)

@@ -85,6 +85,9 @@ class Vmm:
         self.regions: list[MemoryRegion] = []
         self.exit_hypercall = self._enable_exit_hypercall()
         self.tracker = SharedRegionTracker(Sharing.SHARED)
+        # Perform the userspace side of conversions when the VM has private memory.
+        attrs = self.vm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES)
+        self.converts = bool(attrs & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
         self._next_slot = 0
         self.log: list[str] = []
         self.low = self.add_memory(0, low_memory_size, backing)
@@ -242,8 +245,31 @@ class Vmm:
             return -uapi.KVM_ENOSYS
         gpa, npages, attrs = args[:3]
         ret = self.tracker.record(gpa, npages, attrs)
+        if ret == 0 and self.converts:
+            ret = self.convert(gpa, npages * uapi.PAGE_SIZE,
+                               bool(attrs & uapi.KVM_MAP_GPA_RANGE_ENCRYPTED))
         result.log.append(f"MAP_GPA_RANGE gpa={gpa:#x} npages={npages} attrs={attrs:#x} -> {ret}")
         return ret
+
+    def convert(self, gpa: int, size: int, private: bool) -> int:
+        """The userspace side of a conversion, as private_mem_conversions_test's
+        handler does: KVM_SET_MEMORY_ATTRIBUTES, then PUNCH_HOLE the guest_memfd
+        pages that just became shared (private contents are discarded) or
+        allocate the ones that became private. Returns the guest's RAX."""
+        try:
+            self.vm.set_memory_attributes(gpa, size, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+                                          if private else 0)
+        except OSError:
+            return -uapi.KVM_EINVAL
+        for region in self.regions:
+            lo, hi = max(gpa, region.gpa), min(gpa + size, region.gpa + region.size)
+            if lo >= hi or region.gmem is None or region.backing != "gmem+shared":
+                continue
+            if private:
+                region.gmem.allocate(lo - region.gpa, hi - lo)
+            else:
+                region.gmem.punch_hole(lo - region.gpa, hi - lo)
+        return 0
 
     # --- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
