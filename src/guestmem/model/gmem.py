@@ -211,7 +211,7 @@ class GuestMemfd:
             raise oserror(errno.EINVAL, "fallocate")
         first, last = offset // PAGE, (offset + length) // PAGE
         if mode & punch:
-            for _ in inode.punch_hole_path(first, last):  # runs to completion
+            for _ in inode.punch_hole_path(first, last):  # run to completion
                 pass
             return
         if offset + length > inode.size:  # kvm_gmem_allocate: "immutable by default"

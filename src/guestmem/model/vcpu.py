@@ -30,6 +30,7 @@ from guestmem.exits import (
 )
 from guestmem.extents import ExtentMap
 from guestmem.model.content import PAGE, PageStore, Pattern
+from guestmem.model.paths import complete, gmem_fault_path
 
 if TYPE_CHECKING:
     from guestmem.model.vm import Memslot, Vm
@@ -315,8 +316,8 @@ class Vcpu:
             poisoned = inode.poisoned(lo, hi)
             if poisoned is not None:
                 return memory_fault(errno.EHWPOISON, first + poisoned - lo)
-            inode.get_pages(lo, hi)  # kvm_gmem_get_pfn: allocate, zero once
-            self.vm.mmu.map(first, last, slot)
+            while not complete(gmem_fault_path(self.vm, slot, first, last)):
+                pass  # an invalidation raced with the fault: retry, as KVM does
             return inode.store, lo * PAGE
         return self._fault_in_hva(slot, first, last, write, memory_fault)
 

@@ -11,6 +11,7 @@ from guestmem.exits import oserror
 from guestmem.extents import ExtentMap
 from guestmem.model.content import PAGE
 from guestmem.model.gmem import GmemInode, GuestMemfd
+from guestmem.model.paths import complete, set_attributes_path
 from guestmem.model.process import FOREIGN, TASK_SIZE_MAX
 from guestmem.model.profile import VmType
 
@@ -53,6 +54,7 @@ class Stage2Mmu:
     tlb_flushes: int = 0
     zapped_pages: int = 0
     in_progress: int = 0  # mmu_invalidate_in_progress: faults retry while > 0
+    sequence: int = 0  # mmu_invalidate_seq: bumped when an invalidation ends
 
     def map(self, first: int, last: int, source: Any) -> None:
         """Install SPTEs for [first, last); `source` is the memslot for guest_memfd
@@ -73,6 +75,7 @@ class Stage2Mmu:
 
     def invalidate_end(self) -> None:
         self.in_progress -= 1
+        self.sequence += 1
 
     def zap(self, ranges: list[tuple[int, int]]) -> None:
         self.invalidate_begin(ranges)
@@ -324,15 +327,7 @@ class Vm:
         first, last = address // PAGE, (address + size) // PAGE
         if self.attributes.all_equal(first, last, attributes or None):
             return  # kvm_vm_set_mem_attributes: nothing to change, no invalidation
-        self._zap_for_conversion(first, last, attributes)
-        self.attributes.set(first, last, attributes or None)
-
-    def _zap_for_conversion(self, first: int, last: int, attributes: int) -> None:
-        """kvm_arch_pre_set_memory_attributes: zap mappings of the old kind in every
-        memslot the range touches, in one invalidation (one TLB flush)."""
-        ranges = [(max(first, s.base_gfn), min(last, s.end_gfn)) for s in self.memslots.values()
-                  if s.base_gfn < last and first < s.end_gfn]
-        self.mmu.zap(ranges)
+        complete(set_attributes_path(self, first, last, attributes))
 
     def is_private(self, gfn: int) -> bool:
         return bool((self.attributes.get(gfn) or 0) & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
