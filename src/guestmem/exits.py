@@ -131,7 +131,8 @@ def oserror(err: int, what: str = "") -> OSError:
 
 
 ERRNO_NAMES: dict[int, str] = {v: k for k, v in vars(_errno).items() if k.startswith("E")}
-ERRNO_NAMES.update({_errno.EAGAIN: "EAGAIN", _errno.EOPNOTSUPP: "EOPNOTSUPP"})
+ERRNO_NAMES.update({_errno.EAGAIN: "EAGAIN", _errno.EOPNOTSUPP: "EOPNOTSUPP",
+                    uapi.EHWPOISON: "EHWPOISON"})
 
 
 def errno_name(err: int | None) -> str:

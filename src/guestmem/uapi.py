@@ -383,6 +383,9 @@ KVM_E2BIG: Final = 7
 KVM_EPERM: Final = 1
 KVM_EOPNOTSUPP: Final = 95
 
+# --- errno values Python's errno module lacks (include/uapi/asm-generic/errno.h) ---
+EHWPOISON: Final = 133  # memory page has hardware error
+
 # --- fallocate modes (include/uapi/linux/falloc.h) ----------------------------------------------
 FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02

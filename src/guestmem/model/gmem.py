@@ -29,6 +29,41 @@ class FolioState:
     hwpoison: bool = False
 
 
+@dataclass(eq=False)
+class Orphan:
+    """Pages truncated from the file while pinned: allocated until `refs` pins go."""
+
+    pages: int
+    refs: int
+
+
+class Pin:
+    """One pin_user_pages() of [first, last) of a guest_memfd; unpin() drops it."""
+
+    def __init__(self, inode: GmemInode, first: int, last: int) -> None:
+        self.inode, self.first, self.last = inode, first, last
+        self.live: ExtentMap[bool] = ExtentMap()  # pinned pages still in the file
+        self.orphans: list[Orphan] = []
+        self.active = True
+
+    def unpin(self) -> None:
+        """unpin_user_pages: drop the pin on pages still in the file; the last pin
+        on truncated pages frees them."""
+        if not self.active:
+            return
+        self.active = False
+        inode = self.inode
+        for lo, hi, _ in list(self.live.items()):
+            for a, b, count in list(inode.pins.overlapping(lo, hi)):
+                inode.pins.set(a, b, count - 1 if count > 1 else None)
+        for orphan in self.orphans:
+            orphan.refs -= 1
+            if orphan.refs == 0:
+                inode.process.stats.orphaned -= orphan.pages
+                inode.process.stats.free(orphan.pages)
+        inode.live_pins.discard(self)
+
+
 @dataclass(frozen=True)
 class ModelStat:
     st_size: int
@@ -49,6 +84,8 @@ class GmemInode:
         self.store = PageStore()
         self.bindings: ExtentMap[Memslot] = ExtentMap()  # file index -> memslot (kvm_gmem_bind)
         self.mappings: set[Mapping] = set()
+        self.pins: ExtentMap[int] = ExtentMap()  # index -> GUP pin count (FOLL_PIN)
+        self.live_pins: set[Pin] = set()
         self.file_open = True  # the fd; mappings also hold the file (kvm_gmem_release)
         self.released = False
         process.backings.add(self)
@@ -91,9 +128,56 @@ class GmemInode:
         self._make_uptodate(first, last)
 
     def _free(self, first: int, last: int) -> None:
-        self.process.stats.free(self.folios.covered(first, last))
+        """Remove folios [first, last) from the file and free them. A pinned folio
+        leaves the file too but stays allocated until its last pin is dropped
+        (truncate drops the page-cache reference; the pin keeps the page until
+        the final folio_put)."""
+        orphaned = 0
+        for lo, hi, count in list(self.pins.overlapping(first, last)):
+            pages = self.folios.covered(lo, hi)
+            orphan = Orphan(pages, count)
+            for pin in self.live_pins:
+                if pin.live.covered(lo, hi):
+                    pin.live.clear(lo, hi)
+                    pin.orphans.append(orphan)
+            orphaned += pages
+        self.pins.clear(first, last)
+        self.process.stats.orphaned += orphaned
+        self.process.stats.free(self.folios.covered(first, last) - orphaned)
         self.folios.clear(first, last)
         self.store.clear(first, last)
+
+    # --- GUP pins (pin_user_pages on a guest_memfd mapping) ------------------------------------
+    def pin(self, first: int, last: int) -> Pin:
+        """FOLL_PIN on pages already faulted in (Mapping.pin faults them first)."""
+        for lo, hi, count in list(self.pins.overlapping(first, last)):
+            self.pins.set(lo, hi, count + 1)
+        for lo, hi in list(self.pins.gaps(first, last)):
+            self.pins.set(lo, hi, 1)
+        pin = Pin(self, first, last)
+        pin.live.set(first, last, True)
+        self.live_pins.add(pin)
+        return pin
+
+    def pinned(self, first: int, last: int) -> bool:
+        return not self.pins.all_equal(first, last, None)
+
+    # --- memory errors (kvm_gmem_error_folio) ----------------------------------------------------
+    def memory_failure(self, index: int) -> None:
+        """A hardware memory error in the folio at `index`: zap its stage-2 mappings
+        in every bound VM and the host PTEs, keep the folio (MF_DELAYED, no truncate)
+        and mark it hwpoison; later guest faults get EHWPOISON, host faults SIGBUS,
+        and PUNCH_HOLE drops it (upstream.md §2.12)."""
+        if self.folios.get(index) is None:
+            self._allocate(index, index + 1)
+        vms = self._invalidate_begin(index, index + 1)
+        for m in self.mappings:
+            m.zap(index, index + 1)
+        state = self.folios.get(index)
+        self.folios.set(index, index + 1, FolioState(uptodate=state.uptodate if state else False,
+                                                    hwpoison=True))
+        for vm in vms:
+            vm.mmu.invalidate_end()
 
     # --- host userspace faults (kvm_gmem_fault_user_mapping) ----------------------------------
     def fault(self, index: int, count: int, write: bool) -> str | None:

@@ -79,15 +79,18 @@ def _initialised(inode: GmemInode, first: int, last: int, what: str,
 
 
 def _counters_add_up(kvm: Any) -> Iterator[str]:
-    """The process's allocated-page counter equals what the backings hold."""
+    """The process's allocated-page counter equals what the backings hold plus the
+    pages truncated while pinned (alive until unpinned)."""
     held = 0
     for backing in list(kvm.process.backings):
         if isinstance(backing, GmemInode):
             held += backing.allocated_pages()
         elif isinstance(backing, AnonymousMemory):
             held += backing.present.covered(0, backing.npages)
-    if held != kvm.process.stats.pages_allocated:
-        yield f"pages allocated {kvm.process.stats.pages_allocated} != held by backings {held}"
+    stats = kvm.process.stats
+    if held + stats.orphaned != stats.pages_allocated:
+        yield (f"pages allocated {stats.pages_allocated} != held by backings {held} "
+               f"+ truncated but pinned {stats.orphaned}")
 
 
 def leaks_after_close(kvm: Any) -> list[str]:
@@ -102,5 +105,6 @@ def leaks_after_close(kvm: Any) -> list[str]:
     if kvm.process.backings:
         out.append(f"{len(kvm.process.backings)} backing(s) still alive")
     if kvm.process.stats.pages_allocated:
-        out.append(f"{kvm.process.stats.pages_allocated} pages still allocated")
+        out.append(f"{kvm.process.stats.pages_allocated} pages still allocated "
+                   f"({kvm.process.stats.orphaned} truncated but pinned)")
     return out

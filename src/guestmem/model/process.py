@@ -20,7 +20,7 @@ from guestmem.model.content import PAGE, PageStore
 TASK_SIZE_MAX = (1 << 47) - PAGE  # x86-64 4-level user address space (access_ok)
 MMAP_BASE = 0x7F00_0000_0000
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MADV_DONTNEED, MADV_HUGEPAGE, MADV_COLLAPSE = 4, 14, 25
+MADV_DONTNEED, MADV_HUGEPAGE, MADV_COLLAPSE, MADV_HWPOISON = 4, 14, 25, 100
 
 
 class Backing(Protocol):
@@ -41,6 +41,7 @@ class FOREIGN:
 class Stats:
     pages_allocated: int = 0  # pages with a folio behind them, all backings
     peak_pages_allocated: int = 0
+    orphaned: int = 0  # of those, truncated from their file but still pinned
 
     def allocate(self, n: int) -> None:
         self.pages_allocated += n
@@ -187,12 +188,27 @@ class Mapping:
             return signal.SIGBUS
         return None
 
+    def pin(self, offset: int, length: int) -> Any:
+        """pin_user_pages(FOLL_PIN | FOLL_WRITE) on [offset, offset+length): faults the
+        pages in (SIGBUS where a fault would) and pins them; model only (there is no
+        userspace GUP call to make on the kernel backend)."""
+        self._check(offset, length)
+        self._fault(offset, length, True)
+        first, last = offset // PAGE, -(-(offset + length) // PAGE)
+        return self.backing.pin(self.pgoff + first, self.pgoff + last)
+
     def madvise(self, offset: int, length: int, advice: int) -> None:
         self._check(offset, length)
         if advice == MADV_COLLAPSE:  # guest_memfd refuses khugepaged collapse (test_collapse)
             raise oserror(errno.EINVAL, "madvise")
         if advice == MADV_DONTNEED:  # drops PTEs; the shared file keeps its pages
             self.ptes.clear(offset // PAGE, -(-(offset + length) // PAGE))
+        elif advice == MADV_HWPOISON:  # memory_failure() on each page (CAP_SYS_ADMIN)
+            failure = getattr(self.backing, "memory_failure", None)
+            if failure is None:
+                raise oserror(errno.EINVAL, "madvise")
+            for index in range(offset // PAGE, -(-(offset + length) // PAGE)):  # per page,
+                failure(self.pgoff + index)  # as the kernel injects one page at a time
         elif advice != MADV_HUGEPAGE:
             raise oserror(errno.EINVAL, "madvise")
 

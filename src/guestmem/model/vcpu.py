@@ -315,7 +315,7 @@ class Vcpu:
             lo, hi = slot.gmem_index(first), slot.gmem_index(last)
             poisoned = inode.poisoned(lo, hi)
             if poisoned is not None:
-                return memory_fault(errno.EHWPOISON, first + poisoned - lo)
+                return memory_fault(uapi.EHWPOISON, first + poisoned - lo)
             while not complete(gmem_fault_path(self.vm, slot, first, last)):
                 pass  # an invalidation raced with the fault: retry, as KVM does
             return inode.store, lo * PAGE

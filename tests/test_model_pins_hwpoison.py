@@ -1,0 +1,102 @@
+"""GUP pins and memory errors in the model (upstream.md §2.12; DESIGN.md invariants)."""
+
+from guestmem import program as p
+from guestmem import uapi
+from guestmem.exits import HostSigbus
+from guestmem.guest import compile_program
+from guestmem.model import Kvm
+from guestmem.model.invariants import leaks_after_close, violations
+from guestmem.vmm import Vmm
+
+PS = uapi.PAGE_SIZE
+FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+
+
+def gmem_with_mapping(kvm, pages=8):
+    vm = kvm.create_vm()
+    g = vm.create_guest_memfd(pages * PS, FLAGS)
+    return vm, g, g.mmap(pages * PS)
+
+
+def test_a_pinned_page_outlives_its_punch_until_unpinned():
+    kvm = Kvm()
+    vm, g, m = gmem_with_mapping(kvm)
+    m.write(0, b"\x77" * (2 * PS))
+    stats = kvm.process.stats
+    pin = m.pin(0, 2 * PS)
+    g.punch_hole(0, 2 * PS)
+    assert g.inode.allocated_pages() == 0  # gone from the file...
+    assert (stats.pages_allocated, stats.orphaned) == (2, 2)  # ...but not freed
+    assert violations(kvm) == []
+    assert m.read(0, 8) == bytes(8)  # the file hands out a new zeroed page
+    assert stats.pages_allocated == 3
+    pin.unpin()
+    assert (stats.pages_allocated, stats.orphaned) == (1, 0)
+    assert violations(kvm) == []
+    m.munmap()
+    g.close()
+    vm.close()
+    assert leaks_after_close(kvm) == []
+
+
+def test_two_pins_free_truncated_pages_only_at_the_last_unpin():
+    kvm = Kvm()
+    vm, g, m = gmem_with_mapping(kvm)
+    first, second = m.pin(0, PS), m.pin(0, PS)
+    g.punch_hole(0, PS)
+    first.unpin()
+    assert kvm.process.stats.orphaned == 1
+    second.unpin()
+    second.unpin()  # a second unpin of the same pin is a no-op
+    assert kvm.process.stats.orphaned == 0 and kvm.process.stats.pages_allocated == 0
+    assert violations(kvm) == []
+
+
+def test_unpin_without_truncation_frees_nothing():
+    kvm = Kvm()
+    vm, g, m = gmem_with_mapping(kvm)
+    pin = m.pin(PS, 3 * PS)
+    assert g.inode.pinned(1, 4)
+    pin.unpin()
+    assert not g.inode.pinned(0, 8)
+    assert kvm.process.stats.pages_allocated == 3
+    assert violations(kvm) == []
+
+
+def test_pinning_pages_the_host_cannot_fault_is_sigbus():
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    g = vm.create_guest_memfd(4 * PS, uapi.GUEST_MEMFD_FLAG_MMAP)  # private: no host faults
+    m = g.mmap(4 * PS)
+    try:
+        m.pin(0, PS)
+    except HostSigbus:
+        pass
+    else:
+        raise AssertionError("pinned private memory")
+    assert not g.inode.pinned(0, 4)
+
+
+def test_hwpoison_guest_gets_ehwpoison_host_sigbus_punch_recovers():
+    kvm = Kvm()
+    with Vmm(kvm, cpl=0) as vmm:
+        region = vmm.add_memory(1 << 32, 4 * PS)
+        region.mapping.write(PS, b"\x11" * PS)
+        region.mapping.madvise(PS, PS, 100)  # MADV_HWPOISON
+        assert violations(kvm) == []
+        vmm.load(compile_program(p.Program.of(p.ReadValue((1 << 32) + PS + 8))))
+        r = vmm.run()
+        assert (r.stop, r.errno) == ("memory_fault", uapi.EHWPOISON)
+        assert (r.memory_fault.gpa, r.memory_fault.size) == ((1 << 32) + PS, PS)
+        try:
+            region.mapping.read(PS, 8)
+        except HostSigbus:
+            pass
+        else:
+            raise AssertionError("host read a poisoned page")
+        assert region.mapping.read(0, 8) == bytes(8)  # the neighbour is fine
+        region.gmem.punch_hole(PS, PS)  # userspace drops the poisoned page
+        vmm.load(compile_program(p.Program.of(p.ReadValue((1 << 32) + PS + 8))))
+        r = vmm.run()
+        assert (r.stop, r.reports) == ("done", [0])
+        assert violations(kvm) == []
