@@ -10,12 +10,16 @@ ops = st.lists(
 )
 
 
-@given(ops)
-def test_matches_a_per_point_reference(operations):
+@given(ops, st.booleans())
+def test_matches_a_per_point_reference(operations, use_take):
     emap: ExtentMap[str] = ExtentMap()
     ref: list[str | None] = [None] * N
     for start, end, value in operations:
-        emap.set(start, end, value)
+        if value is None and use_take:
+            had = sum(v is not None for v in ref[start:end])
+            assert emap.take(start, end) == had
+        else:
+            emap.set(start, end, value)
         for i in range(start, min(end, N)):
             ref[i] = value
     assert [emap.get(i) for i in range(N)] == ref

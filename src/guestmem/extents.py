@@ -81,6 +81,9 @@ class ExtentMap(Generic[V]):
         """(seg_start, seg_end, vid) of every segment meeting [start, end), clipped."""
         if start >= end:
             return
+        if not self._keys:  # empty map: one gap
+            yield start, end, 0
+            return
         pos, vid = start, self._vid_at(start)
         # boundaries strictly inside (start, end), walked without indexing the list
         for key in self._keys.irange((start + 1) << _VID_BITS, (end << _VID_BITS) - 1):
@@ -123,6 +126,8 @@ class ExtentMap(Generic[V]):
         if start >= end:
             return
         keys = self._keys
+        if not keys and value is None:  # clearing an empty map
+            return
         new = self._vid(value)
         before = self._vid_at(start - 1)
         after = self._vid_at(end)
@@ -137,3 +142,28 @@ class ExtentMap(Generic[V]):
 
     def clear(self, start: int, end: int) -> None:
         self.set(start, end, None)
+
+    def take(self, start: int, end: int) -> int:
+        """Clear [start, end) and return how many of its points had a value (one
+        pass, where covered() then clear() would walk the range twice)."""
+        if start >= end or not self._keys:
+            return 0
+        keys = self._keys
+        before, after = self._vid_at(start - 1), self._vid_at(end)
+        lo = keys.bisect_left(start << _VID_BITS)
+        hi = keys.bisect_right((end << _VID_BITS) | _VID_MASK)
+        covered, pos, vid = 0, start, self._vid_at(start)
+        for key in keys.islice(lo, hi):
+            nxt = min(key >> _VID_BITS, end)
+            if vid and nxt > pos:
+                covered += nxt - pos
+            pos, vid = max(pos, nxt), key & _VID_MASK
+        if vid and end > pos:
+            covered += end - pos
+        if lo < hi:
+            del keys[lo:hi]
+        if before != 0:
+            keys.add(start << _VID_BITS)
+        if after != 0:
+            keys.add((end << _VID_BITS) | after)
+        return covered

@@ -143,8 +143,7 @@ class GmemInode:
             orphaned += pages
         self.pins.clear(first, last)
         self.process.stats.orphaned += orphaned
-        self.process.stats.free(self.folios.covered(first, last) - orphaned)
-        self.folios.clear(first, last)
+        self.process.stats.free(self.folios.take(first, last) - orphaned)
         self.store.clear(first, last)
 
     # --- GUP pins (pin_user_pages on a guest_memfd mapping) ------------------------------------

@@ -66,6 +66,8 @@ class Stage2Mmu:
         self.in_progress += 1
         self.invalidations += 1
         zapped = 0
+        if not self.mapped.boundaries():
+            return  # nothing mapped: nothing to zap or flush
         for first, last in ranges:
             zapped += self.mapped.covered(first, last)
             self.mapped.clear(first, last)
