@@ -89,8 +89,12 @@ def explicit_conversion(ctx: Ctx) -> None:
                             p1.to_bytes(8, "little") * (size // 8))
             region.mapping.write(offset, p3.to_bytes(8, "little") * (size // 8))
             r = _run(vmm, ctx, p.MapGpaRange(gpa, size // PS, PS, encrypted=False),
-                     p.VerifyPattern(gpa, size, p3))
-            ctx.equal("back to shared: guest sees the host's p3", [0, 0], r.reports)
+                     p.VerifyPattern(gpa, size, p3),
+                     p.MapGpaRange(gpa, size // PS, PS, encrypted=True),
+                     p.VerifyPattern(gpa, size, 0),
+                     p.MapGpaRange(gpa, size // PS, PS, encrypted=False))
+            ctx.equal("back to shared: guest sees the host's p3; private again: p2 was "
+                      "punched, zeros", [0, 0, 0, 0, 0], r.reports)
         ctx.equal("tracker agrees nothing is private", [], vmm.tracker.ranges(Sharing.PRIVATE))
 
 

@@ -11,6 +11,7 @@ makes port I/O at CPL3 exit to userspace instead of raising #GP.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Any, Final
@@ -57,8 +58,9 @@ class GuestImage:
     hypercall_abi: str
 
 
-def page_tables() -> list[tuple[int, bytes]]:
-    """(gpa, bytes) of identity page tables for [0, IDENTITY_MAP_GIB GiB)."""
+@functools.cache
+def page_tables() -> tuple[tuple[int, bytes], ...]:
+    """(gpa, bytes) of identity page tables for [0, IDENTITY_MAP_GIB GiB); a constant."""
     flags = PTE_PRESENT | PTE_WRITE | PTE_USER
     pml4 = struct.pack("<Q", PDPT | flags)
     pdpt = b"".join(struct.pack("<Q", (PD_BASE + i * 0x1000) | flags)
@@ -68,7 +70,7 @@ def page_tables() -> list[tuple[int, bytes]]:
         for gib in range(IDENTITY_MAP_GIB)
         for i in range(512)
     )
-    return [(PML4, pml4), (PDPT, pdpt), (PD_BASE, pds)]
+    return ((PML4, pml4), (PDPT, pdpt), (PD_BASE, pds))
 
 
 def _descriptor(typ: int, dpl: int, long: int, db: int) -> bytes:
@@ -81,6 +83,7 @@ def _descriptor(typ: int, dpl: int, long: int, db: int) -> bytes:
     return struct.pack("<II", lo, hi)
 
 
+@functools.cache
 def gdt() -> bytes:
     entries = [bytes(8)] * 8
     entries[KERNEL_CS >> 3] = _descriptor(0xB, 0, 1, 0)

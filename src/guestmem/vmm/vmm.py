@@ -97,6 +97,7 @@ class Vmm:
             HypercallExit: self._handle_hypercall,
         }
         self._report_lo: int | None = None
+        self._tables_written = False
 
     # --- memory -----------------------------------------------------------------------------
     def _enable_exit_hypercall(self) -> bool:
@@ -154,8 +155,13 @@ class Vmm:
 
     # --- loading and running ------------------------------------------------------------------
     def load(self, image: machine.GuestImage) -> None:
+        """Place the image and reset the vCPU. Page tables and GDT never change, so
+        they are written once per VM; the code every time."""
         for gpa, data in machine.low_memory_contents(image):
+            if gpa != machine.CODE and self._tables_written:
+                continue
             self.write(gpa, data)
+        self._tables_written = True
         self.vcpu.set_sregs(machine.initial_sregs(self.vcpu.get_sregs(), self.cpl))
         self.vcpu.set_regs(machine.initial_regs(image))
         if getattr(self.vcpu, "interprets_programs", False):  # the model runs the program itself
