@@ -166,19 +166,22 @@ class Differential(RuleBasedStateMachine):
         result = self.both("mmap", make)
         return result[1] if result[0] == "ok" else -1
 
-    @rule(m=mappings, page=st.integers(0, 15), byte=st.integers(0, 255))
-    def host_write(self, m, page, byte):
+    @rule(m=mappings, page=st.integers(0, 15), byte=st.integers(0, 255), straddle=st.booleans())
+    def host_write(self, m, page, byte, straddle):
+        """16 bytes in a page, or straddling its end into the next (which may SIGBUS
+        after the first half was written)."""
         if m < 0:
             return
+        offset = page * PS + (PS - 8 if straddle else 8)
 
         def write(w):
             mapping = w.mappings[m]
-            if page * PS >= mapping.length:
+            if offset + 16 > mapping.length:
                 return "outside"
-            mapping.write(page * PS + 8, bytes([byte]) * 16)
+            mapping.write(offset, bytes([byte]) * 16)
             return None
 
-        self.both(f"host write page {page}", write)
+        self.both(f"host write at {offset:#x}", write)
 
     @rule(m=mappings, page=st.integers(0, 15))
     def host_read(self, m, page):

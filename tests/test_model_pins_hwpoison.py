@@ -100,3 +100,37 @@ def test_hwpoison_guest_gets_ehwpoison_host_sigbus_punch_recovers():
         r = vmm.run()
         assert (r.stop, r.reports) == ("done", [0])
         assert violations(kvm) == []
+
+
+def test_madv_hwpoison_needs_a_page_gup_can_fault():
+    """madvise_inject_error GUPs each page first: private memory or a page past EOF
+    is EFAULT, nothing is allocated for it, and the counters still add up."""
+    import errno
+
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    g = vm.create_guest_memfd(2 * PS, FLAGS)
+    m = g.mmap(4 * PS)
+    m.write(0, b"\x01")
+    try:
+        m.madvise(0, 4 * PS, 100)
+    except OSError as e:
+        assert e.errno == errno.EFAULT
+    else:
+        raise AssertionError("MADV_HWPOISON past EOF succeeded")
+    # the pages before the failing one were poisoned, as the kernel's loop does
+    assert g.inode.poisoned(0, 2) == 0
+    assert g.inode.allocated_pages() == 2 and violations(kvm) == []
+    private = vm.create_guest_memfd(PS, uapi.GUEST_MEMFD_FLAG_MMAP)
+    pm = private.mmap(PS)
+    try:
+        pm.madvise(0, PS, 100)
+    except OSError as e:
+        assert e.errno == errno.EFAULT
+    assert private.inode.allocated_pages() == 0
+    for obj in (m, pm):
+        obj.munmap()
+    g.close()
+    private.close()
+    vm.close()
+    assert leaks_after_close(kvm) == []

@@ -43,6 +43,7 @@ class PrivateMemory(RuleBasedStateMachine):
         self.shared = [0] * PAGES  # oracle: word at WORD in the shared page
         self.private_word = [0] * PAGES  # ... and in the private (guest_memfd) page
         self.private = [False] * PAGES
+        self.has_folio = [False] * PAGES  # a guest_memfd folio exists for the page
         self.poisoned: set[int] = set()
 
     def guest(self, *steps):
@@ -83,6 +84,7 @@ class PrivateMemory(RuleBasedStateMachine):
                 self.private_word[i] = 0  # makes shared, already shared or not,
                 self.poisoned.discard(i)  # which also drops a poisoned folio
             self.private[i] = to_private
+            self.has_folio[i] = to_private  # to private: the VMM allocates
         self.guest_read(first)  # what the guest sees right after converting
 
     # --- guest accesses ---------------------------------------------------------------------------
@@ -95,6 +97,7 @@ class PrivateMemory(RuleBasedStateMachine):
         assert r.stop == "done"
         if self.private[page]:
             self.private_word[page] = value
+            self.has_folio[page] = True
         else:
             self.shared[page] = value
 
@@ -107,6 +110,8 @@ class PrivateMemory(RuleBasedStateMachine):
             return
         expected = self.private_word[page] if self.private[page] else self.shared[page]
         assert (r.stop, r.reports) == ("done", [expected])
+        if self.private[page]:
+            self.has_folio[page] = True  # the fault allocated it
 
     # --- the host -------------------------------------------------------------------------------
     @rule(page=pages, value=st.integers(0, 2**64 - 1))
@@ -126,12 +131,15 @@ class PrivateMemory(RuleBasedStateMachine):
         for i in range(first, first + n):
             self.private_word[i] = 0
             self.poisoned.discard(i)
+            self.has_folio[i] = False
 
     @rule(page=pages)
-    def memory_error_in_private_page(self, page):
-        inode = self.region.gmem.inode
-        inode.memory_failure(page)  # what MADV_HWPOISON on a mapping of it would do
-        self.poisoned.add(page)
+    def memory_error(self, page):
+        """A hardware error in the page's guest_memfd folio (the machine-check path,
+        kvm_gmem_error_folio); with no folio there is no memory to fail."""
+        self.region.gmem.inode.memory_failure(page, page + 1)
+        if self.has_folio[page]:
+            self.poisoned.add(page)
 
     @rule()
     def host_cannot_map_private_memory(self):

@@ -114,14 +114,27 @@ class KvmRunError(OSError):
         self.exit = exit
 
 
-class HostSigbus(Exception):
-    """A host userspace access that the kernel answers with SIGBUS (beyond EOF of
-    a guest_memfd, private memory, hwpoison). Carries the faulting address."""
+class HostFault(Exception):
+    """A host userspace access the kernel answers with a signal instead of data."""
+
+    signal_name = "SIGNAL"
 
     def __init__(self, addr: int, reason: str = "") -> None:
-        super().__init__(f"SIGBUS at {addr:#x}" + (f": {reason}" if reason else ""))
+        super().__init__(f"{self.signal_name} at {addr:#x}" + (f": {reason}" if reason else ""))
         self.addr = addr
         self.reason = reason
+
+
+class HostSigbus(HostFault):
+    """SIGBUS: beyond EOF of a guest_memfd, private memory, hwpoison."""
+
+    signal_name = "SIGBUS"
+
+
+class HostSigsegv(HostFault):
+    """SIGSEGV: an access the mapping's protection does not allow."""
+
+    signal_name = "SIGSEGV"
 
 
 def oserror(err: int, what: str = "") -> OSError:

@@ -393,6 +393,7 @@ FALLOC_FL_COLLAPSE_RANGE: Final = 0x08
 FALLOC_FL_ZERO_RANGE: Final = 0x10
 FALLOC_FL_INSERT_RANGE: Final = 0x20
 FALLOC_FL_UNSHARE_RANGE: Final = 0x40
+FALLOC_FL_WRITE_ZEROES: Final = 0x80  # v6.17
 
 # --- in-flight series (NOT merged; numbers may change) ---
 # "guest_memfd: In-place conversion support" v8 (Ackerley Tng et al., 2026-06-18), upstream.md §7.1.

@@ -9,6 +9,7 @@ document the case says so.
 from __future__ import annotations
 
 import errno
+import signal
 
 from guestmem import uapi
 from guestmem.check.suite import Ctx, case
@@ -123,6 +124,18 @@ def fallocate(ctx: Ctx) -> None:
         ctx.fails("punch zero length", errno.EINVAL, g.fallocate, PUNCH, 0, 0)
         ctx.fails("offset+len beyond s_maxbytes", errno.EFBIG, g.fallocate, PUNCH, 1 << 62,
                   1 << 62)
+        # vfs_fallocate's mode switch comes before EFBIG; guest_memfd's own checks after.
+        huge = 1 << 62
+        ctx.fails("unknown mode bit 0x100", errno.EOPNOTSUPP, g.fallocate, 0x100, huge, huge)
+        ctx.fails("COLLAPSE_RANGE|KEEP_SIZE", errno.EOPNOTSUPP, g.fallocate,
+                  KEEP | uapi.FALLOC_FL_COLLAPSE_RANGE, huge, huge)
+        ctx.fails("ZERO_RANGE|PUNCH_HOLE|KEEP_SIZE", errno.EOPNOTSUPP, g.fallocate,
+                  PUNCH | uapi.FALLOC_FL_ZERO_RANGE, huge, huge)
+        ctx.fails("ZERO_RANGE|KEEP_SIZE past s_maxbytes", errno.EFBIG, g.fallocate,
+                  KEEP | uapi.FALLOC_FL_ZERO_RANGE, huge, huge)
+        ctx.fails("WRITE_ZEROES past s_maxbytes", errno.EFBIG, g.fallocate,
+                  uapi.FALLOC_FL_WRITE_ZEROES, huge, huge)
+        ctx.fails("negative offset before mode checks", errno.EINVAL, g.fallocate, 0x100, -PS, PS)
 
 
 @case("gmem.invalid_punch_hole", f"{SRC} test_invalid_punch_hole",
@@ -203,9 +216,24 @@ def mmap_exec(ctx: Ctx) -> None:
         ctx.fails("PROT_READ|PROT_EXEC", errno.EPERM, g.mmap, PS, 0, 5)
 
 
+@case("gmem.mmap_readonly", "mm: VMA protection (observed on 6.18)",
+      "a PROT_READ mapping reads the file's data; a store to it is SIGSEGV",
+      flag_variants=(MMAP | SHARED,))
+def mmap_readonly(ctx: Ctx) -> None:
+    with ctx.vm() as vm, ctx.gmem(vm, 4 * PS) as g, g.mmap(4 * PS) as rw, \
+            g.mmap(4 * PS, 0, 1) as ro:
+        rw.write(PS, b"\x5b" * 8)
+        ctx.bytes_equal("read through PROT_READ", ro, PS, b"\x5b" * 8)
+        ctx.host_fault("store through PROT_READ", ro, PS, write=True, expected=signal.SIGSEGV)
+        ctx.bytes_equal("data unchanged", rw, PS, b"\x5b" * 8)
+
+
 @case("gmem.mmap_not_supported", f"{SRC} test_mmap_not_supported",
       "without GUEST_MEMFD_FLAG_MMAP: mmap fails with ENODEV", flag_variants=(0,))
 def mmap_not_supported(ctx: Ctx) -> None:
     with ctx.vm() as vm, ctx.gmem(vm, 4 * PS) as g:
         ctx.fails("mmap 1 page", errno.ENODEV, g.mmap, PS)
         ctx.fails("mmap whole file", errno.ENODEV, g.mmap, 4 * PS)
+        # The mmap syscall's own checks come before the file's (observed on 6.18).
+        ctx.fails("length 0", errno.EINVAL, g.mmap, 0)
+        ctx.fails("unaligned offset", errno.EINVAL, g.mmap, PS, 1)

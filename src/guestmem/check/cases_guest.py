@@ -10,10 +10,10 @@ import errno
 
 from guestmem import program as p
 from guestmem import uapi
-from guestmem.check.suite import Ctx, case, needs_exit_hypercall, needs_guests
-from guestmem.exits import HypercallExit
+from guestmem.check.suite import CaseSkipped, Ctx, case, needs_exit_hypercall, needs_guests
+from guestmem.exits import HypercallExit, MmioExit
 from guestmem.guest import compile_program, default_hypercall_abi
-from guestmem.vmm import Sharing, Vmm
+from guestmem.vmm import Sharing, UnhandledExit, Vmm
 
 PS = uapi.PAGE_SIZE
 HIGH = 1 << 32  # selftests put guest_memfd memory at 4 GiB
@@ -97,6 +97,31 @@ def closed_gmem_memory_fault(ctx: Ctx) -> None:
         fault = result.memory_fault
         ctx.equal("MEMORY_FAULT (gpa, size, flags)", (target & ~(PS - 1), PS, 0),
                   (fault.gpa, fault.size, fault.flags) if fault else None)
+
+
+@case("guest.readonly_memslot", "KVM_MEM_READONLY (observed on 6.18)",
+      "a guest reads a read-only memslot; its write exits to userspace as KVM_EXIT_MMIO "
+      "(is_write, gpa, the data) and memory is unchanged", needs=(needs_guests,))
+def readonly_memslot(ctx: Ctx) -> None:
+    if not ctx.caps.readonly_mem:
+        raise CaseSkipped("KVM_CAP_READONLY_MEM=0")
+    with Vmm(ctx.kvm, ctx.vm_type, backing="anon") as vmm:
+        region = vmm.add_memory(HIGH, PS, backing="anon")
+        vmm.vm.delete_memslot(region.slot)
+        ctx.ok("recreate it READONLY", vmm.vm.set_user_memory_region2, region.slot,
+               uapi.KVM_MEM_READONLY, HIGH, PS, region.mapping.addr)
+        region.mapping.write(0, (77).to_bytes(8, "little"))
+        ctx.equal("guest reads", [77], _run(ctx, vmm, p.ReadValue(HIGH)).reports)
+        try:
+            _run(ctx, vmm, p.WritePattern(HIGH + 8, 8, 0x55))
+            observed: object = "no exit"
+        except UnhandledExit as e:
+            x = e.exit
+            observed = (type(x).__name__, x.phys_addr, x.is_write, x.data) \
+                if isinstance(x, MmioExit) else repr(x)
+        ctx.equal("the write's exit", ("MmioExit", HIGH + 8, True, (0x55).to_bytes(8, "little")),
+                  observed)
+        ctx.bytes_equal("memory unchanged", region.mapping, 8, bytes(8))
 
 
 @case("guest.anonymous_memory", "issue 2 (VMM backs memory with guest_memfd or anonymous)",

@@ -234,9 +234,35 @@ def prefault_unsupported(ctx: Ctx) -> None:
             ctx.fails("pre-fault 1 page", errno.EOPNOTSUPP, vcpu.pre_fault_memory, 0, PS)
 
 
+_FINALIZED_TYPES = (uapi.KVM_X86_SNP_VM, uapi.KVM_X86_TDX_VM)
+
+
+def needs_pre_fault_allowed(caps: object, vm_type: int, gmem_flags: int) -> str | None:
+    """x86 kvm_arch_vcpu_pre_fault_memory: SNP/TDX only after the VM is finalized."""
+    if vm_type in _FINALIZED_TYPES:
+        return "KVM_PRE_FAULT_MEMORY needs a finalized SNP/TDX VM (no finalize step here)"
+    return None
+
+
+def needs_finalized_type(caps: object, vm_type: int, gmem_flags: int) -> str | None:
+    return None if vm_type in _FINALIZED_TYPES else "case is for SNP/TDX VMs"
+
+
+@case("prefault.before_finalize", "upstream.md §2.14 (x86 !pre_fault_allowed)",
+      "SNP/TDX VM not finalized: KVM_PRE_FAULT_MEMORY fails with EOPNOTSUPP",
+      needs=(needs_pre_fault, needs_finalized_type))
+def prefault_before_finalize(ctx: Ctx) -> None:
+    with ctx.vm() as vm, ctx.gmem(vm, MB2, 0) as g:
+        vm.set_user_memory_region2(10, GMEM, 1 << 32, MB2, 0, g, 0)
+        with vm.create_vcpu(0) as vcpu:
+            ctx.fails("pre-fault 1 page", errno.EOPNOTSUPP, vcpu.pre_fault_memory, 1 << 32, PS)
+            ctx.fails("flags still checked first", errno.EINVAL, vcpu.pre_fault_memory,
+                      1 << 32, PS, 1)
+
+
 @case("prefault.basic", "pre_fault_memory_test.c",
       "pre-fault (0, 2M) leaves 0; a range past the slot leaves pages and fails ENOENT",
-      needs=(needs_pre_fault,))
+      needs=(needs_pre_fault, needs_pre_fault_allowed))
 def prefault_basic(ctx: Ctx) -> None:
     # MMAP makes the slot guest_memfd-only, so shared pages come from the file too.
     with ctx.vm() as vm, ctx.gmem(vm, MB2 + PS, MMAP) as g:
@@ -244,5 +270,9 @@ def prefault_basic(ctx: Ctx) -> None:
         with vm.create_vcpu(0) as vcpu:
             gpa, left = ctx.ok("pre-fault (0, 2M)", vcpu.pre_fault_memory, 1 << 32, MB2)
             ctx.equal("left", 0, left)
+            ctx.equal("gpa advanced past the range", (1 << 32) + MB2, gpa)
+            gpa, left = ctx.ok("pre-fault 2 pages, the second past the slot",
+                               vcpu.pre_fault_memory, (1 << 32) + MB2, 2 * PS)
+            ctx.equal("one page left", PS, left)
             ctx.fails("pre-fault past the slot", errno.ENOENT, vcpu.pre_fault_memory,
                       (1 << 32) + MB2 + PS, PS)

@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any
 
 from guestmem import uapi
-from guestmem.exits import HostSigbus, errno_name
+from guestmem.exits import HostFault, HostSigbus, errno_name
 
 
 class Status(Enum):
@@ -117,18 +117,23 @@ class Ctx:
         self._record(what, "true", "true" if cond else "false")
 
     def sigbus(self, what: str, mapping: Any, offset: int, write: bool = False) -> None:
-        """The access must be answered with SIGBUS: checked both by the safe
-        accessor (HostSigbus) and by a real access in a child process."""
-        self._record(what + " (signal)", "SIGBUS", _signame(mapping.touch_in_child(offset, write)))
+        self.host_fault(what, mapping, offset, write, signal.SIGBUS)
+
+    def host_fault(self, what: str, mapping: Any, offset: int, write: bool,
+                   expected: int) -> None:
+        """The access must be answered with signal `expected`: checked both by the
+        safe accessor (HostFault) and by a real access in a child process."""
+        want = _signame(expected)
+        self._record(what + " (signal)", want, _signame(mapping.touch_in_child(offset, write)))
         try:
             if write:
                 mapping.write(offset, b"\x5a")
             else:
                 mapping.read(offset, 1)
             observed = "no fault"
-        except HostSigbus:
-            observed = "SIGBUS"
-        self._record(what, "SIGBUS", observed)
+        except HostFault as e:
+            observed = e.signal_name
+        self._record(what, want, observed)
 
     def bytes_equal(self, what: str, mapping: Any, offset: int, expected: bytes) -> None:
         try:

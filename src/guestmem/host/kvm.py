@@ -25,6 +25,7 @@ from guestmem.exits import (
     FailEntryExit,
     HltExit,
     HostSigbus,
+    HostSigsegv,
     HypercallExit,
     InternalErrorExit,
     IoExit,
@@ -170,7 +171,7 @@ class Kvm(_Fd):
         """Anonymous shared host memory, e.g. for a memslot's userspace_addr."""
         prot = libc.PROT_READ | libc.PROT_WRITE
         addr = libc.mmap(length, prot, libc.MAP_SHARED | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
-        return Mapping(addr, length)
+        return Mapping(addr, length, prot)
 
 
 class Vm(_Fd):
@@ -299,7 +300,7 @@ class GuestMemfd(_Fd):
     ) -> Mapping:
         length = self.size if length is None else length
         flags = libc.MAP_SHARED if shared else libc.MAP_PRIVATE
-        return Mapping(libc.mmap(length, prot, flags, self.fd, offset), length)
+        return Mapping(libc.mmap(length, prot, flags, self.fd, offset), length, prot)
 
 
 class Mapping:
@@ -310,9 +311,11 @@ class Mapping:
 
     _mem_fd: int | None = None
 
-    def __init__(self, addr: int, length: int) -> None:
+    def __init__(self, addr: int, length: int,
+                 prot: int = libc.PROT_READ | libc.PROT_WRITE) -> None:
         self.addr = addr
         self.length = length
+        self.prot = prot
         self._mapped = True
 
     @classmethod
@@ -327,8 +330,15 @@ class Mapping:
         if offset < 0 or length < 0 or offset + length > self.length:
             raise ValueError(f"[{offset:#x}, +{length:#x}) outside a {self.length:#x} mapping")
 
+    def _allowed(self, offset: int, write: bool) -> None:
+        """A load or store the protection forbids is SIGSEGV; /proc/self/mem would
+        force it (FOLL_FORCE), so it is refused here, as a real access would be."""
+        if not self.prot & (libc.PROT_WRITE if write else libc.PROT_READ):
+            raise HostSigsegv(self.addr + offset, "protection")
+
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
+        self._allowed(offset, False)
         try:
             data = os.pread(self._mem(), length, self.addr + offset)
         except OSError as e:
@@ -341,6 +351,7 @@ class Mapping:
 
     def write(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
+        self._allowed(offset, True)
         try:
             done = os.pwrite(self._mem(), data, self.addr + offset)
         except OSError as e:
@@ -353,6 +364,7 @@ class Mapping:
     def fill(self, offset: int, byte: int, length: int) -> None:
         """memset in this process: fast, but the caller must know no page SIGBUSes."""
         self._check(offset, length)
+        self._allowed(offset, True)
         libc.memset(self.addr + offset, byte, length)
 
     def touch_in_child(self, offset: int, write: bool = False, length: int = 1) -> int | None:

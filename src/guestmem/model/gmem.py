@@ -38,10 +38,10 @@ class Orphan:
 
 
 class Pin:
-    """One pin_user_pages() of [first, last) of a guest_memfd; unpin() drops it."""
+    """One pin_user_pages() on a guest_memfd; unpin() drops it."""
 
-    def __init__(self, inode: GmemInode, first: int, last: int) -> None:
-        self.inode, self.first, self.last = inode, first, last
+    def __init__(self, inode: GmemInode) -> None:
+        self.inode = inode
         self.live: ExtentMap[bool] = ExtentMap()  # pinned pages still in the file
         self.orphans: list[Orphan] = []
         self.active = True
@@ -153,7 +153,7 @@ class GmemInode:
             self.pins.set(lo, hi, count + 1)
         for lo, hi in list(self.pins.gaps(first, last)):
             self.pins.set(lo, hi, 1)
-        pin = Pin(self, first, last)
+        pin = Pin(self)
         pin.live.set(first, last, True)
         self.live_pins.add(pin)
         return pin
@@ -162,19 +162,20 @@ class GmemInode:
         return not self.pins.all_equal(first, last, None)
 
     # --- memory errors (kvm_gmem_error_folio) ----------------------------------------------------
-    def memory_failure(self, index: int) -> None:
-        """A hardware memory error in the folio at `index`: zap its stage-2 mappings
-        in every bound VM and the host PTEs, keep the folio (MF_DELAYED, no truncate)
-        and mark it hwpoison; later guest faults get EHWPOISON, host faults SIGBUS,
-        and PUNCH_HOLE drops it (upstream.md §2.12)."""
-        if self.folios.get(index) is None:
-            self._allocate(index, index + 1)
-        vms = self._invalidate_begin(index, index + 1)
+    def memory_failure(self, first: int, last: int) -> None:
+        """Hardware memory errors in the folios of [first, last) (kvm_gmem_error_folio):
+        zap their stage-2 mappings in every bound VM and their host PTEs, keep the
+        folios (MF_DELAYED, no truncate) and mark them hwpoison; later guest faults
+        get EHWPOISON, host faults SIGBUS, PUNCH_HOLE drops them (upstream.md §2.12).
+        Indexes with no folio have no memory to fail: nothing happens there."""
+        present = list(self.folios.overlapping(first, last))
+        if not present:
+            return
+        vms = self._invalidate_begin(first, last)
         for m in self.mappings:
-            m.zap(index, index + 1)
-        state = self.folios.get(index)
-        self.folios.set(index, index + 1, FolioState(uptodate=state.uptodate if state else False,
-                                                    hwpoison=True))
+            m.zap(first, last)
+        for lo, hi, state in present:
+            self.folios.set(lo, hi, FolioState(uptodate=state.uptodate, hwpoison=True))
         for vm in vms:
             vm.mmu.invalidate_end()
 
@@ -249,6 +250,28 @@ class GmemInode:
         self.vm.put_ref()
 
 
+_VFS_MODES = (uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_COLLAPSE_RANGE | uapi.FALLOC_FL_ZERO_RANGE
+              | uapi.FALLOC_FL_INSERT_RANGE | uapi.FALLOC_FL_UNSHARE_RANGE
+              | uapi.FALLOC_FL_WRITE_ZEROES)
+
+
+def _vfs_mode_valid(mode: int) -> bool:
+    """vfs_fallocate's mode switch (fs/open.c), as observed on 6.18: unknown bits,
+    several modes at once, PUNCH_HOLE without KEEP_SIZE, or COLLAPSE/INSERT/
+    WRITE_ZEROES with KEEP_SIZE are EOPNOTSUPP, before the EFBIG check."""
+    if mode & ~(_VFS_MODES | uapi.FALLOC_FL_KEEP_SIZE):
+        return False
+    op, keep = mode & _VFS_MODES, bool(mode & uapi.FALLOC_FL_KEEP_SIZE)
+    if op in (0, uapi.FALLOC_FL_UNSHARE_RANGE, uapi.FALLOC_FL_ZERO_RANGE):
+        return True
+    if op == uapi.FALLOC_FL_PUNCH_HOLE:
+        return keep
+    if op in (uapi.FALLOC_FL_COLLAPSE_RANGE, uapi.FALLOC_FL_INSERT_RANGE,
+              uapi.FALLOC_FL_WRITE_ZEROES):
+        return not keep
+    return False  # more than one mode
+
+
 class GuestMemfd:
     """The file: what KVM_CREATE_GUEST_MEMFD returns (a model fd)."""
 
@@ -284,8 +307,8 @@ class GuestMemfd:
         keep, punch = uapi.FALLOC_FL_KEEP_SIZE, uapi.FALLOC_FL_PUNCH_HOLE
         if offset < 0 or length <= 0:
             raise oserror(errno.EINVAL, "fallocate")  # vfs_fallocate
-        if mode & punch and not mode & keep:
-            raise oserror(errno.EOPNOTSUPP, "fallocate")  # vfs: PUNCH_HOLE needs KEEP_SIZE
+        if not _vfs_mode_valid(mode):
+            raise oserror(errno.EOPNOTSUPP, "fallocate")
         if offset + length > MAX_LFS_FILESIZE:
             raise oserror(errno.EFBIG, "fallocate")  # vfs: beyond s_maxbytes
         if not mode & keep or mode & ~(keep | punch):
@@ -336,14 +359,14 @@ class GuestMemfd:
              shared: bool = True) -> Mapping:
         inode = self._live()
         length = inode.size if length is None else length
+        if length <= 0 or offset % PAGE:
+            raise oserror(errno.EINVAL, "mmap")  # mmap syscall / do_mmap, before the file
         if prot & PROT_EXEC:
             raise oserror(errno.EPERM, "mmap")  # do_mmap: the mount is noexec
         if not inode.mmap_supported:
             raise oserror(errno.ENODEV, "mmap")  # kvm_gmem_mmap
         if not shared:
             raise oserror(errno.EINVAL, "mmap")  # "Copy-on-write not allowed"
-        if length <= 0 or offset % PAGE:
-            raise oserror(errno.EINVAL, "mmap")
         mapping = self.vm.kvm.process.mmap(length, inode, offset, prot)
         inode.mappings.add(mapping)
         return mapping

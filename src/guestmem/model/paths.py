@@ -9,7 +9,7 @@ of them step by step in any interleaving and checks the invariants after each.
 from __future__ import annotations
 
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from guestmem.model.vm import Memslot, Vm
@@ -52,13 +52,10 @@ def set_attributes_path(vm: Vm, first: int, last: int, attributes: int) -> Path[
     old kind), store the new value, end the invalidation."""
     ranges = [(max(first, s.base_gfn), min(last, s.end_gfn)) for s in vm.memslots.values()
               if s.base_gfn < last and first < s.end_gfn]
-    vm.mmu.invalidate_begin(ranges)
+    if ranges:  # kvm_handle_gfn_range begins an invalidation only on a memslot in range
+        vm.mmu.invalidate_begin(ranges)
     yield "invalidate_begin"
     vm.attributes.set(first, last, attributes or None)
     yield "attributes stored"
-    vm.mmu.invalidate_end()
-
-
-def punch_hole_path(inode: Any, first: int, last: int) -> Path[None]:
-    """kvm_gmem_punch_hole (see GmemInode.punch_hole_path)."""
-    yield from inode.punch_hole_path(first, last)
+    if ranges:
+        vm.mmu.invalidate_end()

@@ -13,7 +13,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
-from guestmem.exits import HostSigbus, oserror
+from guestmem.exits import HostSigbus, HostSigsegv, oserror
 from guestmem.extents import ExtentMap
 from guestmem.model.content import PAGE, PageStore
 
@@ -40,12 +40,10 @@ class FOREIGN:
 @dataclass
 class Stats:
     pages_allocated: int = 0  # pages with a folio behind them, all backings
-    peak_pages_allocated: int = 0
     orphaned: int = 0  # of those, truncated from their file but still pinned
 
     def allocate(self, n: int) -> None:
         self.pages_allocated += n
-        self.peak_pages_allocated = max(self.peak_pages_allocated, self.pages_allocated)
 
     def free(self, n: int) -> None:
         self.pages_allocated -= n
@@ -164,18 +162,34 @@ class Mapping:
                 hi = mid
         return lo
 
+    def _allowed(self, offset: int, write: bool) -> None:
+        """An access the VMA's protection forbids is SIGSEGV (no fault is taken)."""
+        if not self.prot & (PROT_WRITE if write else PROT_READ):
+            raise HostSigsegv(self.addr + offset, "protection")
+
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
+        self._allowed(offset, False)
         self._fault(offset, length, False)
         return self.backing.store.read(self.pgoff * PAGE + offset, length)
 
     def write(self, offset: int, data: bytes) -> None:
+        """Like the host backend's write: the pages before a faulting one are
+        written (the kernel's copy stops at the fault), then SIGBUS."""
         self._check(offset, len(data))
-        self._fault(offset, len(data), True)
+        self._allowed(offset, True)
+        try:
+            self._fault(offset, len(data), True)
+        except HostSigbus as e:
+            good = e.addr - self.addr - offset
+            if good > 0:
+                self.backing.store.write_bytes(self.pgoff * PAGE + offset, data[:good])
+            raise
         self.backing.store.write_bytes(self.pgoff * PAGE + offset, data)
 
     def fill(self, offset: int, byte: int, length: int) -> None:
         self._check(offset, length)
+        self._allowed(offset, True)
         self._fault(offset, length, True)
         self.backing.store.fill(self.pgoff * PAGE + offset, length, byte)
 
@@ -183,9 +197,12 @@ class Mapping:
         """The signal a real access would get (the model has no child to kill)."""
         self._check(offset, 0)
         try:
+            self._allowed(offset, write)
             self._fault(offset, length, write)
         except HostSigbus:
             return signal.SIGBUS
+        except HostSigsegv:
+            return signal.SIGSEGV
         return None
 
     def pin(self, offset: int, length: int) -> Any:
@@ -203,12 +220,20 @@ class Mapping:
             raise oserror(errno.EINVAL, "madvise")
         if advice == MADV_DONTNEED:  # drops PTEs; the shared file keeps its pages
             self.ptes.clear(offset // PAGE, -(-(offset + length) // PAGE))
-        elif advice == MADV_HWPOISON:  # memory_failure() on each page (CAP_SYS_ADMIN)
+        elif advice == MADV_HWPOISON:
+            # madvise_inject_error (CAP_SYS_ADMIN): GUP each page, then memory_failure();
+            # a page GUP cannot fault is EFAULT, and the pages before it stay poisoned.
             failure = getattr(self.backing, "memory_failure", None)
             if failure is None:
                 raise oserror(errno.EINVAL, "madvise")
-            for index in range(offset // PAGE, -(-(offset + length) // PAGE)):  # per page,
-                failure(self.pgoff + index)  # as the kernel injects one page at a time
+            first = offset // PAGE
+            try:
+                self._fault(offset, length, False)
+            except HostSigbus as e:
+                bad = (e.addr - self.addr) // PAGE
+                failure(self.pgoff + first, self.pgoff + bad)
+                raise oserror(errno.EFAULT, "madvise") from e
+            failure(self.pgoff + first, self.pgoff + -(-(offset + length) // PAGE))
         elif advice != MADV_HUGEPAGE:
             raise oserror(errno.EINVAL, "madvise")
 

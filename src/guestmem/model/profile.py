@@ -8,7 +8,7 @@ on type numbers.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from guestmem import uapi
@@ -40,6 +40,7 @@ class VmType:
     host_private_access: HostPrivateAccess
     conversion_trusted: bool  # the guest's MAP_GPA_RANGE is authoritative (TDX: a hint, seed 001)
     private_from_hardware: bool  # fault privateness comes from the C-bit/shared bit, not attrs
+    pre_fault_allowed: bool = True  # x86 kvm->arch.pre_fault_allowed (SNP/TDX: after finalize)
 
 
 _MMAP_SHARED = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
@@ -51,15 +52,19 @@ VM_TYPES: dict[int, VmType] = {t.number: t for t in (
     # x86.c: SW_PROTECTED takes privateness from the attributes (kvm_mem_is_private).
     VmType(uapi.KVM_X86_SW_PROTECTED_VM, "sw-protected", True, _MMAP, Prepare.ZERO, True,
            HostPrivateAccess.SIGBUS, True, False),
+    # SEV/SEV-ES: encryption is invisible to KVM (no private memory, no private
+    # faults: upstream.md §2.10 takes privateness from hardware only for SNP/TDX).
     VmType(uapi.KVM_X86_SEV_VM, "sev", False, _MMAP_SHARED, Prepare.ZERO, False,
-           HostPrivateAccess.SIGBUS, True, True),
+           HostPrivateAccess.SIGBUS, True, False),
     VmType(uapi.KVM_X86_SEV_ES_VM, "sev-es", False, _MMAP_SHARED, Prepare.ZERO, False,
-           HostPrivateAccess.SIGBUS, True, True),
+           HostPrivateAccess.SIGBUS, True, False),
+    # SNP/TDX: KVM_PRE_FAULT_MEMORY only after the VM is finalized, which the model
+    # has no API for yet: EOPNOTSUPP (upstream.md §2.14).
     VmType(uapi.KVM_X86_SNP_VM, "snp", True, _MMAP, Prepare.FIRMWARE, False,
-           HostPrivateAccess.RMP_FAULT, True, True),
+           HostPrivateAccess.RMP_FAULT, True, True, pre_fault_allowed=False),
     # Seed 001: "in the case of TDX, the hypercall can't be trusted, i.e. is just a hint".
     VmType(uapi.KVM_X86_TDX_VM, "tdx", True, _MMAP, Prepare.FIRMWARE, False,
-           HostPrivateAccess.MACHINE_CHECK, False, True),
+           HostPrivateAccess.MACHINE_CHECK, False, True, pre_fault_allowed=False),
 )}
 
 
@@ -75,7 +80,6 @@ class Profile:
     # kvm_gmem_bind on an already bound file range: ML EINVAL, kvm-x86/next EEXIST.
     bind_overlap_errno: int = errno.EINVAL
     implementation: str = "model"
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (

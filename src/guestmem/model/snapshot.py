@@ -12,8 +12,8 @@ def snapshot(kvm: Any) -> dict[str, Any]:
     proc = kvm.process
     state: dict[str, Any] = {
         "fds": sorted(proc.fds),
-        "pages": proc.stats.pages_allocated,
-        "mappings": sorted((m.addr, m.length, m.pgoff, tuple(m.ptes.items()))
+        "pages": (proc.stats.pages_allocated, proc.stats.orphaned),
+        "mappings": sorted((m.addr, m.length, m.pgoff, m.prot, m.mapped, tuple(m.ptes.items()))
                            for m in proc.mappings.values()),
     }
     for vm in sorted(kvm.vms, key=lambda v: v._fd):
@@ -22,8 +22,11 @@ def snapshot(kvm: Any) -> dict[str, Any]:
                     s.gmem.ino if s.gmem else None) for k, s in vm.memslots.items()),
             tuple(vm.attributes.items()),
             tuple((a, b, v if v == "hva" else v.id) for a, b, v in vm.mmu.mapped.items()),
-            (vm.mmu.invalidations, vm.mmu.tlb_flushes, vm.mmu.zapped_pages),
-            tuple(vm.dirty.items()), vm.exit_hypercall_mask, vm.refs, sorted(vm.vcpus),
+            (vm.mmu.invalidations, vm.mmu.tlb_flushes, vm.mmu.zapped_pages, vm.mmu.sequence,
+             vm.mmu.in_progress),
+            tuple(vm.dirty.items()), vm.exit_hypercall_mask, vm.refs, vm.fd_open,
+            sorted((i, bytes(v.regs), bytes(v.sregs), tuple(v.encrypted_view.items()), v.closed)
+                   for i, v in vm.vcpus.items()),
         )
     for b in sorted(proc.backings, key=id):
         if isinstance(b, GmemInode):
@@ -31,6 +34,7 @@ def snapshot(kvm: Any) -> dict[str, Any]:
                 tuple(b.folios.items()), tuple(b.store.extents.items()),
                 {i: bytes(p) for i, p in b.store.pages.items()},
                 tuple((s, e, slot.id) for s, e, slot in b.bindings.items()), b.file_open,
+                tuple(b.pins.items()), len(b.live_pins),
             )
         elif isinstance(b, AnonymousMemory):
             state[f"anon{id(b)}"] = (tuple(b.present.items()), tuple(b.store.extents.items()))

@@ -12,7 +12,7 @@ userspace_addr and the host process's mappings.
 from __future__ import annotations
 
 import errno
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from guestmem.model.vm import Memslot, Vm
 
 _MASK = (1 << 64) - 1
+_FAULT_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -116,34 +117,40 @@ class Vcpu:
         return item
 
     def complete_io_in(self, data: bytes) -> None:
-        """Guest programs never do IN; accepted for API parity."""
+        """Guest programs never do port IN, so there is never an IN to complete."""
+        raise RuntimeError("no KVM_EXIT_IO IN is pending: model guests do not read ports")
 
     def complete_hypercall(self, ret: int) -> None:
         self._hypercall_ret = ret & _MASK
 
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
-        """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory, x86 kvm_arch_vcpu_pre_fault_memory)."""
+        """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory, x86
+        kvm_arch_vcpu_pre_fault_memory): returns the (gpa, size) written back."""
         if flags:
             raise oserror(errno.EINVAL, "KVM_PRE_FAULT_MEMORY flags")
         if gpa % PAGE or size % PAGE or gpa + size <= gpa:
             raise oserror(errno.EINVAL, "KVM_PRE_FAULT_MEMORY range")
-        if not self.vm.memslots:
-            raise oserror(errno.ENOSPC, "KVM_PRE_FAULT_MEMORY")  # observed on 6.18: no MMU root
         if not self.vm.kvm.profile.pre_fault_memory:
-            raise oserror(errno.EOPNOTSUPP, "KVM_PRE_FAULT_MEMORY")  # !tdp_enabled
-        done = 0
-        while done < size:
-            gfn = (gpa + done) // PAGE
-            if self.vm.slot_for_gfn(gfn) is None:
-                if done:
-                    break
-                raise oserror(errno.ENOENT, "KVM_PRE_FAULT_MEMORY: no memslot")
-            fault = self._fault_in(gfn, gfn + 1, write=False, private=self.vm.is_private(gfn))
+            # Shadow paging (this host, mainline profile), observed on 6.18: with no
+            # memslot at all the MMU root cannot be loaded (ENOSPC); otherwise x86
+            # refuses without TDP (EOPNOTSUPP).
+            err = errno.ENOSPC if not self.vm.memslots else errno.EOPNOTSUPP
+            raise oserror(err, "KVM_PRE_FAULT_MEMORY")
+        if not self.vm.vm_type_info.pre_fault_allowed:
+            raise oserror(errno.EOPNOTSUPP, "KVM_PRE_FAULT_MEMORY before finalize")
+        gfn, last, done = gpa // PAGE, (gpa + size) // PAGE, 0
+        while gfn < last:  # one memslot and one uniform run at a time
+            slot = self.vm.slot_for_gfn(gfn)
+            fault: Any = _Fault(errno.ENOENT, None)  # no memslot: emulated MMIO
+            if slot is not None:
+                end = self._uniform_end(gfn, min(last, slot.end_gfn))
+                fault = self._fault_in(gfn, end, False, self.vm.is_private(gfn), slot)
             if isinstance(fault, _Fault):
                 if done:
-                    break
+                    break  # partial progress is success; gpa/size tell how far
                 raise oserror(fault.err, "KVM_PRE_FAULT_MEMORY")
-            done += PAGE
+            done += (end - gfn) * PAGE
+            gfn = end
         return gpa + done, size - done
 
     def close(self) -> None:
@@ -167,7 +174,10 @@ class Vcpu:
     def _step(self, step: p.Step) -> Execution:
         match step:
             case p.WritePattern(gpa=gpa, length=length, value=value, step=inc):
-                pieces = yield from self._memory(gpa, length, write=True)
+                def word(addr: int, gpa: int = gpa, value: int = value, inc: int = inc) -> bytes:
+                    return ((value + (addr - gpa) // 8 * inc) & _MASK).to_bytes(8, "little")
+
+                pieces = yield from self._memory(gpa, length, write=True, data_at=word)
                 for piece in pieces:
                     first_word = (piece.gpa - gpa) // 8
                     piece.store.write_pattern(piece.offset, piece.length,
@@ -240,17 +250,20 @@ class Vcpu:
         return self._hypercall_ret if self._hypercall_ret is not None else 0
 
     # --- guest memory ---
-    def _memory(self, gpa: int, length: int, write: bool) -> Generator[
+    def _memory(self, gpa: int, length: int, write: bool,
+                data_at: Callable[[int], bytes] | None = None) -> Generator[
             Exit | _Fault, None, list[_Piece]]:
         """Resolve [gpa, gpa+length) to backing stores, faulting pages in; a fault
-        is reported as a failing KVM_RUN and retried when the VMM runs again."""
+        is reported as a failing KVM_RUN and retried when the VMM runs again.
+        `data_at(addr)` gives the bytes a write stores at addr (for MMIO exits)."""
         while True:
-            result = self._resolve(gpa, length, write)
+            result = self._resolve(gpa, length, write, data_at)
             if not isinstance(result, _Fault | MmioExit):
                 return result
             yield result
 
-    def _resolve(self, gpa: int, length: int, write: bool) -> list[_Piece] | _Fault | MmioExit:
+    def _resolve(self, gpa: int, length: int, write: bool,
+                 data_at: Callable[[int], bytes] | None = None) -> list[_Piece] | _Fault | MmioExit:
         pieces: list[_Piece] = []
         first, last = gpa // PAGE, -(-(gpa + length) // PAGE)
         gfn = first
@@ -264,6 +277,11 @@ class Vcpu:
                     return _Fault(errno.EFAULT, MemoryFaultExit(
                         uapi.KVM_EXIT_MEMORY_FAULT, flags, gfn * PAGE, PAGE))
                 return MmioExit(uapi.KVM_EXIT_MMIO, max(gpa, gfn * PAGE), b"", 8, write)
+            if write and slot.flags & uapi.KVM_MEM_READONLY:
+                # A write to a read-only memslot is emulated MMIO (observed on 6.18).
+                addr = max(gpa, gfn * PAGE)
+                return MmioExit(uapi.KVM_EXIT_MMIO, addr, data_at(addr) if data_at else b"",
+                                8, True)
             end = self._uniform_end(gfn, min(last, slot.end_gfn))
             private = self._access_is_private(gfn)
             fault = self._fault_in(gfn, end, write, private, slot)
@@ -316,9 +334,13 @@ class Vcpu:
             poisoned = inode.poisoned(lo, hi)
             if poisoned is not None:
                 return memory_fault(uapi.EHWPOISON, first + poisoned - lo)
-            while not complete(gmem_fault_path(self.vm, slot, first, last)):
-                pass  # an invalidation raced with the fault: retry, as KVM does
-            return inode.store, lo * PAGE
+            for _ in range(_FAULT_RETRIES):  # an invalidation raced: retry, as KVM does
+                if complete(gmem_fault_path(self.vm, slot, first, last)):
+                    return inode.store, lo * PAGE
+            # A vCPU thread would spin until the invalidation ends; single-threaded, an
+            # invalidation still in progress here is one an explorer paused.
+            raise RuntimeError("guest fault cannot complete while an invalidation is in "
+                               "progress: finish the paused path first")
         return self._fault_in_hva(slot, first, last, write, memory_fault)
 
     def _fault_in_hva(self, slot: Memslot, first: int, last: int, write: bool,

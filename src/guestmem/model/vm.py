@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from guestmem.model.vcpu import Vcpu
 
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1  # include/linux/kvm_host.h
-GFN_LIMIT = 1 << 52  # gfns are u64; "gpa + size wraps" is checked on bytes
 KVM_MAX_VCPUS = 1024
 
 
@@ -97,7 +96,6 @@ class Vm:
         self.dirty: ExtentMap[bool] = ExtentMap()  # gfns written in LOG_DIRTY_PAGES slots
         self.refs = 1  # the fd; guest_memfd files and vCPUs take more (kvm_get_kvm)
         self.fd_open = True
-        self.destroyed = False
         self._fd = kvm.process.install(self)
 
     @property
@@ -125,7 +123,6 @@ class Vm:
 
     def _destroy(self) -> None:
         """kvm_destroy_vm: free every memslot (unbinding guest_memfd ranges)."""
-        self.destroyed = True
         for slot in list(self.memslots.values()):
             self._delete_slot(slot)
         self.kvm.vms.discard(self)
@@ -262,6 +259,8 @@ class Vm:
         """KVM_MR_MOVE / KVM_MR_FLAGS_ONLY of a non-gmem slot."""
         if base_gfn != slot.base_gfn:
             self.mmu.zap([(slot.base_gfn, slot.end_gfn)])
+        if not flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:  # the dirty bitmap is freed
+            self.dirty.clear(slot.base_gfn, slot.end_gfn)
         slot.base_gfn, slot.flags = base_gfn, flags
 
     def _gmem_bind(self, slot: Memslot, fd: int, offset: int) -> None:
@@ -304,13 +303,11 @@ class Vm:
         memslot = self.memslots.get((slot >> 16, slot & 0xFFFF))
         if memslot is None or not memslot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
             raise oserror(errno.ENOENT, "KVM_GET_DIRTY_LOG")  # no dirty_bitmap
-        bitmap = bytearray(((memslot.npages + 63) // 64) * 8)
+        bits = 0  # one bit per page, built per dirty range with big-int arithmetic
         for lo, hi, _ in self.dirty.overlapping(memslot.base_gfn, memslot.end_gfn):
-            for gfn in range(lo, hi):  # the bitmap itself is per page: userspace asked for it
-                i = gfn - memslot.base_gfn
-                bitmap[i // 8] |= 1 << (i % 8)
+            bits |= ((1 << (hi - lo)) - 1) << (lo - memslot.base_gfn)
         self.dirty.clear(memslot.base_gfn, memslot.end_gfn)
-        return bytes(bitmap)
+        return bits.to_bytes(((memslot.npages + 63) // 64) * 8, "little")
 
     # --- memory attributes (kvm_vm_ioctl_set_mem_attributes) ---
     def set_memory_attributes(self, address: int, size: int, attributes: int,

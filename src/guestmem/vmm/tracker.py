@@ -59,9 +59,13 @@ class SharedRegionTracker:
         self._changed: ExtentMap[Sharing] = ExtentMap()
 
     def record(self, gpa: int, npages: int, attrs: int) -> int:
-        """Apply one guest request; returns the value for the guest's RAX.
-        A rejected request is logged but changes no state."""
-        ret = validate_map_gpa_range(gpa, npages, attrs)
+        """Validate and apply one guest request; returns the value for the guest's
+        RAX. A rejected request is logged but changes no state."""
+        return self.apply(gpa, npages, attrs, validate_map_gpa_range(gpa, npages, attrs))
+
+    def apply(self, gpa: int, npages: int, attrs: int, ret: int) -> int:
+        """Log a request with the answer it got; only a successful one (ret 0)
+        changes the shared/private state."""
         self.requests.append(MapGpaRequest(gpa, npages, attrs, ret))
         if ret == 0:
             gfn = gpa >> uapi.PAGE_SHIFT

@@ -26,7 +26,7 @@ from guestmem.exits import (
     MemoryFaultExit,
 )
 from guestmem.vmm import machine
-from guestmem.vmm.tracker import SharedRegionTracker, Sharing
+from guestmem.vmm.tracker import SharedRegionTracker, Sharing, validate_map_gpa_range
 
 GMEM_BACKING_FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
 
@@ -250,10 +250,11 @@ class Vmm:
             result.log.append(f"hypercall {nr} -> -KVM_ENOSYS")
             return -uapi.KVM_ENOSYS
         gpa, npages, attrs = args[:3]
-        ret = self.tracker.record(gpa, npages, attrs)
-        if ret == 0 and self.converts:
+        ret = validate_map_gpa_range(gpa, npages, attrs)
+        if ret == 0 and self.converts:  # convert first: the list records only what happened
             ret = self.convert(gpa, npages * uapi.PAGE_SIZE,
                                bool(attrs & uapi.KVM_MAP_GPA_RANGE_ENCRYPTED))
+        self.tracker.apply(gpa, npages, attrs, ret)
         result.log.append(f"MAP_GPA_RANGE gpa={gpa:#x} npages={npages} attrs={attrs:#x} -> {ret}")
         return ret
 
