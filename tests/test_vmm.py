@@ -115,3 +115,28 @@ def test_port_doorbell_unknown_hypercall_gets_kvm_enosys(vmm):
     vmm.run()
     assert vmm.vcpu.set_regs_calls[0].rax == (1 << 64) - uapi.KVM_ENOSYS
     assert vmm.tracker.requests == []
+
+
+def test_a_vmm_session_leaks_no_fd_and_no_mapping(host_kvm):
+    """VM, guest_memfds, their mmaps, the vCPU and its kvm_run all go on close."""
+    from guestmem.guest import compile_program, default_hypercall_abi
+
+    def maps():
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+
+    abi = default_hypercall_abi(host_kvm.capabilities.implementation)
+
+    def session():
+        with Vmm(host_kvm) as v:
+            v.add_memory(1 << 32, 2 << 20)
+            v.add_memory(2 << 32, 4096, backing="anon")
+            v.load(compile_program(p.Program.of(p.WritePattern(1 << 32, 4096, 1)), abi))
+            assert v.run().stop == "done"
+            assert v.read(1 << 32, 8) == (1).to_bytes(8, "little")
+
+    session()  # one-time setup: the /proc/self/mem fd, iced-x86's native module
+    fds, mapped = host_kvm.open_fd_count(), maps()
+    for _ in range(3):
+        session()
+    assert (host_kvm.open_fd_count(), maps()) == (fds, mapped)
