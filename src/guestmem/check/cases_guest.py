@@ -99,6 +99,33 @@ def closed_gmem_memory_fault(ctx: Ctx) -> None:
                   (fault.gpa, fault.size, fault.flags) if fault else None)
 
 
+@case("guest.delete_and_rebind", "upstream.md §2.9 (delete memslot: kvm_gmem_unbind keeps pages)",
+      "delete a guest_memfd slot and bind another file at the same GPA: the guest sees the "
+      "new file; the old file keeps the data the guest wrote; rebinding it brings it back",
+      needs=(needs_guests,), flag_variants=(MMAP_SHARED,))
+def delete_and_rebind(ctx: Ctx) -> None:
+    with Vmm(ctx.kvm, ctx.vm_type) as vmm:
+        first = vmm.add_memory(HIGH, PS)
+        ctx.equal("guest writes through the first file", "done",
+                  _run(ctx, vmm, p.WritePattern(HIGH, PS, 0xA1, 1)).stop)
+        second = vmm.add_memory(2 * HIGH, PS)  # a second file, bound elsewhere for now
+        vm = vmm.vm
+        ctx.ok("delete the first slot", vm.delete_memslot, first.slot)
+        ctx.ok("delete the second slot", vm.delete_memslot, second.slot)
+        gmem_flags = uapi.KVM_MEM_GUEST_MEMFD
+        ctx.ok("bind the second file at the first GPA", vm.set_user_memory_region2, first.slot,
+               gmem_flags, HIGH, PS, second.mapping.addr, second.gmem, 0)
+        ctx.equal("guest sees the new, untouched file", [p.VERIFY_OK],
+                  _run(ctx, vmm, p.VerifyPattern(HIGH, PS, 0)).reports)
+        ctx.bytes_equal("the old file kept the guest's data", first.mapping, 8,
+                        (0xA2).to_bytes(8, "little"))
+        ctx.ok("delete again", vm.delete_memslot, first.slot)
+        ctx.ok("rebind the first file", vm.set_user_memory_region2, first.slot, gmem_flags,
+               HIGH, PS, first.mapping.addr, first.gmem, 0)
+        ctx.equal("guest sees its old data again", [p.VERIFY_OK],
+                  _run(ctx, vmm, p.VerifyPattern(HIGH, PS, 0xA1, 1)).reports)
+
+
 @case("guest.readonly_memslot", "KVM_MEM_READONLY (observed on 6.18)",
       "a guest reads a read-only memslot; its write exits to userspace as KVM_EXIT_MMIO "
       "(is_write, gpa, the data) and memory is unchanged", needs=(needs_guests,))
