@@ -126,6 +126,35 @@ def delete_and_rebind(ctx: Ctx) -> None:
                   _run(ctx, vmm, p.VerifyPattern(HIGH, PS, 0xA1, 1)).reports)
 
 
+@case("guest.dirty_log", "KVM_GET_DIRTY_LOG (kvm_get_dirty_log); observed on 6.18",
+      "a LOG_DIRTY_PAGES slot logs exactly the pages the guest wrote; reading the log "
+      "clears it; host writes are not logged", needs=(needs_guests,))
+def dirty_log(ctx: Ctx) -> None:
+    npages = 16
+    with Vmm(ctx.kvm, ctx.vm_type, backing="anon") as vmm:
+        region = vmm.add_memory(HIGH, npages * PS, backing="anon")
+        vm = vmm.vm
+        vm.delete_memslot(region.slot)
+        ctx.ok("slot with LOG_DIRTY_PAGES", vm.set_user_memory_region2, region.slot,
+               uapi.KVM_MEM_LOG_DIRTY_PAGES, HIGH, npages * PS, region.mapping.addr)
+
+        def dirty() -> list[int]:
+            bitmap = int.from_bytes(vm.get_dirty_log(region.slot, npages), "little")
+            return [i for i in range(npages) if bitmap >> i & 1]
+
+        ctx.equal("nothing dirty yet", [], dirty())
+        # Writes only: on shadow-paging hosts (PVM) a later read in the same guest
+        # 2 MiB page is logged too, once the write set that guest PTE's dirty bit.
+        _run(ctx, vmm, p.WritePattern(HIGH + 3 * PS, 8, 1),
+             p.WritePattern(HIGH + 9 * PS, 2 * PS, 2))
+        ctx.equal("pages the guest wrote", [3, 9, 10], dirty())
+        ctx.equal("reading the log cleared it", [], dirty())
+        region.mapping.write(PS, b"host")
+        ctx.equal("host writes are not logged", [], dirty())
+        _run(ctx, vmm, p.WritePattern(HIGH + 3 * PS, 8, 7))
+        ctx.equal("a page written again is logged again", [3], dirty())
+
+
 @case("guest.readonly_memslot", "KVM_MEM_READONLY (observed on 6.18)",
       "a guest reads a read-only memslot; its write exits to userspace as KVM_EXIT_MMIO "
       "(is_write, gpa, the data) and memory is unchanged", needs=(needs_guests,))
