@@ -21,7 +21,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precon
 
 from guestmem import program as p
 from guestmem import uapi
-from guestmem.exits import HostSigbus
+from guestmem.exits import HostFault
 from guestmem.guest import compile_program, default_hypercall_abi
 from guestmem.model import Kvm as ModelKvm
 from guestmem.model.invariants import violations
@@ -47,8 +47,8 @@ def outcome(fn, *args):
         value = fn(*args)
     except OSError as e:
         return ("errno", e.errno)
-    except HostSigbus:
-        return ("SIGBUS",)
+    except HostFault as e:
+        return (e.signal_name,)
     except UnhandledExit as e:
         return ("unhandled exit", e.exit.reason)
     return ("ok", value)
@@ -65,8 +65,9 @@ class World:
         self.mappings: list = []
 
     def close(self):
-        for m in self.mappings:
-            m.munmap()
+        for m in self.mappings + [getattr(self, "anon", None)]:
+            if m is not None:
+                m.munmap()
         for g in self.gmems:
             g.close()
         self.vmm.close()
@@ -147,20 +148,45 @@ class Differential(RuleBasedStateMachine):
         if result[0] == "ok":
             self.bound_slots.add(slot)
 
-    @rule(slot=st.integers(1, 5))
+    @rule(slot=st.integers(5, 6), gib=st.integers(4, 7),
+          flags=st.sampled_from([0, uapi.KVM_MEM_READONLY, uapi.KVM_MEM_LOG_DIRTY_PAGES, 8]))
+    def bind_anonymous(self, slot, gib, flags):
+        """An ordinary memslot over anonymous memory (read-only or dirty-logged)."""
+        def make(w):
+            if not hasattr(w, "anon"):
+                w.anon = w.kvm.mmap_anonymous(4 * PS)
+            w.vmm.vm.set_user_memory_region2(slot, flags, gib * GIB, 4 * PS, w.anon.addr)
+
+        if self.both(f"bind anonymous slot {slot} at {gib} GiB flags {flags}", make)[0] == "ok":
+            self.bound_slots.add(slot)
+
+    @rule(slot=st.integers(1, 6))
+    def dirty_log(self, slot):
+        self.both(f"dirty log of slot {slot}", lambda w: w.vmm.vm.get_dirty_log(slot, 4))
+
+    @rule(gpa=st.sampled_from([0, 4 * GIB, 4 * GIB + 1, 5 * GIB]), flags=st.integers(0, 1))
+    def pre_fault(self, gpa, flags):
+        self.both(f"pre-fault {gpa:#x}", lambda w: w.vmm.vcpu.pre_fault_memory(gpa, PS, flags))
+
+    @rule(attrs=st.sampled_from([0, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE]))
+    def set_attributes(self, attrs):
+        self.both("set attributes", lambda w: w.vmm.vm.set_memory_attributes(4 * GIB, PS, attrs))
+
+    @rule(slot=st.integers(1, 6))
     def delete(self, slot):
         self.both(f"delete slot {slot}", lambda w: w.vmm.vm.delete_memslot(slot))
         self.bound_slots.discard(slot)
 
     # --- host mappings ---------------------------------------------------------------------
-    @rule(target=mappings, g=gmems, twice=st.booleans())
-    def mmap(self, g, twice):
+    @rule(target=mappings, g=gmems, twice=st.booleans(), prot=st.sampled_from([3, 3, 1, 5, 0]),
+          shared=st.booleans(), offset=st.sampled_from([0, 0, PS, 1]))
+    def mmap(self, g, twice, prot, shared, offset):
         if g < 0:
             return -1
 
         def make(w):
             size = w.gmems[g].stat().st_size
-            w.mappings.append(w.gmems[g].mmap(size * (2 if twice else 1)))
+            w.mappings.append(w.gmems[g].mmap(size * (2 if twice else 1), offset, prot, shared))
             return len(w.mappings) - 1
 
         result = self.both("mmap", make)
@@ -195,6 +221,20 @@ class Differential(RuleBasedStateMachine):
             return mapping.read(page * PS, 64)
 
         self.both(f"host read page {page}", read)
+
+    @rule(m=mappings, advice=st.sampled_from([4, 14, 25, 9999]), page=st.integers(0, 3))
+    def madvise(self, m, advice, page):
+        if m < 0:
+            return
+
+        def advise(w):
+            mapping = w.mappings[m]
+            if (page + 1) * PS > mapping.length:
+                return "outside"
+            mapping.madvise(page * PS, PS, advice)
+            return None
+
+        self.both(f"madvise {advice} page {page}", advise)
 
     @rule(m=mappings)
     def munmap(self, m):

@@ -79,12 +79,16 @@ class Profile:
     nr_memslots: int = 32764  # KVM_USER_MEM_SLOTS as this host reports it
     # kvm_gmem_bind on an already bound file range: ML EINVAL, kvm-x86/next EEXIST.
     bind_overlap_errno: int = errno.EINVAL
+    # Shadow paging (this host: kvm_pvm, tdp_mmu=N): the guest's own page-table dirty
+    # bits decide whether a read fault maps writable, which dirty logging sees.
+    shadow_paging: bool = False
     implementation: str = "model"
 
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("mainline", "Linux 6.18 as on this project's host: default VM, MMAP and "
-            "INIT_SHARED, no private memory", frozenset({uapi.KVM_X86_DEFAULT_VM}), False, False),
+            "INIT_SHARED, no private memory", frozenset({uapi.KVM_X86_DEFAULT_VM}), False, False,
+            shadow_paging=True),
     Profile("coco", "mainline plus the CoCo VM types with KVM_SET_MEMORY_ATTRIBUTES and "
             "private memory (an x86 host with SEV-SNP/TDX and CONFIG_KVM_SW_PROTECTED_VM)",
             frozenset(VM_TYPES), True, True),

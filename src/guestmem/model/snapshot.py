@@ -19,12 +19,13 @@ def snapshot(kvm: Any) -> dict[str, Any]:
     for vm in sorted(kvm.vms, key=lambda v: v._fd):
         state[f"vm{vm._fd}"] = (
             sorted((k, s.base_gfn, s.npages, s.flags, s.userspace_addr, s.gmem_pgoff,
-                    s.gmem.ino if s.gmem else None) for k, s in vm.memslots.items()),
+                    s.gmem.ino if s.gmem else None, tuple(s.dirty.items()))
+                   for k, s in vm.memslots.items()),
             tuple(vm.attributes.items()),
             tuple((a, b, v if v == "hva" else v.id) for a, b, v in vm.mmu.mapped.items()),
             (vm.mmu.invalidations, vm.mmu.tlb_flushes, vm.mmu.zapped_pages, vm.mmu.sequence,
              vm.mmu.in_progress),
-            tuple(vm.dirty.items()), vm.exit_hypercall_mask, vm.refs, vm.fd_open,
+            tuple(vm.guest_pte_dirty.items()), vm.exit_hypercall_mask, vm.refs, vm.fd_open,
             sorted((i, bytes(v.regs), bytes(v.sregs), tuple(v.encrypted_view.items()), v.closed)
                    for i, v in vm.vcpus.items()),
         )

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 _MASK = (1 << 64) - 1
 _FAULT_RETRIES = 3
+_FRAME_SHIFT = 9  # gfns per 2 MiB guest page: 1 << 9
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,8 @@ class Vcpu:
         first, last = gpa // PAGE, -(-(gpa + length) // PAGE)
         gfn = first
         while gfn < last:
+            if write:  # the guest's page walk sets the dirty bit of the 2 MiB PTE it uses
+                self.vm.guest_pte_dirty.set(gfn >> _FRAME_SHIFT, (gfn >> _FRAME_SHIFT) + 1, True)
             slot = self.vm.slot_for_gfn(gfn)
             if slot is None:
                 if self._access_is_private(gfn):
@@ -284,16 +287,32 @@ class Vcpu:
                                 8, True)
             end = self._uniform_end(gfn, min(last, slot.end_gfn))
             private = self._access_is_private(gfn)
+            unmapped = list(self.vm.mmu.mapped.gaps(gfn, end))
             fault = self._fault_in(gfn, end, write, private, slot)
             if isinstance(fault, _Fault):
                 return fault
+            if write:
+                self.vm.guest_pte_dirty.set(gfn >> _FRAME_SHIFT, ((end - 1) >> _FRAME_SHIFT) + 1,
+                                            True)
+            elif slot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES and self.vm.kvm.profile.shadow_paging:
+                self._log_writable_read_faults(slot, unmapped)
             lo, hi = max(gpa, gfn * PAGE), min(gpa + length, end * PAGE)
             store, base = fault
             pieces.append(_Piece(store, base + lo - gfn * PAGE, lo, hi - lo))
-            if write and slot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
-                self.vm.dirty.set(gfn, end, True)
+            if write:
+                slot.mark_dirty(gfn, end)
             gfn = end
         return pieces
+
+    def _log_writable_read_faults(self, slot: Memslot, faulted: list[tuple[int, int]]) -> None:
+        """Shadow paging: a read fault on a page whose guest PTE is already dirty
+        gets a writable SPTE, and x86 make_spte marks a page dirty whenever it
+        makes a writable SPTE in a dirty-logged slot (observed on 6.18 PVM)."""
+        for lo, hi in faulted:
+            frames = self.vm.guest_pte_dirty.overlapping(lo >> _FRAME_SHIFT,
+                                                         ((hi - 1) >> _FRAME_SHIFT) + 1)
+            for f0, f1, _ in list(frames):
+                slot.mark_dirty(max(lo, f0 << _FRAME_SHIFT), min(hi, f1 << _FRAME_SHIFT))
 
     def _uniform_end(self, gfn: int, limit: int) -> int:
         """End of the run from gfn over which privateness (attributes and the

@@ -35,6 +35,14 @@ class Memslot:
     gmem_pgoff: int = 0
     is_gmem_slot: bool = False  # KVM_MEM_GUEST_MEMFD was given
     gmem_only: bool = False  # KVM_MEMSLOT_GMEM_ONLY: bound to a guest_memfd with MMAP
+    # The dirty bitmap, by page index within the slot: it belongs to the slot and
+    # moves with it (kvm_prepare_memory_region keeps old->dirty_bitmap on MOVE).
+    dirty: ExtentMap[bool] = field(default_factory=ExtentMap)
+
+    def mark_dirty(self, first: int, last: int) -> None:
+        """mark_page_dirty_in_slot for gfns [first, last) of this slot."""
+        if self.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+            self.dirty.set(first - self.base_gfn, last - self.base_gfn, True)
 
     @property
     def end_gfn(self) -> int:
@@ -93,7 +101,9 @@ class Vm:
         self.mmu = Stage2Mmu()
         self.exit_hypercall_mask = 0
         self.vcpus: dict[int, Vcpu] = {}
-        self.dirty: ExtentMap[bool] = ExtentMap()  # gfns written in LOG_DIRTY_PAGES slots
+        # Dirty bits of the guest's 2 MiB page-table entries (guestmem machines map
+        # guest memory with 2 MiB identity pages, written once per VM), by 2 MiB frame.
+        self.guest_pte_dirty: ExtentMap[bool] = ExtentMap()
         self.refs = 1  # the fd; guest_memfd files and vCPUs take more (kvm_get_kvm)
         self.fd_open = True
         self._fd = kvm.process.install(self)
@@ -260,7 +270,7 @@ class Vm:
         if base_gfn != slot.base_gfn:
             self.mmu.zap([(slot.base_gfn, slot.end_gfn)])
         if not flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:  # the dirty bitmap is freed
-            self.dirty.clear(slot.base_gfn, slot.end_gfn)
+            slot.dirty = ExtentMap()
         slot.base_gfn, slot.flags = base_gfn, flags
 
     def _gmem_bind(self, slot: Memslot, fd: int, offset: int) -> None:
@@ -286,7 +296,6 @@ class Vm:
         if slot.gmem is not None:
             slot.gmem.bindings.clear(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages)
             slot.gmem = None
-        self.dirty.clear(slot.base_gfn, slot.end_gfn)
         self.memslots = {k: s for k, s in self.memslots.items() if s is not slot}
 
     def slot_for_gfn(self, gfn: int) -> Memslot | None:
@@ -304,9 +313,9 @@ class Vm:
         if memslot is None or not memslot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
             raise oserror(errno.ENOENT, "KVM_GET_DIRTY_LOG")  # no dirty_bitmap
         bits = 0  # one bit per page, built per dirty range with big-int arithmetic
-        for lo, hi, _ in self.dirty.overlapping(memslot.base_gfn, memslot.end_gfn):
-            bits |= ((1 << (hi - lo)) - 1) << (lo - memslot.base_gfn)
-        self.dirty.clear(memslot.base_gfn, memslot.end_gfn)
+        for lo, hi, _ in memslot.dirty.items():
+            bits |= ((1 << (hi - lo)) - 1) << lo
+        memslot.dirty = ExtentMap()
         return bits.to_bytes(((memslot.npages + 63) // 64) * 8, "little")
 
     # --- memory attributes (kvm_vm_ioctl_set_mem_attributes) ---
