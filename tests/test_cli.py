@@ -28,6 +28,8 @@ def test_info_json_reports_implementation_and_profile(host_kvm):
     assert record["guest_memfd_flags"] == caps.guest_memfd_flags
     assert record["system"]["KVM_CAP_GUEST_MEMFD"] == 1
     assert record["profile"] == "mainline"
+    # VM scope, probed on a VM of each type the host has
+    assert record["vm"]["default"]["KVM_CAP_GUEST_MEMFD_FLAGS"] == caps.guest_memfd_flags
 
 
 def test_check_prints_the_table_and_counts(host_kvm):
@@ -61,6 +63,11 @@ def test_model_info_names_its_profile():
     assert record["backend"] == "model" and record["profile"] == "coco"
     assert record["memory_attributes"] == 8
     assert sorted(record["vm_types"].values()) == [0, 1, 2, 3, 4, 5]
+    # VM scope: attributes and INIT_SHARED only where upstream.md §1.4 says
+    assert record["vm"]["default"]["KVM_CAP_MEMORY_ATTRIBUTES"] == 0
+    assert record["vm"]["sw-protected"]["KVM_CAP_MEMORY_ATTRIBUTES"] == 8
+    assert record["vm"]["snp"]["KVM_CAP_GUEST_MEMFD_FLAGS"] == 1
+    assert record["vm"]["default"]["KVM_CAP_GUEST_MEMFD_FLAGS"] == 3
 
 
 def test_model_check_passes_on_both_profiles():

@@ -56,3 +56,17 @@ def test_model_mainline_and_kernel_agree_case_by_case(host_kvm):
                 assert (k.status, m.status) == (Status.SKIP, Status.PASS)
                 continue
             assert k.status == m.status, f"{inst.name}: kernel {k.observed} / model {m.observed}"
+
+
+def test_model_mainline_capabilities_match_the_host(host_kvm):
+    """The mainline profile reports what this host's KVM reports, at system scope
+    and on a VM (KVM_CAP_NR_VCPUS is the host's CPU count, not a KVM property)."""
+    with ModelKvm("mainline") as model:
+        mine, host = model.capabilities, host_kvm.capabilities
+        skip = {"KVM_CAP_NR_VCPUS"}
+        assert {k: v for k, v in mine.system.items() if k not in skip} == \
+            {k: v for k, v in host.system.items() if k not in skip}
+        assert mine.vm_types == host.vm_types
+        for vm_type in host.vm_types:
+            assert {k: v for k, v in mine.vm[vm_type].items() if k not in skip} == \
+                {k: v for k, v in host.vm[vm_type].items() if k not in skip}

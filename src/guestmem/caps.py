@@ -25,6 +25,7 @@ class Capabilities:
     numa_nodes: int
     gmem_flags_by_vm_type: dict[int, int]  # KVM_CAP_GUEST_MEMFD_FLAGS on a VM of each type
     system: dict[str, int]  # every known capability at system scope, by name
+    vm: dict[int, dict[str, int]]  # every known capability on a VM of each type, by name
     runs_guests: bool = True
 
     def gmem_flags_for(self, vm_type: int) -> int:

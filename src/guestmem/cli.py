@@ -72,6 +72,7 @@ def info_record(kvm: Any) -> dict[str, Any]:
     record["gmem_flags_by_vm_type"] = {
         uapi.VM_TYPE_NAMES.get(t, str(t)): f for t, f in caps.gmem_flags_by_vm_type.items()
     }
+    record["vm"] = {uapi.VM_TYPE_NAMES.get(t, str(t)): v for t, v in caps.vm.items()}
     record["guest_memfd_flag_names"] = [
         name
         for name, bit in (
@@ -114,10 +115,19 @@ def info(backend: str, profile: str, as_json: bool) -> None:
     for name, flags in record["gmem_flags_by_vm_type"].items():
         table.add_row(f"  on a {name} VM", f"{flags:#x}")
     table.add_row("NUMA nodes", str(record["numa_nodes"]))
-    table.add_section()
-    for name, value in record["system"].items():
-        table.add_row(name, str(value) if value < 256 else f"{value:#x}")
     _console().print(table)
+    caps = Table(title="KVM_CHECK_EXTENSION: system scope and on a VM of each type")
+    caps.add_column("capability", style="bold")
+    caps.add_column("system", justify="right")
+    for vm_name in record["vm"]:
+        caps.add_column(f"{vm_name} VM", justify="right")
+
+    def fmt(value: int) -> str:
+        return str(value) if value < 256 else f"{value:#x}"
+
+    for name, value in record["system"].items():
+        caps.add_row(name, fmt(value), *(fmt(v[name]) for v in record["vm"].values()))
+    _console().print(caps)
 
 
 @main.command()

@@ -134,13 +134,12 @@ class Kvm(_Fd):
         }
         vm_types = self.supported_vm_types()
         by_type: dict[int, int] = {}
+        vm_scope: dict[int, dict[str, int]] = {}
         for vm_type in sorted(vm_types):
             with self.create_vm(vm_type) as vm:
-                by_type[vm_type] = (
-                    vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
-                    if system["KVM_CAP_GUEST_MEMFD"]
-                    else 0
-                )
+                vm_scope[vm_type] = {name: vm.check_extension(nr)
+                                     for nr, name in sorted(uapi.CAPABILITY_NAMES.items())}
+                by_type[vm_type] = vm_scope[vm_type]["KVM_CAP_GUEST_MEMFD_FLAGS"]
         return Capabilities(
             api_version=self.api_version(),
             implementation=kvm_implementation(),
@@ -158,6 +157,7 @@ class Kvm(_Fd):
             numa_nodes=numa_node_count(),
             gmem_flags_by_vm_type=by_type,
             system=system,
+            vm=vm_scope,
         )
 
     def open_fd_count(self) -> int:

@@ -76,7 +76,17 @@ class Kvm:
             numa_nodes=1,
             gmem_flags_by_vm_type=by_type,
             system=system,
+            vm={t: self._vm_scope(t, system) for t in sorted(self.profile.vm_types)},
         )
+
+    def _vm_scope(self, vm_type: int, system: dict[str, int]) -> dict[str, int]:
+        """KVM_CHECK_EXTENSION on a VM of this type (kvm_vm_ioctl_check_extension_generic):
+        system values, except the guest_memfd flags and attributes the VM type decides."""
+        vt = VM_TYPES[vm_type]
+        attrs = (uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+                 if self.profile.memory_attributes and vt.has_private_mem else 0)
+        return {**system, "KVM_CAP_GUEST_MEMFD_FLAGS": vt.gmem_flags,
+                "KVM_CAP_MEMORY_ATTRIBUTES": attrs}
 
     def api_version(self) -> int:
         return uapi.KVM_API_VERSION
