@@ -222,7 +222,8 @@ class Differential(RuleBasedStateMachine):
 
         self.both(f"host read page {page}", read)
 
-    @rule(m=mappings, advice=st.sampled_from([4, 14, 25, 9999]), page=st.integers(0, 3))
+    @rule(m=mappings, advice=st.sampled_from([0, 3, 4, 8, 9, 14, 18, 21, 22, 23, 24, 25, 9999]),
+          page=st.integers(0, 3))
     def madvise(self, m, advice, page):
         if m < 0:
             return

@@ -77,8 +77,26 @@ def test_pinning_pages_the_host_cannot_fault_is_sigbus():
     assert not g.inode.pinned(0, 4)
 
 
+def test_madv_hwpoison_exists_only_where_the_profile_has_memory_failure():
+    """This host's kernel answers MADV_HWPOISON with EINVAL (no CONFIG_MEMORY_FAILURE):
+    the mainline profile does too; coco models a host that has it."""
+    import errno
+
+    for profile, works in (("mainline", False), ("coco", True)):
+        kvm = Kvm(profile)
+        vm, g, m = gmem_with_mapping(kvm)
+        try:
+            m.madvise(0, PS, 100)
+            outcome = True
+        except OSError as e:
+            assert e.errno == errno.EINVAL
+            outcome = False
+        assert outcome is works
+        assert (g.inode.poisoned(0, 8) is not None) is works
+
+
 def test_hwpoison_guest_gets_ehwpoison_host_sigbus_punch_recovers():
-    kvm = Kvm()
+    kvm = Kvm("coco")
     with Vmm(kvm, cpl=0) as vmm:
         region = vmm.add_memory(1 << 32, 4 * PS)
         region.mapping.write(PS, b"\x11" * PS)
@@ -107,7 +125,7 @@ def test_madv_hwpoison_needs_a_page_gup_can_fault():
     is EFAULT, nothing is allocated for it, and the counters still add up."""
     import errno
 
-    kvm = Kvm()
+    kvm = Kvm("coco")  # a profile with CONFIG_MEMORY_FAILURE
     vm = kvm.create_vm()
     g = vm.create_guest_memfd(2 * PS, FLAGS)
     m = g.mmap(4 * PS)

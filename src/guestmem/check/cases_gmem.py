@@ -216,6 +216,48 @@ def mmap_exec(ctx: Ctx) -> None:
         ctx.fails("PROT_READ|PROT_EXEC", errno.EPERM, g.mmap, PS, 0, 5)
 
 
+MADV_NO_EFFECT = (0, 1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20, 21)
+MADV_REFUSED = (8, 18, 25, 26, 101, 9999)  # FREE, WIPEONFORK, COLLAPSE, unknown, SOFT_OFFLINE
+
+
+@case("gmem.madvise", "madvise on a guest_memfd mapping (observed on 6.18)",
+      "hints are accepted and change nothing; DONTNEED keeps the data; REMOVE punches the "
+      "hole; POPULATE faults pages in; FREE, WIPEONFORK, COLLAPSE and unknown advice EINVAL",
+      flag_variants=(MMAP | SHARED,))
+def madvise(ctx: Ctx) -> None:
+    size = 4 * PS
+    with ctx.vm() as vm, ctx.gmem(vm, size) as g, g.mmap(size) as m:
+        m.write(0, b"\x11" * size)
+        for advice in MADV_NO_EFFECT:
+            ctx.ok(f"advice {advice}", m.madvise, 0, PS, advice)
+        ctx.ok("DONTNEED", m.madvise, 0, PS, 4)
+        ctx.ok("DONTNEED_LOCKED", m.madvise, 0, PS, 24)
+        ctx.bytes_equal("data kept through all of them", m, 0, b"\x11" * PS)
+        for advice in MADV_REFUSED:
+            ctx.fails(f"advice {advice}", errno.EINVAL, m.madvise, 0, PS, advice)
+        ctx.ok("REMOVE page 1", m.madvise, PS, PS, 9)
+        ctx.bytes_equal("page 1 punched", m, PS, bytes(PS))
+        ctx.bytes_equal("page 2 kept", m, 2 * PS, b"\x11" * PS)
+        ctx.ok("POPULATE_WRITE", m.madvise, 0, size, 23)
+        ctx.ok("POPULATE_READ", m.madvise, 0, size, 22)
+    with ctx.vm() as vm, ctx.gmem(vm, 2 * PS) as g, g.mmap(4 * PS) as m:
+        ctx.fails("POPULATE_READ past EOF", errno.EFAULT, m.madvise, 2 * PS, PS, 22)
+        ctx.fails("POPULATE_WRITE past EOF", errno.EFAULT, m.madvise, 2 * PS, PS, 23)
+        ctx.ok("REMOVE past EOF", m.madvise, 2 * PS, 2 * PS, 9)
+        ctx.ok("DONTNEED past EOF", m.madvise, 2 * PS, PS, 4)
+
+
+@case("gmem.madvise_private", "madvise on a guest_memfd without INIT_SHARED (observed on 6.18)",
+      "POPULATE of private memory EFAULT (the fault would SIGBUS); REMOVE and DONTNEED ok",
+      flag_variants=(MMAP,))
+def madvise_private(ctx: Ctx) -> None:
+    with ctx.vm() as vm, ctx.gmem(vm, 2 * PS) as g, g.mmap(2 * PS) as m:
+        ctx.fails("POPULATE_READ", errno.EFAULT, m.madvise, 0, PS, 22)
+        ctx.fails("POPULATE_WRITE", errno.EFAULT, m.madvise, 0, PS, 23)
+        ctx.ok("REMOVE", m.madvise, 0, PS, 9)
+        ctx.ok("DONTNEED", m.madvise, 0, PS, 4)
+
+
 @case("gmem.mmap_readonly", "mm: VMA protection (observed on 6.18)",
       "a PROT_READ mapping reads the file's data; a store to it is SIGSEGV",
       flag_variants=(MMAP | SHARED,))

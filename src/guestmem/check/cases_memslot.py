@@ -145,6 +145,20 @@ def many_slots_one_file(ctx: Ctx) -> None:
                   GMEM, 8 << 30, PS, 0, g, 3 * MB2 + PS)
 
 
+@case("vcpu.create_ids", "kvm_vm_ioctl_create_vcpu (observed on 6.18)",
+      "vCPU ids up to KVM_MAX_VCPU_IDS-1 (4095 on x86) are valid, 4096 is EINVAL, an id in "
+      "use is EEXIST")
+def vcpu_create_ids(ctx: Ctx) -> None:
+    with ctx.vm() as vm:
+        first = ctx.ok("id 0", vm.create_vcpu, 0)
+        ctx.fails("id 0 again", errno.EEXIST, vm.create_vcpu, 0)
+        last = ctx.ok("id 4095", vm.create_vcpu, 4095)
+        ctx.fails("id 4096", errno.EINVAL, vm.create_vcpu, 4096)
+        ctx.fails("id 100000", errno.EINVAL, vm.create_vcpu, 100_000)
+        for v in (first, last):
+            v.close()
+
+
 @case("lifetime.close_gmem_while_bound", "upstream.md §2.9 kvm_gmem_release",
       "closing a bound guest_memfd leaves the memslot; it can be deleted and the slot reused")
 def close_gmem_while_bound(ctx: Ctx) -> None:

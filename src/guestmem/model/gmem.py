@@ -190,6 +190,11 @@ class GmemInode:
         self.get_pages(index, index + count)
         return None
 
+    def remove(self, first: int, last: int) -> None:
+        """MADV_REMOVE on a mapping: vfs_fallocate(PUNCH_HOLE|KEEP_SIZE) of the range."""
+        for _ in self.punch_hole_path(first, last):
+            pass
+
     def unmapped(self, mapping: Mapping) -> None:
         self.mappings.discard(mapping)
         self._maybe_release()
@@ -289,7 +294,7 @@ class GuestMemfd:
         return self._fd
 
     def _live(self) -> GmemInode:
-        if self.closed:
+        if self.closed:  # as the host backend's _Fd: a closed object has no fd
             raise oserror(errno.EBADF, "closed")
         return self.inode
 
@@ -314,7 +319,7 @@ class GuestMemfd:
         if not mode & keep or mode & ~(keep | punch):
             raise oserror(errno.EOPNOTSUPP, "fallocate")  # kvm_gmem_fallocate
         if offset % PAGE or length % PAGE:
-            raise oserror(errno.EINVAL, "fallocate")
+            raise oserror(errno.EINVAL, "fallocate")  # kvm_gmem_fallocate: PAGE_ALIGNED
         first, last = offset // PAGE, (offset + length) // PAGE
         if mode & punch:
             for _ in inode.punch_hole_path(first, last):  # run to completion

@@ -27,6 +27,7 @@ class Kvm:
             profile = PROFILES[profile]
         self.profile = profile
         self.process = HostProcess()
+        self.process.memory_failure = profile.memory_failure
         self.vms: set[Vm] = set()
         self.closed = False
         self.fd = self.process.install(self)

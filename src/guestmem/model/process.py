@@ -20,7 +20,14 @@ from guestmem.model.content import PAGE, PageStore
 TASK_SIZE_MAX = (1 << 47) - PAGE  # x86-64 4-level user address space (access_ok)
 MMAP_BASE = 0x7F00_0000_0000
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MADV_DONTNEED, MADV_HUGEPAGE, MADV_COLLAPSE, MADV_HWPOISON = 4, 14, 25, 100
+MADV_DONTNEED, MADV_REMOVE, MADV_HUGEPAGE, MADV_COLLAPSE, MADV_HWPOISON = 4, 9, 14, 25, 100
+MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED = 22, 23, 24
+# Advice a shared guest_memfd mapping accepts with nothing observable changing
+# (observed on 6.18: NORMAL, RANDOM, SEQUENTIAL, WILLNEED, DONTFORK, DOFORK,
+# MERGEABLE, UNMERGEABLE, HUGEPAGE, NOHUGEPAGE, DONTDUMP, DODUMP, KEEPONFORK,
+# COLD, PAGEOUT). FREE (8), WIPEONFORK (18), COLLAPSE (25), newer and unknown
+# values are EINVAL (madvise_behavior_valid and the VMA checks).
+_MADV_NO_EFFECT = frozenset({0, 1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20, 21})
 
 
 class Backing(Protocol):
@@ -54,6 +61,7 @@ class Stats:
 class HostProcess:
     def __init__(self) -> None:
         self.fds: dict[int, Any] = {}
+        self.memory_failure = False  # CONFIG_MEMORY_FAILURE: MADV_HWPOISON available
         self.mappings: dict[int, Mapping] = {}
         self._next_addr = MMAP_BASE
         self.stats = Stats()
@@ -75,7 +83,7 @@ class HostProcess:
             return self.fds[fd]
         try:
             os.fstat(fd)
-        except OSError as e:
+        except OSError as e:  # fget() found no file: every ioctl taking an fd says EBADF
             raise oserror(errno.EBADF, "fget") from e
         return FOREIGN
 
@@ -113,6 +121,13 @@ class AnonymousMemory:
             self.process.stats.allocate(hi - lo)
         self.present.set(index, index + count, True)
         return None
+
+    def remove(self, first: int, last: int) -> None:
+        """MADV_REMOVE: shmem punches the hole, freeing the pages (observed)."""
+        last = min(last, self.npages)
+        if first < last:
+            self.process.stats.free(self.present.take(first, last))
+            self.store.clear(first, last)
 
     def unmapped(self, mapping: Mapping) -> None:
         """The only mapping is gone: the memory is freed."""
@@ -216,26 +231,37 @@ class Mapping:
 
     def madvise(self, offset: int, length: int, advice: int) -> None:
         self._check(offset, length)
-        if advice == MADV_COLLAPSE:  # guest_memfd refuses khugepaged collapse (test_collapse)
-            raise oserror(errno.EINVAL, "madvise")
-        if advice == MADV_DONTNEED:  # drops PTEs; the shared file keeps its pages
-            self.ptes.clear(offset // PAGE, -(-(offset + length) // PAGE))
-        elif advice == MADV_HWPOISON:
-            # madvise_inject_error (CAP_SYS_ADMIN): GUP each page, then memory_failure();
-            # a page GUP cannot fault is EFAULT, and the pages before it stay poisoned.
-            failure = getattr(self.backing, "memory_failure", None)
-            if failure is None:
-                raise oserror(errno.EINVAL, "madvise")
-            first = offset // PAGE
-            try:
-                self._fault(offset, length, False)
+        first, last = offset // PAGE, -(-(offset + length) // PAGE)
+        if advice in _MADV_NO_EFFECT:
+            return
+        if advice in (MADV_DONTNEED, MADV_DONTNEED_LOCKED):  # drops PTEs; the shared
+            self.ptes.clear(first, last)  # file keeps its pages
+        elif advice == MADV_REMOVE:  # vfs_fallocate(PUNCH_HOLE|KEEP_SIZE) on the file range
+            self.backing.remove(self.pgoff + first, self.pgoff + last)
+        elif advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
+            try:  # madvise_populate: a fault that would SIGBUS is EFAULT
+                self._fault(offset, length, advice == MADV_POPULATE_WRITE)
             except HostSigbus as e:
-                bad = (e.addr - self.addr) // PAGE
-                failure(self.pgoff + first, self.pgoff + bad)
                 raise oserror(errno.EFAULT, "madvise") from e
-            failure(self.pgoff + first, self.pgoff + -(-(offset + length) // PAGE))
-        elif advice != MADV_HUGEPAGE:
+        elif advice == MADV_HWPOISON and self.process.memory_failure:
+            self._inject_memory_error(offset, length)
+        else:  # COLLAPSE: guest_memfd refuses khugepaged (test_collapse); the rest above
             raise oserror(errno.EINVAL, "madvise")
+
+    def _inject_memory_error(self, offset: int, length: int) -> None:
+        """madvise_inject_error (CAP_SYS_ADMIN): GUP each page, then memory_failure();
+        a page GUP cannot fault is EFAULT, and the pages before it stay poisoned."""
+        failure = getattr(self.backing, "memory_failure", None)
+        if failure is None:
+            raise oserror(errno.EINVAL, "madvise")
+        first = offset // PAGE
+        try:
+            self._fault(offset, length, False)
+        except HostSigbus as e:
+            bad = (e.addr - self.addr) // PAGE
+            failure(self.pgoff + first, self.pgoff + bad)
+            raise oserror(errno.EFAULT, "madvise") from e
+        failure(self.pgoff + first, self.pgoff + -(-(offset + length) // PAGE))
 
     def zap(self, first: int, last: int) -> None:
         """unmap_mapping_range for backing indexes [first, last)."""

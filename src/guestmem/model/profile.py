@@ -82,6 +82,8 @@ class Profile:
     # Shadow paging (this host: kvm_pvm, tdp_mmu=N): the guest's own page-table dirty
     # bits decide whether a read fault maps writable, which dirty logging sees.
     shadow_paging: bool = False
+    # CONFIG_MEMORY_FAILURE: MADV_HWPOISON injects errors (this host: EINVAL, so off).
+    memory_failure: bool = False
     implementation: str = "model"
 
 
@@ -91,5 +93,5 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             shadow_paging=True),
     Profile("coco", "mainline plus the CoCo VM types with KVM_SET_MEMORY_ATTRIBUTES and "
             "private memory (an x86 host with SEV-SNP/TDX and CONFIG_KVM_SW_PROTECTED_VM)",
-            frozenset(VM_TYPES), True, True),
+            frozenset(VM_TYPES), True, True, memory_failure=True),
 )}

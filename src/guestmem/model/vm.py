@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from guestmem.model.vcpu import Vcpu
 
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1  # include/linux/kvm_host.h
-KVM_MAX_VCPUS = 1024
+KVM_MAX_VCPUS = 1024  # KVM_CAP_MAX_VCPUS: kvm->max_vcpus
+KVM_MAX_VCPU_IDS = 4096  # x86: KVM_MAX_VCPUS * KVM_VCPU_ID_RATIO (observed: 4095 ok, 4096 not)
 
 
 @dataclass(eq=False)
@@ -262,7 +263,7 @@ class Vm:
     def _check_overlap(self, base_gfn: int, npages: int, skip: Memslot | None) -> None:
         for other in self.memslots.values():
             overlaps = base_gfn < other.end_gfn and other.base_gfn < base_gfn + npages
-            if other is not skip and overlaps:
+            if other is not skip and overlaps:  # kvm_set_memory_region: CREATE/MOVE overlap
                 raise oserror(errno.EEXIST, "memslot overlaps another")
 
     def _move_or_flags(self, slot: Memslot, base_gfn: int, flags: int) -> None:
@@ -307,7 +308,7 @@ class Vm:
     def get_dirty_log(self, slot: int, npages: int) -> bytes:
         """KVM_GET_DIRTY_LOG: the slot's dirty bitmap, cleared as it is read."""
         self._live()
-        if slot & 0xFFFF >= self.kvm.profile.nr_memslots:
+        if slot & 0xFFFF >= self.kvm.profile.nr_memslots:  # kvm_get_dirty_log: as_id/id
             raise oserror(errno.EINVAL, "KVM_GET_DIRTY_LOG")
         memslot = self.memslots.get((slot >> 16, slot & 0xFFFF))
         if memslot is None or not memslot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
@@ -324,6 +325,7 @@ class Vm:
         self._live()
         if not self.kvm.profile.memory_attributes:
             raise oserror(errno.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES")  # not built
+        # kvm_vm_ioctl_set_mem_attributes, checks in order (upstream.md §2.13):
         if flags:
             raise oserror(errno.EINVAL, "flags")
         if attributes & ~self.supported_attributes():
@@ -345,7 +347,9 @@ class Vm:
         from guestmem.model.vcpu import Vcpu
 
         self._live()
-        if vcpu_id >= KVM_MAX_VCPUS:
+        # kvm_vm_ioctl_create_vcpu: id beyond KVM_MAX_VCPU_IDS or max_vcpus created:
+        # EINVAL; an id in use: EEXIST (kvm_get_vcpu_by_id).
+        if vcpu_id >= KVM_MAX_VCPU_IDS or len(self.vcpus) >= KVM_MAX_VCPUS:
             raise oserror(errno.EINVAL, "KVM_CREATE_VCPU")
         if vcpu_id in self.vcpus:
             raise oserror(errno.EEXIST, "KVM_CREATE_VCPU")
