@@ -222,7 +222,8 @@ MADV_REFUSED = (8, 18, 25, 26, 101, 9999)  # FREE, WIPEONFORK, COLLAPSE, unknown
 
 @case("gmem.madvise", "madvise on a guest_memfd mapping (observed on 6.18)",
       "hints are accepted and change nothing; DONTNEED keeps the data; REMOVE punches the "
-      "hole; POPULATE faults pages in; FREE, WIPEONFORK, COLLAPSE and unknown advice EINVAL",
+      "hole; POPULATE faults pages in, EINVAL without the protection it needs; FREE, "
+      "WIPEONFORK, COLLAPSE and unknown advice EINVAL",
       flag_variants=(MMAP | SHARED,))
 def madvise(ctx: Ctx) -> None:
     size = 4 * PS
@@ -245,10 +246,12 @@ def madvise(ctx: Ctx) -> None:
         ctx.fails("POPULATE_WRITE past EOF", errno.EFAULT, m.madvise, 2 * PS, PS, 23)
         ctx.ok("REMOVE past EOF", m.madvise, 2 * PS, 2 * PS, 9)
         ctx.ok("DONTNEED past EOF", m.madvise, 2 * PS, PS, 4)
+    _populate_needs_protection(ctx)
 
 
 @case("gmem.madvise_private", "madvise on a guest_memfd without INIT_SHARED (observed on 6.18)",
-      "POPULATE of private memory EFAULT (the fault would SIGBUS); REMOVE and DONTNEED ok",
+      "POPULATE of private memory EFAULT (the fault would SIGBUS); REMOVE and DONTNEED ok; "
+      "POPULATE without the protection it needs EINVAL, before the fault",
       flag_variants=(MMAP,))
 def madvise_private(ctx: Ctx) -> None:
     with ctx.vm() as vm, ctx.gmem(vm, 2 * PS) as g, g.mmap(2 * PS) as m:
@@ -256,6 +259,19 @@ def madvise_private(ctx: Ctx) -> None:
         ctx.fails("POPULATE_WRITE", errno.EFAULT, m.madvise, 0, PS, 23)
         ctx.ok("REMOVE", m.madvise, 0, PS, 9)
         ctx.ok("DONTNEED", m.madvise, 0, PS, 4)
+    _populate_needs_protection(ctx)
+
+
+def _populate_needs_protection(ctx: Ctx) -> None:
+    """POPULATE_READ needs PROT_READ and POPULATE_WRITE PROT_WRITE: EINVAL otherwise,
+    checked before the fault (mm/gup.c faultin_page_range: check_vma_flags)."""
+    with ctx.vm() as vm, ctx.gmem(vm, PS) as g:
+        for prot, refused in ((0, (22, 23)), (1, (23,)), (2, (22,))):
+            with g.mmap(PS, prot=prot) as m:
+                for advice in refused:
+                    name = "READ" if advice == 22 else "WRITE"
+                    ctx.fails(f"POPULATE_{name} with prot {prot}", errno.EINVAL,
+                              m.madvise, 0, PS, advice)
 
 
 @case("gmem.mmap_readonly", "mm: VMA protection (observed on 6.18)",

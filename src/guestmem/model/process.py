@@ -239,8 +239,13 @@ class Mapping:
         elif advice == MADV_REMOVE:  # vfs_fallocate(PUNCH_HOLE|KEEP_SIZE) on the file range
             self.backing.remove(self.pgoff + first, self.pgoff + last)
         elif advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
+            write = advice == MADV_POPULATE_WRITE
+            if not self.prot & (PROT_WRITE if write else PROT_READ):
+                # mm/gup.c faultin_page_range: check_vma_flags fails -> "-EINVAL
+                # instead of -EFAULT for any permission problems", before any fault
+                raise oserror(errno.EINVAL, "madvise")
             try:  # madvise_populate: a fault that would SIGBUS is EFAULT
-                self._fault(offset, length, advice == MADV_POPULATE_WRITE)
+                self._fault(offset, length, write)
             except HostSigbus as e:
                 raise oserror(errno.EFAULT, "madvise") from e
         elif advice == MADV_HWPOISON and self.process.memory_failure:
