@@ -51,3 +51,34 @@ def test_a_terabyte_of_pages_is_one_extent():
     emap.set(pages // 2, pages // 2 + 1, "private")
     assert len(emap) == 3
     assert emap.get(pages - 1) == "shared"
+
+
+def test_many_sublists_against_a_per_point_reference():
+    """Enough boundaries that sortedcontainers splits its list into many sublists
+    (about 1,000 keys each), and ranges wide enough to remove more than a few
+    boundaries at once: the paths the small property test above cannot reach."""
+    import random
+
+    rng = random.Random(3)
+    n = 200_000
+    emap: ExtentMap[int] = ExtentMap()
+    ref: list[int | None] = [None] * n
+    for step in range(8_000):
+        start = rng.randrange(n)
+        end = min(n, start + (rng.randrange(1, 800) if step % 100 == 0 else rng.randrange(1, 8)))
+        value = rng.choice([None, 1, 2, 3])
+        if value is None and step % 2:
+            assert emap.take(start, end) == sum(v is not None for v in ref[start:end])
+        else:
+            emap.set(start, end, value)
+        ref[start:end] = [value] * (end - start)
+        if step % 500 == 0:
+            for point in rng.sample(range(n), 200):
+                assert emap.get(point) == ref[point]
+    assert emap.boundaries() > 5_000  # several sublists
+    edges = {p + d for s, e, _ in emap.items() for p in (s, e) for d in (-1, 0) if 0 <= p + d < n}
+    assert all(emap.get(point) == ref[point] for point in edges)  # sublist ends among them
+    rebuilt: list[int | None] = [None] * n
+    for s, e, v in emap.items():
+        rebuilt[s:e] = [v] * (e - s)
+    assert rebuilt == ref

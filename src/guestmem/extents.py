@@ -15,6 +15,7 @@ Values must be hashable; equal values share one palette entry.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
@@ -24,6 +25,7 @@ V = TypeVar("V")
 
 _VID_BITS = 32
 _VID_MASK = (1 << _VID_BITS) - 1
+_FEW = 32  # boundaries removed one by one; more go as one positional slice
 
 
 class ExtentMap(Generic[V]):
@@ -47,9 +49,25 @@ class ExtentMap(Generic[V]):
             self._ids[value] = vid
         return vid
 
+    def _floor(self, key: int) -> int | None:
+        """The greatest boundary <= key. Read through SortedList's sublists (_maxes,
+        _lists: sortedcontainers' documented implementation, pinned at 2.4.0) with
+        two C bisects, because the public bisect_right() + __getitem__ walk the
+        positional index in Python: 2.8 vs 7.6 µs at 500k boundaries here, and an
+        extent map never needs positions otherwise."""
+        keys = self._keys
+        maxes = keys._maxes
+        j = bisect_right(maxes, key)  # the first sublist whose maximum is > key
+        if j < len(maxes):
+            sub = keys._lists[j]
+            i = bisect_right(sub, key)
+            if i:
+                return sub[i - 1]  # type: ignore[no-any-return]
+        return maxes[j - 1] if j else None  # type: ignore[no-any-return]
+
     def _vid_at(self, point: int) -> int:
-        i = self._keys.bisect_right((point << _VID_BITS) | _VID_MASK) - 1
-        return self._keys[i] & _VID_MASK if i >= 0 else 0
+        floor = self._floor((point << _VID_BITS) | _VID_MASK)
+        return floor & _VID_MASK if floor is not None else 0
 
     # --- reading ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -121,6 +139,26 @@ class ExtentMap(Generic[V]):
                 yield s, e
 
     # --- writing ---------------------------------------------------------------------------
+    def _window(self, start: int, end: int) -> tuple[list[int], int, int]:
+        """The boundaries at positions [start, end], the vid governing start - 1 and
+        the vid at end: what set() and take() need, read in one predecessor lookup
+        and one range scan (no positional index: see _floor)."""
+        inner = list(self._keys.irange(start << _VID_BITS, (end << _VID_BITS) | _VID_MASK))
+        floor = self._floor((start << _VID_BITS) - 1)
+        before = floor & _VID_MASK if floor is not None else 0
+        return inner, before, (inner[-1] & _VID_MASK if inner else before)
+
+    def _delete(self, inner: list[int]) -> None:
+        """Remove boundaries just read by _window: one by one when few (no positional
+        index needed), as one slice when many."""
+        keys = self._keys
+        if len(inner) <= _FEW:
+            for key in inner:
+                keys.remove(key)
+        elif inner:
+            lo = keys.bisect_left(inner[0])
+            del keys[lo:lo + len(inner)]
+
     def set(self, start: int, end: int, value: V | None) -> None:
         """Give [start, end) `value` (None clears it)."""
         if start >= end:
@@ -129,12 +167,8 @@ class ExtentMap(Generic[V]):
         if not keys and value is None:  # clearing an empty map
             return
         new = self._vid(value)
-        before = self._vid_at(start - 1)
-        after = self._vid_at(end)
-        lo = keys.bisect_left(start << _VID_BITS)
-        hi = keys.bisect_right((end << _VID_BITS) | _VID_MASK)
-        if lo < hi:
-            del keys[lo:hi]
+        inner, before, after = self._window(start, end)
+        self._delete(inner)
         if new != before:
             keys.add((start << _VID_BITS) | new)
         if after != new:
@@ -149,19 +183,16 @@ class ExtentMap(Generic[V]):
         if start >= end or not self._keys:
             return 0
         keys = self._keys
-        before, after = self._vid_at(start - 1), self._vid_at(end)
-        lo = keys.bisect_left(start << _VID_BITS)
-        hi = keys.bisect_right((end << _VID_BITS) | _VID_MASK)
-        covered, pos, vid = 0, start, self._vid_at(start)
-        for key in keys.islice(lo, hi):
+        inner, before, after = self._window(start, end)
+        covered, pos, vid = 0, start, before
+        for key in inner:
             nxt = min(key >> _VID_BITS, end)
             if vid and nxt > pos:
                 covered += nxt - pos
-            pos, vid = max(pos, nxt), key & _VID_MASK
+            pos, vid = nxt, key & _VID_MASK
         if vid and end > pos:
             covered += end - pos
-        if lo < hi:
-            del keys[lo:hi]
+        self._delete(inner)
         if before != 0:
             keys.add(start << _VID_BITS)
         if after != 0:
