@@ -56,6 +56,8 @@ class PageStore:
 
     def clear(self, first: int, last: int) -> None:
         """Forget [first, last) (the pages were freed)."""
+        if not self.extents.boundaries():
+            return  # never written: nothing to forget
         for start, end, c in list(self.extents.overlapping(first, last)):
             if isinstance(c, Bytes):
                 for i in range(start, end):

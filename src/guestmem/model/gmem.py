@@ -133,7 +133,8 @@ class GmemInode:
         (truncate drops the page-cache reference; the pin keeps the page until
         the final folio_put)."""
         orphaned = 0
-        for lo, hi, count in list(self.pins.overlapping(first, last)):
+        pinned = list(self.pins.overlapping(first, last)) if self.pins.boundaries() else []
+        for lo, hi, count in pinned:
             pages = self.folios.covered(lo, hi)
             orphan = Orphan(pages, count)
             for pin in self.live_pins:
@@ -141,7 +142,8 @@ class GmemInode:
                     pin.live.clear(lo, hi)
                     pin.orphans.append(orphan)
             orphaned += pages
-        self.pins.clear(first, last)
+        if pinned:
+            self.pins.clear(first, last)
         self.process.stats.orphaned += orphaned
         self.process.stats.free(self.folios.take(first, last) - orphaned)
         self.store.clear(first, last)
