@@ -11,8 +11,10 @@ random operations through the public API, half KVM_SET_MEMORY_ATTRIBUTES
 
 Reported: create+bind+allocate time; time per operation at 1 GiB, 64 GiB and
 1 TiB (flat = cost in ranges, not pages); a full run of --full-ops at 1 TiB with
-its peak RSS (in a child process); and the same operations at 64 GiB on a
-deliberately naive per-page model (dicts keyed by page, written only here).
+its peak RSS (in a child process); the same operations at 64 GiB on a
+deliberately naive per-page model (dicts keyed by page, written only here),
+checked to end in the same state; the ratio by operation size (4 KiB to 1 GiB);
+and peak RSS of both at 64 GiB.
 
     .venv/bin/python bench/scale.py [--ops N] [--full-ops N] [--naive-ops N]
 """
@@ -177,7 +179,29 @@ def full_run(size: int, n: int, workload: str) -> dict[str, float]:
     elapsed = run_ops(guest, operations(size, n, workload))
     return {"setup_s": setup, "ops_s": elapsed, "us_per_op": elapsed / n * 1e6,
             "extents": guest.extents(),  # type: ignore[attr-defined]
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(*args: str) -> dict[str, float]:
+    """Run this script in a child process (its peak RSS is its own); its JSON answer."""
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def compare_memory(console: Console, n_ops: int) -> None:
+    table = Table(title="64 GiB: peak RSS, each in its own process")
+    for col in ("", "what ran", "peak RSS"):
+        table.add_column(col, justify="right")
+    model = child("--child", str(NAIVE_SIZE), str(n_ops), "A")
+    naive = child("--child-naive", str(NAIVE_SIZE))
+    table.add_row("model", f"setup + {n_ops:,} operations (A)", f"{model['peak_rss_mb']:,.0f} MB")
+    table.add_row("naive", "setup only", f"{naive['peak_rss_mb']:,.0f} MB")
+    console.print(table)
 
 
 NAIVE_SIZE = 64 * GIB
@@ -242,7 +266,12 @@ def main() -> int:
     ap.add_argument("--full-ops", type=int, default=1_000_000, help="operations of the 1 TiB run")
     ap.add_argument("--naive-ops", type=int, default=20_000, help="ops run on both at 64 GiB")
     ap.add_argument("--child", nargs=3, metavar=("SIZE", "OPS", "WORKLOAD"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-naive", type=int, metavar="SIZE", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_naive:
+        _, setup = timed_setup(NaiveGuest, args.child_naive)
+        print(json.dumps({"setup_s": setup, "peak_rss_mb": _peak_rss_mb()}))
+        return 0
     if args.child:
         print(json.dumps(full_run(int(args.child[0]), int(args.child[1]), args.child[2])))
         return 0
@@ -265,16 +294,14 @@ def main() -> int:
     for col in ("workload", "create+bind+allocate", "total ops time", "µs/op", "peak RSS"):
         table.add_column(col, justify="right")
     for workload in ("A", "B"):
-        out = subprocess.run([sys.executable, __file__, "--child", str(1 << 40),
-                              str(args.full_ops), workload], check=True, capture_output=True,
-                             text=True).stdout
-        r = json.loads(out)
+        r = child("--child", str(1 << 40), str(args.full_ops), workload)
         table.add_row(workload, f"{r['setup_s'] * 1e3:.2f} ms", f"{r['ops_s']:.1f} s",
                       f"{r['us_per_op']:.1f}", f"{r['peak_rss_mb']:.0f} MB")
     console.print(table)
 
     compare_workloads(console, args.naive_ops)
     compare_sizes(console)
+    compare_memory(console, args.full_ops)
     return 0
 
 
