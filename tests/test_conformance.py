@@ -34,7 +34,8 @@ def test_case_on_model(model_kvm, inst):
 
 HOST_LACKS = ("KVM_CAP_MEMORY_ATTRIBUTES=0x0", "KVM_CAP_PRE_FAULT_MEMORY=0",
               "case is for hosts without", "kvm_pvm answers VMCALL itself",
-              "case is for sw-protected VMs")
+              "case is for sw-protected VMs", "needs 2 NUMA nodes, the host has 1",
+              "no per-inode guest_memfd mempolicy")
 
 
 def test_no_case_skips_for_a_capability_this_host_has(host_kvm):

@@ -23,6 +23,7 @@ class Capabilities:
     nr_memslots: int
     multi_address_space: int
     numa_nodes: int
+    gmem_shared_policy: bool  # mbind on a guest_memfd keeps a per-inode policy (upstream 6.18)
     gmem_flags_by_vm_type: dict[int, int]  # KVM_CAP_GUEST_MEMFD_FLAGS on a VM of each type
     system: dict[str, int]  # every known capability at system scope, by name
     vm: dict[int, dict[str, int]]  # every known capability on a VM of each type, by name

@@ -115,6 +115,8 @@ def info(backend: str, profile: str, as_json: bool) -> None:
     for name, flags in record["gmem_flags_by_vm_type"].items():
         table.add_row(f"  on a {name} VM", f"{flags:#x}")
     table.add_row("NUMA nodes", str(record["numa_nodes"]))
+    table.add_row("guest_memfd mempolicy",
+                  "per inode (shared)" if record["gmem_shared_policy"] else "per VMA only")
     _console().print(table)
     caps = Table(title="KVM_CHECK_EXTENSION: system scope and on a VM of each type")
     caps.add_column("capability", style="bold")

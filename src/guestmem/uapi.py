@@ -395,6 +395,27 @@ FALLOC_FL_INSERT_RANGE: Final = 0x20
 FALLOC_FL_UNSHARE_RANGE: Final = 0x40
 FALLOC_FL_WRITE_ZEROES: Final = 0x80  # v6.17
 
+# --- NUMA memory policy (include/uapi/linux/mempolicy.h) -------------------------------------
+MPOL_DEFAULT: Final = 0
+MPOL_PREFERRED: Final = 1
+MPOL_BIND: Final = 2
+MPOL_INTERLEAVE: Final = 3
+MPOL_LOCAL: Final = 4
+MPOL_PREFERRED_MANY: Final = 5
+MPOL_WEIGHTED_INTERLEAVE: Final = 6
+MPOL_MAX: Final = 7
+MPOL_F_NUMA_BALANCING: Final = 1 << 13  # mode flags, or-ed into the mode
+MPOL_F_RELATIVE_NODES: Final = 1 << 14
+MPOL_F_STATIC_NODES: Final = 1 << 15
+MPOL_MODE_FLAGS: Final = MPOL_F_STATIC_NODES | MPOL_F_RELATIVE_NODES | MPOL_F_NUMA_BALANCING
+MPOL_F_NODE: Final = 1 << 0  # get_mempolicy flags
+MPOL_F_ADDR: Final = 1 << 1
+MPOL_F_MEMS_ALLOWED: Final = 1 << 2
+MPOL_MF_STRICT: Final = 1 << 0  # mbind flags
+MPOL_MF_MOVE: Final = 1 << 1
+MPOL_MF_MOVE_ALL: Final = 1 << 2
+MPOL_MF_VALID: Final = MPOL_MF_STRICT | MPOL_MF_MOVE | MPOL_MF_MOVE_ALL
+
 # --- in-flight series (NOT merged; numbers may change) ---
 # "guest_memfd: In-place conversion support" v8 (Ackerley Tng et al., 2026-06-18), upstream.md §7.1.
 class kvm_memory_attributes2(_Struct):  # noqa: N801

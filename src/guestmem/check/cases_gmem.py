@@ -295,3 +295,128 @@ def mmap_not_supported(ctx: Ctx) -> None:
         # The mmap syscall's own checks come before the file's (observed on 6.18).
         ctx.fails("length 0", errno.EINVAL, g.mmap, 0)
         ctx.fails("unaligned offset", errno.EINVAL, g.mmap, PS, 1)
+
+
+# --- NUMA memory policy (upstream.md §2.7; guest_memfd_test.c test_mbind, test_numa_allocation) --
+def needs_two_nodes(caps: object, vm_type: int, gmem_flags: int) -> str | None:
+    nodes = caps.numa_nodes  # type: ignore[attr-defined]
+    return None if nodes >= 2 else f"needs 2 NUMA nodes, the host has {nodes}"
+
+
+def needs_shared_policy(caps: object, vm_type: int, gmem_flags: int) -> str | None:
+    if caps.gmem_shared_policy:  # type: ignore[attr-defined]
+        return None
+    return "no per-inode guest_memfd mempolicy (kvm_gmem_set_policy) in this kernel"
+
+
+BIND, INTERLEAVE, DEFAULT = uapi.MPOL_BIND, uapi.MPOL_INTERLEAVE, uapi.MPOL_DEFAULT
+
+
+@case("gmem.mbind", f"{SRC} test_mbind, plus mm/mempolicy.c's checks (observed on 6.18)",
+      "INTERLEAVE and BIND to node 0 read back with get_mempolicy; DEFAULT clears; invalid "
+      "mode, empty or offline nodemask, bad flags, unaligned start EINVAL; a policy works "
+      "where faults would SIGBUS", flag_variants=(MMAP, MMAP | SHARED))
+def mbind(ctx: Ctx) -> None:
+    offline = 1 << ctx.caps.numa_nodes  # the first node that does not exist
+    with ctx.vm() as vm, ctx.gmem(vm, 4 * PS) as g, g.mmap(4 * PS) as m:
+        ctx.equal("no policy yet", (DEFAULT, 0), m.get_mempolicy(0))
+        ctx.ok("INTERLEAVE node 0, pages 0-1", m.mbind, 0, 2 * PS, INTERLEAVE, 1)
+        ctx.equal("read back", (INTERLEAVE, 1), m.get_mempolicy(0))
+        ctx.ok("BIND node 0, pages 2-3", m.mbind, 2 * PS, 2 * PS, BIND, 1)
+        ctx.equal("read back", (BIND, 1), m.get_mempolicy(2 * PS))
+        ctx.equal("page 1 keeps its own", (INTERLEAVE, 1), m.get_mempolicy(PS))
+        ctx.ok("DEFAULT, whole mapping, NULL mask", m.mbind, 0, 4 * PS, DEFAULT, None, 0, 0)
+        ctx.equal("read back", (DEFAULT, 0), m.get_mempolicy(0))
+        ctx.fails("mode 999", errno.EINVAL, m.mbind, 0, PS, 999, 1)
+        ctx.fails("mode MPOL_MAX", errno.EINVAL, m.mbind, 0, PS, uapi.MPOL_MAX, 1)
+        ctx.fails("BIND, empty nodemask", errno.EINVAL, m.mbind, 0, PS, BIND, 0)
+        ctx.fails("BIND, offline node only", errno.EINVAL, m.mbind, 0, PS, BIND, offline)
+        ctx.fails("DEFAULT with a node", errno.EINVAL, m.mbind, 0, PS, DEFAULT, 1)
+        ctx.fails("LOCAL with a node", errno.EINVAL, m.mbind, 0, PS, uapi.MPOL_LOCAL, 1)
+        ctx.fails("STATIC and RELATIVE", errno.EINVAL, m.mbind, 0, PS,
+                  BIND | uapi.MPOL_F_STATIC_NODES | uapi.MPOL_F_RELATIVE_NODES, 1)
+        ctx.fails("NUMA_BALANCING with INTERLEAVE", errno.EINVAL, m.mbind, 0, PS,
+                  INTERLEAVE | uapi.MPOL_F_NUMA_BALANCING, 1)
+        ctx.fails("unknown mbind flag", errno.EINVAL, m.mbind, 0, PS, BIND, 1, 8)
+        ctx.fails("maxnode 1 reads no bits", errno.EINVAL, m.mbind, 0, PS, BIND, 1, 0, 1)
+        ctx.fails("unaligned start", errno.EINVAL, m.mbind, 1, PS, BIND, 1)
+        ctx.equal("nothing changed by the failures", (DEFAULT, 0), m.get_mempolicy(0))
+        ctx.ok("length 0 with a bad mask: nothing to do", m.mbind, 0, 0, DEFAULT, 1)
+        ctx.ok("BIND nodes 0 and offline: online ones kept", m.mbind, 0, PS, BIND, 1 | offline)
+        ctx.equal("read back", (BIND, 1), m.get_mempolicy(0))
+        ctx.ok("PREFERRED, empty nodemask", m.mbind, 0, PS, uapi.MPOL_PREFERRED, 0)
+        ctx.equal("becomes LOCAL", (uapi.MPOL_LOCAL, 0), m.get_mempolicy(0))
+        ctx.ok("BIND|STATIC_NODES", m.mbind, 0, PS, BIND | uapi.MPOL_F_STATIC_NODES, 1 | offline)
+        ctx.equal("reads back the mask as given", (BIND | uapi.MPOL_F_STATIC_NODES, 1 | offline),
+                  m.get_mempolicy(0))
+        ctx.ok("BIND|NUMA_BALANCING", m.mbind, 0, PS, BIND | uapi.MPOL_F_NUMA_BALANCING, 1)
+        ctx.equal("read back", (BIND | uapi.MPOL_F_NUMA_BALANCING, 1), m.get_mempolicy(0))
+        ctx.ok("a partial page rounds up", m.mbind, 3 * PS, 100, INTERLEAVE, 1)
+        ctx.equal("read back", (INTERLEAVE, 1), m.get_mempolicy(3 * PS))
+        ctx.ok("MPOL_MF_STRICT|MPOL_MF_MOVE, nothing misplaced", m.mbind, 0, PS, BIND, 1,
+               uapi.MPOL_MF_STRICT | uapi.MPOL_MF_MOVE)
+
+
+@case("gmem.mbind_scope", "upstream.md §2.7 (kvm_gmem_set_policy) vs this host (observed)",
+      "per-inode policy: seen through every mapping and after munmap; per-VMA policy: only "
+      "through the mapping it was set on, gone with it", flag_variants=(MMAP | SHARED,))
+def mbind_scope(ctx: Ctx) -> None:
+    shared = ctx.caps.gmem_shared_policy
+    seen = (BIND, 1) if shared else (DEFAULT, 0)
+    with ctx.vm() as vm, ctx.gmem(vm, 4 * PS) as g:
+        with g.mmap(4 * PS) as m, g.mmap(2 * PS, offset=2 * PS) as tail:
+            m.mbind(2 * PS, PS, BIND, 1)
+            ctx.equal("file page 2 through a second mapping", seen, tail.get_mempolicy(0))
+            ctx.equal("file page 3 (never bound)", (DEFAULT, 0), tail.get_mempolicy(PS))
+        with g.mmap(4 * PS) as again:
+            ctx.equal("file page 2 after munmap, through a new mapping", seen,
+                      again.get_mempolicy(2 * PS))
+
+
+@case("gmem.move_pages", "move_pages(2) query on guest_memfd pages (observed on 6.18)",
+      "a page this process has mapped reports its node; a page only allocated (fallocate) "
+      "or punched reports ENOENT", flag_variants=(MMAP | SHARED,))
+def move_pages(ctx: Ctx) -> None:
+    enoent = -errno.ENOENT
+    with ctx.vm() as vm, ctx.gmem(vm, 4 * PS) as g, g.mmap(4 * PS) as m:
+        ctx.equal("nothing mapped", [enoent] * 4, m.move_pages(0, 4))
+        g.allocate(0, 4 * PS)
+        ctx.equal("allocated, not mapped here", [enoent] * 4, m.move_pages(0, 4))
+        m.write(0, b"\xaa" * PS)
+        m.read(2 * PS, 1)
+        ctx.equal("written page 0, read page 2: node 0", [0, enoent, 0, enoent],
+                  m.move_pages(0, 4))
+        g.punch_hole(0, PS)
+        ctx.equal("page 0 punched", [enoent, enoent, 0, enoent], m.move_pages(0, 4))
+
+
+@case("gmem.numa_allocation", f"{SRC} test_numa_allocation (multi-node only)",
+      "new pages go to the nodes the per-inode policy names, before and after a punch; "
+      "existing pages stay; STRICT finds misplaced pages (EIO)",
+      needs=(needs_two_nodes, needs_shared_policy), flag_variants=(MMAP | SHARED,))
+def numa_allocation(ctx: Ctx) -> None:
+    node0, node1 = 1, 2
+    with ctx.vm() as vm, ctx.gmem(vm, 4 * PS) as g, g.mmap(4 * PS) as m:
+        m.write(0, b"\xaa" * PS)  # allocated before any policy: the local node
+        ctx.ok("BIND page 0 to node 0 after allocation", m.mbind, 0, PS, BIND, node0)
+        g.punch_hole(0, PS)
+        ctx.ok("BIND pages 0-1 to node 1", m.mbind, 0, 2 * PS, BIND, node1)
+        ctx.ok("BIND pages 2-3 to node 0", m.mbind, 2 * PS, 2 * PS, BIND, node0)
+        m.write(0, b"\xaa" * 4 * PS)
+        ctx.equal("pages on the nodes asked for", [1, 1, 0, 0], m.move_pages(0, 4))
+        ctx.fails("STRICT: page 0 is on node 1", errno.EIO, m.mbind, 0, PS, BIND, node0,
+                  uapi.MPOL_MF_STRICT)
+        g.punch_hole(0, 4 * PS)
+        ctx.ok("BIND pages 0-1 to node 0", m.mbind, 0, 2 * PS, BIND, node0)
+        ctx.ok("BIND pages 2-3 to node 1", m.mbind, 2 * PS, 2 * PS, BIND, node1)
+        m.write(0, b"\xaa" * 4 * PS)
+        ctx.equal("new pages follow the new policy", [0, 0, 1, 1], m.move_pages(0, 4))
+        ctx.ok("INTERLEAVE nodes 0 and 1", m.mbind, 0, 4 * PS, INTERLEAVE, node0 | node1)
+        ctx.equal("existing pages do not move", [0, 0, 1, 1], m.move_pages(0, 4))
+        g.punch_hole(0, 4 * PS)
+        g.allocate(0, 4 * PS)  # fallocate allocates by the policy too
+        m.read(0, 4 * PS)
+        nodes = m.move_pages(0, 4)
+        ctx.equal("interleaved: alternating nodes", {0, 1}, set(nodes))
+        ctx.true("interleaved: no two neighbours on one node",
+                 all(a != b for a, b in zip(nodes, nodes[1:], strict=False)))

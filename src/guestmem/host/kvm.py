@@ -155,10 +155,26 @@ class Kvm(_Fd):
             nr_memslots=system["KVM_CAP_NR_MEMSLOTS"],
             multi_address_space=system["KVM_CAP_MULTI_ADDRESS_SPACE"],
             numa_nodes=numa_node_count(),
+            gmem_shared_policy=self._probe_gmem_shared_policy(by_type),
             gmem_flags_by_vm_type=by_type,
             system=system,
             vm=vm_scope,
         )
+
+    def _probe_gmem_shared_policy(self, by_type: dict[int, int]) -> bool:
+        """Does an mbind() through one mapping of a guest_memfd show through another
+        (a per-inode policy, kvm_gmem_set_policy), or stay on its VMA?"""
+        if not by_type.get(uapi.KVM_X86_DEFAULT_VM, 0) & uapi.GUEST_MEMFD_FLAG_MMAP:
+            return False
+        page = uapi.PAGE_SIZE
+        with (self.create_vm() as vm,
+              vm.create_guest_memfd(page, uapi.GUEST_MEMFD_FLAG_MMAP) as gmem,
+              gmem.mmap(page) as first, gmem.mmap(page) as second):
+            try:
+                first.mbind(0, page, uapi.MPOL_BIND, 1)
+            except OSError:  # ENOSYS without CONFIG_NUMA
+                return False
+            return second.get_mempolicy(0)[0] == uapi.MPOL_BIND
 
     def open_fd_count(self) -> int:
         """Open fds of this process (leak checks)."""
@@ -389,6 +405,25 @@ class Mapping:
     def madvise(self, offset: int, length: int, advice: int) -> None:
         self._check(offset, length)
         libc.madvise(self.addr + offset, length, advice)
+
+    # --- NUMA memory policy (mm/mempolicy.c) ---------------------------------------------------
+    def mbind(self, offset: int, length: int, mode: int, nodes: int | None = None,
+              flags: int = 0, maxnode: int = libc.MAXNODE) -> None:
+        """mbind(2) on [offset, offset+length); `nodes` is a nodemask (bit n = node n)."""
+        self._check(offset, length)
+        libc.mbind(self.addr + offset, length, mode, nodes, maxnode, flags)
+
+    def get_mempolicy(self, offset: int) -> tuple[int, int]:
+        """get_mempolicy(2) with MPOL_F_ADDR: (mode | mode flags, nodemask) there."""
+        self._check(offset, 0)
+        return libc.get_mempolicy(self.addr + offset, uapi.MPOL_F_ADDR)
+
+    def move_pages(self, offset: int, count: int) -> list[int]:
+        """move_pages(2) with nodes=NULL for `count` pages from offset: each page's
+        node, or -ENOENT where this mapping has no page."""
+        ps = uapi.PAGE_SIZE
+        self._check(offset, count * ps)
+        return libc.move_pages_status([self.addr + offset + i * ps for i in range(count)])
 
     def munmap(self) -> None:
         if self._mapped:

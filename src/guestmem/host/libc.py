@@ -85,6 +85,56 @@ def write_memory(addr: int, data: bytes) -> None:
     ctypes.memmove(addr, data, len(data))
 
 
+# x86-64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl); glibc has no wrappers
+# for these (libnuma does), so they go through syscall(2).
+SYS_MBIND: Final = 237
+SYS_GET_MEMPOLICY: Final = 239
+SYS_MOVE_PAGES: Final = 279
+_libc.syscall.restype = ctypes.c_long
+_NODEMASK_BITS: Final = 64 * 16  # room for 1024 nodes, as the kernel's MAX_NUMNODES allows
+MAXNODE: Final = _NODEMASK_BITS + 1  # mbind reads maxnode - 1 bits (get_nodes)
+
+
+def _nodemask(nodes: int) -> ctypes.Array[ctypes.c_ulong]:
+    words = (ctypes.c_ulong * (_NODEMASK_BITS // 64))()
+    for i in range(len(words)):
+        words[i] = (nodes >> (64 * i)) & ((1 << 64) - 1)
+    return words
+
+
+def mbind(addr: int, length: int, mode: int, nodes: int | None, maxnode: int,
+          flags: int) -> None:
+    """mbind(2); `nodes` is the nodemask as an int (bit n = node n), None for NULL."""
+    mask = _nodemask(nodes) if nodes is not None else None
+    ret = _libc.syscall(ctypes.c_long(SYS_MBIND), ctypes.c_ulong(addr), ctypes.c_ulong(length),
+                        ctypes.c_ulong(mode), mask, ctypes.c_ulong(maxnode),
+                        ctypes.c_uint(flags))
+    if ret != 0:
+        raise oserror(_errno(), "mbind")
+
+
+def get_mempolicy(addr: int, flags: int, maxnode: int = _NODEMASK_BITS) -> tuple[int, int]:
+    """get_mempolicy(2): (mode with its flags, nodemask as an int)."""
+    mode, mask = ctypes.c_int(0), _nodemask(0)
+    ret = _libc.syscall(ctypes.c_long(SYS_GET_MEMPOLICY), ctypes.byref(mode), mask,
+                        ctypes.c_ulong(maxnode), ctypes.c_ulong(addr), ctypes.c_ulong(flags))
+    if ret != 0:
+        raise oserror(_errno(), "get_mempolicy")
+    return mode.value, sum(int(w) << (64 * i) for i, w in enumerate(mask))
+
+
+def move_pages_status(addrs: list[int]) -> list[int]:
+    """move_pages(2) of this process with nodes=NULL: where each page is (a node
+    id), or a negative errno per page (-ENOENT: no page mapped there)."""
+    n = len(addrs)
+    pages, status = (ctypes.c_void_p * n)(*addrs), (ctypes.c_int * n)()
+    ret = _libc.syscall(ctypes.c_long(SYS_MOVE_PAGES), ctypes.c_long(0), ctypes.c_ulong(n),
+                        pages, None, status, ctypes.c_int(0))
+    if ret != 0:
+        raise oserror(_errno(), "move_pages")
+    return list(status)
+
+
 def fd_count() -> int:
     """Open fds of this process, for leak tests."""
     return len(os.listdir("/proc/self/fd"))

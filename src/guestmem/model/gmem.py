@@ -5,13 +5,14 @@ from __future__ import annotations
 import errno
 import itertools
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Self
 
 from guestmem import uapi
 from guestmem.exits import oserror
 from guestmem.extents import ExtentMap
 from guestmem.model.content import PAGE, ZERO, PageStore
+from guestmem.model.mempolicy import LOCAL_NODE, MemPolicy, Placement
 from guestmem.model.process import PROT_EXEC, HostProcess, Mapping
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ class FolioState:
 
     uptodate: bool = False
     hwpoison: bool = False
+    placement: Placement = Placement((LOCAL_NODE,))  # the NUMA node(s) of these pages
 
 
 @dataclass(eq=False)
@@ -85,6 +87,10 @@ class GmemInode:
         self.bindings: ExtentMap[Memslot] = ExtentMap()  # file index -> memslot (kvm_gmem_bind)
         self.mappings: set[Mapping] = set()
         self.pins: ExtentMap[int] = ExtentMap()  # index -> GUP pin count (FOLL_PIN)
+        # The shared NUMA policy by file index (gmem_inode->policy), where the profile
+        # has one (kvm_gmem_set_policy); None: policies stay on the VMAs.
+        self.policy: ExtentMap[MemPolicy] | None = (
+            ExtentMap() if vm.kvm.profile.gmem_shared_policy else None)
         self.live_pins: set[Pin] = set()
         self.file_open = True  # the fd; mappings also hold the file (kvm_gmem_release)
         self.released = False
@@ -103,10 +109,29 @@ class GmemInode:
         return self.folios.covered(0, self.npages)
 
     def _allocate(self, first: int, last: int) -> None:
-        """kvm_gmem_get_folio for every missing index: new folios, not uptodate."""
+        """kvm_gmem_get_folio for every missing index: new folios, not uptodate, on
+        the node the inode's policy for the index picks (the task's policy, i.e.
+        the local node, where there is none), in ascending index order."""
+        chooser = self.process.node_chooser
         for lo, hi in list(self.folios.gaps(first, last)):
             self.process.stats.allocate(hi - lo)
-            self.folios.set(lo, hi, FolioState())
+            policies = ([(lo, hi, None)] if self.policy is None
+                        else _with_gaps(self.policy.overlapping(lo, hi), lo, hi))
+            for a, b, policy in policies:
+                self.folios.set(a, b, FolioState(placement=chooser.place(policy, a, b)))
+
+    def nodes_in(self, first: int, last: int) -> int:
+        """The nodemask of the folios in [first, last), per extent."""
+        mask = 0
+        for lo, hi, state in self.folios.overlapping(first, last):
+            cycle = state.placement.nodes
+            for i in range(lo, min(hi, lo + len(cycle))):  # one lap of the cycle suffices
+                mask |= 1 << state.placement.node_of(i)
+        return mask
+
+    def node_of(self, index: int) -> int | None:
+        state = self.folios.get(index)
+        return state.placement.node_of(index) if state is not None else None
 
     def _make_uptodate(self, first: int, last: int) -> None:
         """Zero every !uptodate folio once and mark it uptodate (guest_memfd.c
@@ -114,7 +139,7 @@ class GmemInode:
         for lo, hi, state in list(self.folios.overlapping(first, last)):
             if not state.uptodate:
                 self.store.set(lo, hi, ZERO)
-                self.folios.set(lo, hi, FolioState(uptodate=True, hwpoison=state.hwpoison))
+                self.folios.set(lo, hi, replace(state, uptodate=True))
 
     def poisoned(self, first: int, last: int) -> int | None:
         for lo, _, state in self.folios.overlapping(first, last):
@@ -177,7 +202,7 @@ class GmemInode:
         for m in self.mappings:
             m.zap(first, last)
         for lo, hi, state in present:
-            self.folios.set(lo, hi, FolioState(uptodate=state.uptodate, hwpoison=True))
+            self.folios.set(lo, hi, replace(state, hwpoison=True))
         for vm in vms:
             vm.mmu.invalidate_end()
 
@@ -255,6 +280,21 @@ class GmemInode:
         self._free(0, self.npages)
         self.process.backings.discard(self)
         self.vm.put_ref()
+
+
+def _with_gaps(items: Iterator[tuple[int, int, MemPolicy]], first: int,
+               last: int) -> list[tuple[int, int, MemPolicy | None]]:
+    """The extents of [first, last) in order, gaps as None (no policy)."""
+    out: list[tuple[int, int, MemPolicy | None]] = []
+    pos = first
+    for lo, hi, policy in items:
+        if lo > pos:
+            out.append((pos, lo, None))
+        out.append((lo, hi, policy))
+        pos = hi
+    if pos < last:
+        out.append((pos, last, None))
+    return out
 
 
 _VFS_MODES = (uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_COLLAPSE_RANGE | uapi.FALLOC_FL_ZERO_RANGE

@@ -20,13 +20,15 @@ BACKEND = "model"
 class Kvm:
     backend = BACKEND
 
-    def __init__(self, profile: str | Profile = "mainline") -> None:
+    def __init__(self, profile: str | Profile = "mainline", numa_nodes: int = 1) -> None:
         if isinstance(profile, str):
             if profile not in PROFILES:
                 raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
             profile = PROFILES[profile]
         self.profile = profile
-        self.process = HostProcess()
+        if not 1 <= numa_nodes <= 64:
+            raise ValueError("numa_nodes must be 1..64")
+        self.process = HostProcess(numa_nodes)
         self.process.memory_failure = profile.memory_failure
         self.vms: set[Vm] = set()
         self.closed = False
@@ -74,7 +76,8 @@ class Kvm:
             readonly_mem=True,
             nr_memslots=self.profile.nr_memslots,
             multi_address_space=0,
-            numa_nodes=1,
+            numa_nodes=self.process.numa_nodes,
+            gmem_shared_policy=self.profile.gmem_shared_policy,
             gmem_flags_by_vm_type=by_type,
             system=system,
             vm={t: self._vm_scope(t, system) for t in sorted(self.profile.vm_types)},

@@ -13,9 +13,11 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
+from guestmem import uapi
 from guestmem.exits import HostSigbus, HostSigsegv, oserror
 from guestmem.extents import ExtentMap
 from guestmem.model.content import PAGE, PageStore
+from guestmem.model.mempolicy import DEFAULT_REPORT, MemPolicy, NodeChooser, mbind_policy
 
 TASK_SIZE_MAX = (1 << 47) - PAGE  # x86-64 4-level user address space (access_ok)
 MMAP_BASE = 0x7F00_0000_0000
@@ -59,7 +61,9 @@ class Stats:
 
 
 class HostProcess:
-    def __init__(self) -> None:
+    def __init__(self, numa_nodes: int = 1) -> None:
+        self.numa_nodes = numa_nodes  # nodes 0..n-1, all online with memory
+        self.node_chooser = NodeChooser()
         self.fds: dict[int, Any] = {}
         self.memory_failure = False  # CONFIG_MEMORY_FAILURE: MADV_HWPOISON available
         self.mappings: dict[int, Mapping] = {}
@@ -149,6 +153,9 @@ class Mapping:
     prot: int
     ptes: ExtentMap[bool] = field(default_factory=ExtentMap)
     mapped: bool = True
+    # vma->vm_policy by page of the mapping (mbind_range splits the VMA; we keep
+    # ranges): used where the backing keeps no shared policy of its own.
+    policy: ExtentMap[MemPolicy] = field(default_factory=ExtentMap)
 
     def _check(self, offset: int, length: int) -> None:
         if not self.mapped:
@@ -273,6 +280,62 @@ class Mapping:
         lo, hi = max(first - self.pgoff, 0), last - self.pgoff
         if lo < hi:
             self.ptes.clear(lo, hi)
+
+    # --- NUMA memory policy (mm/mempolicy.c) ------------------------------------------------
+    def _shared_policy(self) -> ExtentMap[MemPolicy] | None:
+        """The backing's shared policy (vm_ops->set_policy), if it has one."""
+        return getattr(self.backing, "policy", None)
+
+    def mbind(self, offset: int, length: int, mode: int, nodes: int | None = None,
+              flags: int = 0, maxnode: int = 1025) -> None:
+        """mbind(2) on [offset, offset+length), checks in kernel_mbind/do_mbind's
+        order; the policy goes to the inode (shared) or stays on the VMA."""
+        self._check(offset, length)
+        online = (1 << self.process.numa_nodes) - 1
+        policy = mbind_policy(mode, nodes, maxnode, flags, offset, length, online)
+        if policy is False:
+            return
+        first, last = offset // PAGE, -(-(offset + length) // PAGE)  # len = PAGE_ALIGN(len)
+        if flags & uapi.MPOL_MF_STRICT and policy is not None:
+            self._strict(first, last, policy)
+        shared = self._shared_policy()
+        if shared is not None:  # kvm_gmem_set_policy: mpol_set_shared_policy by file index
+            shared.set(self.pgoff + first, self.pgoff + last, policy)  # type: ignore[arg-type]
+        else:
+            self.policy.set(first, last, policy)  # type: ignore[arg-type]
+
+    def _strict(self, first: int, last: int, policy: MemPolicy) -> None:
+        """MPOL_MF_STRICT: a page mapped here on a node the policy forbids is EIO
+        (queue_folios_pte_range); guest_memfd folios cannot migrate (MOVE does not help).
+        Only BIND-like masks forbid nodes (queue_folio_required)."""
+        nodes_in = getattr(self.backing, "nodes_in", None)
+        if nodes_in is None or policy.mode not in (uapi.MPOL_BIND, uapi.MPOL_INTERLEAVE,
+                                                   uapi.MPOL_WEIGHTED_INTERLEAVE,
+                                                   uapi.MPOL_PREFERRED_MANY):
+            return
+        for lo, hi, _ in self.ptes.overlapping(first, last):  # pages present here only
+            if nodes_in(self.pgoff + lo, self.pgoff + hi) & ~policy.nodes:
+                raise oserror(errno.EIO, "mbind: MPOL_MF_STRICT")
+
+    def get_mempolicy(self, offset: int) -> tuple[int, int]:
+        """get_mempolicy(2) with MPOL_F_ADDR: (mode | mode flags, nodemask)."""
+        self._check(offset, 0)
+        shared = self._shared_policy()
+        page = offset // PAGE
+        policy = shared.get(self.pgoff + page) if shared is not None else self.policy.get(page)
+        return policy.reported() if policy is not None else DEFAULT_REPORT
+
+    def move_pages(self, offset: int, count: int) -> list[int]:
+        """move_pages(2) with nodes=NULL: the node of each page this mapping has a
+        PTE for, -ENOENT elsewhere (do_pages_stat_array walks the page tables)."""
+        self._check(offset, count * PAGE)
+        node_of = getattr(self.backing, "node_of", lambda index: 0)
+        first = offset // PAGE
+        out = []
+        for page in range(first, first + count):  # one entry per page asked for
+            node = node_of(self.pgoff + page) if self.ptes.get(page) else None
+            out.append(node if node is not None else -errno.ENOENT)
+        return out
 
     def munmap(self) -> None:
         if self.mapped:

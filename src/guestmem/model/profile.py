@@ -84,6 +84,9 @@ class Profile:
     shadow_paging: bool = False
     # CONFIG_MEMORY_FAILURE: MADV_HWPOISON injects errors (this host: EINVAL, so off).
     memory_failure: bool = False
+    # NUMA policy of guest_memfd pages: per inode (upstream 6.18, kvm_gmem_set_policy)
+    # or per VMA only, never consulted by allocations (this host: no kvm_gmem_set_policy).
+    gmem_shared_policy: bool = False
     implementation: str = "model"
 
 
@@ -93,5 +96,5 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             shadow_paging=True),
     Profile("coco", "mainline plus the CoCo VM types with KVM_SET_MEMORY_ATTRIBUTES and "
             "private memory (an x86 host with SEV-SNP/TDX and CONFIG_KVM_SW_PROTECTED_VM)",
-            frozenset(VM_TYPES), True, True, memory_failure=True),
+            frozenset(VM_TYPES), True, True, memory_failure=True, gmem_shared_policy=True),
 )}

@@ -1,0 +1,75 @@
+"""NUMA placement on the model with more nodes than this host has (one)."""
+
+import errno
+
+import pytest
+
+from guestmem import uapi
+from guestmem.check import Status, instances, run_instance
+from guestmem.model import Kvm
+
+PS = uapi.PAGE_SIZE
+FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+NUMA_CASES = ("gmem.mbind", "gmem.mbind_scope", "gmem.move_pages", "gmem.numa_allocation")
+
+
+@pytest.mark.parametrize("profile", ["mainline", "coco"])
+def test_numa_cases_with_two_nodes(profile):
+    with Kvm(profile, numa_nodes=2) as kvm:
+        for inst in instances((0,)):
+            if inst.case.name not in NUMA_CASES:
+                continue
+            result = run_instance(kvm, inst)
+            if inst.case.name == "gmem.numa_allocation" and profile == "mainline":
+                assert result.status is Status.SKIP
+                assert "kvm_gmem_set_policy" in result.observed
+            else:
+                assert result.status is Status.PASS, f"{inst.name}: {result.observed}"
+
+
+def test_vma_policy_does_not_steer_guest_memfd_allocations():
+    """This host's kernel: mbind on a guest_memfd VMA is kept, but page-cache
+    allocation follows the task's policy (the local node), not the VMA's."""
+    with Kvm("mainline", numa_nodes=2) as kvm:
+        vm = kvm.create_vm()
+        g = vm.create_guest_memfd(2 * PS, FLAGS)
+        m = g.mmap()
+        m.mbind(0, 2 * PS, uapi.MPOL_BIND, 0b10)
+        m.write(0, b"x" * 2 * PS)
+        assert m.get_mempolicy(0) == (uapi.MPOL_BIND, 0b10)
+        assert m.move_pages(0, 2) == [0, 0]
+
+
+def test_interleaving_a_terabyte_is_one_extent():
+    """Placement is per range: an interleaved 1 TiB allocation costs one extent."""
+    tib = 1 << 40
+    with Kvm("coco", numa_nodes=3) as kvm:
+        vm = kvm.create_vm()
+        g = vm.create_guest_memfd(tib, FLAGS)
+        m = g.mmap()
+        m.mbind(0, tib, uapi.MPOL_INTERLEAVE, 0b111)
+        m.mbind(PS, PS, uapi.MPOL_BIND, 0b100)  # page 1 on node 2
+        g.allocate(0, tib)
+        assert g.inode.folios.boundaries() <= 4
+        nodes = [g.inode.node_of(i) for i in (0, 1, 2, 3, 4, tib // PS - 1)]
+        assert nodes[1] == 2
+        assert nodes[2:5] == [(nodes[2] + k) % 3 for k in range(3)]  # the cycle goes on
+        assert m.move_pages(0, 1) == [-errno.ENOENT]  # allocated, not mapped here
+        m.read(0, PS)
+        assert m.move_pages(0, 1) == [nodes[0]]
+
+
+def test_failed_mbind_changes_nothing():
+    with Kvm("coco", numa_nodes=2) as kvm:
+        vm = kvm.create_vm()
+        g = vm.create_guest_memfd(4 * PS, FLAGS)
+        m = g.mmap()
+        m.mbind(0, 2 * PS, uapi.MPOL_INTERLEAVE, 0b11)
+        m.write(0, b"x" * 4 * PS)
+        before = (list(g.inode.policy.items()), list(g.inode.folios.items()))
+        for args in ((0, PS, 999, 1), (0, PS, uapi.MPOL_BIND, 0b100),
+                     (0, 2 * PS, uapi.MPOL_BIND, 0b10, uapi.MPOL_MF_STRICT)):
+            with pytest.raises(OSError) as e:
+                m.mbind(*args)
+            assert e.value.errno in (errno.EINVAL, errno.EIO)
+        assert (list(g.inode.policy.items()), list(g.inode.folios.items())) == before
