@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -183,7 +182,14 @@ def full_run(size: int, n: int, workload: str) -> dict[str, float]:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """VmHWM of this process's own address space. Not ru_maxrss: Linux carries
+    that over from the forking parent across execve, so a child started by a
+    parent holding a naive model would report the parent's size."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def child(*args: str) -> dict[str, float]:
