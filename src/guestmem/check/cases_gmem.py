@@ -339,6 +339,10 @@ def mbind(ctx: Ctx) -> None:
                   INTERLEAVE | uapi.MPOL_F_NUMA_BALANCING, 1)
         ctx.fails("unknown mbind flag", errno.EINVAL, m.mbind, 0, PS, BIND, 1, 8)
         ctx.fails("maxnode 1 reads no bits", errno.EINVAL, m.mbind, 0, PS, BIND, 1, 0, 1)
+        ctx.fails("maxnode 0 with a mask (wraps)", errno.EINVAL, m.mbind, 0, PS, DEFAULT, 1, 0, 0)
+        ctx.fails("maxnode beyond a page of bits", errno.EINVAL, m.mbind, 0, PS, DEFAULT, 0, 0,
+                  PS * 8 + 2)
+        ctx.ok("maxnode 0 with a NULL mask", m.mbind, 0, PS, DEFAULT, None, 0, 0)
         ctx.fails("unaligned start", errno.EINVAL, m.mbind, 1, PS, BIND, 1)
         ctx.equal("nothing changed by the failures", (DEFAULT, 0), m.get_mempolicy(0))
         ctx.ok("length 0 with a bad mask: nothing to do", m.mbind, 0, 0, DEFAULT, 1)

@@ -43,12 +43,15 @@ _NODEMASK_MODES = (uapi.MPOL_BIND, uapi.MPOL_INTERLEAVE, uapi.MPOL_PREFERRED_MAN
 
 
 def _get_nodes(nodes: int | None, maxnode: int) -> int:
-    """get_nodes(): maxnode - 1 bits are read; more than a page of bits, or a
-    node beyond MAX_NUMNODES, is EINVAL."""
-    maxnode -= 1
-    if maxnode <= 0 or nodes is None:
+    """get_nodes(): a NULL mask is empty; else maxnode - 1 bits are read (an
+    unsigned decrement: maxnode 0 wraps), more than a page of bits or a node
+    beyond MAX_NUMNODES is EINVAL."""
+    if nodes is None:
         return 0
-    if maxnode > PAGE * 8:
+    maxnode -= 1
+    if maxnode == 0:
+        return 0
+    if maxnode < 0 or maxnode > PAGE * 8:
         raise oserror(errno.EINVAL, "mbind: maxnode")
     nodes &= (1 << maxnode) - 1
     if nodes >> MAX_NUMNODES:
