@@ -42,6 +42,8 @@ calls = st.one_of(
     st.tuples(st.just("pre_fault"), ints, ints, st.integers(0, 1)),
     st.tuples(st.just("create_vm"), st.integers(0, 8)),
     st.tuples(st.just("madvise"), st.sampled_from([0, 1, 3, 9, 25, 200]), ints, ints),
+    st.tuples(st.just("mbind"), st.integers(0, 8) | st.integers(0, 1 << 16), st.integers(0, 7),
+              st.integers(0, 4), st.integers(0, 9), ints, ints),
 )
 
 
@@ -68,6 +70,10 @@ def apply(kvm, vm, g, m, vcpu, call):
         kvm.create_vm(a[0])
     elif kind == "madvise":  # advice guest_memfd mappings refuse (or a bad range)
         m.madvise(max(a[1], 0) % (8 * PS), min(max(a[2], 0), 8 * PS), a[0])
+    elif kind == "mbind":  # mode (with flag bits), nodemask, maxnode, mbind flags, range
+        mode, nodes, maxnode, flags, offset, length = a
+        m.mbind(max(offset, 0) % (8 * PS), min(max(length, 0), 4 * PS), mode, nodes, flags,
+                maxnode)
 
 
 @settings(max_examples=1500, deadline=None)

@@ -7,6 +7,7 @@ import pytest
 from guestmem import uapi
 from guestmem.check import Status, instances, run_instance
 from guestmem.model import Kvm
+from guestmem.model.snapshot import snapshot
 
 PS = uapi.PAGE_SIZE
 FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
@@ -66,10 +67,21 @@ def test_failed_mbind_changes_nothing():
         m = g.mmap()
         m.mbind(0, 2 * PS, uapi.MPOL_INTERLEAVE, 0b11)
         m.write(0, b"x" * 4 * PS)
-        before = (list(g.inode.policy.items()), list(g.inode.folios.items()))
+        before = snapshot(kvm)
         for args in ((0, PS, 999, 1), (0, PS, uapi.MPOL_BIND, 0b100),
                      (0, 2 * PS, uapi.MPOL_BIND, 0b10, uapi.MPOL_MF_STRICT)):
             with pytest.raises(OSError) as e:
                 m.mbind(*args)
             assert e.value.errno in (errno.EINVAL, errno.EIO)
-        assert (list(g.inode.policy.items()), list(g.inode.folios.items())) == before
+        assert snapshot(kvm) == before
+    with Kvm("mainline", numa_nodes=2) as kvm:  # per-VMA policies, in the snapshot too
+        vm = kvm.create_vm()
+        m = vm.create_guest_memfd(2 * PS, FLAGS).mmap()
+        m.mbind(0, PS, uapi.MPOL_BIND, 0b10)
+        before = snapshot(kvm)
+        with pytest.raises(OSError) as e:
+            m.mbind(0, 2 * PS, uapi.MPOL_DEFAULT, 0b1)
+        assert e.value.errno == errno.EINVAL
+        assert snapshot(kvm) == before
+        m.mbind(0, 2 * PS, uapi.MPOL_DEFAULT)
+        assert snapshot(kvm) != before  # the snapshot sees policies

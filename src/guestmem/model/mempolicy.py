@@ -19,6 +19,7 @@ from guestmem.exits import oserror
 
 PAGE = 4096
 MAX_NUMNODES = 1024  # CONFIG_NODES_SHIFT=10; bits beyond it in a nodemask are EINVAL
+MAXNODE = MAX_NUMNODES + 1  # the maxnode guestmem passes by default (get_nodes reads maxnode - 1)
 LOCAL_NODE = 0  # numa_node_id(): the model's task runs on node 0 (our choice)
 
 
@@ -38,8 +39,6 @@ class MemPolicy:
 
 DEFAULT_REPORT = (uapi.MPOL_DEFAULT, 0)  # no policy: "default_policy"
 _STORE_USER = uapi.MPOL_F_STATIC_NODES | uapi.MPOL_F_RELATIVE_NODES
-_NODEMASK_MODES = (uapi.MPOL_BIND, uapi.MPOL_INTERLEAVE, uapi.MPOL_PREFERRED_MANY,
-                   uapi.MPOL_WEIGHTED_INTERLEAVE)
 
 
 def _get_nodes(nodes: int | None, maxnode: int) -> int:

@@ -17,7 +17,13 @@ from guestmem import uapi
 from guestmem.exits import HostSigbus, HostSigsegv, oserror
 from guestmem.extents import ExtentMap
 from guestmem.model.content import PAGE, PageStore
-from guestmem.model.mempolicy import DEFAULT_REPORT, MemPolicy, NodeChooser, mbind_policy
+from guestmem.model.mempolicy import (
+    DEFAULT_REPORT,
+    MAXNODE,
+    MemPolicy,
+    NodeChooser,
+    mbind_policy,
+)
 
 TASK_SIZE_MAX = (1 << 47) - PAGE  # x86-64 4-level user address space (access_ok)
 MMAP_BASE = 0x7F00_0000_0000
@@ -287,7 +293,7 @@ class Mapping:
         return getattr(self.backing, "policy", None)
 
     def mbind(self, offset: int, length: int, mode: int, nodes: int | None = None,
-              flags: int = 0, maxnode: int = 1025) -> None:
+              flags: int = 0, maxnode: int = MAXNODE) -> None:
         """mbind(2) on [offset, offset+length), checks in kernel_mbind/do_mbind's
         order; the policy goes to the inode (shared) or stays on the VMA."""
         self._check(offset, length)

@@ -13,8 +13,9 @@ def snapshot(kvm: Any) -> dict[str, Any]:
     state: dict[str, Any] = {
         "fds": sorted(proc.fds),
         "pages": (proc.stats.pages_allocated, proc.stats.orphaned),
-        "mappings": sorted((m.addr, m.length, m.pgoff, m.prot, m.mapped, tuple(m.ptes.items()))
-                           for m in proc.mappings.values()),
+        "mappings": sorted((m.addr, m.length, m.pgoff, m.prot, m.mapped, tuple(m.ptes.items()),
+                            tuple(m.policy.items())) for m in proc.mappings.values()),
+        "interleave": proc.node_chooser.il_prev,
     }
     for vm in sorted(kvm.vms, key=lambda v: v._fd):
         state[f"vm{vm._fd}"] = (
@@ -36,6 +37,7 @@ def snapshot(kvm: Any) -> dict[str, Any]:
                 {i: bytes(p) for i, p in b.store.pages.items()},
                 tuple((s, e, slot.id) for s, e, slot in b.bindings.items()), b.file_open,
                 tuple(b.pins.items()), len(b.live_pins),
+                tuple(b.policy.items()) if b.policy is not None else None,
             )
         elif isinstance(b, AnonymousMemory):
             state[f"anon{id(b)}"] = (tuple(b.present.items()), tuple(b.store.extents.items()))
