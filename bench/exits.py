@@ -22,10 +22,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from guestmem import machine
 from guestmem import program as p
 from guestmem.guest import compile_program, default_hypercall_abi
 from guestmem.host import Kvm
-from guestmem.vmm import Vmm, machine
+from guestmem.vmm import Vmm
 
 HERE = Path(__file__).parent
 
@@ -78,7 +79,7 @@ def main() -> int:
     with Kvm() as kvm, tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp)
         image = compile_program(p.Program.of(p.Loop(args.exits, (p.Tick(),))),
-                                default_hypercall_abi(kvm.capabilities.implementation))
+                                default_hypercall_abi(kvm.capabilities))
         exe = build_c(out_dir)
         files = write_machine_files(kvm, image, out_dir)
         run_python(kvm, image, args.exits)  # warm up both

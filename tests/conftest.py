@@ -20,3 +20,14 @@ def host_kvm():
 
     with Kvm() as kvm:
         yield kvm
+
+
+@pytest.fixture(scope="session")
+def host_profile():
+    """The model profile of this machine's kernel, from a probe of /dev/kvm."""
+    reason = kvm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    import guestmem
+
+    return guestmem.host_profile()

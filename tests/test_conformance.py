@@ -33,7 +33,7 @@ def test_case_on_model(model_kvm, inst):
 
 
 HOST_LACKS = ("KVM_CAP_MEMORY_ATTRIBUTES=0x0", "KVM_CAP_PRE_FAULT_MEMORY=0",
-              "case is for hosts without", "kvm_pvm answers VMCALL itself",
+              "case is for hosts without", "KVM_EXIT_HYPERCALL cannot reach userspace",
               "case is for sw-protected VMs", "needs 2 NUMA nodes, the host has 1",
               "no per-inode guest_memfd mempolicy")
 
@@ -48,26 +48,35 @@ def test_no_case_skips_for_a_capability_this_host_has(host_kvm):
                 f"{inst.name} skipped: {result.observed}"
 
 
-def test_model_mainline_and_kernel_agree_case_by_case(host_kvm):
-    """The mainline profile is this host's kernel: the same cases pass and skip."""
-    with ModelKvm("mainline") as model:
-        for inst in instances((0,)):
+def test_model_host_profile_and_kernel_agree_case_by_case(host_kvm, host_profile):
+    """The host profile is this machine's kernel: every case of every VM type the
+    kernel has passes, fails and skips alike on both, with the same checks."""
+    with ModelKvm(host_profile) as model:
+        for inst in instances(tuple(sorted(host_kvm.capabilities.vm_types))):
             k, m = run_instance(host_kvm, inst), run_instance(model, inst)
-            if inst.case.name == "hypercall.kvm_exit":  # kvm_pvm cannot deliver the exit
-                assert (k.status, m.status) == (Status.SKIP, Status.PASS)
-                continue
-            assert k.status == m.status, f"{inst.name}: kernel {k.observed} / model {m.observed}"
+            assert (k.status, k.observed if k.status is Status.SKIP else "") == \
+                (m.status, m.observed if m.status is Status.SKIP else ""), \
+                f"{inst.name}: kernel {k.observed} / model {m.observed}"
+            assert [(c.what, c.ok) for c in k.checks] == [(c.what, c.ok) for c in m.checks], \
+                inst.name
 
 
-def test_model_mainline_capabilities_match_the_host(host_kvm):
-    """The mainline profile reports what this host's KVM reports, at system scope
-    and on a VM (KVM_CAP_NR_VCPUS is the host's CPU count, not a KVM property)."""
-    with ModelKvm("mainline") as model:
+def test_model_host_profile_answers_every_capability_as_the_kernel(host_kvm, host_profile):
+    """Every KVM_CHECK_EXTENSION number, named or not, at system scope and on a VM
+    of each type, and the probed behaviours, are the kernel's."""
+    from guestmem.host.kvm import CAPABILITY_SCAN
+
+    with ModelKvm(host_profile) as model:
+        for nr in range(CAPABILITY_SCAN):
+            assert model.check_extension(nr) == host_kvm.check_extension(nr), nr
+        for vm_type in host_kvm.capabilities.vm_types:
+            with model.create_vm(vm_type) as mvm, host_kvm.create_vm(vm_type) as kvm_vm:
+                for nr in range(CAPABILITY_SCAN):
+                    assert mvm.check_extension(nr) == kvm_vm.check_extension(nr), (vm_type, nr)
         mine, host = model.capabilities, host_kvm.capabilities
-        skip = {"KVM_CAP_NR_VCPUS"}
-        assert {k: v for k, v in mine.system.items() if k not in skip} == \
-            {k: v for k, v in host.system.items() if k not in skip}
         assert mine.vm_types == host.vm_types
-        for vm_type in host.vm_types:
-            assert {k: v for k, v in mine.vm[vm_type].items() if k not in skip} == \
-                {k: v for k, v in host.vm[vm_type].items() if k not in skip}
+        assert mine.execution == host.execution
+        assert (mine.shadow_paging, mine.gmem_bind_overlap_errno, mine.gmem_shared_policy,
+                mine.memory_failure, mine.implementation) == \
+            (host.shadow_paging, host.gmem_bind_overlap_errno, host.gmem_shared_policy,
+             host.memory_failure, host.implementation)

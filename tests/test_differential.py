@@ -1,4 +1,4 @@
-"""Differential test: the model (mainline profile) against the real kernel.
+"""Differential test: the model (host profile) against the real kernel.
 
 A hypothesis state machine applies the same random sequence of operations to
 both backends — create guest_memfd, bind, delete slot, allocate, punch, mmap,
@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
 
+import guestmem
 from guestmem import program as p
 from guestmem import uapi
 from guestmem.exits import HostFault
@@ -39,6 +40,7 @@ GMEM = uapi.KVM_MEM_GUEST_MEMFD
 pytestmark = pytest.mark.skipif(kvm_unavailable_reason() is not None,
                                 reason=f"differential test needs the kernel: "
                                        f"{kvm_unavailable_reason()}")
+HOST_PROFILE = guestmem.host_profile() if kvm_unavailable_reason() is None else None
 
 
 def outcome(fn, *args):
@@ -60,7 +62,7 @@ class World:
     def __init__(self, kvm):
         self.kvm = kvm
         self.vmm = Vmm(kvm)
-        self.abi = default_hypercall_abi(kvm.capabilities.implementation)
+        self.abi = default_hypercall_abi(kvm.capabilities)
         self.gmems: list = []
         self.mappings: list = []
 
@@ -88,7 +90,7 @@ class Differential(RuleBasedStateMachine):
         super().__init__()
         from guestmem.host import Kvm as HostKvm
 
-        self.worlds = (World(ModelKvm("mainline")), World(HostKvm()))
+        self.worlds = (World(ModelKvm(HOST_PROFILE)), World(HostKvm()))
         self.bound_slots: set[int] = set()
 
     def both(self, what, fn):

@@ -1,9 +1,9 @@
 import pytest
 from iced_x86 import Decoder, Formatter, FormatterSyntax
 
+from guestmem import machine
 from guestmem import program as p
 from guestmem.guest import compile_program, default_hypercall_abi
-from guestmem.vmm import machine
 
 
 def disassemble(code: bytes) -> list[str]:
@@ -53,10 +53,32 @@ def test_program_of_appends_halt_once():
     assert p.Program.of(p.Halt()).steps == (p.Halt(),)
 
 
-def test_default_abi_per_implementation():
-    assert default_hypercall_abi("kvm_pvm") == "port"
-    assert default_hypercall_abi("kvm_amd") == "vmmcall"
-    assert default_hypercall_abi("kvm_intel") == "vmcall"
+def caps_with(**execution):
+    """The mainline model's capability record with another GuestExecution."""
+    from dataclasses import replace
+
+    from guestmem.caps import UPSTREAM_EXECUTION
+    from guestmem.model import PROFILES, Kvm
+
+    profile = replace(PROFILES["mainline"], execution=replace(UPSTREAM_EXECUTION, **execution))
+    with Kvm(profile) as kvm:
+        return kvm.capabilities
+
+
+def test_default_abi_follows_the_cpu_vendor_and_the_probed_execution():
+    from guestmem.caps import VENDOR_AMD, VENDOR_INTEL, HypercallOutcome
+
+    # VMX/SVM: CPL0 guests, the vendor's own instruction exits to userspace.
+    assert default_hypercall_abi(caps_with(cpu_vendor=VENDOR_INTEL)) == "vmcall"
+    assert default_hypercall_abi(caps_with(cpu_vendor=VENDOR_AMD)) == "vmmcall"
+    # A CPL3 guest cannot reach userspace with either: the port doorbell.
+    assert default_hypercall_abi(caps_with(cpu_vendor=VENDOR_AMD), cpl=3) == "port"
+    # kvm_pvm: CPL0 is emulated (so guests run at CPL3) and its VMCALL never returns.
+    pvm = caps_with(cpu_vendor=VENDOR_AMD, emulated_cpls=frozenset({0}),
+                    cpl0_hypercall=HypercallOutcome.NEVER_RETURNS)
+    assert pvm.execution.default_cpl == 3
+    assert default_hypercall_abi(pvm) == "port"
+    assert default_hypercall_abi(pvm, cpl=0) == "port"
 
 
 def test_page_tables_identity_map_64_gib_with_2m_pages():

@@ -1,13 +1,23 @@
 """The VMM's exit dispatch, with a scripted vCPU standing in for KVM_RUN."""
 
 import errno
+import threading
 
 import pytest
 
 from guestmem import program as p
 from guestmem import uapi
-from guestmem.exits import HypercallExit, IoExit, KvmRunError, MemoryFaultExit, ShutdownExit
-from guestmem.vmm import Sharing, UnhandledExit, Vmm
+from guestmem.caps import HypercallOutcome
+from guestmem.exits import (
+    HypercallExit,
+    IoExit,
+    KvmRunError,
+    MemoryFaultExit,
+    MmioExit,
+    ShutdownExit,
+)
+from guestmem.guest import compile_program, default_hypercall_abi
+from guestmem.vmm import GuestTimeout, Sharing, UnhandledExit, Vmm
 
 ENC = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED
 
@@ -86,15 +96,26 @@ def test_memory_fault_stops_the_run_with_errno_and_exit(vmm):
     assert (result.stop, result.errno, result.memory_fault) == ("memory_fault", errno.EFAULT, fault)
 
 
+def test_shutdown_and_unanswered_mmio_end_the_run_in_its_result(vmm):
+    eintr = KvmRunError(errno.EINTR, None)  # the immediate_exit run that completes pending I/O
+    shutdown = ShutdownExit(uapi.KVM_EXIT_SHUTDOWN)
+    vmm.vcpu = ScriptedVcpu([*report(5), shutdown, out(p.PORT_DONE, 0)])
+    result = vmm.run()
+    assert (result.stop, result.exit, result.reports) == ("shutdown", shutdown, [5])
+    assert len(vmm.vcpu.script) == 1  # nothing ran after the shutdown
+    mmio = MmioExit(uapi.KVM_EXIT_MMIO, 1 << 40, b"\x11" * 8, 8, True)
+    vmm.vcpu = ScriptedVcpu([mmio, eintr])
+    result = vmm.run()
+    assert (result.stop, result.exit) == ("mmio", mmio)
+    assert vmm.vcpu.script == []  # the pending MMIO was completed before giving up
+
+
 def test_unexpected_exits_are_errors_not_ignored(vmm):
     eintr = KvmRunError(errno.EINTR, None)  # the immediate_exit run that completes pending I/O
-    vmm.vcpu = ScriptedVcpu([ShutdownExit(uapi.KVM_EXIT_SHUTDOWN), eintr])
-    with pytest.raises(UnhandledExit):
-        vmm.run()
-    assert vmm.vcpu.script == []  # the pending exit was completed before giving up
     vmm.vcpu = ScriptedVcpu([out(0x80, 1), eintr])
     with pytest.raises(UnhandledExit):
         vmm.run()
+    assert vmm.vcpu.script == []  # the pending exit was completed before giving up
     vmm.vcpu = ScriptedVcpu([out(p.PORT_REPORT_HI, 1), eintr])  # high half without low half
     with pytest.raises(UnhandledExit):
         vmm.run()
@@ -119,13 +140,11 @@ def test_port_doorbell_unknown_hypercall_gets_kvm_enosys(vmm):
 
 def test_a_vmm_session_leaks_no_fd_and_no_mapping(host_kvm):
     """VM, guest_memfds, their mmaps, the vCPU and its kvm_run all go on close."""
-    from guestmem.guest import compile_program, default_hypercall_abi
-
     def maps():
         with open("/proc/self/maps") as f:
             return sum(1 for _ in f)
 
-    abi = default_hypercall_abi(host_kvm.capabilities.implementation)
+    abi = default_hypercall_abi(host_kvm.capabilities)
 
     def session():
         with Vmm(host_kvm) as v:
@@ -140,3 +159,72 @@ def test_a_vmm_session_leaks_no_fd_and_no_mapping(host_kvm):
     for _ in range(3):
         session()
     assert (host_kvm.open_fd_count(), maps()) == (fds, mapped)
+
+
+@pytest.fixture(params=["model", "kvm"])
+def any_kvm(request):
+    if request.param == "kvm":
+        yield request.getfixturevalue("host_kvm")
+        return
+    from guestmem.model import Kvm as ModelKvm
+
+    with ModelKvm("mainline") as kvm:
+        yield kvm
+
+
+def in_thread(fn):
+    """Run fn in a thread that is not the main one; its result or exception."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the run was never interrupted"
+    return box
+
+
+def test_run_times_out_from_a_thread_that_is_not_main(any_kvm):
+    """A guest that never halts: the timeout kicks it out of KVM_RUN whatever the
+    thread, and the kick does not linger into the next run."""
+    with Vmm(any_kvm) as vmm:
+        abi = default_hypercall_abi(any_kvm.capabilities, vmm.cpl)
+        vmm.load(compile_program(p.Program.of(p.Loop(1 << 40, (p.Tick(),))), abi))
+        box = in_thread(lambda: vmm.run(timeout=0.3))
+        assert isinstance(box.get("error"), GuestTimeout), box
+        vmm.load(compile_program(p.Program.of(p.Report(9)), abi))
+        assert vmm.run(timeout=10).reports == [9]
+
+
+def never_returning_kvm(request, backend):
+    if backend == "kvm":
+        kvm = request.getfixturevalue("host_kvm")
+        outcome = kvm.capabilities.execution.cpl0_hypercall
+        if outcome is not HypercallOutcome.NEVER_RETURNS:
+            pytest.skip(f"this host's CPL0 hypercall {outcome.value}: KVM_RUN returns")
+        return kvm
+    from dataclasses import replace
+
+    from guestmem.model import PROFILES
+    from guestmem.model import Kvm as ModelKvm
+
+    mainline = PROFILES["mainline"]
+    execution = replace(mainline.execution, cpl0_hypercall=HypercallOutcome.NEVER_RETURNS)
+    return ModelKvm(replace(mainline, execution=execution))
+
+
+@pytest.mark.parametrize("backend", ["model", "kvm"])
+def test_a_kvm_run_that_never_returns_is_kicked_out_of_it(request, backend):
+    """kvm_pvm retries an emulated CPL0 VMCALL for ever inside KVM_RUN: only a
+    signal to the vCPU's thread ends it; the model's KVM_RUN blocks the same way."""
+    kvm = never_returning_kvm(request, backend)
+    with Vmm(kvm, cpl=0) as vmm:
+        insn = kvm.capabilities.execution.native_hypercall
+        vmm.load(compile_program(p.Program.of(p.MapGpaRange(1 << 32, 1, 4096)), insn))
+        box = in_thread(lambda: vmm.run(timeout=0.3))
+        assert isinstance(box.get("error"), GuestTimeout), box

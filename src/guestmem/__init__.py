@@ -19,9 +19,21 @@ def Kvm(backend: str = "model", **options: Any) -> Any:  # noqa: N802 - reads li
     if backend == "model":
         from guestmem.model import Kvm as ModelKvm
 
+        if options.get("profile") == "host":
+            options["profile"] = host_profile()
         return ModelKvm(**options)
     if backend == "kvm":
         from guestmem.host import Kvm as HostKvm
 
         return HostKvm(**options)
     raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+
+
+def host_profile(path: str = "/dev/kvm") -> Any:
+    """The model profile of this machine's kernel, from a probe of its /dev/kvm
+    (DESIGN.md "Kernel profiles": `host`). OSError if /dev/kvm cannot be opened."""
+    from guestmem.host import Kvm as HostKvm
+    from guestmem.model import Profile
+
+    with HostKvm(path) as kvm:
+        return Profile.from_capabilities(kvm.capabilities)

@@ -1,13 +1,89 @@
-"""The capability record both backends report (layer 1)."""
+"""The capability record both backends report (layer 1).
+
+Besides the KVM_CHECK_EXTENSION values, it records what a host does beyond the
+upstream guest_memfd rules, because kernel builds differ (even two builds of
+one release: ../shared/spec/host-notes.md): the kvm backend probes these by
+running tiny guests, the model states them in its profile.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import errno
+from dataclasses import dataclass, field
+from enum import Enum
+
+VENDOR_INTEL = "GenuineIntel"
+VENDOR_AMD = "AuthenticAMD"
+
+
+def native_hypercall(cpu_vendor: str) -> str:
+    """The vendor's hypercall instruction: VMMCALL on AMD, VMCALL elsewhere (Intel)."""
+    return "vmmcall" if cpu_vendor == VENDOR_AMD else "vmcall"
+
+
+class HypercallOutcome(Enum):
+    """What a guest's VMCALL/VMMCALL of KVM_HC_MAP_GPA_RANGE led to."""
+
+    RETURNS_EPERM = "returns -KVM_EPERM (-1) to the guest"  # upstream at CPL3
+    RETURNS_ENOSYS = "returns -KVM_ENOSYS to the guest"  # exit not enabled
+    EXITS = "exits to userspace as KVM_EXIT_HYPERCALL"  # upstream at CPL0
+    UD_SHUTDOWN = "raises #UD: the guest shuts down"  # the other vendor's opcode, natively
+    NEVER_RETURNS = "KVM_RUN does not return until kicked"  # kvm_pvm's emulator loops
+    OTHER = "something else"
+
+    @property
+    def continues(self) -> bool:
+        """The guest goes on after the call, with a return value in RAX."""
+        return self in (HypercallOutcome.RETURNS_EPERM, HypercallOutcome.RETURNS_ENOSYS)
+
+
+@dataclass(frozen=True)
+class GuestExecution:
+    """How this KVM runs guest code: probed on the kvm backend, stated by profiles.
+
+    `cpl3_hypercall` maps each instruction ("vmcall", "vmmcall") to what it does
+    at CPL3 with KVM_CAP_EXIT_HYPERCALL enabled; `cpl0_hypercall` is the CPU
+    vendor's own instruction at CPL0. `emulated_cpls` are the privilege levels
+    whose code KVM's instruction emulator runs (kvm_pvm: CPL0): its accesses go
+    through the memslot's userspace_addr, MMIO where that fails, whatever the
+    memslot's guest_memfd holds."""
+
+    cpu_vendor: str
+    cpl3_hypercall: dict[str, HypercallOutcome]
+    cpl0_hypercall: HypercallOutcome
+    emulated_cpls: frozenset[int] = frozenset()
+
+    @property
+    def native_hypercall(self) -> str:
+        return native_hypercall(self.cpu_vendor)
+
+    @property
+    def default_cpl(self) -> int:
+        """CPL0, which hypercalls need (__kvm_emulate_hypercall: CPL != 0 ->
+        -KVM_EPERM), unless KVM emulates CPL0 code (kvm_pvm): then CPL3, which
+        runs natively."""
+        return 3 if 0 in self.emulated_cpls else 0
+
+    def hypercall_exits_at(self, cpl: int) -> bool:
+        """A hypercall at `cpl` reaches userspace as KVM_EXIT_HYPERCALL."""
+        if cpl == 0:
+            return self.cpl0_hypercall is HypercallOutcome.EXITS
+        return self.cpl3_hypercall.get(self.native_hypercall) is HypercallOutcome.EXITS
+
+
+# Upstream x86 on VMX/SVM (x86.c __kvm_emulate_hypercall; a foreign opcode is
+# #UD-intercepted and emulated, so both instructions behave alike).
+UPSTREAM_EXECUTION = GuestExecution(
+    cpu_vendor=VENDOR_INTEL,
+    cpl3_hypercall={"vmcall": HypercallOutcome.RETURNS_EPERM,
+                    "vmmcall": HypercallOutcome.RETURNS_EPERM},
+    cpl0_hypercall=HypercallOutcome.EXITS,
+)
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What the host's KVM offers, probed once (system scope, then a default VM)."""
+    """What the host's KVM offers, probed once (system scope, then a VM of each type)."""
 
     api_version: int
     implementation: str  # kvm_intel, kvm_amd, kvm_pvm or unknown
@@ -25,8 +101,17 @@ class Capabilities:
     numa_nodes: int
     gmem_shared_policy: bool  # mbind on a guest_memfd keeps a per-inode policy (upstream 6.18)
     gmem_flags_by_vm_type: dict[int, int]  # KVM_CAP_GUEST_MEMFD_FLAGS on a VM of each type
-    system: dict[str, int]  # every known capability at system scope, by name
-    vm: dict[int, dict[str, int]]  # every known capability on a VM of each type, by name
+    system: dict[str, int]  # every named capability at system scope
+    vm: dict[int, dict[str, int]]  # every named capability on a VM of each type
+    execution: GuestExecution = UPSTREAM_EXECUTION
+    # x86 KVM_CAP_PRE_FAULT_MEMORY is tdp_enabled: without TDP the MMU shadows the
+    # guest's page tables, which it reads through userspace_addr.
+    shadow_paging: bool = False
+    gmem_bind_overlap_errno: int = errno.EINVAL  # 6.18; EEXIST in kvm-x86/next
+    memory_failure: bool = False  # CONFIG_MEMORY_FAILURE (MADV_HWPOISON)
+    # Every nonzero KVM_CHECK_EXTENSION answer by number, named or not.
+    system_numbers: dict[int, int] = field(default_factory=dict)
+    vm_numbers: dict[int, dict[int, int]] = field(default_factory=dict)
     runs_guests: bool = True
 
     def gmem_flags_for(self, vm_type: int) -> int:

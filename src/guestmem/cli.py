@@ -81,6 +81,15 @@ def info_record(kvm: Any) -> dict[str, Any]:
         )
         if caps.guest_memfd_flags & bit
     ]
+    execution = caps.execution
+    record["execution"] = {
+        "cpu_vendor": execution.cpu_vendor,
+        "native_hypercall": execution.native_hypercall,
+        "cpl3_hypercall": {insn: o.value for insn, o in execution.cpl3_hypercall.items()},
+        "cpl0_hypercall": execution.cpl0_hypercall.value,
+        "emulated_cpls": sorted(execution.emulated_cpls),
+        "default_cpl": execution.default_cpl,
+    }
     record["backend"] = kvm.backend
     model_profile = getattr(kvm, "profile", None)
     record["profile"] = model_profile.name if model_profile else profile_of(caps)
@@ -114,6 +123,13 @@ def info(backend: str, profile: str, as_json: bool) -> None:
     )
     for name, flags in record["gmem_flags_by_vm_type"].items():
         table.add_row(f"  on a {name} VM", f"{flags:#x}")
+    execution = record["execution"]
+    table.add_row("CPU vendor", execution["cpu_vendor"])
+    for insn, outcome in execution["cpl3_hypercall"].items():
+        table.add_row(f"CPL3 {insn.upper()}", outcome)
+    table.add_row(f"CPL0 {execution['native_hypercall'].upper()}", execution["cpl0_hypercall"])
+    table.add_row("emulated CPLs", ", ".join(map(str, execution["emulated_cpls"])) or "none")
+    table.add_row("MMU", "shadow paging" if record["shadow_paging"] else "TDP")
     table.add_row("NUMA nodes", str(record["numa_nodes"]))
     table.add_row("guest_memfd mempolicy",
                   "per inode (shared)" if record["gmem_shared_policy"] else "per VMA only")

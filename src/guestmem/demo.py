@@ -43,9 +43,11 @@ def _ret(value: int) -> str:
 
 def run(kvm: Any) -> Iterator[Step]:
     caps = kvm.capabilities
-    abi = default_hypercall_abi(caps.implementation)
-    yield Step("host", f"{kvm.backend} backend, {caps.implementation}, guest_memfd flags "
-                       f"{caps.guest_memfd_flags:#x}, hypercall ABI '{abi}'")
+    abi = default_hypercall_abi(caps)
+    execution = caps.execution
+    yield Step("host", f"{kvm.backend} backend, {caps.implementation} on "
+                       f"{execution.cpu_vendor}, guest_memfd flags {caps.guest_memfd_flags:#x}, "
+                       f"guest at CPL{execution.default_cpl}, hypercall ABI '{abi}'")
     with Vmm(kvm) as vmm:
         region = vmm.add_memory(HIGH, SIZE)
         yield Step("memory", f"guest_memfd of {SIZE >> 20} MiB (MMAP|INIT_SHARED) bound at GPA "

@@ -30,7 +30,7 @@ def needs_sw_protected(caps: object, vm_type: int, gmem_flags: int) -> str | Non
 
 
 def _run(vmm: Vmm, ctx: Ctx, *steps: p.Step) -> object:
-    vmm.load(compile_program(p.Program.of(*steps), default_hypercall_abi(ctx.caps.implementation)))
+    vmm.load(compile_program(p.Program.of(*steps), default_hypercall_abi(ctx.caps, vmm.cpl)))
     return vmm.run()
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import errno
 
+from guestmem import machine, uapi
 from guestmem import program as p
-from guestmem import uapi
+from guestmem.caps import Capabilities, HypercallOutcome
 from guestmem.check.suite import CaseSkipped, Ctx, case, needs_exit_hypercall, needs_guests
 from guestmem.exits import HypercallExit, MmioExit
 from guestmem.guest import compile_program, default_hypercall_abi
-from guestmem.vmm import Sharing, UnhandledExit, Vmm
+from guestmem.vmm import RunResult, Sharing, Vmm
 
 PS = uapi.PAGE_SIZE
 HIGH = 1 << 32  # selftests put guest_memfd memory at 4 GiB
@@ -21,8 +22,8 @@ MB2 = 2 << 20
 MMAP_SHARED = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
 
 
-def _run(ctx: Ctx, vmm: Vmm, *steps: p.Step) -> object:
-    image = compile_program(p.Program.of(*steps), default_hypercall_abi(ctx.caps.implementation))
+def _run(ctx: Ctx, vmm: Vmm, *steps: p.Step) -> RunResult:
+    image = compile_program(p.Program.of(*steps), default_hypercall_abi(ctx.caps, vmm.cpl))
     vmm.load(image)
     return vmm.run()
 
@@ -168,15 +169,12 @@ def readonly_memslot(ctx: Ctx) -> None:
                uapi.KVM_MEM_READONLY, HIGH, PS, region.mapping.addr)
         region.mapping.write(0, (77).to_bytes(8, "little"))
         ctx.equal("guest reads", [77], _run(ctx, vmm, p.ReadValue(HIGH)).reports)
-        try:
-            _run(ctx, vmm, p.WritePattern(HIGH + 8, 8, 0x55))
-            observed: object = "no exit"
-        except UnhandledExit as e:
-            x = e.exit
-            observed = (type(x).__name__, x.phys_addr, x.is_write, x.data) \
-                if isinstance(x, MmioExit) else repr(x)
-        ctx.equal("the write's exit", ("MmioExit", HIGH + 8, True, (0x55).to_bytes(8, "little")),
-                  observed)
+        result = _run(ctx, vmm, p.WritePattern(HIGH + 8, 8, 0x55))
+        x = result.exit
+        observed = (result.stop, x.phys_addr, x.is_write, x.data) \
+            if isinstance(x, MmioExit) else (result.stop, repr(x))
+        ctx.equal("the write ends the run as MMIO",
+                  ("mmio", HIGH + 8, True, (0x55).to_bytes(8, "little")), observed)
         ctx.bytes_equal("memory unchanged", region.mapping, 8, bytes(8))
 
 
@@ -189,6 +187,76 @@ def anonymous_memory(ctx: Ctx) -> None:
         result = _run(ctx, vmm, p.WritePattern(HIGH, MB2, 3, 3), p.VerifyPattern(HIGH, MB2, 3, 3))
         ctx.equal("guest verified", [p.VERIFY_OK], result.reports)
         ctx.equal("host reads word 1", (6).to_bytes(8, "little"), vmm.read(HIGH + 8, 8))
+
+
+def _mmio(result: RunResult) -> object:
+    """How a run that should end in MMIO ended: (stop, gpa, is_write, data, length)."""
+    x = result.exit
+    if isinstance(x, MmioExit):
+        return (result.stop, x.phys_addr, x.is_write, x.data, x.length)
+    return (result.stop, result.reports)
+
+
+@case("guest.unbacked_gpa", "api.rst KVM_EXIT_MMIO; x86.c emulator_read_write_onepage",
+      "a guest write to a GPA no memslot covers ends the run as KVM_EXIT_MMIO carrying "
+      "the 8 bytes written; a read ends it as an 8-byte MMIO read", needs=(needs_guests,))
+def unbacked_gpa(ctx: Ctx) -> None:
+    value = 0x1122334455667788
+    with Vmm(ctx.kvm, ctx.vm_type) as vmm:
+        ctx.equal("write", ("mmio", HIGH, True, value.to_bytes(8, "little"), 8),
+                  _mmio(_run(ctx, vmm, p.WritePattern(HIGH, 8, value))))
+        ctx.equal("read", ("mmio", HIGH + 8, False, b"", 8),
+                  _mmio(_run(ctx, vmm, p.ReadValue(HIGH + 8))))
+        ctx.equal("a program after the MMIO exit runs", [7], _run(ctx, vmm, p.Report(7)).reports)
+
+
+BEYOND = machine.IDENTITY_MAP_GIB << 30
+
+
+@case("guest.beyond_identity_map", "guestmem.machine page tables; SDM: #PF without an IDT "
+      "is a triple fault", "a guest access above the [0, 64 GiB) its page tables map "
+      "shuts the guest down (KVM_EXIT_SHUTDOWN), even with a memslot there; just below "
+      "it, without a memslot, is MMIO", needs=(needs_guests,))
+def beyond_identity_map(ctx: Ctx) -> None:
+    with Vmm(ctx.kvm, ctx.vm_type) as vmm:
+        vmm.add_memory(BEYOND, PS)
+        ctx.equal("read at 64 GiB", "shutdown", _run(ctx, vmm, p.ReadValue(BEYOND)).stop)
+        ctx.equal("write at 64 GiB", "shutdown",
+                  _run(ctx, vmm, p.WritePattern(BEYOND, 8, 1)).stop)
+        ctx.equal("the last word below it, mapped but with no memslot: MMIO",
+                  ("mmio", BEYOND - 8, True, (1).to_bytes(8, "little"), 8),
+                  _mmio(_run(ctx, vmm, p.WritePattern(BEYOND - 8, 8, 1))))
+
+
+@case("guest.memory_paths", "host-notes.md (two memory paths); x86.c "
+      "emulator_read_write_onepage", "on a guest_memfd-only memslot whose userspace_addr maps "
+      "other memory, code KVM runs natively reads and writes the guest_memfd, code it "
+      "emulates (kvm_pvm: CPL0) goes through userspace_addr, MMIO where that is NULL; "
+      "as the capability record says", needs=(needs_guests,), flag_variants=(MMAP_SHARED,))
+def memory_paths(ctx: Ctx) -> None:
+    in_file, elsewhere, written = 0xAAAAAAAAAAAAAAAA, 0xBBBBBBBBBBBBBBBB, 0x1111111111111111
+    for cpl in (3, 0):
+        emulated = cpl in ctx.caps.execution.emulated_cpls
+        with (Vmm(ctx.kvm, ctx.vm_type, cpl=cpl) as vmm,
+              vmm.vm.create_guest_memfd(PS, MMAP_SHARED) as gmem, gmem.mmap(PS) as file_view,
+              ctx.kvm.mmap_anonymous(PS) as other):
+            file_view.write(0, in_file.to_bytes(8, "little"))
+            other.write(0, elsewhere.to_bytes(8, "little"))
+            slot, flags = 9, uapi.KVM_MEM_GUEST_MEMFD
+            vmm.vm.set_user_memory_region2(slot, flags, HIGH, PS, other.addr, gmem, 0)
+            ctx.equal(f"CPL{cpl} read ({'emulated' if emulated else 'native'})",
+                      [elsewhere if emulated else in_file],
+                      _run(ctx, vmm, p.ReadValue(HIGH)).reports)
+            vmm.vm.delete_memslot(slot)
+            vmm.vm.set_user_memory_region2(slot, flags, HIGH, PS, 0, gmem, 0)
+            result = _run(ctx, vmm, p.WritePattern(HIGH, 8, written), p.ReadValue(HIGH))
+            if emulated:
+                ctx.equal(f"CPL{cpl} write with userspace_addr 0",
+                          ("mmio", HIGH, True, written.to_bytes(8, "little"), 8), _mmio(result))
+            else:
+                ctx.equal(f"CPL{cpl} write with userspace_addr 0", [written], result.reports)
+            ctx.bytes_equal(f"CPL{cpl}: the file after the write", file_view, 0,
+                            (in_file if emulated else written).to_bytes(8, "little"))
 
 
 ENC = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED
@@ -220,26 +288,66 @@ def map_gpa_range(ctx: Ctx) -> None:
         ctx.equal("private ranges after the requests", [], vmm.tracker.ranges(Sharing.PRIVATE))
 
 
+CPL3_VARIANTS = (HypercallOutcome.RETURNS_EPERM, HypercallOutcome.UD_SHUTDOWN)
+_AFTER_CALL = 0x600D  # the guest reports this if it goes on after the call
+
+
+def _cpl3_outcome(result: RunResult, exits: list[HypercallExit]) -> HypercallOutcome:
+    """Classify what a CPL3 MAP_GPA_RANGE did, from the run the VMM saw."""
+    if exits:
+        return HypercallOutcome.EXITS
+    if result.stop == "shutdown":
+        return HypercallOutcome.UD_SHUTDOWN
+    if result.stop == "done" and result.reports == [(1 << 64) - uapi.KVM_EPERM, _AFTER_CALL]:
+        return HypercallOutcome.RETURNS_EPERM
+    return HypercallOutcome.OTHER
+
+
 @case("hypercall.native_vmcall_cpl3", "x86.c __kvm_emulate_hypercall (CPL != 0 -> -KVM_EPERM)",
-      "VMCALL/VMMCALL from a CPL3 guest returns -1 to the guest and no KVM_EXIT_HYPERCALL "
-      "reaches userspace, even with KVM_CAP_EXIT_HYPERCALL enabled",
+      "VMCALL and VMMCALL from a CPL3 guest never reach userspace as KVM_EXIT_HYPERCALL, "
+      "even with KVM_CAP_EXIT_HYPERCALL enabled, and the guest never goes on as if the "
+      "call succeeded: it gets -KVM_EPERM (upstream) or #UD and shuts down (kvm_pvm, the "
+      "other vendor's opcode); the variant is reported and matches the capability record",
       needs=(needs_guests,))
 def native_vmcall_cpl3(ctx: Ctx) -> None:
-    abi = "vmmcall" if ctx.caps.implementation == "kvm_amd" else "vmcall"
-    with Vmm(ctx.kvm, ctx.vm_type, cpl=3) as vmm:
-        ctx.true("KVM_CAP_EXIT_HYPERCALL enabled for MAP_GPA_RANGE", vmm.exit_hypercall)
-        vmm.load(compile_program(p.Program.of(p.MapGpaRange(HIGH, 1, PS, encrypted=True)), abi))
-        result = vmm.run()
-        # Upstream: -KVM_EPERM for CPL3. kvm_pvm: its own handler answers -1 too (the
-        # kvm:kvm_hypercall tracepoint never fires; README "Guests under PVM").
-        ctx.equal("guest's RAX", [(1 << 64) - uapi.KVM_EPERM], result.reports)
-        ctx.equal("hypercall exits seen by the VMM", [], vmm.tracker.requests)
+    execution = ctx.caps.execution
+    native = execution.native_hypercall
+    for insn in (native, "vmmcall" if native == "vmcall" else "vmcall"):
+        with Vmm(ctx.kvm, ctx.vm_type, cpl=3) as vmm:
+            ctx.true("KVM_CAP_EXIT_HYPERCALL enabled for MAP_GPA_RANGE", vmm.exit_hypercall)
+            exits = _record_hypercall_exits(vmm)
+            vmm.load(compile_program(p.Program.of(
+                p.MapGpaRange(HIGH, 1, PS, encrypted=True), p.Report(_AFTER_CALL)), insn))
+            outcome = _cpl3_outcome(vmm.run(), exits)
+            ctx.equal(f"{insn}: KVM_EXIT_HYPERCALL exits and tracked requests", ([], []),
+                      (exits, vmm.tracker.requests))
+            ctx.one_of(f"{insn} at CPL3 ({execution.cpu_vendor})",
+                       [v.value for v in CPL3_VARIANTS], outcome.value)
+            ctx.equal(f"{insn}: as the capability record says",
+                      execution.cpl3_hypercall[insn].value, outcome.value)
 
 
-def needs_hypercall_exits(caps: object, vm_type: int, gmem_flags: int) -> str | None:
-    if getattr(caps, "implementation", "") == "kvm_pvm":
-        return ("kvm_pvm answers VMCALL itself and cannot deliver KVM_EXIT_HYPERCALL "
-                "(README: MAP_GPA_RANGE on this host)")
+def _record_hypercall_exits(vmm: Vmm) -> list[HypercallExit]:
+    """The KVM_EXIT_HYPERCALL exits the VMM handles from now on, in order."""
+    seen: list[HypercallExit] = []
+    handler = vmm.handlers[HypercallExit]
+
+    def record(exit: HypercallExit, result: RunResult) -> bool:
+        seen.append(exit)
+        return handler(exit, result)
+
+    vmm.handlers[HypercallExit] = record
+    return seen
+
+
+def needs_hypercall_exits(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
+    """KVM_EXIT_HYPERCALL reaches userspace from a CPL0 guest (probed: kvm_pvm's
+    emulator retries a CPL0 VMCALL for ever)."""
+    execution = caps.execution
+    if not execution.hypercall_exits_at(0):
+        return (f"on this host a CPL0 {execution.native_hypercall}: "
+                f"{execution.cpl0_hypercall.value} (probed), so KVM_EXIT_HYPERCALL cannot "
+                f"reach userspace")
     return needs_exit_hypercall(caps, vm_type, gmem_flags)
 
 
@@ -248,11 +356,9 @@ def needs_hypercall_exits(caps: object, vm_type: int, gmem_flags: int) -> str | 
       "nr/args/flags; KVM itself answers a bad gpa or npages 0 with -KVM_EINVAL, no exit",
       needs=(needs_guests, needs_hypercall_exits))
 def kvm_exit(ctx: Ctx) -> None:
-    abi = "vmmcall" if ctx.caps.implementation == "kvm_amd" else "vmcall"
+    abi = ctx.caps.execution.native_hypercall
     with Vmm(ctx.kvm, ctx.vm_type, cpl=0) as vmm:
-        seen: list[object] = []
-        handler = vmm.handlers[HypercallExit]
-        vmm.handlers[HypercallExit] = lambda e, r: seen.append(e) or handler(e, r)
+        seen = _record_hypercall_exits(vmm)
         vmm.load(compile_program(p.Program.of(
             p.MapGpaRange(HIGH, 512, MB2, encrypted=True),
             p.MapGpaRange(HIGH + 1, 1, PS, encrypted=False),

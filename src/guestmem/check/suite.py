@@ -87,8 +87,8 @@ class Ctx:
             g.close()
 
     # --- checks ---------------------------------------------------------------------------
-    def _record(self, what: str, expected: str, observed: str) -> None:
-        check = Check(what, expected, observed, expected == observed)
+    def _record(self, what: str, expected: str, observed: str, ok: bool | None = None) -> None:
+        check = Check(what, expected, observed, expected == observed if ok is None else ok)
         self.checks.append(check)
         if not check.ok:
             raise CaseFailed(check)
@@ -112,6 +112,10 @@ class Ctx:
 
     def equal(self, what: str, expected: Any, observed: Any) -> None:
         self._record(what, repr(expected), repr(observed))
+
+    def one_of(self, what: str, allowed: list[str], observed: str) -> None:
+        """One of several known variants (hosts differ): the check names the one seen."""
+        self._record(what, "one of: " + " | ".join(allowed), observed, observed in allowed)
 
     def true(self, what: str, cond: bool) -> None:
         self._record(what, "true", "true" if cond else "false")

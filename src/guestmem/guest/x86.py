@@ -19,7 +19,8 @@ from iced_x86 import Register as R
 
 from guestmem import program as p
 from guestmem import uapi
-from guestmem.vmm.machine import CODE, GuestImage
+from guestmem.caps import Capabilities
+from guestmem.machine import CODE, GuestImage
 
 HYPERCALL_ABIS = ("port", "vmcall", "vmmcall")
 _LOOP_REGISTERS = (R.R12, R.R13, R.R14, R.R15)
@@ -235,6 +236,10 @@ def compile_program(prog: p.Program, hypercall_abi: str = "vmcall") -> GuestImag
     return Compiler(hypercall_abi).compile(prog)
 
 
-def default_hypercall_abi(implementation: str) -> str:
-    """The hypercall instruction the host's KVM implementation expects."""
-    return {"kvm_pvm": "port", "kvm_amd": "vmmcall"}.get(implementation, "vmcall")
+def default_hypercall_abi(caps: Capabilities, cpl: int | None = None) -> str:
+    """How a guest at `cpl` (default: the VMM's, caps.execution.default_cpl) reaches
+    the VMM: the CPU vendor's own instruction where a hypercall exits to
+    userspace, else the "port" doorbell (kvm_pvm; any CPL3 guest)."""
+    execution = caps.execution
+    level = execution.default_cpl if cpl is None else cpl
+    return execution.native_hypercall if execution.hypercall_exits_at(level) else "port"

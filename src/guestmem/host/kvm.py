@@ -15,6 +15,7 @@ import faulthandler
 import fcntl
 import os
 import signal
+import threading
 from types import TracebackType
 from typing import Self
 
@@ -39,6 +40,8 @@ from guestmem.exits import (
 from guestmem.host import libc
 
 BACKEND = "kvm"
+CAPABILITY_SCAN = 512  # KVM_CAP_* numbers probed (6.18's highest is in the 240s)
+_PROBED: dict[int, Capabilities] = {}  # by the device number of /dev/kvm
 
 
 class _Fd:
@@ -124,22 +127,33 @@ class Kvm(_Fd):
 
     @property
     def capabilities(self) -> Capabilities:
+        """What this host's KVM offers and does, probed once per process."""
         if self._caps is None:
-            self._caps = self._probe()
+            key = os.fstat(self.fd).st_rdev
+            if key not in _PROBED:
+                _PROBED[key] = self._probe()
+            self._caps = _PROBED[key]
         return self._caps
 
+    def _numbers(self, target: Kvm | Vm) -> dict[int, int]:
+        """Every nonzero KVM_CHECK_EXTENSION answer of `target`, named or not."""
+        values = {nr: target.check_extension(nr) for nr in range(CAPABILITY_SCAN)}
+        return {nr: v for nr, v in values.items() if v}
+
     def _probe(self) -> Capabilities:
-        system = {
-            name: self.check_extension(nr) for nr, name in sorted(uapi.CAPABILITY_NAMES.items())
-        }
+        from guestmem.host import probe  # probe runs guests with this module's classes
+
+        system_numbers = self._numbers(self)
+        system = {name: system_numbers.get(nr, 0)
+                  for nr, name in sorted(uapi.CAPABILITY_NAMES.items())}
         vm_types = self.supported_vm_types()
-        by_type: dict[int, int] = {}
-        vm_scope: dict[int, dict[str, int]] = {}
+        vm_numbers: dict[int, dict[int, int]] = {}
         for vm_type in sorted(vm_types):
             with self.create_vm(vm_type) as vm:
-                vm_scope[vm_type] = {name: vm.check_extension(nr)
-                                     for nr, name in sorted(uapi.CAPABILITY_NAMES.items())}
-                by_type[vm_type] = vm_scope[vm_type]["KVM_CAP_GUEST_MEMFD_FLAGS"]
+                vm_numbers[vm_type] = self._numbers(vm)
+        vm_scope = {t: {name: nums.get(nr, 0) for nr, name in sorted(uapi.CAPABILITY_NAMES.items())}
+                    for t, nums in vm_numbers.items()}
+        by_type = {t: v["KVM_CAP_GUEST_MEMFD_FLAGS"] for t, v in vm_scope.items()}
         return Capabilities(
             api_version=self.api_version(),
             implementation=kvm_implementation(),
@@ -159,6 +173,13 @@ class Kvm(_Fd):
             gmem_flags_by_vm_type=by_type,
             system=system,
             vm=vm_scope,
+            execution=probe.guest_execution(self),
+            # x86 kvm_vm_ioctl_check_extension: KVM_CAP_PRE_FAULT_MEMORY is tdp_enabled
+            shadow_paging=not system["KVM_CAP_PRE_FAULT_MEMORY"],
+            gmem_bind_overlap_errno=probe.gmem_bind_overlap_errno(self),
+            memory_failure=probe.memory_failure_built(),
+            system_numbers=system_numbers,
+            vm_numbers=vm_numbers,
         )
 
     def _probe_gmem_shared_policy(self, by_type: dict[int, int]) -> bool:
@@ -451,6 +472,8 @@ class Vcpu(_Fd):
         prot = libc.PROT_READ | libc.PROT_WRITE
         self._run_addr = libc.mmap(self._run_size, prot, libc.MAP_SHARED, fd, 0)
         self.kvm_run = uapi.kvm_run.from_address(self._run_addr)
+        self._thread: int | None = None  # the thread inside KVM_RUN, for kick()
+        libc.install_kick_handler()
 
     def close(self) -> None:
         if not self.closed:
@@ -488,13 +511,25 @@ class Vcpu(_Fd):
         # KVM_RUN that reports none (e.g. EFAULT from a failed GUP) is not read as
         # the previous run's exit.
         self.kvm_run.exit_reason = uapi.KVM_EXIT_UNKNOWN
+        self._thread = threading.get_ident()
         try:
             self._ioctl(uapi.KVM_RUN)
         except OSError as e:
+            self._thread = None
             reason = self.kvm_run.exit_reason
             exit = self._decode() if reason == uapi.KVM_EXIT_MEMORY_FAULT else None
             raise KvmRunError(e.errno or errno.EIO, exit) from None
+        self._thread = None
         return self._decode()
+
+    def kick(self) -> None:
+        """Make KVM_RUN return EINTR, from any thread: immediate_exit, then a signal
+        to the thread inside KVM_RUN (api.rst, KVM_RUN). A vCPU not running now
+        returns EINTR from its next KVM_RUN, until immediate_exit is cleared."""
+        self.kvm_run.immediate_exit = 1
+        thread = self._thread
+        if thread is not None:
+            libc.kick_thread(thread)
 
     def _decode(self) -> Exit:
         run = self.kvm_run
@@ -514,7 +549,9 @@ class Vcpu(_Fd):
             return MemoryFaultExit(reason, mf.flags, mf.gpa, mf.size)
         if reason == uapi.KVM_EXIT_MMIO:
             m = u.mmio
-            return MmioExit(reason, m.phys_addr, bytes(m.data)[: m.len], m.len, bool(m.is_write))
+            # The data of a read is for userspace to fill in: report it for writes only.
+            data = bytes(m.data)[: m.len] if m.is_write else b""
+            return MmioExit(reason, m.phys_addr, data, m.len, bool(m.is_write))
         if reason == uapi.KVM_EXIT_HLT:
             return HltExit(reason)
         if reason == uapi.KVM_EXIT_SHUTDOWN:

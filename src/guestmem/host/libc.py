@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import signal
+import threading
 from typing import Final
 
 from guestmem.exits import oserror
@@ -138,3 +140,43 @@ def move_pages_status(addrs: list[int]) -> list[int]:
 def fd_count() -> int:
     """Open fds of this process, for leak tests."""
     return len(os.listdir("/proc/self/fd"))
+
+
+# --- kicking a vCPU out of KVM_RUN from another thread -------------------------------------
+# A VMM stops a running vCPU with kvm_run->immediate_exit = 1 plus a signal to the
+# vCPU's thread (Documentation/virt/kvm/api.rst, KVM_RUN: EINTR). The signal needs
+# a handler: an ignored signal is discarded without interrupting anything. Python's
+# signal.signal() only works in the main thread, so the handler is installed with
+# sigaction(2) directly; it only has to exist and be async-signal-safe, and libc's
+# getpid (which ignores its argument) is such a function.
+KICK_SIGNAL: Final = signal.SIGRTMIN + 5
+
+
+class _Sigaction(ctypes.Structure):
+    _fields_ = [("sa_handler", ctypes.c_void_p), ("sa_mask", ctypes.c_ulong * 16),
+                ("sa_flags", ctypes.c_int), ("sa_restorer", ctypes.c_void_p)]
+
+
+_kick_lock = threading.Lock()
+_kick_installed = False
+
+
+def install_kick_handler() -> None:
+    """Give KICK_SIGNAL a no-op handler unless the program has its own."""
+    global _kick_installed
+    with _kick_lock:
+        if _kick_installed:
+            return
+        old = _Sigaction()
+        if _libc.sigaction(KICK_SIGNAL, None, ctypes.byref(old)) != 0:
+            raise oserror(_errno(), "sigaction")
+        if old.sa_handler in (None, 0, 1):  # SIG_DFL or SIG_IGN: ours
+            act = _Sigaction(sa_handler=ctypes.cast(_libc.getpid, ctypes.c_void_p).value)
+            if _libc.sigaction(KICK_SIGNAL, ctypes.byref(act), None) != 0:
+                raise oserror(_errno(), "sigaction")
+        _kick_installed = True
+
+
+def kick_thread(thread_id: int) -> None:
+    """Interrupt whatever blocking call thread `thread_id` is in (EINTR)."""
+    signal.pthread_kill(thread_id, KICK_SIGNAL)

@@ -11,7 +11,7 @@ from guestmem.caps import Capabilities
 from guestmem.exits import oserror
 from guestmem.model.content import PAGE
 from guestmem.model.process import PROT_READ, PROT_WRITE, AnonymousMemory, HostProcess, Mapping
-from guestmem.model.profile import PROFILES, VM_TYPES, Profile
+from guestmem.model.profile import PROFILES, Profile
 from guestmem.model.vm import Vm
 
 BACKEND = "model"
@@ -22,6 +22,10 @@ class Kvm:
 
     def __init__(self, profile: str | Profile = "mainline", numa_nodes: int = 1) -> None:
         if isinstance(profile, str):
+            if profile == "host":
+                raise ValueError("the host profile is built from a probe of /dev/kvm: use "
+                                 "guestmem.Kvm(backend='model', profile='host'), or pass "
+                                 "Profile.from_capabilities(caps)")
             if profile not in PROFILES:
                 raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
             profile = PROFILES[profile]
@@ -36,11 +40,12 @@ class Kvm:
         self.capabilities = self._capabilities()
 
     # --- capabilities ------------------------------------------------------------------------
-    def _system(self) -> dict[str, int]:
-        """KVM_CHECK_EXTENSION at system scope, as this project's host reports the
-        generic ones (Linux 6.18); the profile decides the guest_memfd-related ones."""
+    def _derived_system(self) -> dict[int, int]:
+        """KVM_CHECK_EXTENSION at system scope where no probe supplied the numbers: the
+        generic values of an x86 Linux 6.18 host; the profile decides the
+        guest_memfd-related ones."""
         prof = self.profile
-        values = {
+        return {
             uapi.KVM_CAP_USER_MEMORY: 1, uapi.KVM_CAP_NR_VCPUS: 2,
             uapi.KVM_CAP_NR_MEMSLOTS: prof.nr_memslots, uapi.KVM_CAP_SYNC_MMU: 1,
             uapi.KVM_CAP_MAX_VCPUS: 1024, uapi.KVM_CAP_READONLY_MEM: 1,
@@ -57,46 +62,58 @@ class Kvm:
             uapi.KVM_CAP_GUEST_MEMFD_FLAGS: (
                 uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED),
         }
-        return {uapi.CAPABILITY_NAMES[nr]: v for nr, v in sorted(values.items())}
 
-    def _capabilities(self) -> Capabilities:
-        system = self._system()
-        by_type = {t: VM_TYPES[t].gmem_flags for t in sorted(self.profile.vm_types)}
-        return Capabilities(
-            api_version=uapi.KVM_API_VERSION,
-            implementation=self.profile.implementation,
-            vm_types=frozenset(self.profile.vm_types),
-            guest_memfd=True,
-            guest_memfd_flags=by_type[uapi.KVM_X86_DEFAULT_VM],
-            memory_attributes=system["KVM_CAP_MEMORY_ATTRIBUTES"],
-            user_memory2=True,
-            memory_fault_info=True,
-            exit_hypercall=self.profile.exit_hypercall,
-            pre_fault_memory=self.profile.pre_fault_memory,
-            readonly_mem=True,
-            nr_memslots=self.profile.nr_memslots,
-            multi_address_space=0,
-            numa_nodes=self.process.numa_nodes,
-            gmem_shared_policy=self.profile.gmem_shared_policy,
-            gmem_flags_by_vm_type=by_type,
-            system=system,
-            vm={t: self._vm_scope(t, system) for t in sorted(self.profile.vm_types)},
-        )
-
-    def _vm_scope(self, vm_type: int, system: dict[str, int]) -> dict[str, int]:
+    def _derived_vm(self, vm_type: int, system: dict[int, int]) -> dict[int, int]:
         """KVM_CHECK_EXTENSION on a VM of this type (kvm_vm_ioctl_check_extension_generic):
         system values, except the guest_memfd flags and attributes the VM type decides."""
-        vt = VM_TYPES[vm_type]
+        vt = self.profile.vm_type(vm_type)
         attrs = (uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
                  if self.profile.memory_attributes and vt.has_private_mem else 0)
-        return {**system, "KVM_CAP_GUEST_MEMFD_FLAGS": vt.gmem_flags,
-                "KVM_CAP_MEMORY_ATTRIBUTES": attrs}
+        return {**system, uapi.KVM_CAP_GUEST_MEMFD_FLAGS: vt.gmem_flags,
+                uapi.KVM_CAP_MEMORY_ATTRIBUTES: attrs}
+
+    def _capabilities(self) -> Capabilities:
+        prof = self.profile
+        numbers = prof.system_numbers if prof.system_numbers is not None else \
+            self._derived_system()
+        vm_numbers = {t: (prof.vm_numbers or {}).get(t) or self._derived_vm(t, numbers)
+                      for t in sorted(prof.vm_types)}
+        system, vm = _named(numbers), {t: _named(v) for t, v in vm_numbers.items()}
+        by_type = {t: v["KVM_CAP_GUEST_MEMFD_FLAGS"] for t, v in vm.items()}
+        return Capabilities(
+            api_version=uapi.KVM_API_VERSION,
+            implementation=prof.implementation,
+            vm_types=frozenset(prof.vm_types),
+            guest_memfd=bool(system["KVM_CAP_GUEST_MEMFD"]),
+            guest_memfd_flags=by_type.get(uapi.KVM_X86_DEFAULT_VM, 0),
+            memory_attributes=system["KVM_CAP_MEMORY_ATTRIBUTES"],
+            user_memory2=bool(system["KVM_CAP_USER_MEMORY2"]),
+            memory_fault_info=bool(system["KVM_CAP_MEMORY_FAULT_INFO"]),
+            exit_hypercall=system["KVM_CAP_EXIT_HYPERCALL"],
+            pre_fault_memory=bool(system["KVM_CAP_PRE_FAULT_MEMORY"]),
+            readonly_mem=bool(system["KVM_CAP_READONLY_MEM"]),
+            nr_memslots=system["KVM_CAP_NR_MEMSLOTS"],
+            multi_address_space=system["KVM_CAP_MULTI_ADDRESS_SPACE"],
+            numa_nodes=self.process.numa_nodes,
+            gmem_shared_policy=prof.gmem_shared_policy,
+            gmem_flags_by_vm_type=by_type,
+            system=system,
+            vm=vm,
+            execution=prof.execution,
+            shadow_paging=prof.shadow_paging,
+            gmem_bind_overlap_errno=prof.bind_overlap_errno,
+            memory_failure=prof.memory_failure,
+            system_numbers={nr: v for nr, v in numbers.items() if v},
+            vm_numbers={t: {nr: v for nr, v in nums.items() if v}
+                        for t, nums in vm_numbers.items()},
+        )
 
     def api_version(self) -> int:
         return uapi.KVM_API_VERSION
 
     def check_extension(self, cap: int) -> int:
-        return self.capabilities.system.get(uapi.CAPABILITY_NAMES.get(cap, ""), 0)
+        """KVM_CHECK_EXTENSION at system scope (kvm_dev_ioctl_check_extension_generic)."""
+        return self.capabilities.system_numbers.get(cap, 0)
 
     def vcpu_mmap_size(self) -> int:
         return 3 * PAGE
@@ -110,7 +127,7 @@ class Kvm:
             raise oserror(errno.EBADF, "closed /dev/kvm")
         if vm_type not in self.profile.vm_types:
             raise oserror(errno.EINVAL, "KVM_CREATE_VM type")  # kvm_arch_init_vm
-        vm = Vm(self, VM_TYPES[vm_type])
+        vm = Vm(self, self.profile.vm_type(vm_type))
         self.vms.add(vm)
         return vm
 
@@ -134,3 +151,8 @@ class Kvm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _named(numbers: dict[int, int]) -> dict[str, int]:
+    """The answers for every capability guestmem has a name for."""
+    return {name: numbers.get(nr, 0) for nr, name in sorted(uapi.CAPABILITY_NAMES.items())}

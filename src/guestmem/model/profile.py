@@ -8,10 +8,11 @@ on type numbers.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from guestmem import uapi
+from guestmem.caps import UPSTREAM_EXECUTION, Capabilities, GuestExecution
 
 
 class Prepare(Enum):
@@ -76,25 +77,69 @@ class Profile:
     memory_attributes: bool  # CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES
     pre_fault_memory: bool  # x86: tdp_enabled
     exit_hypercall: int = 1 << uapi.KVM_HC_MAP_GPA_RANGE
-    nr_memslots: int = 32764  # KVM_USER_MEM_SLOTS as this host reports it
+    nr_memslots: int = 32764  # KVM_USER_MEM_SLOTS on x86 (KVM_MEM_SLOTS_NUM - 4)
     # kvm_gmem_bind on an already bound file range: ML EINVAL, kvm-x86/next EEXIST.
     bind_overlap_errno: int = errno.EINVAL
-    # Shadow paging (this host: kvm_pvm, tdp_mmu=N): the guest's own page-table dirty
-    # bits decide whether a read fault maps writable, which dirty logging sees.
+    # Shadow paging (no TDP; kvm_pvm): the MMU reads the guest's page tables through
+    # userspace_addr, and the guest's own dirty bits decide whether a read fault
+    # maps writable, which dirty logging sees.
     shadow_paging: bool = False
-    # CONFIG_MEMORY_FAILURE: MADV_HWPOISON injects errors (this host: EINVAL, so off).
+    # CONFIG_MEMORY_FAILURE: MADV_HWPOISON injects errors (off in x86_64_defconfig).
     memory_failure: bool = False
     # NUMA policy of guest_memfd pages: per inode (upstream 6.18, kvm_gmem_set_policy)
-    # or per VMA only, never consulted by allocations (this host: no kvm_gmem_set_policy).
-    gmem_shared_policy: bool = False
+    # or per VMA only, never consulted by allocations (a build without it).
+    gmem_shared_policy: bool = True
     implementation: str = "model"
+    # How guest code runs: hypercall outcomes, emulated privilege levels (caps.py).
+    execution: GuestExecution = UPSTREAM_EXECUTION
+    # KVM_CAP_GUEST_MEMFD_FLAGS per VM type where it differs from VM_TYPES' upstream value.
+    gmem_flags: dict[int, int] = field(default_factory=dict)
+    # Every KVM_CHECK_EXTENSION answer by number, where a probe supplied them (the
+    # host profile); otherwise the model derives them (model/kvm.py).
+    system_numbers: dict[int, int] | None = None
+    vm_numbers: dict[int, dict[int, int]] | None = None
+
+    def vm_type(self, number: int) -> VmType:
+        """The VM type as this kernel has it."""
+        vt = VM_TYPES[number]
+        return replace(vt, gmem_flags=self.gmem_flags[number]) if number in self.gmem_flags \
+            else vt
+
+    @classmethod
+    def from_capabilities(cls, caps: Capabilities) -> Profile:
+        """The `host` profile: the kernel a probe of /dev/kvm found (DESIGN.md "Kernel
+        profiles"): its capability numbers, VM types, guest_memfd flags, the errnos
+        that differ between builds, and how it runs guest code."""
+        unknown = caps.vm_types - VM_TYPES.keys()
+        return cls(
+            name="host",
+            description=f"this machine's /dev/kvm as probed ({caps.implementation}, "
+                        f"{caps.execution.cpu_vendor})",
+            vm_types=caps.vm_types - unknown,
+            memory_attributes=bool(caps.memory_attributes & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE),
+            pre_fault_memory=caps.pre_fault_memory,
+            exit_hypercall=caps.exit_hypercall,
+            nr_memslots=caps.nr_memslots,
+            bind_overlap_errno=caps.gmem_bind_overlap_errno,
+            shadow_paging=caps.shadow_paging,
+            memory_failure=caps.memory_failure,
+            gmem_shared_policy=caps.gmem_shared_policy,
+            implementation=caps.implementation,
+            execution=caps.execution,
+            gmem_flags=dict(caps.gmem_flags_by_vm_type),
+            system_numbers=dict(caps.system_numbers),
+            vm_numbers={t: dict(v) for t, v in caps.vm_numbers.items() if t not in unknown},
+        )
 
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (
-    Profile("mainline", "Linux 6.18 as on this project's host: default VM, MMAP and "
-            "INIT_SHARED, no private memory", frozenset({uapi.KVM_X86_DEFAULT_VM}), False, False,
-            shadow_paging=True),
+    Profile("mainline", "upstream Linux 6.18 on an x86 host with TDP: default VM, "
+            "MMAP and INIT_SHARED, no private memory", frozenset({uapi.KVM_X86_DEFAULT_VM}),
+            memory_attributes=False, pre_fault_memory=True),
     Profile("coco", "mainline plus the CoCo VM types with KVM_SET_MEMORY_ATTRIBUTES and "
             "private memory (an x86 host with SEV-SNP/TDX and CONFIG_KVM_SW_PROTECTED_VM)",
-            frozenset(VM_TYPES), True, True, memory_failure=True, gmem_shared_policy=True),
+            frozenset(VM_TYPES), memory_attributes=True, pre_fault_memory=True,
+            memory_failure=True),
 )}
+# `host` is not in PROFILES: it exists only once a probe of /dev/kvm has built it
+# (guestmem.Kvm(backend="model", profile="host")).

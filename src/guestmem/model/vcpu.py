@@ -12,20 +12,24 @@ userspace_addr and the host process's mappings.
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 from guestmem import hypercall, uapi
 from guestmem import program as p
+from guestmem.caps import HypercallOutcome
 from guestmem.exits import (
     Exit,
+    HostFault,
     HostSigbus,
     HypercallExit,
     IoExit,
     KvmRunError,
     MemoryFaultExit,
     MmioExit,
+    ShutdownExit,
     oserror,
 )
 from guestmem.extents import ExtentMap
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
 _MASK = (1 << 64) - 1
 _FAULT_RETRIES = 3
 _FRAME_SHIFT = 9  # gfns per 2 MiB guest page: 1 << 9
+_BLOCKED_POLL = 0.001  # seconds between looks at immediate_exit while KVM_RUN blocks
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,13 @@ class _Piece:
 
 
 Execution = Generator[Exit | _Fault, None, None]
+Resolution = list[_Piece] | _Fault | MmioExit | ShutdownExit
+
+_PTE_PRESENT, _PTE_WRITE, _PTE_USER, _PTE_HUGE = 1, 2, 4, 0x80
+_PTE_ADDR = ((1 << 52) - 1) & ~0xFFF
+
+
+_BLOCKED = _Fault(errno.EINTR, None)  # what a blocked KVM_RUN returns once kicked
 
 
 class Vcpu:
@@ -113,9 +125,17 @@ class Vcpu:
         if self._execution is None:
             raise KvmRunError(errno.EFAULT, None)  # nothing to execute: no code mapped
         item = next(self._execution)
+        if item is _BLOCKED:
+            while not self.immediate_exit:  # until kick() from another thread
+                time.sleep(_BLOCKED_POLL)
         if isinstance(item, _Fault):
             raise KvmRunError(item.err, item.exit)
         return item
+
+    def kick(self) -> None:
+        """Make KVM_RUN return EINTR, from any thread (the model's KVM_RUN runs in
+        the caller's thread, so immediate_exit is all it takes)."""
+        self.immediate_exit = True
 
     def complete_io_in(self, data: bytes) -> None:
         """Guest programs never do port IN, so there is never an IN to complete."""
@@ -236,9 +256,15 @@ class Vcpu:
             self.regs.rax, self.regs.rbx, self.regs.rcx, self.regs.rdx = nr, *args
             yield _out(p.PORT_HYPERCALL, nr & 0xFFFFFFFF)
             return int(self.regs.rax)
-        # __kvm_emulate_hypercall: CPL != 0 -> -KVM_EPERM, without exiting.
-        if self.cpl != 0:
-            return -uapi.KVM_EPERM & _MASK
+        outcome = self._hypercall_outcome()
+        if outcome is HypercallOutcome.RETURNS_EPERM:
+            return -uapi.KVM_EPERM & _MASK  # __kvm_emulate_hypercall: CPL != 0
+        if outcome is HypercallOutcome.RETURNS_ENOSYS:
+            return -uapi.KVM_ENOSYS & _MASK
+        if outcome is HypercallOutcome.UD_SHUTDOWN:
+            yield from _shut_down()
+        if outcome is not HypercallOutcome.EXITS:  # NEVER_RETURNS, OTHER
+            yield from _never_returns()
         if nr != uapi.KVM_HC_MAP_GPA_RANGE or not self.vm.exit_hypercall_mask & (1 << nr):
             return -uapi.KVM_ENOSYS & _MASK
         gpa, npages, attrs = args
@@ -250,6 +276,15 @@ class Vcpu:
                             uapi.KVM_EXIT_HYPERCALL_LONG_MODE)
         return self._hypercall_ret if self._hypercall_ret is not None else 0
 
+    def _hypercall_outcome(self) -> HypercallOutcome:
+        """What the profile's KVM does with this VMCALL/VMMCALL at this CPL (caps.py
+        GuestExecution; at CPL0 both instructions behave as the vendor's own, as
+        KVM's #UD interception makes them on VMX/SVM)."""
+        execution = self.vm.kvm.profile.execution
+        if self.cpl == 0:
+            return execution.cpl0_hypercall
+        return execution.cpl3_hypercall.get(self._abi, HypercallOutcome.OTHER)
+
     # --- guest memory ---
     def _memory(self, gpa: int, length: int, write: bool,
                 data_at: Callable[[int], bytes] | None = None) -> Generator[
@@ -259,43 +294,107 @@ class Vcpu:
         `data_at(addr)` gives the bytes a write stores at addr (for MMIO exits)."""
         while True:
             result = self._resolve(gpa, length, write, data_at)
-            if not isinstance(result, _Fault | MmioExit):
+            if isinstance(result, list):
                 return result
             yield result
 
     def _resolve(self, gpa: int, length: int, write: bool,
-                 data_at: Callable[[int], bytes] | None = None) -> list[_Piece] | _Fault | MmioExit:
+                 data_at: Callable[[int], bytes] | None = None) -> Resolution:
+        """A guest data access: walk the guest's page tables for each page it
+        spans, then reach guest-physical memory (identity-mapped, so the linear
+        address is the GPA)."""
+        pieces: list[_Piece] = []
+        pos, end = gpa, gpa + length
+        while pos < end:
+            leaf_end = self._walk(pos, write)
+            if leaf_end is None:
+                return ShutdownExit(uapi.KVM_EXIT_SHUTDOWN)
+            stop = min(end, leaf_end)
+            result = self._resolve_physical(pos, stop - pos, write, data_at)
+            if not isinstance(result, list):
+                return result
+            pieces += result
+            pos = stop
+        return pieces
+
+    def _walk(self, addr: int, write: bool) -> int | None:
+        """The 4-level walk of the guest's page tables from CR3 (paging_tmpl.h
+        walk_addr_generic, or the CPU's own with TDP): the end of the leaf page
+        mapping `addr`, or None where it faults. With no IDT a #PF becomes a
+        triple fault, i.e. KVM_EXIT_SHUTDOWN. CR0.WP is set, so writes need W at
+        every level; CPL3 needs U at every level."""
+        table = int(self.sregs.cr3) & _PTE_ADDR
+        for level, shift in enumerate((39, 30, 21, 12)):
+            entry = self._read_table_entry(table + ((addr >> shift) & 511) * 8)
+            if entry is None or not entry & _PTE_PRESENT:
+                return None
+            if (write and not entry & _PTE_WRITE) or (self.cpl == 3 and not entry & _PTE_USER):
+                return None
+            if shift == 12 or (level in (1, 2) and entry & _PTE_HUGE):
+                return ((addr >> shift) + 1) << shift
+            table = entry & _PTE_ADDR
+        return None
+
+    def _read_table_entry(self, gpa: int) -> int | None:
+        """A guest PTE. Shadow paging and the instruction emulator read the guest's
+        tables through the memslot's userspace_addr (kvm_read_guest); with TDP the
+        CPU reads them where the MMU maps the gfn (the guest_memfd for gmem-only
+        slots). None if unreadable (the walk fails)."""
+        slot = self.vm.slot_for_gfn(gpa // PAGE)
+        if slot is None:
+            return None
+        through_hva = self.vm.kvm.profile.shadow_paging or self._emulated
+        if not through_hva and slot.gmem_only:
+            if slot.gmem is None:
+                return None
+            offset = slot.gmem_index(gpa // PAGE) * PAGE + gpa % PAGE
+            return int.from_bytes(slot.gmem.store.read(offset, 8), "little")
+        found = self.vm.kvm.process.mapping_at(slot.userspace_addr + gpa - slot.base_gfn * PAGE)
+        if found is None:
+            return None
+        try:
+            return int.from_bytes(found[0].read(found[1], 8), "little")
+        except HostFault:
+            return None
+
+    @property
+    def _emulated(self) -> bool:
+        """This CPL's code runs in KVM's instruction emulator (kvm_pvm: CPL0)."""
+        return self.cpl in self.vm.kvm.profile.execution.emulated_cpls
+
+    def _resolve_physical(self, gpa: int, length: int, write: bool,
+                          data_at: Callable[[int], bytes] | None = None) -> Resolution:
         pieces: list[_Piece] = []
         first, last = gpa // PAGE, -(-(gpa + length) // PAGE)
         gfn = first
         while gfn < last:
             if write:  # the guest's page walk sets the dirty bit of the 2 MiB PTE it uses
                 self.vm.guest_pte_dirty.set(gfn >> _FRAME_SHIFT, (gfn >> _FRAME_SHIFT) + 1, True)
+            addr = max(gpa, gfn * PAGE)
+            data = data_at(addr) if write and data_at else b""
             slot = self.vm.slot_for_gfn(gfn)
             if slot is None:
-                if self._access_is_private(gfn):
+                if self._access_is_private(gfn) and not self._emulated:
                     # x86 kvm_mmu_faultin_pfn: a private fault goes to guest_memfd first;
                     # no slot -> memory-fault exit, EFAULT (private_mem_kvm_exits_test).
                     flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE
                     return _Fault(errno.EFAULT, MemoryFaultExit(
                         uapi.KVM_EXIT_MEMORY_FAULT, flags, gfn * PAGE, PAGE))
-                return MmioExit(uapi.KVM_EXIT_MMIO, max(gpa, gfn * PAGE), b"", 8, write)
+                return MmioExit(uapi.KVM_EXIT_MMIO, addr, data, 8, write)
             if write and slot.flags & uapi.KVM_MEM_READONLY:
                 # A write to a read-only memslot is emulated MMIO (observed on 6.18).
-                addr = max(gpa, gfn * PAGE)
-                return MmioExit(uapi.KVM_EXIT_MMIO, addr, data_at(addr) if data_at else b"",
-                                8, True)
+                return MmioExit(uapi.KVM_EXIT_MMIO, addr, data, 8, True)
             end = self._uniform_end(gfn, min(last, slot.end_gfn))
-            private = self._access_is_private(gfn)
-            unmapped = list(self.vm.mmu.mapped.gaps(gfn, end))
-            fault = self._fault_in(gfn, end, write, private, slot)
-            if isinstance(fault, _Fault):
+            if self._emulated:
+                fault: tuple[PageStore, int] | _Fault | MmioExit = self._emulated_access(
+                    slot, gfn, end, write, addr, data)
+            else:
+                fault = self._mmu_access(slot, gfn, end, write)
+            if not isinstance(fault, tuple):
                 return fault
             if write:
                 self.vm.guest_pte_dirty.set(gfn >> _FRAME_SHIFT, ((end - 1) >> _FRAME_SHIFT) + 1,
                                             True)
-            elif slot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES and self.vm.kvm.profile.shadow_paging:
-                self._log_writable_read_faults(slot, unmapped)
             lo, hi = max(gpa, gfn * PAGE), min(gpa + length, end * PAGE)
             store, base = fault
             pieces.append(_Piece(store, base + lo - gfn * PAGE, lo, hi - lo))
@@ -303,6 +402,35 @@ class Vcpu:
                 slot.mark_dirty(gfn, end)
             gfn = end
         return pieces
+
+    def _mmu_access(self, slot: Memslot, gfn: int, end: int,
+                    write: bool) -> tuple[PageStore, int] | _Fault:
+        """A native access: the MMU faults [gfn, end) in."""
+        unmapped = list(self.vm.mmu.mapped.gaps(gfn, end))
+        fault = self._fault_in(gfn, end, write, self._access_is_private(gfn), slot)
+        if not isinstance(fault, _Fault) and not write and \
+                slot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES and self.vm.kvm.profile.shadow_paging:
+            self._log_writable_read_faults(slot, unmapped)
+        return fault
+
+    def _emulated_access(self, slot: Memslot, gfn: int, end: int, write: bool, addr: int,
+                         data: bytes) -> tuple[PageStore, int] | MmioExit:
+        """The instruction emulator's access (x86.c emulator_read_write_onepage):
+        kvm_vcpu_read/write_guest through userspace_addr, whatever guest_memfd the
+        slot has; where the copy fails, emulated MMIO (observed on kvm_pvm: a
+        userspace_addr of 0 gives KVM_EXIT_MMIO with the data). No SPTE is made."""
+        hva = slot.userspace_addr + (gfn - slot.base_gfn) * PAGE
+        found = self.vm.kvm.process.mapping_at(hva)
+        length = (end - gfn) * PAGE
+        if found is None or found[1] + length > found[0].length:
+            return MmioExit(uapi.KVM_EXIT_MMIO, addr, data, 8, write)
+        mapping, offset = found
+        try:
+            mapping._allowed(offset, write)
+            mapping._fault(offset, length, write)
+        except HostFault:
+            return MmioExit(uapi.KVM_EXIT_MMIO, addr, data, 8, write)
+        return mapping.backing.store, mapping.pgoff * PAGE + offset
 
     def _log_writable_read_faults(self, slot: Memslot, faulted: list[tuple[int, int]]) -> None:
         """Shadow paging: a read fault on a page whose guest PTE is already dirty
@@ -379,6 +507,18 @@ class Vcpu:
             return _Fault(errno.EFAULT, None)
         self.vm.mmu.map(first, last, "hva")
         return mapping.backing.store, mapping.pgoff * PAGE + offset
+
+
+def _shut_down() -> Execution:
+    """A triple fault: every KVM_RUN from now on reports KVM_EXIT_SHUTDOWN."""
+    while True:
+        yield ShutdownExit(uapi.KVM_EXIT_SHUTDOWN)
+
+
+def _never_returns() -> Execution:
+    """KVM_RUN does not come back until the vCPU is kicked (Vcpu.run blocks)."""
+    while True:
+        yield _BLOCKED
 
 
 def _out(port: int, value: int) -> IoExit:

@@ -158,19 +158,16 @@ class Vm:
         return 0
 
     def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM (kvm_vm_ioctl_check_extension_generic)."""
         self._live()
-        if cap == uapi.KVM_CAP_GUEST_MEMFD_FLAGS:
-            return self.vm_type_info.gmem_flags
-        if cap == uapi.KVM_CAP_MEMORY_ATTRIBUTES:
-            return self.supported_attributes()
-        return self.kvm.check_extension(cap)
+        return self.kvm.capabilities.vm_numbers[self.vm_type].get(cap, 0)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         self._live()
         if cap != uapi.KVM_CAP_EXIT_HYPERCALL or flags:
             raise oserror(errno.EINVAL, "enable_cap")  # kvm_vm_ioctl_enable_cap: unknown
         mask = args[0] if args else 0
-        if mask & ~self.kvm.profile.exit_hypercall:
+        if mask & ~self.kvm.capabilities.exit_hypercall:
             raise oserror(errno.EINVAL, "enable_cap")  # x86.c: outside VALID_MASK
         self.exit_hypercall_mask = mask
 

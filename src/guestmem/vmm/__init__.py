@@ -1,6 +1,6 @@
 """Layer 4: a VMM over the backend-neutral API."""
 
-from guestmem.vmm.machine import GuestImage
+from guestmem.machine import GuestImage
 from guestmem.vmm.tracker import SharedRegionTracker, Sharing
 from guestmem.vmm.vmm import GuestTimeout, MemoryRegion, RunResult, UnhandledExit, Vmm
 

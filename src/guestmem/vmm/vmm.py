@@ -9,23 +9,22 @@ faults. It never touches /dev/kvm itself, only `Kvm`/`Vm`/`Vcpu` methods.
 from __future__ import annotations
 
 import errno
-import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any, Self
 
+from guestmem import machine, uapi
 from guestmem import program as p
-from guestmem import uapi
 from guestmem.exits import (
     Exit,
     HypercallExit,
     IoExit,
     KvmRunError,
     MemoryFaultExit,
+    MmioExit,
+    ShutdownExit,
 )
-from guestmem.vmm import machine
 from guestmem.vmm.tracker import SharedRegionTracker, Sharing, validate_map_gpa_range
 
 GMEM_BACKING_FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
@@ -59,7 +58,9 @@ class MemoryRegion:
 @dataclass
 class RunResult:
     """What one `Vmm.run()` saw. `stop` is "done" (the program halted),
-    "memory_fault" (KVM_RUN failed with a MEMORY_FAULT exit) or "error"."""
+    "memory_fault" (KVM_RUN failed with a MEMORY_FAULT exit), "error" (KVM_RUN
+    failed otherwise), "shutdown" (a triple fault) or "mmio" (an access no memslot
+    or device answers; `exit` has its address and data)."""
 
     stop: str
     reports: list[int] = field(default_factory=list)
@@ -68,6 +69,7 @@ class RunResult:
     errno: int | None = None
     memory_fault: MemoryFaultExit | None = None
     log: list[str] = field(default_factory=list)
+    exit: Exit | None = None  # the exit that ended the run ("shutdown", "mmio")
 
 
 class Vmm:
@@ -80,7 +82,9 @@ class Vmm:
         cpl: int | None = None,
     ) -> None:
         self.kvm = kvm
-        self.cpl = machine.default_cpl(kvm.capabilities.implementation) if cpl is None else cpl
+        # CPL0 unless this KVM emulates CPL0 code (caps.GuestExecution.default_cpl);
+        # the CPL of the next load() may be changed by setting it.
+        self.cpl = kvm.capabilities.execution.default_cpl if cpl is None else cpl
         self.vm = kvm.create_vm(vm_type)
         self.regions: list[MemoryRegion] = []
         self.exit_hypercall = self._enable_exit_hypercall()
@@ -169,32 +173,49 @@ class Vmm:
         self.image = image
 
     def run(self, timeout: float = 30.0) -> RunResult:
-        """Run until the program halts or KVM_RUN fails."""
+        """Run until the program halts, KVM_RUN fails, or an exit ends the run: a
+        shutdown (triple fault), or MMIO that no device here answers. Raises
+        GuestTimeout after `timeout` seconds (0: none), from any thread: a timer
+        kicks the vCPU (immediate_exit plus a signal to this thread)."""
         result = RunResult(stop="running")
-        with _alarm(timeout):
+        with _Watchdog(self.vcpu, timeout) as watchdog:
             while result.stop == "running":
                 try:
                     exit = self.vcpu.run()
                 except KvmRunError as e:
-                    result.stop = "memory_fault" if e.exit else "error"
-                    result.errno = e.errno
-                    if isinstance(e.exit, MemoryFaultExit):
-                        result.memory_fault = e.exit
-                        result.log.append(
-                            f"KVM_RUN failed: errno {e.errno}, MEMORY_FAULT gpa={e.exit.gpa:#x} "
-                            f"size={e.exit.size:#x} flags={e.exit.flags:#x}")
+                    if e.errno == errno.EINTR and watchdog.fired:
+                        raise GuestTimeout(f"guest still running after {timeout}s") from None
+                    self._failed_run(e, result)
                     break
                 result.exits += 1
-                handler = self.handlers.get(type(exit))
-                try:
-                    if handler is None:
-                        raise UnhandledExit(exit)
-                    if handler(exit, result):
-                        result.stop = "done"
-                except UnhandledExit:
-                    self._complete_pending()
-                    raise
+                self._dispatch(exit, result)
         return result
+
+    def _failed_run(self, error: KvmRunError, result: RunResult) -> None:
+        result.stop = "memory_fault" if error.exit else "error"
+        result.errno = error.errno
+        if isinstance(error.exit, MemoryFaultExit):
+            fault = result.memory_fault = error.exit
+            result.log.append(f"KVM_RUN failed: errno {error.errno}, MEMORY_FAULT "
+                              f"gpa={fault.gpa:#x} size={fault.size:#x} flags={fault.flags:#x}")
+
+    def _dispatch(self, exit: Exit, result: RunResult) -> None:
+        """Hand the exit to its handler; shutdown and unanswered MMIO end the run."""
+        if isinstance(exit, ShutdownExit | MmioExit):
+            if isinstance(exit, MmioExit):
+                self._complete_pending()
+            result.stop = "shutdown" if isinstance(exit, ShutdownExit) else "mmio"
+            result.exit = exit
+            return
+        handler = self.handlers.get(type(exit))
+        try:
+            if handler is None:
+                raise UnhandledExit(exit)
+            if handler(exit, result):
+                result.stop = "done"
+        except UnhandledExit:
+            self._complete_pending()
+            raise
 
     def _complete_pending(self) -> None:
         """Let KVM finish an exit we will not answer (an emulated MMIO read, say):
@@ -294,23 +315,26 @@ class Vmm:
         self.close()
 
 
-class _alarm:  # noqa: N801 - used as a context manager
-    """Interrupt a stuck KVM_RUN: SIGALRM makes KVM_RUN return EINTR, and the
-    handler raises GuestTimeout out of the ioctl. Main thread only."""
+class _Watchdog:
+    """Kick the vCPU after `seconds` (0: never), from a timer thread: KVM_RUN then
+    returns EINTR in whichever thread runs it."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.active = threading.current_thread() is threading.main_thread() and seconds > 0
+    def __init__(self, vcpu: Any, seconds: float) -> None:
+        self.vcpu = vcpu
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._fire) if seconds > 0 else None
 
-    def __enter__(self) -> None:
-        if self.active:
-            self._old = signal.signal(signal.SIGALRM, self._fire)
-            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+    def _fire(self) -> None:
+        self.fired = True
+        self.vcpu.kick()
 
-    def _fire(self, signum: int, frame: FrameType | None) -> None:
-        raise GuestTimeout(f"guest still running after {self.seconds}s")
+    def __enter__(self) -> Self:
+        if self._timer is not None:
+            self._timer.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.active:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self._old)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
+            self.vcpu.immediate_exit = False  # a kick that came too late must not linger

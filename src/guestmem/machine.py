@@ -102,12 +102,6 @@ def low_memory_contents(image: GuestImage) -> list[tuple[int, bytes]]:
     return [*page_tables(), (GDT, gdt()), (CODE, image.code)]
 
 
-def default_cpl(implementation: str) -> int:
-    """CPL3 on kvm_pvm (only 64-bit CPL3 code runs natively there); CPL0 elsewhere,
-    where KVM's hypercalls need it (__kvm_emulate_hypercall: CPL != 0 -> -KVM_EPERM)."""
-    return 3 if implementation == "kvm_pvm" else 0
-
-
 def _segment(selector: int, typ: int, dpl: int, long: int = 0, db: int = 0) -> uapi.kvm_segment:
     return uapi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=selector, type=typ, present=1,
                             dpl=dpl, db=db, s=1, l=long, g=1)
