@@ -65,9 +65,16 @@ class World:
         self.abi = default_hypercall_abi(kvm.capabilities)
         self.gmems: list = []
         self.mappings: list = []
+        self.anon = None
+
+    def anon_addr(self):
+        """Four pages of anonymous memory, made on first use."""
+        if self.anon is None:
+            self.anon = self.kvm.mmap_anonymous(4 * PS)
+        return self.anon.addr
 
     def close(self):
-        for m in self.mappings + [getattr(self, "anon", None)]:
+        for m in self.mappings + [self.anon]:
             if m is not None:
                 m.munmap()
         for g in self.gmems:
@@ -75,11 +82,15 @@ class World:
         self.vmm.close()
         self.kvm.close()
 
-    def run_guest(self, *steps):
+    def run_guest(self, cpl, *steps):
+        """Run at `cpl`: where KVM emulates that CPL (kvm_pvm: CPL0), accesses go
+        through userspace_addr instead of the MMU."""
+        self.vmm.cpl = cpl
         self.vmm.load(compile_program(p.Program.of(*steps), self.abi))
         r = self.vmm.run()
         fault = r.memory_fault
-        return r.stop, r.reports, r.errno, (fault.gpa, fault.size, fault.flags) if fault else None
+        return (r.stop, r.reports, r.errno,
+                (fault.gpa, fault.size, fault.flags) if fault else None, r.exit)
 
 
 class Differential(RuleBasedStateMachine):
@@ -139,13 +150,16 @@ class Differential(RuleBasedStateMachine):
 
     # --- memslots ------------------------------------------------------------------------
     @rule(g=gmems, slot=st.integers(1, 4), npages=st.integers(1, 4), offset=st.integers(0, 8),
-          gib=st.integers(4, 7))
-    def bind(self, g, slot, npages, offset, gib):
+          gib=st.integers(4, 7), hva=st.sampled_from(["null", "null", "anon"]))
+    def bind(self, g, slot, npages, offset, gib, hva):
+        """A guest_memfd slot; its userspace_addr is NULL (upstream's selftests) or
+        other memory, which only KVM's instruction emulator reads."""
         if g < 0:
             return
         result = self.both(
-            f"bind slot {slot} gpa {gib} GiB npages {npages} offset {offset}",
-            lambda w: w.vmm.vm.set_user_memory_region2(slot, GMEM, gib * GIB, npages * PS, 0,
+            f"bind slot {slot} gpa {gib} GiB npages {npages} offset {offset} hva {hva}",
+            lambda w: w.vmm.vm.set_user_memory_region2(slot, GMEM, gib * GIB, npages * PS,
+                                                       w.anon_addr() if hva == "anon" else 0,
                                                        w.gmems[g], offset * PS))
         if result[0] == "ok":
             self.bound_slots.add(slot)
@@ -155,9 +169,7 @@ class Differential(RuleBasedStateMachine):
     def bind_anonymous(self, slot, gib, flags):
         """An ordinary memslot over anonymous memory (read-only or dirty-logged)."""
         def make(w):
-            if not hasattr(w, "anon"):
-                w.anon = w.kvm.mmap_anonymous(4 * PS)
-            w.vmm.vm.set_user_memory_region2(slot, flags, gib * GIB, 4 * PS, w.anon.addr)
+            w.vmm.vm.set_user_memory_region2(slot, flags, gib * GIB, 4 * PS, w.anon_addr())
 
         if self.both(f"bind anonymous slot {slot} at {gib} GiB flags {flags}", make)[0] == "ok":
             self.bound_slots.add(slot)
@@ -247,17 +259,19 @@ class Differential(RuleBasedStateMachine):
 
     # --- the guest ---------------------------------------------------------------------------
     @precondition(lambda self: self.bound_slots)
-    @rule(gib=st.integers(4, 7), page=st.integers(0, 3), value=st.integers(0, 2**64 - 1))
-    def guest_write_read(self, gib, page, value):
+    @rule(gib=st.integers(4, 7), page=st.integers(0, 3), value=st.integers(0, 2**64 - 1),
+          cpl=st.sampled_from([3, 3, 0]))
+    def guest_write_read(self, gib, page, value, cpl):
         gpa = gib * GIB + page * PS + 16
-        self.both(f"guest write+read {gpa:#x}",
-                  lambda w: w.run_guest(p.WritePattern(gpa, 16, value, 1), p.ReadValue(gpa + 8)))
+        self.both(f"CPL{cpl} guest write+read {gpa:#x}",
+                  lambda w: w.run_guest(cpl, p.WritePattern(gpa, 16, value, 1),
+                                        p.ReadValue(gpa + 8)))
 
     @precondition(lambda self: self.bound_slots)
-    @rule(gib=st.integers(4, 7), page=st.integers(0, 3))
-    def guest_read(self, gib, page):
+    @rule(gib=st.integers(4, 7), page=st.integers(0, 3), cpl=st.sampled_from([3, 3, 0]))
+    def guest_read(self, gib, page, cpl):
         gpa = gib * GIB + page * PS
-        self.both(f"guest read {gpa:#x}", lambda w: w.run_guest(p.ReadValue(gpa)))
+        self.both(f"CPL{cpl} guest read {gpa:#x}", lambda w: w.run_guest(cpl, p.ReadValue(gpa)))
 
 
 Differential.TestCase.settings = settings(
