@@ -6,16 +6,32 @@ conformance, CLI) is written against what it returns.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+from guestmem import api
+
+if TYPE_CHECKING:
+    from guestmem.host import Kvm as HostKvm
+    from guestmem.model import Kvm as ModelKvm
+    from guestmem.model import Profile
 
 __version__ = "0.1.0"
 
 BACKENDS = ("model", "kvm")
 
 
-def Kvm(backend: str = "model", **options: Any) -> Any:  # noqa: N802 - reads like a class
-    """Open a backend: "model" (the embedded default, options: profile=...) or
-    "kvm" (the host kernel through /dev/kvm)."""
+@overload
+def Kvm(backend: Literal["model"] = "model", **options: Any) -> ModelKvm: ...  # noqa: N802
+@overload
+def Kvm(backend: Literal["kvm"], **options: Any) -> HostKvm: ...  # noqa: N802
+@overload
+def Kvm(backend: str, **options: Any) -> api.Kvm: ...  # noqa: N802
+
+
+def Kvm(backend: str = "model", **options: Any) -> api.Kvm:  # noqa: N802 - reads like a class
+    """Open a backend: "model" (the embedded default; options: profile=, which may
+    be "host" to model this machine's kernel, numa_nodes=) or "kvm" (the host
+    kernel through /dev/kvm; options: path=)."""
     if backend == "model":
         from guestmem.model import Kvm as ModelKvm
 
@@ -29,7 +45,7 @@ def Kvm(backend: str = "model", **options: Any) -> Any:  # noqa: N802 - reads li
     raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
 
 
-def host_profile(path: str = "/dev/kvm") -> Any:
+def host_profile(path: str = "/dev/kvm") -> Profile:
     """The model profile of this machine's kernel, from a probe of its /dev/kvm
     (DESIGN.md "Kernel profiles": `host`). OSError if /dev/kvm cannot be opened."""
     from guestmem.host import Kvm as HostKvm
@@ -37,3 +53,11 @@ def host_profile(path: str = "/dev/kvm") -> Any:
 
     with HostKvm(path) as kvm:
         return Profile.from_capabilities(kvm.capabilities)
+
+
+if TYPE_CHECKING:  # mypy holds both backends to the declared API
+    def _model_is_an_api_kvm(kvm: ModelKvm) -> api.Kvm:
+        return kvm
+
+    def _host_is_an_api_kvm(kvm: HostKvm) -> api.Kvm:
+        return kvm

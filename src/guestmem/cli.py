@@ -13,7 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 import guestmem
-from guestmem import uapi
+from guestmem import api, uapi
+from guestmem.caps import Capabilities
+from guestmem.model import Kvm as ModelKvm
 
 
 def _console() -> Console:
@@ -21,7 +23,7 @@ def _console() -> Console:
     return Console()
 
 
-def _open(backend: str, profile: str) -> Any:
+def _open(backend: str, profile: str) -> api.Kvm:
     if backend == "kvm" and not os.path.exists("/dev/kvm"):
         raise click.ClickException(
             "/dev/kvm does not exist on this machine: the kvm backend needs a host with KVM "
@@ -52,7 +54,7 @@ def main() -> None:
     """guestmem: Linux KVM guest_memfd, a VMM and a conformance suite."""
 
 
-def profile_of(caps: Any) -> str:
+def profile_of(caps: Capabilities) -> str:
     """Which spec profile (DESIGN.md "Kernel profiles") the host matches."""
     mainline = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
     if caps.memory_attributes & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE and len(caps.vm_types) > 1:
@@ -64,7 +66,7 @@ def profile_of(caps: Any) -> str:
     return "none (no guest_memfd)"
 
 
-def info_record(kvm: Any) -> dict[str, Any]:
+def info_record(kvm: api.Kvm) -> dict[str, Any]:
     """Everything `info` shows; for the model, its profile is what it matches."""
     caps = kvm.capabilities
     record = asdict(caps)
@@ -91,7 +93,7 @@ def info_record(kvm: Any) -> dict[str, Any]:
         "default_cpl": execution.default_cpl,
     }
     record["backend"] = kvm.backend
-    model_profile = getattr(kvm, "profile", None)
+    model_profile = kvm.profile if isinstance(kvm, ModelKvm) else None
     record["profile"] = model_profile.name if model_profile else profile_of(caps)
     if model_profile:
         record["profile_description"] = model_profile.description

@@ -9,12 +9,11 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
+from guestmem import api, uapi
 from guestmem import program as p
-from guestmem import uapi
 from guestmem.guest import compile_program, default_hypercall_abi
-from guestmem.vmm import Sharing, Vmm
+from guestmem.vmm import RunResult, Sharing, Vmm
 
 HIGH = 1 << 32
 SIZE = 2 << 20
@@ -29,7 +28,7 @@ class Step:
     ok: bool = True
 
 
-def _guest(vmm: Vmm, abi: str, *steps: p.Step) -> Any:
+def _guest(vmm: Vmm, abi: str, *steps: p.Step) -> RunResult:
     vmm.load(compile_program(p.Program.of(*steps), abi))
     return vmm.run()
 
@@ -41,7 +40,7 @@ def _ret(value: int) -> str:
     return names.get(signed, str(signed))
 
 
-def run(kvm: Any) -> Iterator[Step]:
+def run(kvm: api.Kvm) -> Iterator[Step]:
     caps = kvm.capabilities
     abi = default_hypercall_abi(caps)
     execution = caps.execution
@@ -68,7 +67,7 @@ def run(kvm: Any) -> Iterator[Step]:
                    p.MapGpaRange(HIGH + PS, 1, PS, encrypted=False))
         yield from _conversions(vmm, r, abi)
 
-        region.gmem.punch_hole(0, PS)
+        region.guest_memfd.punch_hole(0, PS)
         r = _guest(vmm, abi, p.VerifyPattern(HIGH, PS, 0),
                    p.VerifyPattern(HIGH + PS, SIZE - PS, p.pattern_word(PATTERN, 1, PS // 8), 1))
         yield Step("PUNCH_HOLE page 0", "guest now reads zeros there and the pattern elsewhere: "
@@ -76,7 +75,7 @@ def run(kvm: Any) -> Iterator[Step]:
                    r.reports == [p.VERIFY_OK] * 2)
 
         region.mapping.munmap()
-        region.gmem.close()
+        region.guest_memfd.close()
         r = _guest(vmm, abi, p.ReadValue(HIGH + 3 * PS))
         fault = r.memory_fault
         good = r.errno == errno.EFAULT and fault is not None and fault.gpa == HIGH + 3 * PS
@@ -86,7 +85,7 @@ def run(kvm: Any) -> Iterator[Step]:
         yield Step("guest_memfd closed for good", detail, good)
 
 
-def _conversions(vmm: Vmm, r: Any, abi: str) -> Iterator[Step]:
+def _conversions(vmm: Vmm, r: RunResult, abi: str) -> Iterator[Step]:
     """MAP_GPA_RANGE: what the guest got back, and what reached the VMM's tracker."""
     rets = ", ".join(_ret(v) for v in r.reports)
     path = ("through guestmem's port doorbell (this KVM cannot deliver KVM_EXIT_HYPERCALL)"

@@ -14,9 +14,10 @@ from __future__ import annotations
 import functools
 import struct
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from guestmem import uapi
+from guestmem.program import Program
 
 # --- layout of the low memory slot at GPA 0 (our choice) ---------------------------------
 LOW_MEMORY_SIZE: Final = 4 << 20
@@ -54,7 +55,7 @@ class GuestImage:
 
     code: bytes
     entry: int
-    program: Any
+    program: Program | None  # None: raw machine code, which only a real vCPU runs
     hypercall_abi: str
 
 

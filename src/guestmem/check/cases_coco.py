@@ -13,7 +13,7 @@ from guestmem import program as p
 from guestmem import uapi
 from guestmem.check.suite import Ctx, case, needs_exit_hypercall, needs_guests, needs_private_memory
 from guestmem.guest import compile_program, default_hypercall_abi
-from guestmem.vmm import Sharing, Vmm
+from guestmem.vmm import RunResult, Sharing, Vmm
 
 PS = uapi.PAGE_SIZE
 MB2 = 2 << 20
@@ -29,7 +29,7 @@ def needs_sw_protected(caps: object, vm_type: int, gmem_flags: int) -> str | Non
     return None if vm_type == SW else "case is for sw-protected VMs (attributes decide privateness)"
 
 
-def _run(vmm: Vmm, ctx: Ctx, *steps: p.Step) -> object:
+def _run(vmm: Vmm, ctx: Ctx, *steps: p.Step) -> RunResult:
     vmm.load(compile_program(p.Program.of(*steps), default_hypercall_abi(ctx.caps, vmm.cpl)))
     return vmm.run()
 
@@ -108,7 +108,7 @@ def punch_hole(ctx: Ctx) -> None:
         ctx.ok("all private", vmm.vm.set_memory_attributes, base, MB2, PRIVATE)
         r = _run(vmm, ctx, p.WritePattern(base, MB2, value), p.VerifyPattern(base, MB2, value))
         ctx.equal("private write", [0], r.reports)
-        ctx.ok("punch 16 KiB at 64 KiB", region.gmem.punch_hole, 0x10000, 4 * PS)
+        ctx.ok("punch 16 KiB at 64 KiB", region.guest_memfd.punch_hole, 0x10000, 4 * PS)
         r = _run(vmm, ctx, p.VerifyPattern(base + 0x10000, 4 * PS, 0),
                  p.VerifyPattern(base, 0x10000, value),
                  p.VerifyPattern(base + 0x14000, MB2 - 0x14000, value))

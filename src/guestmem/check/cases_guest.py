@@ -12,7 +12,7 @@ from guestmem import machine, uapi
 from guestmem import program as p
 from guestmem.caps import Capabilities, HypercallOutcome
 from guestmem.check.suite import CaseSkipped, Ctx, case, needs_exit_hypercall, needs_guests
-from guestmem.exits import HypercallExit, MmioExit
+from guestmem.exits import Exit, HypercallExit, MmioExit
 from guestmem.guest import compile_program, default_hypercall_abi
 from guestmem.vmm import RunResult, Sharing, Vmm
 
@@ -39,7 +39,7 @@ def memfd_guest(ctx: Ctx) -> None:
         result = _run(ctx, vmm, p.VerifyPattern(HIGH, PS, aa), p.WritePattern(HIGH, PS, ff))
         ctx.equal("guest run", "done", result.stop)
         ctx.equal("guest verified 0xaa", [p.VERIFY_OK], result.reports)
-        with region.gmem.mmap(PS) as again:
+        with region.guest_memfd.mmap(PS) as again:
             ctx.bytes_equal("host re-mmap sees 0xff", again, 0, b"\xff" * PS)
 
 
@@ -50,7 +50,7 @@ def high_gpa(ctx: Ctx) -> None:
     with Vmm(ctx.kvm, ctx.vm_type) as vmm:
         for gpa in (HIGH, 2 * HIGH):
             vmm.add_memory(gpa, MB2)
-        steps = []
+        steps: list[p.Step] = []
         for i, gpa in enumerate((HIGH, 2 * HIGH)):
             steps += [p.WritePattern(gpa, MB2, 0x1000 * (i + 1), 1),
                       p.VerifyPattern(gpa, MB2, 0x1000 * (i + 1), 1)]
@@ -72,7 +72,7 @@ def punch_hole_zeroes(ctx: Ctx) -> None:
         region = vmm.add_memory(HIGH, 4 * PS)
         first = _run(ctx, vmm, p.WritePattern(HIGH, 4 * PS, value))
         ctx.equal("guest wrote", "done", first.stop)
-        ctx.ok("punch page 1", region.gmem.punch_hole, PS, PS)
+        ctx.ok("punch page 1", region.guest_memfd.punch_hole, PS, PS)
         second = _run(ctx, vmm, p.VerifyPattern(HIGH + PS, PS, 0), p.VerifyPattern(HIGH, PS, value),
                       p.VerifyPattern(HIGH + 2 * PS, 2 * PS, value))
         ctx.equal("zeros in the hole, data around it", [p.VERIFY_OK] * 3, second.reports)
@@ -90,7 +90,7 @@ def closed_gmem_memory_fault(ctx: Ctx) -> None:
         ctx.equal("guest ran while the file was open", "done", first.stop)
         # "For good": the mmap holds a file reference too, so drop both.
         region.mapping.munmap()
-        region.gmem.close()
+        region.guest_memfd.close()
         target = HIGH + 2 * PS + 8
         result = _run(ctx, vmm, p.ReadValue(target))
         ctx.equal("run stops", "memory_fault", result.stop)
@@ -115,14 +115,14 @@ def delete_and_rebind(ctx: Ctx) -> None:
         ctx.ok("delete the second slot", vm.delete_memslot, second.slot)
         gmem_flags = uapi.KVM_MEM_GUEST_MEMFD
         ctx.ok("bind the second file at the first GPA", vm.set_user_memory_region2, first.slot,
-               gmem_flags, HIGH, PS, second.mapping.addr, second.gmem, 0)
+               gmem_flags, HIGH, PS, second.mapping.addr, second.guest_memfd, 0)
         ctx.equal("guest sees the new, untouched file", [p.VERIFY_OK],
                   _run(ctx, vmm, p.VerifyPattern(HIGH, PS, 0)).reports)
         ctx.bytes_equal("the old file kept the guest's data", first.mapping, 8,
                         (0xA2).to_bytes(8, "little"))
         ctx.ok("delete again", vm.delete_memslot, first.slot)
         ctx.ok("rebind the first file", vm.set_user_memory_region2, first.slot, gmem_flags,
-               HIGH, PS, first.mapping.addr, first.gmem, 0)
+               HIGH, PS, first.mapping.addr, first.guest_memfd, 0)
         ctx.equal("guest sees its old data again", [p.VERIFY_OK],
                   _run(ctx, vmm, p.VerifyPattern(HIGH, PS, 0xA1, 1)).reports)
 
@@ -332,8 +332,9 @@ def _record_hypercall_exits(vmm: Vmm) -> list[HypercallExit]:
     seen: list[HypercallExit] = []
     handler = vmm.handlers[HypercallExit]
 
-    def record(exit: HypercallExit, result: RunResult) -> bool:
-        seen.append(exit)
+    def record(exit: Exit, result: RunResult) -> bool:
+        if isinstance(exit, HypercallExit):
+            seen.append(exit)
         return handler(exit, result)
 
     vmm.handlers[HypercallExit] = record

@@ -14,10 +14,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import ParamSpec, TypeVar
 
-from guestmem import uapi
+from guestmem import api, uapi
+from guestmem.caps import Capabilities
 from guestmem.exits import HostFault, HostSigbus, errno_name
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class Status(Enum):
@@ -62,7 +66,7 @@ class Ctx:
     """What a case sees: the backend's Kvm, its capabilities, the VM type under
     test, gmem flags of the variant, and the check helpers."""
 
-    def __init__(self, kvm: Any, vm_type: int, gmem_flags: int) -> None:
+    def __init__(self, kvm: api.Kvm, vm_type: int, gmem_flags: int) -> None:
         self.kvm = kvm
         self.caps = kvm.capabilities
         self.vm_type = vm_type
@@ -71,7 +75,7 @@ class Ctx:
 
     # --- resources ------------------------------------------------------------------------
     @contextmanager
-    def vm(self, vm_type: int | None = None) -> Iterator[Any]:
+    def vm(self, vm_type: int | None = None) -> Iterator[api.Vm]:
         vm = self.kvm.create_vm(self.vm_type if vm_type is None else vm_type)
         try:
             yield vm
@@ -79,7 +83,7 @@ class Ctx:
             vm.close()
 
     @contextmanager
-    def gmem(self, vm: Any, size: int, flags: int | None = None) -> Iterator[Any]:
+    def gmem(self, vm: api.Vm, size: int, flags: int | None = None) -> Iterator[api.GuestMemfd]:
         g = vm.create_guest_memfd(size, self.gmem_flags if flags is None else flags)
         try:
             yield g
@@ -93,8 +97,8 @@ class Ctx:
         if not check.ok:
             raise CaseFailed(check)
 
-    def call(self, what: str, expected_errno: int | None, fn: Callable[..., Any], *args: Any,
-             **kwargs: Any) -> Any:
+    def _call(self, what: str, expected_errno: int | None, fn: Callable[P, T], *args: P.args,
+              **kwargs: P.kwargs) -> T | None:
         """Call fn; expected_errno None means it must succeed, else fail with that errno."""
         try:
             value = fn(*args, **kwargs)
@@ -104,13 +108,17 @@ class Ctx:
         self._record(what, _describe(expected_errno), "ok")
         return value
 
-    def ok(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return self.call(what, None, fn, *args, **kwargs)
+    def ok(self, what: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """fn must succeed: its value (a failure ends the case)."""
+        value = self._call(what, None, fn, *args, **kwargs)
+        return value  # type: ignore[return-value]  # _record raised unless fn returned
 
-    def fails(self, what: str, err: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self.call(what, err, fn, *args, **kwargs)
+    def fails(self, what: str, err: int, fn: Callable[P, T], *args: P.args,
+              **kwargs: P.kwargs) -> None:
+        """fn must fail with errno err."""
+        self._call(what, err, fn, *args, **kwargs)
 
-    def equal(self, what: str, expected: Any, observed: Any) -> None:
+    def equal(self, what: str, expected: object, observed: object) -> None:
         self._record(what, repr(expected), repr(observed))
 
     def one_of(self, what: str, allowed: list[str], observed: str) -> None:
@@ -120,10 +128,10 @@ class Ctx:
     def true(self, what: str, cond: bool) -> None:
         self._record(what, "true", "true" if cond else "false")
 
-    def sigbus(self, what: str, mapping: Any, offset: int, write: bool = False) -> None:
+    def sigbus(self, what: str, mapping: api.Mapping, offset: int, write: bool = False) -> None:
         self.host_fault(what, mapping, offset, write, signal.SIGBUS)
 
-    def host_fault(self, what: str, mapping: Any, offset: int, write: bool,
+    def host_fault(self, what: str, mapping: api.Mapping, offset: int, write: bool,
                    expected: int) -> None:
         """The access must be answered with signal `expected`: checked both by the
         safe accessor (HostFault) and by a real access in a child process."""
@@ -139,7 +147,7 @@ class Ctx:
             observed = e.signal_name
         self._record(what, want, observed)
 
-    def bytes_equal(self, what: str, mapping: Any, offset: int, expected: bytes) -> None:
+    def bytes_equal(self, what: str, mapping: api.Mapping, offset: int, expected: bytes) -> None:
         try:
             data = mapping.read(offset, len(expected))
         except HostSigbus as e:
@@ -160,7 +168,8 @@ def _short(data: bytes) -> str:
 
 
 # --- requirements --------------------------------------------------------------------------------
-Requirement = Callable[[Any, int, int], str | None]  # (caps, vm_type, gmem_flags) -> skip reason
+# (caps, vm_type, gmem_flags) -> the reason to skip, or None
+Requirement = Callable[[Capabilities, int, int], str | None]
 
 
 def _flag_names(flags: int) -> str:
@@ -172,7 +181,7 @@ def _flag_names(flags: int) -> str:
     return "|".join(names) or "0"
 
 
-def needs_vm_type(caps: Any, vm_type: int, gmem_flags: int) -> str | None:
+def needs_vm_type(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
     if vm_type not in caps.vm_types:
         mask = sum(1 << t for t in caps.vm_types)
         name = uapi.VM_TYPE_NAMES.get(vm_type, str(vm_type))
@@ -180,7 +189,7 @@ def needs_vm_type(caps: Any, vm_type: int, gmem_flags: int) -> str | None:
     return None
 
 
-def needs_gmem_flags(caps: Any, vm_type: int, gmem_flags: int) -> str | None:
+def needs_gmem_flags(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
     supported = caps.gmem_flags_for(vm_type)
     missing = gmem_flags & ~supported
     if missing:
@@ -191,35 +200,35 @@ def needs_gmem_flags(caps: Any, vm_type: int, gmem_flags: int) -> str | None:
     return None
 
 
-def needs_private_memory(caps: Any, vm_type: int, gmem_flags: int) -> str | None:
+def needs_private_memory(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
     if not caps.memory_attributes & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE:
         return f"KVM_CAP_MEMORY_ATTRIBUTES={caps.memory_attributes:#x} lacks PRIVATE"
     return None
 
 
-def needs_pre_fault(caps: Any, vm_type: int, gmem_flags: int) -> str | None:
+def needs_pre_fault(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
     return None if caps.pre_fault_memory else "KVM_CAP_PRE_FAULT_MEMORY=0"
 
 
-def needs_no_pre_fault(caps: Any, vm_type: int, gmem_flags: int) -> str | None:
+def needs_no_pre_fault(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
     return "KVM_CAP_PRE_FAULT_MEMORY=1 (case is for hosts without it)" if caps.pre_fault_memory \
         else None
 
 
-def needs_no_memory_attributes(caps: Any, vm_type: int, gmem_flags: int) -> str | None:
+def needs_no_memory_attributes(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
     if caps.memory_attributes:
         attrs = caps.memory_attributes
         return f"KVM_CAP_MEMORY_ATTRIBUTES={attrs:#x} (case is for hosts without)"
     return None
 
 
-def needs_exit_hypercall(caps: Any, vm_type: int, gmem_flags: int) -> str | None:
+def needs_exit_hypercall(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
     if not caps.exit_hypercall & (1 << uapi.KVM_HC_MAP_GPA_RANGE):
         return f"KVM_CAP_EXIT_HYPERCALL={caps.exit_hypercall:#x} lacks KVM_HC_MAP_GPA_RANGE"
     return None
 
 
-def needs_guests(caps: Any, vm_type: int, gmem_flags: int) -> str | None:
+def needs_guests(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
     return None if caps.runs_guests else "backend cannot run guest code"
 
 
@@ -275,7 +284,7 @@ def instances(vm_types: tuple[int, ...] = tuple(uapi.VM_TYPE_NAMES)) -> list[Ins
     return [Instance(c, t) for t in vm_types for c in REGISTRY]
 
 
-def run_instance(kvm: Any, inst: Instance) -> Result:
+def run_instance(kvm: api.Kvm, inst: Instance) -> Result:
     c = inst.case
     caps = kvm.capabilities
     for need in c.needs:

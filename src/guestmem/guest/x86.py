@@ -14,8 +14,14 @@ Hypercall ABIs (how KVM_HC_MAP_GPA_RANGE is issued), all with RAX=nr, RBX, RCX, 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from iced_x86 import BlockEncoder, Code, Instruction, MemoryOperand
 from iced_x86 import Register as R
+
+if TYPE_CHECKING:  # iced_x86's stubs type registers and codes as enums; at run time: ints
+    from iced_x86._iced_x86_py import Code as CodeT
+    from iced_x86._iced_x86_py import Register as RegisterT
 
 from guestmem import program as p
 from guestmem import uapi
@@ -23,7 +29,7 @@ from guestmem.caps import Capabilities
 from guestmem.machine import CODE, GuestImage
 
 HYPERCALL_ABIS = ("port", "vmcall", "vmmcall")
-_LOOP_REGISTERS = (R.R12, R.R13, R.R14, R.R15)
+_LOOP_REGISTERS: tuple[RegisterT, ...] = (R.R12, R.R13, R.R14, R.R15)
 _MASK64 = (1 << 64) - 1
 
 
@@ -51,31 +57,31 @@ class _Assembler:
             self._pending = None
         self.instructions.append(ins)
 
-    def mov_imm(self, reg: int, value: int) -> None:
+    def mov_imm(self, reg: RegisterT, value: int) -> None:
         self.emit(Instruction.create_reg_u64(Code.MOV_R64_IMM64, reg, value & _MASK64))
 
-    def mov(self, dst: int, src: int) -> None:
+    def mov(self, dst: RegisterT, src: RegisterT) -> None:
         self.emit(Instruction.create_reg_reg(Code.MOV_R64_RM64, dst, src))
 
-    def load(self, dst: int, base: int) -> None:
+    def load(self, dst: RegisterT, base: RegisterT) -> None:
         self.emit(Instruction.create_reg_mem(Code.MOV_R64_RM64, dst, MemoryOperand(base)))
 
-    def store(self, base: int, src: int) -> None:
+    def store(self, base: RegisterT, src: RegisterT) -> None:
         self.emit(Instruction.create_mem_reg(Code.MOV_RM64_R64, MemoryOperand(base), src))
 
-    def add(self, dst: int, src: int) -> None:
+    def add(self, dst: RegisterT, src: RegisterT) -> None:
         self.emit(Instruction.create_reg_reg(Code.ADD_RM64_R64, dst, src))
 
-    def add_imm(self, dst: int, value: int) -> None:
+    def add_imm(self, dst: RegisterT, value: int) -> None:
         self.emit(Instruction.create_reg_i32(Code.ADD_RM64_IMM32, dst, value))
 
-    def cmp(self, a: int, b: int) -> None:
+    def cmp(self, a: RegisterT, b: RegisterT) -> None:
         self.emit(Instruction.create_reg_reg(Code.CMP_RM64_R64, a, b))
 
-    def dec(self, reg: int) -> None:
+    def dec(self, reg: RegisterT) -> None:
         self.emit(Instruction.create_reg(Code.DEC_RM64, reg))
 
-    def shr(self, reg: int, count: int) -> None:
+    def shr(self, reg: RegisterT, count: int) -> None:
         self.emit(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, reg, count))
 
     def jne(self, label: int) -> None:
@@ -88,7 +94,7 @@ class _Assembler:
         """out imm8, eax"""
         self.emit(Instruction.create_u32_reg(Code.OUT_IMM8_EAX, port, R.EAX))
 
-    def plain(self, code: int) -> None:
+    def plain(self, code: CodeT) -> None:
         self.emit(Instruction.create(code))
 
     def encode(self, base: int) -> bytes:

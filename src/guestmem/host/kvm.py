@@ -19,7 +19,7 @@ import threading
 from types import TracebackType
 from typing import Self
 
-from guestmem import uapi
+from guestmem import api, uapi
 from guestmem.caps import Capabilities
 from guestmem.exits import (
     Exit,
@@ -243,10 +243,10 @@ class Vm(_Fd):
         guest_phys_addr: int,
         memory_size: int,
         userspace_addr: int = 0,
-        guest_memfd: GuestMemfd | int = 0,
+        guest_memfd: api.GuestMemfd | int = 0,
         guest_memfd_offset: int = 0,
     ) -> None:
-        fd = guest_memfd.fd if isinstance(guest_memfd, GuestMemfd) else guest_memfd
+        fd = guest_memfd if isinstance(guest_memfd, int) else guest_memfd.fd
         region = uapi.kvm_userspace_memory_region2(
             slot=slot,
             flags=flags,

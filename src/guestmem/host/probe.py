@@ -144,7 +144,8 @@ def reads_through_userspace_addr(kvm: Kvm, cpl: int) -> bool | None:
             result = _run_once(vcpu)
             if not (isinstance(result, IoExit) and result.port == PROBE_PORT):
                 return None
-            return vcpu.get_regs().rax == int.from_bytes(bytes([_USERSPACE_BYTE]) * 8, "little")
+            seen = int(vcpu.get_regs().rax)
+            return seen == int.from_bytes(bytes([_USERSPACE_BYTE]) * 8, "little")
 
 
 def guest_execution(kvm: Kvm) -> GuestExecution:

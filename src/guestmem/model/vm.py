@@ -6,7 +6,7 @@ import errno
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
-from guestmem import uapi
+from guestmem import api, uapi
 from guestmem.exits import oserror
 from guestmem.extents import ExtentMap
 from guestmem.model.content import PAGE
@@ -193,9 +193,10 @@ class Vm:
 
     def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int,
                                 memory_size: int, userspace_addr: int = 0,
-                                guest_memfd: Any = 0, guest_memfd_offset: int = 0) -> None:
+                                guest_memfd: api.GuestMemfd | int = 0,
+                                guest_memfd_offset: int = 0) -> None:
         self._live()
-        fd = guest_memfd.fd if hasattr(guest_memfd, "fd") else int(guest_memfd)
+        fd = guest_memfd if isinstance(guest_memfd, int) else guest_memfd.fd
         self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr,
                                 fd & 0xFFFFFFFF, guest_memfd_offset)
 

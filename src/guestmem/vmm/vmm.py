@@ -12,9 +12,9 @@ import errno
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Self
 
-from guestmem import machine, uapi
+from guestmem import api, machine, uapi
 from guestmem import program as p
 from guestmem.exits import (
     Exit,
@@ -48,8 +48,15 @@ class MemoryRegion:
     gpa: int
     size: int
     backing: str  # "gmem", "gmem+shared" (private in gmem, shared at userspace_addr) or "anon"
-    mapping: Any
-    gmem: Any = None
+    mapping: api.Mapping
+    gmem: api.GuestMemfd | None = None
+
+    @property
+    def guest_memfd(self) -> api.GuestMemfd:
+        """The region's guest_memfd; ValueError for anonymous memory."""
+        if self.gmem is None:
+            raise ValueError(f"memslot {self.slot} is {self.backing} memory, not a guest_memfd")
+        return self.gmem
 
     def contains(self, gpa: int) -> bool:
         return self.gpa <= gpa < self.gpa + self.size
@@ -72,10 +79,13 @@ class RunResult:
     exit: Exit | None = None  # the exit that ended the run ("shutdown", "mmio")
 
 
+Handler = Callable[[Exit, RunResult], bool]  # True: the program is done
+
+
 class Vmm:
     def __init__(
         self,
-        kvm: Any,
+        kvm: api.Kvm,
         vm_type: int = uapi.KVM_X86_DEFAULT_VM,
         backing: str = "gmem",
         low_memory_size: int = machine.LOW_MEMORY_SIZE,
@@ -96,7 +106,7 @@ class Vmm:
         self.log: list[str] = []
         self.low = self.add_memory(0, low_memory_size, backing)
         self.vcpu = self.vm.create_vcpu(0)
-        self.handlers: dict[type[Exit], Callable[[Any, RunResult], bool]] = {
+        self.handlers: dict[type[Exit], Handler] = {
             IoExit: self._handle_io,
             HypercallExit: self._handle_hypercall,
         }
@@ -168,7 +178,10 @@ class Vmm:
         self._tables_written = True
         self.vcpu.set_sregs(machine.initial_sregs(self.vcpu.get_sregs(), self.cpl))
         self.vcpu.set_regs(machine.initial_regs(image))
-        if getattr(self.vcpu, "interprets_programs", False):  # the model runs the program itself
+        if isinstance(self.vcpu, api.ProgramVcpu):  # the model interprets the program
+            if image.program is None:
+                raise TypeError("the model's vCPU interprets guestmem programs, not x86 "
+                                "machine code: load an image from guest.compile_program()")
             self.vcpu.load_program(image.program, image.hypercall_abi)
         self.image = image
 
@@ -231,8 +244,8 @@ class Vmm:
         finally:
             self.vcpu.immediate_exit = False
 
-    def _handle_io(self, exit: IoExit, result: RunResult) -> bool:
-        if not exit.is_out:
+    def _handle_io(self, exit: Exit, result: RunResult) -> bool:
+        if not isinstance(exit, IoExit) or not exit.is_out:
             raise UnhandledExit(exit)
         if exit.port == p.PORT_REPORT_LO:
             self._report_lo = exit.value()
@@ -251,8 +264,10 @@ class Vmm:
             raise UnhandledExit(exit)
         return False
 
-    def _handle_hypercall(self, exit: HypercallExit, result: RunResult) -> bool:
+    def _handle_hypercall(self, exit: Exit, result: RunResult) -> bool:
         """KVM_EXIT_HYPERCALL: KVM validated gpa/npages already; answer via kvm_run."""
+        if not isinstance(exit, HypercallExit):
+            raise UnhandledExit(exit)
         self.vcpu.complete_hypercall(self.hypercall(exit.nr, exit.args, result))
         return False
 
@@ -319,7 +334,7 @@ class _Watchdog:
     """Kick the vCPU after `seconds` (0: never), from a timer thread: KVM_RUN then
     returns EINTR in whichever thread runs it."""
 
-    def __init__(self, vcpu: Any, seconds: float) -> None:
+    def __init__(self, vcpu: api.Vcpu, seconds: float) -> None:
         self.vcpu = vcpu
         self.fired = False
         self._timer = threading.Timer(seconds, self._fire) if seconds > 0 else None

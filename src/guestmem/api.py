@@ -1,0 +1,270 @@
+"""The backend API as Protocols (layer 1): what `guestmem.Kvm(...)` returns.
+
+Both backends implement it, the model (`guestmem.model`) and the kernel through
+/dev/kvm (`guestmem.host`); the VMM, the conformance suite and the CLI are typed
+against it, and mypy holds both backends to it (`guestmem/__init__.py`). One
+type per kind of file descriptor, a method per ioctl or file operation, named
+after it, as rust-vmm's kvm-ioctls does. Every failure is an OSError carrying
+the kernel's errno; a host access the kernel answers with a signal raises
+HostSigbus or HostSigsegv (guestmem.exits).
+
+Model-only extras (GUP pins, loading a program into a vCPU that interprets it)
+are separate Protocols, narrowed to with isinstance().
+"""
+
+from __future__ import annotations
+
+import os
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+
+from guestmem import uapi
+from guestmem.caps import Capabilities
+from guestmem.exits import Exit
+from guestmem.program import Program
+
+
+class Closable(Protocol):
+    def close(self) -> None:
+        """Drop this object's reference (close(2), munmap(2))."""
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+
+class Mapping(Closable, Protocol):
+    """A host userspace mapping (a VMA) of a guest_memfd or of anonymous memory."""
+
+    @property
+    def addr(self) -> int:
+        """Its start address: what a memslot's userspace_addr points at."""
+
+    @property
+    def length(self) -> int:
+        """Its length in bytes."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """A host load of [offset, offset+length): HostSigbus/HostSigsegv on a fault."""
+
+    def write(self, offset: int, data: bytes) -> None:
+        """A host store of data at offset: HostSigbus/HostSigsegv on a fault."""
+
+    def fill(self, offset: int, byte: int, length: int) -> None:
+        """memset(3) of [offset, offset+length)."""
+
+    def touch_in_child(self, offset: int, write: bool = False, length: int = 1) -> int | None:
+        """The signal a real access would get (None: no signal)."""
+
+    def madvise(self, offset: int, length: int, advice: int) -> None:
+        """madvise(2) on [offset, offset+length)."""
+
+    def mbind(self, offset: int, length: int, mode: int, nodes: int | None = None,
+              flags: int = 0, maxnode: int = ...) -> None:
+        """mbind(2) on [offset, offset+length); nodes is a nodemask (bit n = node n)."""
+
+    def get_mempolicy(self, offset: int) -> tuple[int, int]:
+        """get_mempolicy(2) with MPOL_F_ADDR: (mode | mode flags, nodemask)."""
+
+    def move_pages(self, offset: int, count: int) -> list[int]:
+        """move_pages(2) query: each page's node, or -ENOENT."""
+
+    def munmap(self) -> None:
+        """munmap(2)."""
+
+
+class Pin(Protocol):
+    """Model only: one pin_user_pages() on a guest_memfd mapping."""
+
+    def unpin(self) -> None:
+        """unpin_user_pages()."""
+
+
+@runtime_checkable
+class PinnableMapping(Mapping, Protocol):
+    """Model only: a mapping GUP can pin (there is no userspace GUP call on /dev/kvm)."""
+
+    def pin(self, offset: int, length: int) -> Pin:
+        """pin_user_pages(FOLL_PIN | FOLL_WRITE) on [offset, offset+length)."""
+
+
+class GuestMemfd(Closable, Protocol):
+    """A guest_memfd file (KVM_CREATE_GUEST_MEMFD)."""
+
+    @property
+    def fd(self) -> int:
+        """The file descriptor (EBADF once closed)."""
+
+    @property
+    def closed(self) -> bool:
+        """close() was called."""
+
+    def stat(self) -> os.stat_result:
+        """fstat(2)."""
+
+    @property
+    def size(self) -> int:
+        """st_size: fixed at creation."""
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) with any mode bits."""
+
+    def allocate(self, offset: int, length: int) -> None:
+        """fallocate(FALLOC_FL_KEEP_SIZE)."""
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)."""
+
+    def ioctl(self, request: int, arg: int = 0) -> int:
+        """ioctl(2) on the file."""
+
+    def ftruncate(self, length: int) -> None:
+        """ftruncate(2)."""
+
+    def read(self, n: int) -> bytes:
+        """read(2)."""
+
+    def write(self, data: bytes) -> int:
+        """write(2)."""
+
+    def pread(self, n: int, offset: int) -> bytes:
+        """pread(2)."""
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        """pwrite(2)."""
+
+    def mmap(self, length: int | None = None, offset: int = 0,
+             prot: int = ..., shared: bool = True) -> Mapping:
+        """mmap(2) of the file (MAP_SHARED unless shared=False); length None: its size."""
+
+
+class Vcpu(Closable, Protocol):
+    """A vCPU (KVM_CREATE_VCPU)."""
+
+    @property
+    def vcpu_id(self) -> int:
+        """The id it was created with."""
+
+    @property
+    def immediate_exit(self) -> bool:
+        """kvm_run->immediate_exit."""
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None: ...
+
+    def get_regs(self) -> uapi.kvm_regs:
+        """KVM_GET_REGS."""
+
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        """KVM_SET_REGS."""
+
+    def get_sregs(self) -> uapi.kvm_sregs:
+        """KVM_GET_SREGS."""
+
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        """KVM_SET_SREGS."""
+
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
+        """KVM_PRE_FAULT_MEMORY: the (gpa, size) KVM wrote back."""
+
+    def run(self) -> Exit:
+        """KVM_RUN: the typed exit; KvmRunError when it fails."""
+
+    def kick(self) -> None:
+        """immediate_exit plus a signal to the thread in KVM_RUN: it returns EINTR."""
+
+    def complete_io_in(self, data: bytes) -> None:
+        """Answer a KVM_EXIT_IO IN before the next KVM_RUN."""
+
+    def complete_hypercall(self, ret: int) -> None:
+        """Answer a KVM_EXIT_HYPERCALL: the guest's RAX after the next KVM_RUN."""
+
+
+@runtime_checkable
+class ProgramVcpu(Vcpu, Protocol):
+    """Model only: a vCPU that interprets guestmem programs instead of x86 code."""
+
+    def load_program(self, program: Program, hypercall_abi: str) -> None:
+        """Give the vCPU the program the VMM placed in guest memory."""
+
+
+class Vm(Closable, Protocol):
+    """A VM (KVM_CREATE_VM)."""
+
+    @property
+    def fd(self) -> int:
+        """The VM's file descriptor (EBADF once closed)."""
+
+    @property
+    def vm_type(self) -> int:
+        """The KVM_CREATE_VM type."""
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM."""
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP."""
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """KVM_CREATE_GUEST_MEMFD."""
+
+    def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
+                               memory_size: int, userspace_addr: int) -> None:
+        """KVM_SET_USER_MEMORY_REGION."""
+
+    def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int,
+                                memory_size: int, userspace_addr: int = 0,
+                                guest_memfd: GuestMemfd | int = 0,
+                                guest_memfd_offset: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION2."""
+
+    def delete_memslot(self, slot: int) -> None:
+        """KVM_SET_USER_MEMORY_REGION2 with memory_size 0."""
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int,
+                              flags: int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES."""
+
+    def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
+        """KVM_CREATE_VCPU."""
+
+    def get_dirty_log(self, slot: int, npages: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: the slot's bitmap, one bit per page."""
+
+
+class Kvm(Closable, Protocol):
+    """/dev/kvm, or the model's."""
+
+    @property
+    def fd(self) -> int:
+        """The /dev/kvm file descriptor (EBADF once closed)."""
+
+    @property
+    def backend(self) -> str:
+        """"model" or "kvm"."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this KVM offers and does, probed (kvm) or stated by the profile (model)."""
+
+    def api_version(self) -> int:
+        """KVM_GET_API_VERSION."""
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION at system scope."""
+
+    def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE."""
+
+    def supported_vm_types(self) -> frozenset[int]:
+        """KVM_CAP_VM_TYPES as a set."""
+
+    def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
+        """KVM_CREATE_VM."""
+
+    def mmap_anonymous(self, length: int) -> Mapping:
+        """mmap(2) of MAP_SHARED|MAP_ANONYMOUS memory, e.g. for a userspace_addr."""
+
+    def open_fd_count(self) -> int:
+        """Open fds of this process (leak checks)."""
