@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
 
 import guestmem
+from guestmem import memmap, uapi
 from guestmem import program as p
-from guestmem import uapi
 from guestmem.exits import HostFault
 from guestmem.guest import compile_program, default_hypercall_abi
 from guestmem.model import Kvm as ModelKvm
@@ -36,6 +36,7 @@ EXAMPLES = int(os.environ.get("GUESTMEM_DIFF_EXAMPLES", "2000"))
 STEPS = int(os.environ.get("GUESTMEM_DIFF_STEPS", "12"))
 MMAP, SHARED = uapi.GUEST_MEMFD_FLAG_MMAP, uapi.GUEST_MEMFD_FLAG_INIT_SHARED
 GMEM = uapi.KVM_MEM_GUEST_MEMFD
+KERNEL_VISIBLE = frozenset({memmap.UPTODATE, memmap.HOST_MAPPED})
 
 pytestmark = pytest.mark.skipif(kvm_unavailable_reason() is not None,
                                 reason=f"differential test needs the kernel: "
@@ -250,6 +251,19 @@ class Differential(RuleBasedStateMachine):
             return None
 
         self.both(f"madvise {advice} page {page}", advise)
+
+    @rule(g=gmems)
+    def memory_map(self, g):
+        """What the kernel shows of the file's pages (uptodate by mincore, host-mapped
+        by pagemap) is what the model keeps."""
+        if g < 0:
+            return
+
+        model, kernel = (outcome(lambda w: w.gmems[g].memory_map(), w) for w in self.worlds)
+        if model[0] == kernel[0] == "ok":
+            visible = model[1].known & kernel[1].known
+            model, kernel = (model[1].restricted(visible).runs, kernel[1].restricted(visible).runs)
+        assert model == kernel, f"memory map: model {model} != kernel {kernel}"
 
     @rule(m=mappings)
     def munmap(self, m):

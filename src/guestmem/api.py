@@ -21,6 +21,7 @@ from typing import Protocol, Self, runtime_checkable
 from guestmem import uapi
 from guestmem.caps import Capabilities
 from guestmem.exits import Exit
+from guestmem.memmap import MemoryMap
 from guestmem.program import Program
 
 
@@ -137,6 +138,10 @@ class GuestMemfd(Closable, Protocol):
     def mmap(self, length: int | None = None, offset: int = 0,
              prot: int = ..., shared: bool = True) -> Mapping:
         """mmap(2) of the file (MAP_SHARED unless shared=False); length None: its size."""
+
+    def memory_map(self, offset: int = 0, length: int | None = None) -> MemoryMap:
+        """What the pages of [offset, offset+length) look like, as runs of alike pages
+        (the model sees all it keeps; the kernel backend mincore and pagemap)."""
 
 
 class Vcpu(Closable, Protocol):

@@ -16,10 +16,11 @@ import fcntl
 import os
 import signal
 import threading
+import weakref
 from types import TracebackType
 from typing import Self
 
-from guestmem import api, uapi
+from guestmem import api, memmap, uapi
 from guestmem.caps import Capabilities
 from guestmem.exits import (
     Exit,
@@ -38,8 +39,12 @@ from guestmem.exits import (
     UnknownExit,
 )
 from guestmem.host import libc
+from guestmem.memmap import MemoryMap
 
 BACKEND = "kvm"
+PAGE = uapi.PAGE_SIZE
+MEMORY_MAP_LIMIT = 4 << 30  # memory_map() reads the kernel's per-page answers: 1 Mi pages
+_LOW_BIT = bytes(i & 1 for i in range(256))  # mincore: bit 0 is residency
 CAPABILITY_SCAN = 512  # KVM_CAP_* numbers probed (6.18's highest is in the 240s)
 _PROBED: dict[int, Capabilities] = {}  # by the device number of /dev/kvm
 
@@ -292,6 +297,7 @@ class GuestMemfd(_Fd):
     def __init__(self, vm: Vm, fd: int) -> None:
         super().__init__(fd)
         self.vm = vm
+        self._mappings: weakref.WeakSet[Mapping] = weakref.WeakSet()  # for memory_map()
 
     def stat(self) -> os.stat_result:
         return os.fstat(self.fd)
@@ -337,7 +343,47 @@ class GuestMemfd(_Fd):
     ) -> Mapping:
         length = self.size if length is None else length
         flags = libc.MAP_SHARED if shared else libc.MAP_PRIVATE
-        return Mapping(libc.mmap(length, prot, flags, self.fd, offset), length, prot)
+        mapping = Mapping(libc.mmap(length, prot, flags, self.fd, offset), length, prot, offset)
+        self._mappings.add(mapping)
+        return mapping
+
+    def memory_map(self, offset: int = 0, length: int | None = None) -> MemoryMap:
+        """What the kernel shows of [offset, offset+length): uptodate folios by
+        mincore(2) on a PROT_NONE mapping (MMAP files only), and which pages this
+        process's mappings of the file map, by /proc/self/pagemap."""
+        size = self.size
+        length = size - offset if length is None else length
+        if offset < 0 or length < 0 or offset % PAGE or length % PAGE or offset + length > size:
+            raise ValueError(f"[{offset:#x}, +{length:#x}) is not a page-aligned range of "
+                             f"the {size:#x}-byte file")
+        if length > MEMORY_MAP_LIMIT:
+            raise ValueError(f"the kernel answers page by page: at most {MEMORY_MAP_LIMIT:#x} "
+                             f"bytes at a time")
+        first, last = offset // PAGE, (offset + length) // PAGE
+        flags: dict[str, list[tuple[int, int]]] = {memmap.HOST_MAPPED: []}
+        for m in list(self._mappings):
+            flags[memmap.HOST_MAPPED] += m.present_pages(first, last)
+        uptodate = self._resident(offset, length)
+        if uptodate is not None:
+            flags[memmap.UPTODATE] = memmap.intervals_of(first, uptodate)
+        return MemoryMap(size, first, last, memmap.runs_of(first, last, flags),
+                         frozenset(flags))
+
+    def _resident(self, offset: int, length: int) -> bytes | None:
+        """mincore of [offset, offset+length), or None where the file cannot be
+        mapped (no GUEST_MEMFD_FLAG_MMAP: ENODEV)."""
+        if length == 0:
+            return b""
+        try:
+            addr = libc.mmap(length, libc.PROT_NONE, libc.MAP_SHARED, self.fd, offset)
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                return None
+            raise
+        try:
+            return libc.mincore(addr, length).translate(_LOW_BIT)
+        finally:
+            libc.munmap(addr, length)
 
 
 class Mapping:
@@ -349,11 +395,22 @@ class Mapping:
     _mem_fd: int | None = None
 
     def __init__(self, addr: int, length: int,
-                 prot: int = libc.PROT_READ | libc.PROT_WRITE) -> None:
+                 prot: int = libc.PROT_READ | libc.PROT_WRITE, offset: int = 0) -> None:
         self.addr = addr
         self.length = length
         self.prot = prot
+        self.offset = offset  # in the file mapped, if any
         self._mapped = True
+
+    def present_pages(self, first: int, last: int) -> list[tuple[int, int]]:
+        """File page intervals within [first, last) that this mapping maps now
+        (/proc/self/pagemap)."""
+        pgoff, pages = self.offset // PAGE, -(-self.length // PAGE)
+        lo, hi = max(first, pgoff), min(last, pgoff + pages)
+        if not self._mapped or lo >= hi:
+            return []
+        present = libc.pagemap_present(self.addr + (lo - pgoff) * PAGE, hi - lo)
+        return memmap.intervals_of(lo, present)
 
     @classmethod
     def _mem(cls) -> int:

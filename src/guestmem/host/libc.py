@@ -137,6 +137,29 @@ def move_pages_status(addrs: list[int]) -> list[int]:
     return list(status)
 
 
+def mincore(addr: int, length: int) -> bytes:
+    """mincore(2): one byte per page, bit 0 set where the page is resident."""
+    vec = ctypes.create_string_buffer(-(-length // PAGE_SIZE))
+    if _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(length), vec) != 0:
+        raise oserror(_errno(), "mincore")
+    return vec.raw
+
+
+PAGEMAP_PRESENT_BIT: Final = 63  # Documentation/admin-guide/mm/pagemap.rst
+
+
+def pagemap_present(addr: int, pages: int) -> bytes:
+    """/proc/self/pagemap: one byte per page of [addr, +pages), nonzero where this
+    process's page table maps it."""
+    with open("/proc/self/pagemap", "rb", buffering=0) as f:
+        entries = os.pread(f.fileno(), 8 * pages, (addr // PAGE_SIZE) * 8)
+    return entries[7::8].translate(_TOP_BIT)  # little-endian: bit 63 is the top bit of byte 7
+
+
+_TOP_BIT: Final = bytes(i >> 7 for i in range(256))
+PAGE_SIZE: Final = 4096
+
+
 def fd_count() -> int:
     """Open fds of this process, for leak tests."""
     return len(os.listdir("/proc/self/fd"))

@@ -8,9 +8,10 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Self
 
-from guestmem import uapi
+from guestmem import memmap, uapi
 from guestmem.exits import oserror
 from guestmem.extents import ExtentMap
+from guestmem.memmap import MemoryMap
 from guestmem.model.content import PAGE, ZERO, PageStore
 from guestmem.model.mempolicy import LOCAL_NODE, MemPolicy, Placement
 from guestmem.model.process import PROT_EXEC, HostProcess, Mapping
@@ -259,6 +260,34 @@ class GmemInode:
             gfn = slot.base_gfn + (lo - slot.gmem_pgoff)
             yield slot, gfn, gfn + hi - lo
 
+    # --- what the pages look like (memory_map) --------------------------------------------------
+    def memory_map(self, first: int, last: int) -> MemoryMap:
+        """Runs of alike pages in [first, last), from the extent maps (per range)."""
+        flags: dict[str, list[tuple[int, int]]] = {p: [] for p in memmap.PROPERTIES}
+        nodes = []
+        for lo, hi, state in self.folios.overlapping(first, last):
+            flags[memmap.ALLOCATED].append((lo, hi))
+            if state.uptodate:
+                flags[memmap.UPTODATE].append((lo, hi))
+            if state.hwpoison:
+                flags[memmap.HWPOISON].append((lo, hi))
+            nodes.append((lo, hi, _describe_placement(state.placement, hi - lo)))
+        flags[memmap.PINNED] = [(lo, hi) for lo, hi, _ in self.pins.overlapping(first, last)]
+        for m in self.mappings:
+            flags[memmap.HOST_MAPPED] += [(m.pgoff + lo, m.pgoff + hi)
+                                          for lo, hi, _ in m.ptes.items()]
+        for slot, gfn_lo, gfn_hi in self.bound_gfn_ranges(first, last):
+            to_index = slot.gmem_pgoff - slot.base_gfn
+            vm = slot.vm
+            for lo, hi, attrs in vm.attributes.overlapping(gfn_lo, gfn_hi):
+                if attrs & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE:
+                    flags[memmap.PRIVATE].append((lo + to_index, hi + to_index))
+            for lo, hi, source in vm.mmu.mapped.overlapping(gfn_lo, gfn_hi):
+                if source is slot:  # an SPTE to this file's page, not through userspace_addr
+                    flags[memmap.STAGE2_MAPPED].append((lo + to_index, hi + to_index))
+        return MemoryMap(self.size, first, last, memmap.runs_of(first, last, flags, nodes),
+                         frozenset(memmap.PROPERTIES))
+
     # --- release (kvm_gmem_release) ------------------------------------------------------------
     def close_fd(self) -> None:
         self.file_open = False
@@ -280,6 +309,14 @@ class GmemInode:
         self._free(0, self.npages)
         self.process.backings.discard(self)
         self.vm.put_ref()
+
+
+def _describe_placement(placement: Placement, pages: int) -> str:
+    """"0", or "0,1 interleaved" when the range's pages cycle over several nodes."""
+    nodes = placement.nodes if pages > 1 else placement.nodes[:1]
+    if len(set(nodes)) == 1:
+        return str(nodes[0])
+    return ",".join(map(str, sorted(set(nodes)))) + " interleaved"
 
 
 def _with_gaps(items: Iterator[tuple[int, int, MemPolicy]], first: int,
@@ -417,6 +454,17 @@ class GuestMemfd:
         mapping = self.vm.kvm.process.mmap(length, inode, offset, prot)
         inode.mappings.add(mapping)
         return mapping
+
+    def memory_map(self, offset: int = 0, length: int | None = None) -> MemoryMap:
+        """What the pages of [offset, offset+length) look like (guestmem's view;
+        the kernel has no one call for it): runs of alike pages."""
+        inode = self._live()
+        length = inode.size - offset if length is None else length
+        if offset < 0 or length < 0 or offset % PAGE or length % PAGE \
+                or offset + length > inode.size:
+            raise ValueError(f"[{offset:#x}, +{length:#x}) is not a page-aligned range of "
+                             f"the {inode.size:#x}-byte file")
+        return inode.memory_map(offset // PAGE, (offset + length) // PAGE)
 
     def close(self) -> None:
         if not self.closed:
