@@ -7,12 +7,16 @@ and the CLI prints them. Every claim a step makes is checked, not assumed.
 from __future__ import annotations
 
 import errno
+import signal as signal_module
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from guestmem import api, uapi
+from guestmem import api, memmap, uapi
 from guestmem import program as p
+from guestmem.caps import Capabilities
+from guestmem.exits import HostSigbus
 from guestmem.guest import compile_program, default_hypercall_abi
+from guestmem.model import Kvm as ModelKvm
 from guestmem.vmm import RunResult, Sharing, Vmm
 
 HIGH = 1 << 32
@@ -40,13 +44,28 @@ def _ret(value: int) -> str:
     return names.get(signed, str(signed))
 
 
+def has_private_memory(caps: Capabilities) -> bool:
+    """A SW_PROTECTED VM with KVM_MEMORY_ATTRIBUTE_PRIVATE (the coco profile)."""
+    return (uapi.KVM_X86_SW_PROTECTED_VM in caps.vm_types
+            and bool(caps.memory_attributes & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE))
+
+
 def run(kvm: api.Kvm) -> Iterator[Step]:
+    """The private-memory scenario where the backend has private memory, else the
+    shared one."""
     caps = kvm.capabilities
     abi = default_hypercall_abi(caps)
     execution = caps.execution
-    yield Step("host", f"{kvm.backend} backend, {caps.implementation} on "
+    what = (f"{kvm.profile.name} profile" if isinstance(kvm, ModelKvm)
+            else caps.implementation)
+    yield Step("host", f"{kvm.backend} backend, {what} on "
                        f"{execution.cpu_vendor}, guest_memfd flags {caps.guest_memfd_flags:#x}, "
                        f"guest at CPL{execution.default_cpl}, hypercall ABI '{abi}'")
+    yield from (_private(kvm, abi) if has_private_memory(caps) else _shared(kvm, abi))
+
+
+def _shared(kvm: api.Kvm, abi: str) -> Iterator[Step]:
+    """A guest on MMAP|INIT_SHARED guest_memfd memory, shared with the host."""
     with Vmm(kvm) as vmm:
         region = vmm.add_memory(HIGH, SIZE)
         yield Step("memory", f"guest_memfd of {SIZE >> 20} MiB (MMAP|INIT_SHARED) bound at GPA "
@@ -95,3 +114,63 @@ def _conversions(vmm: Vmm, r: RunResult, abi: str) -> Iterator[Step]:
     yield Step("MAP_GPA_RANGE", f"guest asked for 2 MiB private, then page 1 shared, {path}; "
                f"guest got {rets}; tracker's private ranges: {private}",
                private == expected and all(v == 0 for v in r.reports))
+
+
+SECRET = 0x5EC2E7000000  # what the guest writes into its private memory
+
+
+def _private(kvm: api.Kvm, abi: str) -> Iterator[Step]:
+    """A SW_PROTECTED guest converts memory to private (MAP_GPA_RANGE → the VMM
+    sets KVM_MEMORY_ATTRIBUTE_PRIVATE and allocates the guest_memfd), writes a
+    secret there, and the host cannot see it."""
+    with Vmm(kvm, uapi.KVM_X86_SW_PROTECTED_VM) as vmm:
+        region = vmm.add_memory(HIGH, SIZE)
+        yield Step("memory", f"SW_PROTECTED VM: a guest_memfd for private pages and anonymous "
+                             f"memory for shared ones, {SIZE >> 20} MiB at GPA {HIGH:#x}")
+        r = _guest(vmm, abi, p.WritePattern(HIGH, SIZE, PATTERN, 1))
+        shared = int.from_bytes(vmm.read(HIGH, 8), "little")
+        yield Step("guest writes shared memory", f"the host reads {shared:#x} through "
+                   "userspace_addr", r.stop == "done" and shared == PATTERN)
+        r = _guest(vmm, abi, p.MapGpaRange(HIGH, 256, PS, encrypted=True),
+                   p.WritePattern(HIGH, 1 << 20, SECRET, 1),
+                   p.VerifyPattern(HIGH, 1 << 20, SECRET, 1))
+        private = [(hex(a), hex(n)) for a, n in vmm.tracker.ranges(Sharing.PRIVATE)]
+        yield Step("guest converts 1 MiB to private", f"MAP_GPA_RANGE returned "
+                   f"{_ret(r.reports[0]) if r.reports else r.stop}; private ranges {private}; "
+                   f"the guest wrote and verified a secret there",
+                   r.reports == [0, p.VERIFY_OK] and private == [(hex(HIGH), hex(1 << 20))])
+        seen = int.from_bytes(vmm.read(HIGH, 8), "little")
+        yield Step("host reads the same GPA", f"{seen:#x}: the shared copy, never the secret "
+                   f"(private pages live in the guest_memfd)", seen == PATTERN)
+        yield from _memory_map(region.guest_memfd, 0, 512)
+        yield from _host_cannot_map_private(vmm)
+        r = _guest(vmm, abi, p.MapGpaRange(HIGH, 256, PS, encrypted=False),
+                   p.VerifyPattern(HIGH, 1 << 20, PATTERN, 1))
+        yield Step("guest converts it back to shared", "the VMM punched the private pages; the "
+                   "guest reads the shared copy again: "
+                   f"{'OK' if r.reports == [0, p.VERIFY_OK] else r.reports}",
+                   r.reports == [0, p.VERIFY_OK])
+
+
+def _memory_map(gmem: api.GuestMemfd, first: int, last: int) -> Iterator[Step]:
+    mm = gmem.memory_map(first * PS, (last - first) * PS)
+    runs = "; ".join(f"pages {r.first}-{r.last - 1}: {', '.join(sorted(r.state)) or '-'}"
+                     for r in mm.runs)
+    yield Step("the guest_memfd's pages", runs, mm.pages_with(memmap.PRIVATE) == 256)
+
+
+def _host_cannot_map_private(vmm: Vmm) -> Iterator[Step]:
+    """A guest_memfd with MMAP but not INIT_SHARED: its pages are the guest's, so a
+    host access faults (kvm_gmem_fault_user_mapping: SIGBUS)."""
+    with (vmm.vm.create_guest_memfd(PS, uapi.GUEST_MEMFD_FLAG_MMAP) as gmem,
+          gmem.mmap(PS) as view):
+        try:
+            view.read(0, 8)
+            outcome = "no fault"
+        except HostSigbus as e:
+            outcome = f"SIGBUS ({e.reason or 'private memory'})"
+        signal = view.touch_in_child(0)
+    killed = signal_module.Signals(signal).name if signal else "nothing"
+    yield Step("host touches a private guest_memfd page", f"{outcome}; a real load in a child "
+               f"process is killed by {killed}", outcome.startswith("SIGBUS") and
+               killed == "SIGBUS")
