@@ -2,11 +2,11 @@
 and the initial register state. The VMM's job, as kvm_util's vm_create does for
 the selftests.
 
-Guests run in 64-bit mode at CPL3 with identity-mapped page tables (2 MiB
-pages, U/S=1) and RFLAGS.IOPL=3. Why CPL3: on PVM only 64-bit CPL3 code runs
-natively, everything else goes through KVM's instruction emulator
-(../shared/spec/host-notes.md); on VMX/SVM hosts CPL3 is just as valid. IOPL=3
-makes port I/O at CPL3 exit to userspace instead of raising #GP.
+Guests run in 64-bit mode with identity-mapped page tables (2 MiB pages, U/S=1)
+and RFLAGS.IOPL=3, at CPL0 or CPL3: the VMM picks CPL0 unless the host's KVM
+emulates CPL0 code (kvm_pvm runs only 64-bit CPL3 code natively:
+caps.GuestExecution.default_cpl). IOPL=3 makes port I/O at CPL3 exit to
+userspace instead of raising #GP.
 """
 
 from __future__ import annotations
