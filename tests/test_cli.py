@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from guestmem import demo
@@ -75,3 +76,41 @@ def test_model_check_passes_on_both_profiles():
         result = CliRunner().invoke(main, ["check", "--profile", profile])
         assert result.exit_code == 0, result.output
         assert " 0 failed" in result.output
+
+
+# --- check ----------------------------------------------------------------------------------
+@pytest.fixture
+def failing_case(monkeypatch):
+    """A case that fails, registered for one test only."""
+    from guestmem.check import suite
+
+    monkeypatch.setattr(suite, "REGISTRY", list(suite.REGISTRY))
+
+    @suite.case("test.always_fails", "this test", "one equals two")
+    def always_fails(ctx):
+        ctx.equal("one", 1, 2)
+
+    return "test.always_fails[default]"
+
+
+def test_check_table_shows_a_failure_and_exits_one(failing_case):
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(main, ["check", "-k", "test.always_fails"])
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    at = lines.index(f"fail  {failing_case}")
+    assert lines[at + 1].split() == ["expected", "one", "equals", "two"]
+    assert lines[at + 2].split() == ["observed", "one:", "expected", "1,", "observed", "2"]
+    assert "0 passed, 1 failed, 0 skipped" in lines
+
+
+# --- demo ------------------------------------------------------------------------------------
+def test_demo_step_that_fails_exits_one(monkeypatch):
+    def one_bad_step(kvm):
+        yield demo.Step("first", "fine")
+        yield demo.Step("second", "[not markup] went wrong", ok=False)
+
+    monkeypatch.setattr(demo, "run", one_bad_step)
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 1
+    assert "FAILED second: [not markup] went wrong" in result.stdout
+    assert "Error: 1 demo step(s) did not behave as expected" in result.stderr

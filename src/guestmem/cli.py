@@ -1,19 +1,35 @@
-"""`guestmem ...`: thin, parses arguments, calls one layer, prints."""
+"""`guestmem ...`: thin, parses arguments, calls one layer, prints.
+
+Every string that comes from data is escaped before rich sees it: instance
+names such as `gmem.flags[default,0]` read as markup otherwise. Tables are laid
+out for the terminal's width (COLUMNS when set) so that names never wrap or get
+truncated; at 80 columns every command stays readable. `--json` prints the same
+facts for scripts, and every failure exits non-zero.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
 
 import guestmem
 from guestmem import uapi
+
+EXIT_FAILED = 1  # a case or a demo step did not behave as expected
+STATUS_WIDTH = 4  # "pass", "fail", "skip"
+DETAIL_MIN_WIDTH = 24  # narrower expected/observed columns read badly: use the list layout
+INDENT = STATUS_WIDTH + 2  # where the list layout's detail lines start
+UNBOUNDED = 10_000  # a width no table reaches: measuring at it gives a table's true minimum
+STATUS_STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow"}
 
 
 def _console() -> Console:
@@ -21,6 +37,7 @@ def _console() -> Console:
     return Console()
 
 
+# --- backends --------------------------------------------------------------------------------
 def _open(backend: str, profile: str) -> Any:
     if backend == "kvm" and not os.path.exists("/dev/kvm"):
         raise click.ClickException(
@@ -33,6 +50,19 @@ def _open(backend: str, profile: str) -> Any:
         return guestmem.Kvm(backend=backend)
     except OSError as e:
         raise click.ClickException(f"cannot open the {backend} backend: {e}") from e
+
+
+def profile_name(kvm: Any) -> str | None:
+    """The model's profile; None for a backend that is a real kernel."""
+    profile = getattr(kvm, "profile", None)
+    return None if profile is None else profile.name
+
+
+def describe(kvm: Any) -> str:
+    """Which backend runs, and which kernel: the model's profile or the host's KVM."""
+    if profile_name(kvm) is not None:
+        return f"{kvm.backend} backend, {profile_name(kvm)} profile"
+    return f"{kvm.backend} backend, this host's kernel ({kvm.capabilities.implementation})"
 
 
 def _backend_options(fn: Any) -> Any:
@@ -52,6 +82,7 @@ def main() -> None:
     """guestmem: Linux KVM guest_memfd, a VMM and a conformance suite."""
 
 
+# --- info ------------------------------------------------------------------------------------
 def profile_of(caps: Any) -> str:
     """Which spec profile (DESIGN.md "Kernel profiles") the host matches."""
     mainline = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
@@ -89,6 +120,60 @@ def info_record(kvm: Any) -> dict[str, Any]:
     return record
 
 
+def _facts_table(record: dict[str, Any]) -> Table:
+    table = Table(title=f"guestmem info ({escape(record['backend'])} backend)", show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    rows = [
+        ("KVM implementation", record["implementation"]),
+        ("API version", str(record["api_version"])),
+        ("spec profile", record["profile"]),
+        ("", record.get("profile_description", "")),
+        ("VM types", ", ".join(f"{n} ({v})" for n, v in record["vm_types"].items())),
+        ("guest_memfd flags",
+         f"{record['guest_memfd_flags']:#x} " + "|".join(record["guest_memfd_flag_names"])),
+        *((f"  on a {name} VM", f"{flags:#x}")
+          for name, flags in record["gmem_flags_by_vm_type"].items()),
+        ("NUMA nodes", str(record["numa_nodes"])),
+        ("guest_memfd mempolicy",
+         "per inode (shared)" if record["gmem_shared_policy"] else "per VMA only"),
+    ]
+    for label, value in rows:
+        if label or value:
+            table.add_row(escape(label), escape(value))
+    return table
+
+
+def _cap_value(value: int) -> str:
+    return str(value) if value < 256 else f"{value:#x}"
+
+
+def vm_differences(record: dict[str, Any], cap: str) -> str:
+    """The VM types whose value of `cap` differs from system scope, grouped by value:
+    "0 on default, sev; 1 on snp". Empty where every VM agrees with system scope."""
+    system = record["system"][cap]
+    by_value: dict[int, list[str]] = {}
+    for vm_name, values in record["vm"].items():
+        if values[cap] != system:
+            by_value.setdefault(values[cap], []).append(vm_name)
+    return "; ".join(f"{_cap_value(v)} on {', '.join(names)}" for v, names in by_value.items())
+
+
+def _capabilities_table(record: dict[str, Any]) -> Table:
+    """One row per capability, VM values only where they differ: a column per VM type
+    would not fit 80 columns once a host has six of them."""
+    probed = ", ".join(record["vm"]) or "none"
+    table = Table(title="KVM_CHECK_EXTENSION at system scope, and on a VM of each type",
+                  caption=escape(f"VMs probed: {probed}; blank: every VM gives the system "
+                                 "value"))
+    table.add_column("capability", style="bold", no_wrap=True)
+    table.add_column("system", justify="right", no_wrap=True)
+    table.add_column("on a VM, where different")
+    for cap, value in record["system"].items():
+        table.add_row(escape(cap), _cap_value(value), escape(vm_differences(record, cap)))
+    return table
+
+
 @main.command()
 @_backend_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON record.")
@@ -99,37 +184,68 @@ def info(backend: str, profile: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(record, indent=2, sort_keys=True))
         return
-    table = Table(title=f"guestmem info ({record['backend']} backend)", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("KVM implementation", record["implementation"])
-    table.add_row("API version", str(record["api_version"]))
-    table.add_row("spec profile", record["profile"])
-    if "profile_description" in record:
-        table.add_row("", record["profile_description"])
-    table.add_row("VM types", ", ".join(f"{n} ({v})" for n, v in record["vm_types"].items()))
-    table.add_row(
-        "guest_memfd flags",
-        f"{record['guest_memfd_flags']:#x} " + "|".join(record["guest_memfd_flag_names"]),
-    )
-    for name, flags in record["gmem_flags_by_vm_type"].items():
-        table.add_row(f"  on a {name} VM", f"{flags:#x}")
-    table.add_row("NUMA nodes", str(record["numa_nodes"]))
-    table.add_row("guest_memfd mempolicy",
-                  "per inode (shared)" if record["gmem_shared_policy"] else "per VMA only")
-    _console().print(table)
-    caps = Table(title="KVM_CHECK_EXTENSION: system scope and on a VM of each type")
-    caps.add_column("capability", style="bold")
-    caps.add_column("system", justify="right")
-    for vm_name in record["vm"]:
-        caps.add_column(f"{vm_name} VM", justify="right")
+    console = _console()
+    console.print(_facts_table(record))
+    console.print(_capabilities_table(record))
 
-    def fmt(value: int) -> str:
-        return str(value) if value < 256 else f"{value:#x}"
 
-    for name, value in record["system"].items():
-        caps.add_row(name, fmt(value), *(fmt(v[name]) for v in record["vm"].values()))
-    _console().print(caps)
+# --- check: results --------------------------------------------------------------------------
+def _counts(results: Iterable[Any]) -> dict[str, int]:
+    counts = dict.fromkeys(STATUS_STYLE, 0)
+    for r in results:
+        counts[r.status.value] += 1
+    return counts
+
+
+def _results_table(title: str, results: list[Any]) -> Table:
+    """The wide layout. The detail columns share one minimum (their longest word, at
+    least DETAIL_MIN_WIDTH), so rich's shrinking never takes either below it."""
+    words = [w for r in results for text in (r.expected, r.observed) for w in text.split()]
+    detail_width = max([DETAIL_MIN_WIDTH, *map(len, words)])
+    name_width = max((len(r.name) for r in results), default=0)
+    table = Table(title=escape(title))
+    table.add_column("case", no_wrap=True, min_width=name_width)
+    table.add_column("expected", min_width=detail_width, overflow="fold")
+    table.add_column("observed", min_width=detail_width, overflow="fold")
+    table.add_column("result", no_wrap=True, min_width=STATUS_WIDTH)
+    for r in results:
+        table.add_row(escape(r.name), escape(r.expected), escape(r.observed), _status(r))
+    return table
+
+
+def _status(result: Any) -> str:
+    value = result.status.value
+    return f"[{STATUS_STYLE[value]}]{value}[/]"
+
+
+def _print_result_lines(console: Console, result: Any) -> None:
+    """The narrow layout: the status and the whole name on one line; below it, the
+    reason for a skip, or what a failure expected and observed."""
+    console.print(f"{_status(result)}  {escape(result.name)}", soft_wrap=True)
+    details = {"skip": [("reason", result.observed)],
+               "fail": [("expected", result.expected), ("observed", result.observed)]}
+    rows = details.get(result.status.value, [])
+    if not rows:
+        return
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    for label, text in rows:
+        grid.add_row(label, escape(text))
+    console.print(Padding(grid, (0, 0, 0, INDENT), expand=False))
+
+
+def _print_results(console: Console, title: str, results: list[Any]) -> None:
+    table = _results_table(title, results)
+    unbounded = console.options.update_width(UNBOUNDED)
+    if console.measure(table, options=unbounded).minimum <= console.width:
+        console.print(table)
+    else:
+        console.print(escape(title), style="bold")
+        for r in results:
+            _print_result_lines(console, r)
+    counts = _counts(results)
+    console.print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped")
 
 
 @main.command()
@@ -137,29 +253,29 @@ def info(backend: str, profile: str, as_json: bool) -> None:
 @click.option("--all-vm-types", is_flag=True, help="Also list cases for VM types the host lacks.")
 @click.option("-k", "pattern", default="", help="Only cases whose name contains this.")
 def check(backend: str, profile: str, all_vm_types: bool, pattern: str) -> None:
-    """Run the conformance suite and print a table."""
-    from guestmem.check import Status, instances, run_instance
+    """Run the conformance suite and print a table; exit 1 if any case fails."""
+    from guestmem.check import instances, run_instance
 
     with _open(backend, profile) as kvm:
+        where = describe(kvm)
         types = tuple(uapi.VM_TYPE_NAMES) if all_vm_types else tuple(
             sorted(kvm.capabilities.vm_types))
         selected = [i for i in instances(types) if pattern in i.name]
         results = [run_instance(kvm, inst) for inst in selected]
-    where = f"model backend, {profile} profile" if backend == "model" else f"{backend} backend"
-    table = Table(title=f"guestmem conformance ({where})")
-    for col in ("case", "expected", "observed", "result"):
-        table.add_column(col, overflow="fold")
-    style = {Status.PASS: "green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
-    for r in results:
-        table.add_row(r.name, r.expected, r.observed,
-                      f"[{style[r.status]}]{r.status.value}[/]")
-    console = _console()
-    console.print(table)
-    counts = {s: sum(r.status is s for r in results) for s in Status}
-    console.print(f"{counts[Status.PASS]} passed, {counts[Status.FAIL]} failed, "
-                  f"{counts[Status.SKIP]} skipped")
-    if counts[Status.FAIL]:
-        sys.exit(1)
+    _print_results(_console(), f"guestmem conformance: {where}", results)
+    if _counts(results)["fail"]:
+        click.get_current_context().exit(EXIT_FAILED)
+
+
+# --- demo ------------------------------------------------------------------------------------
+def _step_line(step: Any) -> Table:
+    """A step as printed as it happens: its mark, and its text in a hanging indent."""
+    line = Table.grid(padding=(0, 1))
+    line.add_column(no_wrap=True)
+    line.add_column(overflow="fold")
+    mark = "[green]ok[/]" if step.ok else "[bold red]FAILED[/]"
+    line.add_row(mark, f"[bold]{escape(step.title)}[/]: {escape(step.detail)}")
+    return line
 
 
 @main.command()
@@ -172,8 +288,7 @@ def demo(backend: str, profile: str) -> None:
     console = _console()
     with _open(backend, profile) as kvm:
         for step in scenario.run(kvm):
-            mark = "[green]ok[/]" if step.ok else "[bold red]FAILED[/]"
-            console.print(f"{mark} [bold]{step.title}[/]: {step.detail}")
+            console.print(_step_line(step))
             failed += not step.ok
     if failed:
         raise click.ClickException(f"{failed} demo step(s) did not behave as expected")
