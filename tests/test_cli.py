@@ -78,7 +78,39 @@ def test_model_check_passes_on_both_profiles():
         assert " 0 failed" in result.output
 
 
-# --- check ----------------------------------------------------------------------------------
+# --- check --json ------------------------------------------------------------------------------
+RESULT_KEYS = {"case", "instance", "vm_type", "gmem_flags", "source", "expected", "observed",
+               "status", "checks"}
+
+
+def test_check_json_records_each_result_with_its_checks():
+    result = CliRunner().invoke(main, ["check", "--json", "--profile", "coco",
+                                       "-k", "gmem.fallocate"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert (record["backend"], record["profile"]) == ("model", "coco")
+    results = record["results"]
+    assert {r["instance"] for r in results} == {
+        "gmem.fallocate[default,0]", "gmem.fallocate[default,MMAP]",
+        "gmem.fallocate[default,MMAP|INIT_SHARED]", "gmem.fallocate[sev,0]",
+        "gmem.fallocate[sev,MMAP]", "gmem.fallocate[sev,MMAP|INIT_SHARED]",
+        "gmem.fallocate[sev-es,0]", "gmem.fallocate[sev-es,MMAP]",
+        "gmem.fallocate[sev-es,MMAP|INIT_SHARED]", "gmem.fallocate[sw-protected,0]",
+        "gmem.fallocate[sw-protected,MMAP]", "gmem.fallocate[sw-protected,MMAP|INIT_SHARED]",
+        "gmem.fallocate[snp,0]", "gmem.fallocate[snp,MMAP]",
+        "gmem.fallocate[snp,MMAP|INIT_SHARED]", "gmem.fallocate[tdx,0]",
+        "gmem.fallocate[tdx,MMAP]", "gmem.fallocate[tdx,MMAP|INIT_SHARED]"}
+    assert all(set(r) == RESULT_KEYS and r["case"] == "gmem.fallocate" for r in results)
+    passed = [r for r in results if r["status"] == "pass"]
+    skipped = [r for r in results if r["status"] == "skip"]
+    assert record["counts"] == {"pass": len(passed), "fail": 0, "skip": len(skipped)}
+    assert len(passed) + len(skipped) == len(results)
+    assert all(r["checks"] and all(c["ok"] for c in r["checks"]) for r in passed)
+    assert {tuple(sorted(c)) for r in passed for c in r["checks"]} == \
+        {("expected", "observed", "ok", "what")}
+    assert all(r["checks"] == [] and "INIT_SHARED" in r["observed"] for r in skipped)
+
+
 @pytest.fixture
 def failing_case(monkeypatch):
     """A case that fails, registered for one test only."""
@@ -91,6 +123,16 @@ def failing_case(monkeypatch):
         ctx.equal("one", 1, 2)
 
     return "test.always_fails[default]"
+
+
+def test_check_json_reports_a_failure_and_exits_one(failing_case):
+    result = CliRunner().invoke(main, ["check", "--json", "-k", "test.always_fails"])
+    assert result.exit_code == 1
+    record = json.loads(result.stdout)
+    assert record["counts"] == {"pass": 0, "fail": 1, "skip": 0}
+    [failed] = record["results"]
+    assert (failed["instance"], failed["status"]) == (failing_case, "fail")
+    assert failed["checks"] == [{"what": "one", "expected": "1", "observed": "2", "ok": False}]
 
 
 def test_check_table_shows_a_failure_and_exits_one(failing_case):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
-from dataclasses import asdict
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import click
@@ -189,7 +190,119 @@ def info(backend: str, profile: str, as_json: bool) -> None:
     console.print(_capabilities_table(record))
 
 
+# --- check: selecting cases ------------------------------------------------------------------
+Matcher = Callable[[str], bool]
+Tokens = list[str]
+KEYWORDS = frozenset({"and", "or", "not"})
+_TOKEN = re.compile(r"[()]|[^\s()]+")
+
+
+class SelectionError(ValueError):
+    """A -k expression that does not parse."""
+
+
+def parse_selection(expression: str) -> Matcher:
+    """Parse a -k expression as pytest's -k reads one: names, each matching the instance
+    names that contain it (case-sensitive), joined by `and`, `or`, `not` and
+    parentheses. A small recursive descent, never eval()."""
+    matcher, rest = _parse_or(_TOKEN.findall(expression))
+    if rest:
+        raise SelectionError(f"unexpected {rest[0]!r}")
+    return matcher
+
+
+def _any_of(matchers: list[Matcher]) -> Matcher:
+    return matchers[0] if len(matchers) == 1 else lambda name: any(m(name) for m in matchers)
+
+
+def _all_of(matchers: list[Matcher]) -> Matcher:
+    return matchers[0] if len(matchers) == 1 else lambda name: all(m(name) for m in matchers)
+
+
+def _parse_or(tokens: Tokens) -> tuple[Matcher, Tokens]:
+    matcher, tokens = _parse_and(tokens)
+    terms = [matcher]
+    while tokens[:1] == ["or"]:
+        matcher, tokens = _parse_and(tokens[1:])
+        terms.append(matcher)
+    return _any_of(terms), tokens
+
+
+def _parse_and(tokens: Tokens) -> tuple[Matcher, Tokens]:
+    matcher, tokens = _parse_not(tokens)
+    factors = [matcher]
+    while tokens[:1] == ["and"]:
+        matcher, tokens = _parse_not(tokens[1:])
+        factors.append(matcher)
+    return _all_of(factors), tokens
+
+
+def _parse_not(tokens: Tokens) -> tuple[Matcher, Tokens]:
+    if tokens[:1] != ["not"]:
+        return _parse_atom(tokens)
+    inner, rest = _parse_not(tokens[1:])
+    return (lambda name: not inner(name)), rest
+
+
+def _parse_atom(tokens: Tokens) -> tuple[Matcher, Tokens]:
+    if not tokens:
+        raise SelectionError("a name or '(' is missing at the end")
+    token, rest = tokens[0], tokens[1:]
+    if token == "(":
+        inner, rest = _parse_or(rest)
+        if rest[:1] != [")"]:
+            raise SelectionError("'(' without its ')'")
+        return inner, rest[1:]
+    if token == ")" or token in KEYWORDS:
+        raise SelectionError(f"a name or '(' is missing before {token!r}")
+    return (lambda name: token in name), rest
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The -k expressions as given; an instance is selected if any of them matches it."""
+
+    expressions: tuple[str, ...]
+    matches: Matcher
+
+
+def _selection_option(ctx: click.Context, param: click.Parameter,
+                      expressions: tuple[str, ...]) -> Selection | None:
+    if not expressions:
+        return None
+    matchers = []
+    for expression in expressions:
+        try:
+            matchers.append(parse_selection(expression))
+        except SelectionError as e:
+            raise click.BadParameter(f"{e} in {expression!r}") from e
+    return Selection(expressions, _any_of(matchers))
+
+
+def _nothing_selected(selection: Selection | None, vm_types: Iterable[int],
+                      all_vm_types: bool) -> str:
+    given = " ".join(f"-k {e!r}" for e in selection.expressions) if selection else "the suite"
+    names = ", ".join(uapi.VM_TYPE_NAMES.get(t, str(t)) for t in vm_types)
+    hint = "" if all_vm_types else "; --all-vm-types adds the VM types the backend lacks"
+    return f"{given} selects no case instance (VM types: {names}{hint})"
+
+
 # --- check: results --------------------------------------------------------------------------
+def result_record(inst: Any, result: Any) -> dict[str, Any]:
+    """One result for `check --json`."""
+    return {
+        "case": inst.case.name,
+        "instance": result.name,
+        "vm_type": uapi.VM_TYPE_NAMES.get(inst.vm_type, str(inst.vm_type)),
+        "gmem_flags": inst.case.gmem_flags,
+        "source": result.source,
+        "expected": result.expected,
+        "observed": result.observed,
+        "status": result.status.value,
+        "checks": [asdict(c) for c in result.checks],
+    }
+
+
 def _counts(results: Iterable[Any]) -> dict[str, int]:
     counts = dict.fromkeys(STATUS_STYLE, 0)
     for r in results:
@@ -251,8 +364,14 @@ def _print_results(console: Console, title: str, results: list[Any]) -> None:
 @main.command()
 @_backend_options
 @click.option("--all-vm-types", is_flag=True, help="Also list cases for VM types the host lacks.")
-@click.option("-k", "pattern", default="", help="Only cases whose name contains this.")
-def check(backend: str, profile: str, all_vm_types: bool, pattern: str) -> None:
+@click.option("-k", "selection", multiple=True, metavar="EXPRESSION", callback=_selection_option,
+              help="Only instances whose name contains this; pytest-like expressions with "
+                   "and/or/not/parentheses work (-k 'gmem and not mmap'). Repeat -k to run "
+                   "the instances that match any of them.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON record: each result with its checks, and the counts.")
+def check(backend: str, profile: str, all_vm_types: bool, selection: Selection | None,
+          as_json: bool) -> None:
     """Run the conformance suite and print a table; exit 1 if any case fails."""
     from guestmem.check import instances, run_instance
 
@@ -260,9 +379,18 @@ def check(backend: str, profile: str, all_vm_types: bool, pattern: str) -> None:
         where = describe(kvm)
         types = tuple(uapi.VM_TYPE_NAMES) if all_vm_types else tuple(
             sorted(kvm.capabilities.vm_types))
-        selected = [i for i in instances(types) if pattern in i.name]
-        results = [run_instance(kvm, inst) for inst in selected]
-    _print_results(_console(), f"guestmem conformance: {where}", results)
+        selected = [i for i in instances(types) if selection is None or selection.matches(i.name)]
+        if not selected:
+            raise click.UsageError(_nothing_selected(selection, types, all_vm_types))
+        runs = [(inst, run_instance(kvm, inst)) for inst in selected]
+        record = {"backend": kvm.backend, "profile": profile_name(kvm),
+                  "implementation": kvm.capabilities.implementation}
+    results = [r for _, r in runs]
+    if as_json:
+        record |= {"results": [result_record(i, r) for i, r in runs], "counts": _counts(results)}
+        click.echo(json.dumps(record, indent=2))
+    else:
+        _print_results(_console(), f"guestmem conformance: {where}", results)
     if _counts(results)["fail"]:
         click.get_current_context().exit(EXIT_FAILED)
 
