@@ -1,3 +1,4 @@
+import errno
 import json
 
 import pytest
@@ -145,7 +146,64 @@ def test_check_table_shows_a_failure_and_exits_one(failing_case):
     assert "0 passed, 1 failed, 0 skipped" in lines
 
 
+# --- every command ---------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [[], *([name] for name in main.commands)])
+def test_every_command_takes_dash_h(command):
+    short, long = (CliRunner().invoke(main, [*command, flag]) for flag in ("-h", "--help"))
+    assert short.exit_code == 0, short.output
+    assert short.stdout == long.stdout
+    assert short.stdout.startswith(f"Usage: main {' '.join(command)}".rstrip() + " [OPTIONS]")
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    import guestmem
+
+    run = subprocess.run([sys.executable, "-m", "guestmem", "--version"],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith(guestmem.__version__)
+    run = subprocess.run([sys.executable, "-m", "guestmem", "check", "-k", "no_such_case"],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 2
+    assert "Usage: python -m guestmem check" in run.stderr
+
+
+@pytest.mark.parametrize("command", ["info", "check", "demo"])
+def test_profile_with_the_kvm_backend_is_a_usage_error(command):
+    result = CliRunner().invoke(main, [command, "--backend", "kvm", "--profile", "coco"])
+    assert result.exit_code == 2
+    assert "--profile chooses the kernel the model behaves like; the kvm backend is this " \
+           "host's own kernel" in result.stderr
+
+
+def test_model_profile_still_defaults_to_mainline():
+    result = CliRunner().invoke(main, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["profile"] == "mainline"
+
+
 # --- demo ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, header", [
+    ([], "guestmem demo: model backend, mainline profile"),
+    (["--profile", "coco"], "guestmem demo: model backend, coco profile"),
+])
+def test_demo_first_line_names_backend_and_profile(args, header):
+    result = CliRunner().invoke(main, ["demo", *args])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == header
+
+
+def test_demo_on_the_kernel_names_it_first(host_kvm):
+    result = CliRunner().invoke(main, ["demo", "--backend", "kvm"])
+    assert result.exit_code == 0, result.output
+    implementation = host_kvm.capabilities.implementation
+    assert result.stdout.splitlines()[0] == \
+        f"guestmem demo: kvm backend, this host's kernel ({implementation})"
+
+
 def test_demo_step_that_fails_exits_one(monkeypatch):
     def one_bad_step(kvm):
         yield demo.Step("first", "fine")
@@ -156,3 +214,14 @@ def test_demo_step_that_fails_exits_one(monkeypatch):
     assert result.exit_code == 1
     assert "FAILED second: [not markup] went wrong" in result.stdout
     assert "Error: 1 demo step(s) did not behave as expected" in result.stderr
+
+
+def test_demo_that_raises_oserror_exits_one(monkeypatch):
+    def raising(kvm):
+        yield demo.Step("first", "fine")
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(demo, "run", raising)
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 1
+    assert "Error: the demo stopped: [Errno 9] Bad file descriptor" in result.stderr

@@ -25,6 +25,7 @@ from rich.table import Table
 import guestmem
 from guestmem import uapi
 
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}  # inherited by every command
 EXIT_FAILED = 1  # a case or a demo step did not behave as expected
 STATUS_WIDTH = 4  # "pass", "fail", "skip"
 DETAIL_MIN_WIDTH = 24  # narrower expected/observed columns read badly: use the list layout
@@ -39,16 +40,19 @@ def _console() -> Console:
 
 
 # --- backends --------------------------------------------------------------------------------
-def _open(backend: str, profile: str) -> Any:
+def _open(backend: str, profile: str | None) -> Any:
+    if profile is not None and backend != "model":
+        raise click.UsageError(
+            f"--profile chooses the kernel the model behaves like; the {backend} backend is "
+            "this host's own kernel (drop --profile, or use --backend model)")
     if backend == "kvm" and not os.path.exists("/dev/kvm"):
         raise click.ClickException(
             "/dev/kvm does not exist on this machine: the kvm backend needs a host with KVM "
             "(the model backend, the default, runs anywhere)"
         )
+    options = {} if profile is None else {"profile": profile}
     try:
-        if backend == "model":
-            return guestmem.Kvm(backend="model", profile=profile)
-        return guestmem.Kvm(backend=backend)
+        return guestmem.Kvm(backend=backend, **options)
     except OSError as e:
         raise click.ClickException(f"cannot open the {backend} backend: {e}") from e
 
@@ -69,15 +73,15 @@ def describe(kvm: Any) -> str:
 def _backend_options(fn: Any) -> Any:
     from guestmem.model import PROFILES
 
-    fn = click.option("--profile", default="mainline", show_default=True,
-                      type=click.Choice(sorted(PROFILES)),
-                      help="Kernel profile the model behaves like (model backend only).")(fn)
+    fn = click.option("--profile", default=None, type=click.Choice(sorted(PROFILES)),
+                      help="Kernel profile the model behaves like (model backend only; "
+                           "the model's default is mainline).")(fn)
     return click.option("--backend", default="model", show_default=True,
                         type=click.Choice(guestmem.BACKENDS),
                         help="model: guest_memfd in Python; kvm: the host kernel.")(fn)
 
 
-@click.group()
+@click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(guestmem.__version__)
 def main() -> None:
     """guestmem: Linux KVM guest_memfd, a VMM and a conformance suite."""
@@ -178,7 +182,7 @@ def _capabilities_table(record: dict[str, Any]) -> Table:
 @main.command()
 @_backend_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON record.")
-def info(backend: str, profile: str, as_json: bool) -> None:
+def info(backend: str, profile: str | None, as_json: bool) -> None:
     """What the backend's KVM supports, and which spec profile it matches."""
     with _open(backend, profile) as kvm:
         record = info_record(kvm)
@@ -370,7 +374,7 @@ def _print_results(console: Console, title: str, results: list[Any]) -> None:
                    "the instances that match any of them.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON record: each result with its checks, and the counts.")
-def check(backend: str, profile: str, all_vm_types: bool, selection: Selection | None,
+def check(backend: str, profile: str | None, all_vm_types: bool, selection: Selection | None,
           as_json: bool) -> None:
     """Run the conformance suite and print a table; exit 1 if any case fails."""
     from guestmem.check import instances, run_instance
@@ -408,16 +412,20 @@ def _step_line(step: Any) -> Table:
 
 @main.command()
 @_backend_options
-def demo(backend: str, profile: str) -> None:
+def demo(backend: str, profile: str | None) -> None:
     """Run a guest on guest_memfd memory and show each step (--backend kvm: a real one)."""
     from guestmem import demo as scenario
 
     failed = 0
     console = _console()
     with _open(backend, profile) as kvm:
-        for step in scenario.run(kvm):
-            console.print(_step_line(step))
-            failed += not step.ok
+        console.print(escape(f"guestmem demo: {describe(kvm)}"), style="bold")
+        try:
+            for step in scenario.run(kvm):
+                console.print(_step_line(step))
+                failed += not step.ok
+        except OSError as e:
+            raise click.ClickException(f"the demo stopped: {e}") from e
     if failed:
         raise click.ClickException(f"{failed} demo step(s) did not behave as expected")
 
