@@ -387,8 +387,8 @@ def check(backend: str, profile: str | None, all_vm_types: bool, selection: Sele
         if not selected:
             raise click.UsageError(_nothing_selected(selection, types, all_vm_types))
         runs = [(inst, run_instance(kvm, inst)) for inst in selected]
-        record = {"backend": kvm.backend, "profile": profile_name(kvm),
-                  "implementation": kvm.capabilities.implementation}
+        record: dict[str, Any] = {"backend": kvm.backend, "profile": profile_name(kvm),
+                                  "implementation": kvm.capabilities.implementation}
     results = [r for _, r in runs]
     if as_json:
         record |= {"results": [result_record(i, r) for i, r in runs], "counts": _counts(results)}
