@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -24,6 +24,10 @@ from rich.table import Table
 
 import guestmem
 from guestmem import uapi
+
+if TYPE_CHECKING:  # for annotations; the commands import these modules when they run
+    from guestmem.check import Instance, Result
+    from guestmem.demo import Step
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}  # inherited by every command
 EXIT_FAILED = 1  # a case or a demo step did not behave as expected
@@ -292,7 +296,7 @@ def _nothing_selected(selection: Selection | None, vm_types: Iterable[int],
 
 
 # --- check: results --------------------------------------------------------------------------
-def result_record(inst: Any, result: Any) -> dict[str, Any]:
+def result_record(inst: Instance, result: Result) -> dict[str, Any]:
     """One result for `check --json`."""
     return {
         "case": inst.case.name,
@@ -307,14 +311,14 @@ def result_record(inst: Any, result: Any) -> dict[str, Any]:
     }
 
 
-def _counts(results: Iterable[Any]) -> dict[str, int]:
+def _counts(results: Iterable[Result]) -> dict[str, int]:
     counts = dict.fromkeys(STATUS_STYLE, 0)
     for r in results:
         counts[r.status.value] += 1
     return counts
 
 
-def _results_table(title: str, results: list[Any]) -> Table:
+def _results_table(title: str, results: list[Result]) -> Table:
     """The wide layout. The detail columns share one minimum (their longest word, at
     least DETAIL_MIN_WIDTH), so rich's shrinking never takes either below it."""
     words = [w for r in results for text in (r.expected, r.observed) for w in text.split()]
@@ -330,12 +334,12 @@ def _results_table(title: str, results: list[Any]) -> Table:
     return table
 
 
-def _status(result: Any) -> str:
+def _status(result: Result) -> str:
     value = result.status.value
     return f"[{STATUS_STYLE[value]}]{value}[/]"
 
 
-def _print_result_lines(console: Console, result: Any) -> None:
+def _print_result_lines(console: Console, result: Result) -> None:
     """The narrow layout: the status and the whole name on one line; below it, the
     reason for a skip, or what a failure expected and observed."""
     console.print(f"{_status(result)}  {escape(result.name)}", soft_wrap=True)
@@ -352,7 +356,7 @@ def _print_result_lines(console: Console, result: Any) -> None:
     console.print(Padding(grid, (0, 0, 0, INDENT), expand=False))
 
 
-def _print_results(console: Console, title: str, results: list[Any]) -> None:
+def _print_results(console: Console, title: str, results: list[Result]) -> None:
     table = _results_table(title, results)
     unbounded = console.options.update_width(UNBOUNDED)
     if console.measure(table, options=unbounded).minimum <= console.width:
@@ -400,7 +404,7 @@ def check(backend: str, profile: str | None, all_vm_types: bool, selection: Sele
 
 
 # --- demo ------------------------------------------------------------------------------------
-def _step_line(step: Any) -> Table:
+def _step_line(step: Step) -> Table:
     """A step as printed as it happens: its mark, and its text in a hanging indent."""
     line = Table.grid(padding=(0, 1))
     line.add_column(no_wrap=True)
