@@ -1,15 +1,19 @@
 # `make demo` and `make test` work on a fresh machine: they create .venv and
-# install guestmem from pyproject.toml (pinned) before running.
+# install guestmem from pyproject.toml at the exact versions in constraints.txt.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
 
 .PHONY: demo test lint bench info check clean
 
-$(STAMP): pyproject.toml
+# -c pins what guestmem[test] installs; PIP_CONSTRAINT also reaches the isolated
+# environment in which pip builds guestmem, and pins its setuptools.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[test]'
+	PIP_CONSTRAINT=$(CURDIR)/$(CONSTRAINTS) \
+	  $(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -17,9 +21,11 @@ demo: $(STAMP)
 	@if [ -e /dev/kvm ]; then $(BIN)/guestmem demo --backend kvm; \
 	 else echo "no /dev/kvm on this machine: skipping the demo on the real kernel"; fi
 
-test: $(STAMP)
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 info: $(STAMP)
 	$(BIN)/guestmem info --backend kvm

@@ -34,3 +34,14 @@ def test_cli_demo_coco_prints_the_private_steps():
     assert result.exit_code == 0, result.output
     assert "coco profile" in result.output and "SIGBUS" in result.output
     assert "FAILED" not in result.output
+
+
+def test_cli_accepts_the_host_profile(host_kvm):
+    import json
+
+    result = CliRunner().invoke(main, ["info", "--json", "--profile", "host"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert (record["backend"], record["profile"]) == ("model", "host")
+    assert record["implementation"] == host_kvm.capabilities.implementation
+    assert record["execution"]["cpu_vendor"] == host_kvm.capabilities.execution.cpu_vendor

@@ -1,15 +1,25 @@
-"""`guestmem ...`: thin, parses arguments, calls one layer, prints."""
+"""`guestmem ...`: thin, parses arguments, calls one layer, prints.
+
+Every string that comes from data is escaped before rich sees it: instance
+names such as `gmem.flags[default,0]` read as markup otherwise. Tables are laid
+out for the terminal's width (COLUMNS when set) so that names never wrap or get
+truncated; at 80 columns every command stays readable. `--json` prints the same
+facts for scripts, and every failure exits non-zero.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-from dataclasses import asdict
-from typing import Any
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
 
 import guestmem
@@ -17,43 +27,76 @@ from guestmem import api, uapi
 from guestmem.caps import Capabilities
 from guestmem.model import Kvm as ModelKvm
 
+if TYPE_CHECKING:  # for annotations; the commands import these modules when they run
+    from guestmem.check import Instance, Result
+    from guestmem.demo import Step
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}  # inherited by every command
+EXIT_FAILED = 1  # a case or a demo step did not behave as expected
+STATUS_WIDTH = 4  # "pass", "fail", "skip"
+DETAIL_MIN_WIDTH = 24  # narrower expected/observed columns read badly: use the list layout
+INDENT = STATUS_WIDTH + 2  # where the list layout's detail lines start
+UNBOUNDED = 10_000  # a width no table reaches: measuring at it gives a table's true minimum
+STATUS_STYLE = {"pass": "green", "fail": "bold red", "skip": "yellow"}
+
 
 def _console() -> Console:
     """Made per command, so COLUMNS and the terminal are read when it runs."""
     return Console()
 
 
-def _open(backend: str, profile: str) -> api.Kvm:
+# --- backends --------------------------------------------------------------------------------
+def _open(backend: str, profile: str | None) -> api.Kvm:
+    if profile is not None and backend != "model":
+        raise click.UsageError(
+            f"--profile chooses the kernel the model behaves like; the {backend} backend is "
+            "this host's own kernel (drop --profile, or use --backend model)")
+    if profile == "host" and not os.path.exists("/dev/kvm"):
+        raise click.ClickException("the host profile is built from a probe of this machine's "
+                                   "/dev/kvm, which does not exist here")
     if backend == "kvm" and not os.path.exists("/dev/kvm"):
         raise click.ClickException(
             "/dev/kvm does not exist on this machine: the kvm backend needs a host with KVM "
             "(the model backend, the default, runs anywhere)"
         )
+    options = {} if profile is None else {"profile": profile}
     try:
-        if backend == "model":
-            return guestmem.Kvm(backend="model", profile=profile)
-        return guestmem.Kvm(backend=backend)
+        return guestmem.Kvm(backend=backend, **options)
     except OSError as e:
         raise click.ClickException(f"cannot open the {backend} backend: {e}") from e
+
+
+def profile_name(kvm: api.Kvm) -> str | None:
+    """The model's profile; None for a backend that is a real kernel."""
+    return kvm.profile.name if isinstance(kvm, ModelKvm) else None
+
+
+def describe(kvm: api.Kvm) -> str:
+    """Which backend runs, and which kernel: the model's profile or the host's KVM."""
+    if profile_name(kvm) is not None:
+        return f"{kvm.backend} backend, {profile_name(kvm)} profile"
+    return f"{kvm.backend} backend, this host's kernel ({kvm.capabilities.implementation})"
 
 
 def _backend_options(fn: Any) -> Any:
     from guestmem.model import PROFILES
 
-    fn = click.option("--profile", default="mainline", show_default=True,
-                      type=click.Choice(sorted(PROFILES)),
-                      help="Kernel profile the model behaves like (model backend only).")(fn)
+    fn = click.option("--profile", default=None, type=click.Choice([*sorted(PROFILES), "host"]),
+                      help="Kernel profile the model behaves like (model backend only; "
+                           "the model's default is mainline; host: this machine's "
+                           "/dev/kvm as probed).")(fn)
     return click.option("--backend", default="model", show_default=True,
                         type=click.Choice(guestmem.BACKENDS),
                         help="model: guest_memfd in Python; kvm: the host kernel.")(fn)
 
 
-@click.group()
+@click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(guestmem.__version__)
 def main() -> None:
     """guestmem: Linux KVM guest_memfd, a VMM and a conformance suite."""
 
 
+# --- info ------------------------------------------------------------------------------------
 def profile_of(caps: Capabilities) -> str:
     """Which spec profile (DESIGN.md "Kernel profiles") the host matches."""
     mainline = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
@@ -100,99 +143,318 @@ def info_record(kvm: api.Kvm) -> dict[str, Any]:
     return record
 
 
+def _facts_table(record: dict[str, Any]) -> Table:
+    table = Table(title=f"guestmem info ({escape(record['backend'])} backend)", show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    rows = [
+        ("KVM implementation", record["implementation"]),
+        ("API version", str(record["api_version"])),
+        ("spec profile", record["profile"]),
+        ("", record.get("profile_description", "")),
+        ("VM types", ", ".join(f"{n} ({v})" for n, v in record["vm_types"].items())),
+        ("guest_memfd flags",
+         f"{record['guest_memfd_flags']:#x} " + "|".join(record["guest_memfd_flag_names"])),
+        *((f"  on a {name} VM", f"{flags:#x}")
+          for name, flags in record["gmem_flags_by_vm_type"].items()),
+        *_execution_rows(record["execution"]),
+        ("MMU", "shadow paging" if record["shadow_paging"] else "TDP"),
+        ("NUMA nodes", str(record["numa_nodes"])),
+        ("guest_memfd mempolicy",
+         "per inode (shared)" if record["gmem_shared_policy"] else "per VMA only"),
+    ]
+    for label, value in rows:
+        if label or value:
+            table.add_row(escape(label), escape(value))
+    return table
+
+
+def _execution_rows(execution: dict[str, Any]) -> list[tuple[str, str]]:
+    """How the host runs guest code, as probed."""
+    cpl0 = f"CPL0 {execution['native_hypercall'].upper()}"
+    return [("CPU vendor", execution["cpu_vendor"]),
+            *((f"CPL3 {insn.upper()}", o) for insn, o in execution["cpl3_hypercall"].items()),
+            (cpl0, execution["cpl0_hypercall"]),
+            ("emulated CPLs", ", ".join(map(str, execution["emulated_cpls"])) or "none")]
+
+
+def _cap_value(value: int) -> str:
+    return str(value) if value < 256 else f"{value:#x}"
+
+
+def vm_differences(record: dict[str, Any], cap: str) -> str:
+    """The VM types whose value of `cap` differs from system scope, grouped by value:
+    "0 on default, sev; 1 on snp". Empty where every VM agrees with system scope."""
+    system = record["system"][cap]
+    by_value: dict[int, list[str]] = {}
+    for vm_name, values in record["vm"].items():
+        if values[cap] != system:
+            by_value.setdefault(values[cap], []).append(vm_name)
+    return "; ".join(f"{_cap_value(v)} on {', '.join(names)}" for v, names in by_value.items())
+
+
+def _capabilities_table(record: dict[str, Any]) -> Table:
+    """One row per capability, VM values only where they differ: a column per VM type
+    would not fit 80 columns once a host has six of them."""
+    probed = ", ".join(record["vm"]) or "none"
+    table = Table(title="KVM_CHECK_EXTENSION at system scope, and on a VM of each type",
+                  caption=escape(f"VMs probed: {probed}; blank: every VM gives the system "
+                                 "value"))
+    table.add_column("capability", style="bold", no_wrap=True)
+    table.add_column("system", justify="right", no_wrap=True)
+    table.add_column("on a VM, where different")
+    for cap, value in record["system"].items():
+        table.add_row(escape(cap), _cap_value(value), escape(vm_differences(record, cap)))
+    return table
+
+
 @main.command()
 @_backend_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON record.")
-def info(backend: str, profile: str, as_json: bool) -> None:
+def info(backend: str, profile: str | None, as_json: bool) -> None:
     """What the backend's KVM supports, and which spec profile it matches."""
     with _open(backend, profile) as kvm:
         record = info_record(kvm)
     if as_json:
         click.echo(json.dumps(record, indent=2, sort_keys=True))
         return
-    table = Table(title=f"guestmem info ({record['backend']} backend)", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("KVM implementation", record["implementation"])
-    table.add_row("API version", str(record["api_version"]))
-    table.add_row("spec profile", record["profile"])
-    if "profile_description" in record:
-        table.add_row("", record["profile_description"])
-    table.add_row("VM types", ", ".join(f"{n} ({v})" for n, v in record["vm_types"].items()))
-    table.add_row(
-        "guest_memfd flags",
-        f"{record['guest_memfd_flags']:#x} " + "|".join(record["guest_memfd_flag_names"]),
-    )
-    for name, flags in record["gmem_flags_by_vm_type"].items():
-        table.add_row(f"  on a {name} VM", f"{flags:#x}")
-    execution = record["execution"]
-    table.add_row("CPU vendor", execution["cpu_vendor"])
-    for insn, outcome in execution["cpl3_hypercall"].items():
-        table.add_row(f"CPL3 {insn.upper()}", outcome)
-    table.add_row(f"CPL0 {execution['native_hypercall'].upper()}", execution["cpl0_hypercall"])
-    table.add_row("emulated CPLs", ", ".join(map(str, execution["emulated_cpls"])) or "none")
-    table.add_row("MMU", "shadow paging" if record["shadow_paging"] else "TDP")
-    table.add_row("NUMA nodes", str(record["numa_nodes"]))
-    table.add_row("guest_memfd mempolicy",
-                  "per inode (shared)" if record["gmem_shared_policy"] else "per VMA only")
-    _console().print(table)
-    caps = Table(title="KVM_CHECK_EXTENSION: system scope and on a VM of each type")
-    caps.add_column("capability", style="bold")
-    caps.add_column("system", justify="right")
-    for vm_name in record["vm"]:
-        caps.add_column(f"{vm_name} VM", justify="right")
+    console = _console()
+    console.print(_facts_table(record))
+    console.print(_capabilities_table(record))
 
-    def fmt(value: int) -> str:
-        return str(value) if value < 256 else f"{value:#x}"
 
-    for name, value in record["system"].items():
-        caps.add_row(name, fmt(value), *(fmt(v[name]) for v in record["vm"].values()))
-    _console().print(caps)
+# --- check: selecting cases ------------------------------------------------------------------
+Matcher = Callable[[str], bool]
+Tokens = list[str]
+KEYWORDS = frozenset({"and", "or", "not"})
+_TOKEN = re.compile(r"[()]|[^\s()]+")
+
+
+class SelectionError(ValueError):
+    """A -k expression that does not parse."""
+
+
+def parse_selection(expression: str) -> Matcher:
+    """Parse a -k expression as pytest's -k reads one: names, each matching the instance
+    names that contain it (case-sensitive), joined by `and`, `or`, `not` and
+    parentheses. A small recursive descent, never eval()."""
+    matcher, rest = _parse_or(_TOKEN.findall(expression))
+    if rest:
+        raise SelectionError(f"unexpected {rest[0]!r}")
+    return matcher
+
+
+def _any_of(matchers: list[Matcher]) -> Matcher:
+    return matchers[0] if len(matchers) == 1 else lambda name: any(m(name) for m in matchers)
+
+
+def _all_of(matchers: list[Matcher]) -> Matcher:
+    return matchers[0] if len(matchers) == 1 else lambda name: all(m(name) for m in matchers)
+
+
+def _parse_or(tokens: Tokens) -> tuple[Matcher, Tokens]:
+    matcher, tokens = _parse_and(tokens)
+    terms = [matcher]
+    while tokens[:1] == ["or"]:
+        matcher, tokens = _parse_and(tokens[1:])
+        terms.append(matcher)
+    return _any_of(terms), tokens
+
+
+def _parse_and(tokens: Tokens) -> tuple[Matcher, Tokens]:
+    matcher, tokens = _parse_not(tokens)
+    factors = [matcher]
+    while tokens[:1] == ["and"]:
+        matcher, tokens = _parse_not(tokens[1:])
+        factors.append(matcher)
+    return _all_of(factors), tokens
+
+
+def _parse_not(tokens: Tokens) -> tuple[Matcher, Tokens]:
+    if tokens[:1] != ["not"]:
+        return _parse_atom(tokens)
+    inner, rest = _parse_not(tokens[1:])
+    return (lambda name: not inner(name)), rest
+
+
+def _parse_atom(tokens: Tokens) -> tuple[Matcher, Tokens]:
+    if not tokens:
+        raise SelectionError("a name or '(' is missing at the end")
+    token, rest = tokens[0], tokens[1:]
+    if token == "(":
+        inner, rest = _parse_or(rest)
+        if rest[:1] != [")"]:
+            raise SelectionError("'(' without its ')'")
+        return inner, rest[1:]
+    if token == ")" or token in KEYWORDS:
+        raise SelectionError(f"a name or '(' is missing before {token!r}")
+    return (lambda name: token in name), rest
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The -k expressions as given; an instance is selected if any of them matches it."""
+
+    expressions: tuple[str, ...]
+    matches: Matcher
+
+
+def _selection_option(ctx: click.Context, param: click.Parameter,
+                      expressions: tuple[str, ...]) -> Selection | None:
+    if not expressions:
+        return None
+    matchers = []
+    for expression in expressions:
+        try:
+            matchers.append(parse_selection(expression))
+        except SelectionError as e:
+            raise click.BadParameter(f"{e} in {expression!r}") from e
+    return Selection(expressions, _any_of(matchers))
+
+
+def _nothing_selected(selection: Selection | None, vm_types: Iterable[int],
+                      all_vm_types: bool) -> str:
+    given = " ".join(f"-k {e!r}" for e in selection.expressions) if selection else "the suite"
+    names = ", ".join(uapi.VM_TYPE_NAMES.get(t, str(t)) for t in vm_types)
+    hint = "" if all_vm_types else "; --all-vm-types adds the VM types the backend lacks"
+    return f"{given} selects no case instance (VM types: {names}{hint})"
+
+
+# --- check: results --------------------------------------------------------------------------
+def result_record(inst: Instance, result: Result) -> dict[str, Any]:
+    """One result for `check --json`."""
+    return {
+        "case": inst.case.name,
+        "instance": result.name,
+        "vm_type": uapi.VM_TYPE_NAMES.get(inst.vm_type, str(inst.vm_type)),
+        "gmem_flags": inst.case.gmem_flags,
+        "source": result.source,
+        "expected": result.expected,
+        "observed": result.observed,
+        "status": result.status.value,
+        "checks": [asdict(c) for c in result.checks],
+    }
+
+
+def _counts(results: Iterable[Result]) -> dict[str, int]:
+    counts = dict.fromkeys(STATUS_STYLE, 0)
+    for r in results:
+        counts[r.status.value] += 1
+    return counts
+
+
+def _results_table(title: str, results: list[Result]) -> Table:
+    """The wide layout. The detail columns share one minimum (their longest word, at
+    least DETAIL_MIN_WIDTH), so rich's shrinking never takes either below it."""
+    words = [w for r in results for text in (r.expected, r.observed) for w in text.split()]
+    detail_width = max([DETAIL_MIN_WIDTH, *map(len, words)])
+    name_width = max((len(r.name) for r in results), default=0)
+    table = Table(title=escape(title))
+    table.add_column("case", no_wrap=True, min_width=name_width)
+    table.add_column("expected", min_width=detail_width, overflow="fold")
+    table.add_column("observed", min_width=detail_width, overflow="fold")
+    table.add_column("result", no_wrap=True, min_width=STATUS_WIDTH)
+    for r in results:
+        table.add_row(escape(r.name), escape(r.expected), escape(r.observed), _status(r))
+    return table
+
+
+def _status(result: Result) -> str:
+    value = result.status.value
+    return f"[{STATUS_STYLE[value]}]{value}[/]"
+
+
+def _print_result_lines(console: Console, result: Result) -> None:
+    """The narrow layout: the status and the whole name on one line; below it, the
+    reason for a skip, or what a failure expected and observed."""
+    console.print(f"{_status(result)}  {escape(result.name)}", soft_wrap=True)
+    details = {"skip": [("reason", result.observed)],
+               "fail": [("expected", result.expected), ("observed", result.observed)]}
+    rows = details.get(result.status.value, [])
+    if not rows:
+        return
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    for label, text in rows:
+        grid.add_row(label, escape(text))
+    console.print(Padding(grid, (0, 0, 0, INDENT), expand=False))
+
+
+def _print_results(console: Console, title: str, results: list[Result]) -> None:
+    table = _results_table(title, results)
+    unbounded = console.options.update_width(UNBOUNDED)
+    if console.measure(table, options=unbounded).minimum <= console.width:
+        console.print(table)
+    else:
+        console.print(escape(title), style="bold")
+        for r in results:
+            _print_result_lines(console, r)
+    counts = _counts(results)
+    console.print(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped")
 
 
 @main.command()
 @_backend_options
 @click.option("--all-vm-types", is_flag=True, help="Also list cases for VM types the host lacks.")
-@click.option("-k", "pattern", default="", help="Only cases whose name contains this.")
-def check(backend: str, profile: str, all_vm_types: bool, pattern: str) -> None:
-    """Run the conformance suite and print a table."""
-    from guestmem.check import Status, instances, run_instance
+@click.option("-k", "selection", multiple=True, metavar="EXPRESSION", callback=_selection_option,
+              help="Only instances whose name contains this; pytest-like expressions with "
+                   "and/or/not/parentheses work (-k 'gmem and not mmap'). Repeat -k to run "
+                   "the instances that match any of them.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON record: each result with its checks, and the counts.")
+def check(backend: str, profile: str | None, all_vm_types: bool, selection: Selection | None,
+          as_json: bool) -> None:
+    """Run the conformance suite and print a table; exit 1 if any case fails."""
+    from guestmem.check import instances, run_instance
 
     with _open(backend, profile) as kvm:
+        where = describe(kvm)
         types = tuple(uapi.VM_TYPE_NAMES) if all_vm_types else tuple(
             sorted(kvm.capabilities.vm_types))
-        selected = [i for i in instances(types) if pattern in i.name]
-        results = [run_instance(kvm, inst) for inst in selected]
-    where = f"model backend, {profile} profile" if backend == "model" else f"{backend} backend"
-    table = Table(title=f"guestmem conformance ({where})")
-    for col in ("case", "expected", "observed", "result"):
-        table.add_column(col, overflow="fold")
-    style = {Status.PASS: "green", Status.FAIL: "bold red", Status.SKIP: "yellow"}
-    for r in results:
-        table.add_row(r.name, r.expected, r.observed,
-                      f"[{style[r.status]}]{r.status.value}[/]")
-    console = _console()
-    console.print(table)
-    counts = {s: sum(r.status is s for r in results) for s in Status}
-    console.print(f"{counts[Status.PASS]} passed, {counts[Status.FAIL]} failed, "
-                  f"{counts[Status.SKIP]} skipped")
-    if counts[Status.FAIL]:
-        sys.exit(1)
+        selected = [i for i in instances(types) if selection is None or selection.matches(i.name)]
+        if not selected:
+            raise click.UsageError(_nothing_selected(selection, types, all_vm_types))
+        runs = [(inst, run_instance(kvm, inst)) for inst in selected]
+        record: dict[str, Any] = {"backend": kvm.backend, "profile": profile_name(kvm),
+                                  "implementation": kvm.capabilities.implementation}
+    results = [r for _, r in runs]
+    if as_json:
+        record |= {"results": [result_record(i, r) for i, r in runs], "counts": _counts(results)}
+        click.echo(json.dumps(record, indent=2))
+    else:
+        _print_results(_console(), f"guestmem conformance: {where}", results)
+    if _counts(results)["fail"]:
+        click.get_current_context().exit(EXIT_FAILED)
+
+
+# --- demo ------------------------------------------------------------------------------------
+def _step_line(step: Step) -> Table:
+    """A step as printed as it happens: its mark, and its text in a hanging indent."""
+    line = Table.grid(padding=(0, 1))
+    line.add_column(no_wrap=True)
+    line.add_column(overflow="fold")
+    mark = "[green]ok[/]" if step.ok else "[bold red]FAILED[/]"
+    line.add_row(mark, f"[bold]{escape(step.title)}[/]: {escape(step.detail)}")
+    return line
 
 
 @main.command()
 @_backend_options
-def demo(backend: str, profile: str) -> None:
+def demo(backend: str, profile: str | None) -> None:
     """Run a guest on guest_memfd memory and show each step (--backend kvm: a real one)."""
     from guestmem import demo as scenario
 
     failed = 0
     console = _console()
     with _open(backend, profile) as kvm:
-        for step in scenario.run(kvm):
-            mark = "[green]ok[/]" if step.ok else "[bold red]FAILED[/]"
-            console.print(f"{mark} [bold]{step.title}[/]: {step.detail}")
-            failed += not step.ok
+        console.print(escape(f"guestmem demo: {describe(kvm)}"), style="bold")
+        try:
+            for step in scenario.run(kvm):
+                console.print(_step_line(step))
+                failed += not step.ok
+        except OSError as e:
+            raise click.ClickException(f"the demo stopped: {e}") from e
     if failed:
         raise click.ClickException(f"{failed} demo step(s) did not behave as expected")
 
