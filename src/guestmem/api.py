@@ -136,8 +136,10 @@ class GuestMemfd(Closable, Protocol):
         """pwrite(2)."""
 
     def mmap(self, length: int | None = None, offset: int = 0,
-             prot: int = ..., shared: bool = True) -> Mapping:
-        """mmap(2) of the file (MAP_SHARED unless shared=False); length None: its size."""
+             prot: int = ..., shared: bool = True, align: int = 0) -> Mapping:
+        """mmap(2) of the file (MAP_SHARED unless shared=False); length None: its size.
+        `align` places it at a multiple of align, as the selftests do (test_collapse:
+        reserve address space, then MAP_FIXED at its first aligned address)."""
 
     def memory_map(self, offset: int = 0, length: int | None = None) -> MemoryMap:
         """What the pages of [offset, offset+length) look like, as runs of alike pages
@@ -268,8 +270,9 @@ class Kvm(Closable, Protocol):
     def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
         """KVM_CREATE_VM."""
 
-    def mmap_anonymous(self, length: int) -> Mapping:
-        """mmap(2) of MAP_SHARED|MAP_ANONYMOUS memory, e.g. for a userspace_addr."""
+    def mmap_anonymous(self, length: int, align: int = 0) -> Mapping:
+        """mmap(2) of MAP_SHARED|MAP_ANONYMOUS memory, e.g. for a userspace_addr;
+        `align` as for GuestMemfd.mmap (kvm_util aligns THP-backed memory so)."""
 
     def open_fd_count(self) -> int:
         """Open fds of this process (leak checks)."""

@@ -209,11 +209,11 @@ class Kvm(_Fd):
     def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
         return Vm(self, self._ioctl(uapi.KVM_CREATE_VM, vm_type), vm_type)
 
-    def mmap_anonymous(self, length: int) -> Mapping:
+    def mmap_anonymous(self, length: int, align: int = 0) -> Mapping:
         """Anonymous shared host memory, e.g. for a memslot's userspace_addr."""
         prot = libc.PROT_READ | libc.PROT_WRITE
-        addr = libc.mmap(length, prot, libc.MAP_SHARED | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
-        return Mapping(addr, length, prot)
+        flags = libc.MAP_SHARED | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE
+        return Mapping(libc.mmap_aligned(length, prot, flags, align=align), length, prot)
 
 
 class Vm(_Fd):
@@ -340,10 +340,12 @@ class GuestMemfd(_Fd):
         offset: int = 0,
         prot: int = libc.PROT_READ | libc.PROT_WRITE,
         shared: bool = True,
+        align: int = 0,
     ) -> Mapping:
         length = self.size if length is None else length
         flags = libc.MAP_SHARED if shared else libc.MAP_PRIVATE
-        mapping = Mapping(libc.mmap(length, prot, flags, self.fd, offset), length, prot, offset)
+        addr = libc.mmap_aligned(length, prot, flags, self.fd, offset, align)
+        mapping = Mapping(addr, length, prot, offset)
         self._mappings.add(mapping)
         return mapping
 

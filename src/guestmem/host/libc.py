@@ -39,6 +39,7 @@ PROT_WRITE: Final = 2
 PROT_EXEC: Final = 4
 MAP_SHARED: Final = 0x01
 MAP_PRIVATE: Final = 0x02
+MAP_FIXED: Final = 0x10
 MAP_ANONYMOUS: Final = 0x20
 MAP_NORESERVE: Final = 0x4000
 MAP_FAILED: Final = ctypes.c_void_p(-1).value
@@ -57,6 +58,30 @@ def mmap(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> i
     if addr is None or addr == MAP_FAILED:
         raise oserror(_errno(), "mmap")
     return int(addr)
+
+
+def mmap_aligned(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0,
+                 align: int = 0) -> int:
+    """mmap at a multiple of `align`, as the selftests get one (test_collapse):
+    reserve length+align bytes of PROT_NONE address space, MAP_FIXED the mapping
+    at the first aligned address in it, then unmap the rest of the reservation."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    if align <= page:
+        return mmap(length, prot, flags, fd, offset)
+    span = -(-length // page) * page + align
+    reserved = mmap(span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+    addr = -(-reserved // align) * align
+    got = _libc.mmap(addr, length, prot, flags | MAP_FIXED, fd, offset)
+    if got is None or got == MAP_FAILED:
+        err = _errno()
+        munmap(reserved, span)
+        raise oserror(err, "mmap")
+    end = addr + span - align
+    if addr > reserved:
+        munmap(reserved, addr - reserved)
+    if reserved + span > end:
+        munmap(end, reserved + span - end)
+    return addr
 
 
 def munmap(addr: int, length: int) -> None:

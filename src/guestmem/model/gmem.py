@@ -440,7 +440,7 @@ class GuestMemfd:
         raise oserror(errno.ENOTTY, "ioctl")  # ML: no unlocked_ioctl
 
     def mmap(self, length: int | None = None, offset: int = 0, prot: int = 3,
-             shared: bool = True) -> Mapping:
+             shared: bool = True, align: int = 0) -> Mapping:
         inode = self._live()
         length = inode.size if length is None else length
         if length <= 0 or offset % PAGE:
@@ -451,7 +451,7 @@ class GuestMemfd:
             raise oserror(errno.ENODEV, "mmap")  # kvm_gmem_mmap
         if not shared:
             raise oserror(errno.EINVAL, "mmap")  # "Copy-on-write not allowed"
-        mapping = self.vm.kvm.process.mmap(length, inode, offset, prot)
+        mapping = self.vm.kvm.process.mmap(length, inode, offset, prot, align)
         inode.mappings.add(mapping)
         return mapping
 

@@ -131,10 +131,10 @@ class Kvm:
         self.vms.add(vm)
         return vm
 
-    def mmap_anonymous(self, length: int) -> Mapping:
+    def mmap_anonymous(self, length: int, align: int = 0) -> Mapping:
         npages = -(-length // PAGE)
         mapping = self.process.mmap(length, AnonymousMemory(self.process, npages), 0,
-                                    PROT_READ | PROT_WRITE)
+                                    PROT_READ | PROT_WRITE, align)
         return mapping
 
     def open_fd_count(self) -> int:

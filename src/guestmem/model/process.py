@@ -98,10 +98,12 @@ class HostProcess:
         return FOREIGN
 
     # --- address space ---------------------------------------------------------------------------
-    def mmap(self, length: int, backing: Backing, offset: int, prot: int) -> Mapping:
+    def mmap(self, length: int, backing: Backing, offset: int, prot: int,
+             align: int = 0) -> Mapping:
+        """A new VMA; `align` puts it at a multiple of align (api.GuestMemfd.mmap)."""
         npages = -(-length // PAGE)
-        addr = self._next_addr
-        self._next_addr += (npages + 16) * PAGE  # leave a gap: stray accesses hit nothing
+        addr = -(-self._next_addr // align) * align if align > PAGE else self._next_addr
+        self._next_addr = addr + (npages + 16) * PAGE  # a gap: stray accesses hit nothing
         mapping = Mapping(self, addr, length, backing, offset // PAGE, prot)
         self.mappings[addr] = mapping
         return mapping
