@@ -173,7 +173,8 @@ class Vcpu(Closable, Protocol):
         """KVM_SET_SREGS."""
 
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
-        """KVM_PRE_FAULT_MEMORY: the (gpa, size) KVM wrote back."""
+        """KVM_PRE_FAULT_MEMORY: the (gpa, size) KVM wrote back; a failure raises
+        PreFaultError, which carries them too."""
 
     def run(self) -> Exit:
         """KVM_RUN: the typed exit; KvmRunError when it fails."""

@@ -114,6 +114,17 @@ class KvmRunError(OSError):
         self.exit = exit
 
 
+class PreFaultError(OSError):
+    """KVM_PRE_FAULT_MEMORY returned -1. KVM copies the range back even then
+    (kvm_vcpu_pre_fault_memory): `gpa` and `size` are what it wrote."""
+
+    def __init__(self, err: int, gpa: int, size: int) -> None:
+        super().__init__(err, f"{os.strerror(err)} (KVM_PRE_FAULT_MEMORY, {size:#x} bytes left "
+                              f"at {gpa:#x})")
+        self.gpa = gpa
+        self.size = size
+
+
 class HostFault(Exception):
     """A host userspace access the kernel answers with a signal instead of data."""
 

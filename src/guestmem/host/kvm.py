@@ -34,6 +34,7 @@ from guestmem.exits import (
     KvmRunError,
     MemoryFaultExit,
     MmioExit,
+    PreFaultError,
     ShutdownExit,
     SystemEventExit,
     UnknownExit,
@@ -559,7 +560,10 @@ class Vcpu(_Fd):
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
         """KVM_PRE_FAULT_MEMORY; returns the (gpa, size) KVM wrote back."""
         req = uapi.kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
-        self._ioctl(uapi.KVM_PRE_FAULT_MEMORY, req)
+        try:
+            libc.ioctl_inout(self.fd, uapi.KVM_PRE_FAULT_MEMORY, req)
+        except OSError as e:
+            raise PreFaultError(e.errno or errno.EIO, req.gpa, req.size) from None
         return req.gpa, req.size
 
     # --- running ------------------------------------------------------------------------------

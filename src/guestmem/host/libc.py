@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import signal
 import threading
@@ -82,6 +83,18 @@ def mmap_aligned(length: int, prot: int, flags: int, fd: int = -1, offset: int =
     if reserved + span > end:
         munmap(end, reserved + span - end)
     return addr
+
+
+def ioctl_inout(fd: int, request: int, arg: ctypes.Structure) -> int:
+    """ioctl(2) on a struct the kernel writes back even when the call fails
+    (fcntl.ioctl copies it back only on success); EINTR is retried (PEP 475)."""
+    while True:
+        ret = int(_libc.ioctl(fd, ctypes.c_ulong(request), ctypes.byref(arg)))
+        if ret >= 0:
+            return ret
+        err = _errno()
+        if err != errno.EINTR:
+            raise oserror(err, "ioctl")
 
 
 def munmap(addr: int, length: int) -> None:

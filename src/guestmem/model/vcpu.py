@@ -29,6 +29,7 @@ from guestmem.exits import (
     KvmRunError,
     MemoryFaultExit,
     MmioExit,
+    PreFaultError,
     ShutdownExit,
     oserror,
 )
@@ -146,19 +147,21 @@ class Vcpu:
 
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
         """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory, x86
-        kvm_arch_vcpu_pre_fault_memory): returns the (gpa, size) written back."""
+        kvm_arch_vcpu_pre_fault_memory): returns the (gpa, size) written back; a
+        failure is PreFaultError with them (unchanged: a call that maps anything
+        succeeds)."""
         if flags:
-            raise oserror(errno.EINVAL, "KVM_PRE_FAULT_MEMORY flags")
+            raise PreFaultError(errno.EINVAL, gpa, size)
         if gpa % PAGE or size % PAGE or gpa + size <= gpa:
-            raise oserror(errno.EINVAL, "KVM_PRE_FAULT_MEMORY range")
+            raise PreFaultError(errno.EINVAL, gpa, size)
         if not self.vm.kvm.profile.pre_fault_memory:
             # Shadow paging (this host, mainline profile), observed on 6.18: with no
             # memslot at all the MMU root cannot be loaded (ENOSPC); otherwise x86
             # refuses without TDP (EOPNOTSUPP).
             err = errno.ENOSPC if not self.vm.memslots else errno.EOPNOTSUPP
-            raise oserror(err, "KVM_PRE_FAULT_MEMORY")
+            raise PreFaultError(err, gpa, size)
         if not self.vm.vm_type_info.pre_fault_allowed:
-            raise oserror(errno.EOPNOTSUPP, "KVM_PRE_FAULT_MEMORY before finalize")
+            raise PreFaultError(errno.EOPNOTSUPP, gpa, size)  # before finalize
         gfn, last, done = gpa // PAGE, (gpa + size) // PAGE, 0
         while gfn < last:  # one memslot and one uniform run at a time
             slot = self.vm.slot_for_gfn(gfn)
@@ -169,7 +172,7 @@ class Vcpu:
             if isinstance(fault, _Fault):
                 if done:
                     break  # partial progress is success; gpa/size tell how far
-                raise oserror(fault.err, "KVM_PRE_FAULT_MEMORY")
+                raise PreFaultError(fault.err, gpa, size)  # nothing done: range as given
             done += (end - gfn) * PAGE
             gfn = end
         return gpa + done, size - done
