@@ -182,7 +182,9 @@ def render(c: Content, offset: int, length: int) -> bytes:
     if isinstance(c, Pattern):
         start = offset - (offset - c.origin) % 8  # word-aligned start, relative to origin
         nwords = -(-(offset + length - start) // 8)
-        words = [c.word_at(start + 8 * i) for i in range(nwords)]
-        blob = struct.pack(f"<{nwords}Q", *words)
+        if c.step == 0:  # one word repeated: no loop over the words
+            blob = (c.value & _MASK).to_bytes(8, "little") * nwords
+        else:
+            blob = struct.pack(f"<{nwords}Q", *(c.word_at(start + 8 * i) for i in range(nwords)))
         return blob[offset - start: offset - start + length]
     raise TypeError(f"render of {c!r} needs the page store")
