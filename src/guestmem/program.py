@@ -77,15 +77,21 @@ class MapGpaRange:
 
     `npages` counts 4 KiB pages whatever the page size; `page_size` (4K/2M/1G in
     bytes) is only the guest's hint (Documentation/virt/kvm/x86/hypercalls.rst);
-    `encrypted` asks for private memory."""
+    `encrypted` asks for private memory. `flags`, if given, is the attrs argument
+    as is, for a VMM that reads its own bits there (KVM passes attrs through
+    unchecked; private_mem_conversions_test does this, guestmem's Vmm with
+    conversion="guest-flags")."""
 
     gpa: int
     npages: int
     page_size: int = uapi.PAGE_SIZE
     encrypted: bool = True
+    flags: int | None = None
 
     @property
     def attrs(self) -> int:
+        if self.flags is not None:
+            return self.flags
         size_bits = {
             4096: uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
             2 << 20: uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_2M,

@@ -9,8 +9,10 @@ faults. It never touches /dev/kvm itself, only `Kvm`/`Vm`/`Vcpu` methods.
 from __future__ import annotations
 
 import errno
+import mmap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -25,6 +27,7 @@ from guestmem.exits import (
     MmioExit,
     ShutdownExit,
 )
+from guestmem.hypercall import kvm_check
 from guestmem.vmm.tracker import SharedRegionTracker, Sharing, validate_map_gpa_range
 
 GMEM_BACKING_FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
@@ -50,6 +53,7 @@ class MemoryRegion:
     backing: str  # "gmem", "gmem+shared" (private in gmem, shared at userspace_addr) or "anon"
     mapping: api.Mapping
     gmem: api.GuestMemfd | None = None
+    gmem_offset: int = 0  # where the slot starts in the guest_memfd (guest_memfd_offset)
 
     @property
     def guest_memfd(self) -> api.GuestMemfd:
@@ -81,6 +85,21 @@ class RunResult:
 
 Handler = Callable[[Exit, RunResult], bool]  # True: the program is done
 
+# What the VMM does for a guest's KVM_HC_MAP_GPA_RANGE on a VM with private memory:
+# - "attributes+fallocate": KVM_SET_MEMORY_ATTRIBUTES, then PUNCH_HOLE the guest_memfd
+#   pages that became shared or allocate the ones that became private;
+# - "attributes": KVM_SET_MEMORY_ATTRIBUTES only (private_mem_conversions_test with
+#   do_fallocate = false): private pages stay allocated, with their contents;
+# - "guest-flags": the guest says per call, with private_mem_conversions_test's own
+#   bits in the attrs argument (KVM passes it through unchecked): BIT0 set the
+#   attributes, BIT1 shared (else private), BIT2 fallocate (punch if shared,
+#   allocate if private), in that test's handle_exit_hypercall order.
+CONVERSIONS = ("attributes+fallocate", "attributes", "guest-flags")
+MAP_GPA_SET_ATTRIBUTES, MAP_GPA_SHARED, MAP_GPA_DO_FALLOCATE = 1 << 0, 1 << 1, 1 << 2
+# Shared-memory sources of add_private_memory (kvm_util's vm_mem_backing_src_type).
+SHARED_SOURCES = ("anon", "thp")
+THP_SIZE = 2 << 20  # x86 PMD size
+
 
 class Vmm:
     def __init__(
@@ -90,7 +109,12 @@ class Vmm:
         backing: str = "gmem",
         low_memory_size: int = machine.LOW_MEMORY_SIZE,
         cpl: int | None = None,
+        conversion: str = "attributes+fallocate",
     ) -> None:
+        if conversion not in CONVERSIONS:
+            raise ValueError(f"conversion must be one of {', '.join(CONVERSIONS)}, "
+                             f"not {conversion!r}")
+        self.conversion = conversion
         self.kvm = kvm
         # CPL0 unless this KVM emulates CPL0 code (caps.GuestExecution.default_cpl);
         # the CPL of the next load() may be changed by setting it.
@@ -106,6 +130,7 @@ class Vmm:
         self.log: list[str] = []
         self.low = self.add_memory(0, low_memory_size, backing)
         self.vcpu = self.vm.create_vcpu(0)
+        self.vcpus: list[api.Vcpu] = [self.vcpu]
         self.handlers: dict[type[Exit], Handler] = {
             IoExit: self._handle_io,
             HypercallExit: self._handle_hypercall,
@@ -167,10 +192,62 @@ class Vmm:
         region = self.region_of(gpa)
         region.mapping.write(gpa - region.gpa, data)
 
+    def add_private_memory(self, gpa: int, size: int, nr_memslots: int = 1,
+                           shared: str = "anon") -> list[MemoryRegion]:
+        """private_mem_conversions_test's layout (kvm_util vm_mem_add with
+        KVM_MEM_GUEST_MEMFD): one guest_memfd (flags 0) for private pages, bound by
+        `nr_memslots` memslots of size/nr_memslots at guest_memfd offsets
+        slot_size*i (the test's -m), each with its own anonymous memory at
+        userspace_addr for shared pages. `shared` is the test's -s source: "anon",
+        or "thp" (VM_MEM_SRC_ANONYMOUS_THP: 2 MiB-aligned, MADV_HUGEPAGE). A failure
+        undoes every step before it."""
+        slot_size = size // max(nr_memslots, 1)
+        if shared not in SHARED_SOURCES:
+            raise ValueError(f"shared must be one of {', '.join(SHARED_SOURCES)}, not {shared!r}")
+        if nr_memslots < 1 or slot_size * nr_memslots != size or slot_size % uapi.PAGE_SIZE:
+            raise ValueError(f"{size:#x} bytes do not split into {nr_memslots} page-aligned "
+                             "memslots")
+        gmem = self.vm.create_guest_memfd(size, 0)
+        regions: list[MemoryRegion] = []
+        try:
+            for i in range(nr_memslots):
+                regions.append(self._private_slot(self._next_slot + i, gpa + i * slot_size,
+                                                  gmem, i * slot_size, slot_size, shared))
+        except BaseException:
+            for region in regions:
+                self.vm.delete_memslot(region.slot)
+                region.mapping.munmap()
+            gmem.close()
+            raise
+        self._next_slot += nr_memslots
+        self.regions += regions
+        self.log += [f"memslot {r.slot}: [{r.gpa:#x}, {r.gpa + r.size:#x}) gmem+shared "
+                     f"@{r.gmem_offset:#x} ({shared})" for r in regions]
+        return regions
+
+    def _private_slot(self, slot: int, gpa: int, gmem: api.GuestMemfd, offset: int, size: int,
+                      shared: str) -> MemoryRegion:
+        """One memslot of add_private_memory; on failure its mapping is gone again."""
+        thp = shared == "thp"
+        mapping = self.kvm.mmap_anonymous(size, align=THP_SIZE if thp else 0)
+        try:
+            if thp:
+                mapping.madvise(0, size, mmap.MADV_HUGEPAGE)
+            self.vm.set_user_memory_region2(slot, uapi.KVM_MEM_GUEST_MEMFD, gpa, size,
+                                            mapping.addr, gmem, offset)
+        except BaseException:
+            mapping.munmap()
+            raise
+        return MemoryRegion(slot, gpa, size, "gmem+shared", mapping, gmem, offset)
+
     # --- loading and running ------------------------------------------------------------------
-    def load(self, image: machine.GuestImage) -> None:
-        """Place the image and reset the vCPU. Page tables and GDT never change, so
-        they are written once per VM; the code every time."""
+    def load(self, image: machine.GuestImage, vcpu: api.Vcpu | None = None) -> None:
+        """Place the image and reset the vCPU (`vcpu`, default the first). Page
+        tables and GDT never change, so they are written once per VM; the code
+        every time (so a vCPU's run ends before another vCPU's load)."""
+        if vcpu is not None and vcpu is not self.vcpu:
+            with self._driving(vcpu):
+                return self.load(image)
         for gpa, data in machine.low_memory_contents(image):
             if gpa != machine.CODE and self._tables_written:
                 continue
@@ -185,11 +262,14 @@ class Vmm:
             self.vcpu.load_program(image.program, image.hypercall_abi)
         self.image = image
 
-    def run(self, timeout: float = 30.0) -> RunResult:
-        """Run until the program halts, KVM_RUN fails, or an exit ends the run: a
-        shutdown (triple fault), or MMIO that no device here answers. Raises
-        GuestTimeout after `timeout` seconds (0: none), from any thread: a timer
-        kicks the vCPU (immediate_exit plus a signal to this thread)."""
+    def run(self, timeout: float = 30.0, vcpu: api.Vcpu | None = None) -> RunResult:
+        """Run `vcpu` (default the first) until the program halts, KVM_RUN fails, or
+        an exit ends the run: a shutdown (triple fault), or MMIO that no device here
+        answers. Raises GuestTimeout after `timeout` seconds (0: none), from any
+        thread: a timer kicks the vCPU (immediate_exit plus a signal to this thread)."""
+        if vcpu is not None and vcpu is not self.vcpu:
+            with self._driving(vcpu):
+                return self.run(timeout)
         result = RunResult(stop="running")
         with _Watchdog(self.vcpu, timeout) as watchdog:
             while result.stop == "running":
@@ -203,6 +283,22 @@ class Vmm:
                 result.exits += 1
                 self._dispatch(exit, result)
         return result
+
+    def add_vcpu(self) -> api.Vcpu:
+        """Another vCPU, with the next id. The VMM drives one vCPU at a time, in the
+        caller's thread: load(image, vcpu) and run(vcpu=vcpu) interleave them."""
+        vcpu = self.vm.create_vcpu(len(self.vcpus))
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    @contextmanager
+    def _driving(self, vcpu: api.Vcpu) -> Iterator[None]:
+        """Make `vcpu` the one the exit handlers answer (self.vcpu) for a while."""
+        saved, self.vcpu = self.vcpu, vcpu
+        try:
+            yield
+        finally:
+            self.vcpu = saved
 
     def _failed_run(self, error: KvmRunError, result: RunResult) -> None:
         result.stop = "memory_fault" if error.exit else "error"
@@ -286,37 +382,72 @@ class Vmm:
             result.log.append(f"hypercall {nr} -> -KVM_ENOSYS")
             return -uapi.KVM_ENOSYS
         gpa, npages, attrs = args[:3]
-        ret = validate_map_gpa_range(gpa, npages, attrs)
-        if ret == 0 and self.converts:  # convert first: the list records only what happened
-            ret = self.convert(gpa, npages * uapi.PAGE_SIZE,
-                               bool(attrs & uapi.KVM_MAP_GPA_RANGE_ENCRYPTED))
-        self.tracker.apply(gpa, npages, attrs, ret)
+        if self.conversion == "guest-flags":
+            ret = self._convert_as_flagged(gpa, npages, attrs)
+        else:
+            ret = validate_map_gpa_range(gpa, npages, attrs)
+            if ret == 0 and self.converts:  # convert first: the list records only what happened
+                ret = self.convert(gpa, npages * uapi.PAGE_SIZE,
+                                   bool(attrs & uapi.KVM_MAP_GPA_RANGE_ENCRYPTED))
+            self.tracker.apply(gpa, npages, attrs, ret)
         result.log.append(f"MAP_GPA_RANGE gpa={gpa:#x} npages={npages} attrs={attrs:#x} -> {ret}")
         return ret
 
     def convert(self, gpa: int, size: int, private: bool) -> int:
-        """The userspace side of a conversion, as private_mem_conversions_test's
-        handler does: KVM_SET_MEMORY_ATTRIBUTES, then PUNCH_HOLE the guest_memfd
-        pages that just became shared (private contents are discarded) or
-        allocate the ones that became private. Returns the guest's RAX."""
+        """The userspace side of a conversion: KVM_SET_MEMORY_ATTRIBUTES, then (unless
+        the VMM's conversion is "attributes") PUNCH_HOLE the guest_memfd pages that
+        just became shared (private contents are discarded) or allocate the ones
+        that became private. Returns the guest's RAX."""
         try:
             self.vm.set_memory_attributes(gpa, size, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
                                           if private else 0)
         except OSError:
             return -uapi.KVM_EINVAL
+        if self.conversion == "attributes+fallocate":
+            self.fallocate(gpa, size, punch_hole=not private, in_place=False)
+        return 0
+
+    def fallocate(self, gpa: int, size: int, punch_hole: bool, in_place: bool = True) -> None:
+        """PUNCH_HOLE (or allocate) the guest_memfd behind [gpa, gpa+size), memslot by
+        memslot, as the selftests' vm_guest_mem_fallocate does. `in_place` False
+        leaves guest_memfd slots that also hold shared memory (MMAP) alone."""
         for region in self.regions:
             lo, hi = max(gpa, region.gpa), min(gpa + size, region.gpa + region.size)
-            if lo >= hi or region.gmem is None or region.backing != "gmem+shared":
+            if lo >= hi or region.gmem is None or (not in_place and region.backing == "gmem"):
                 continue
-            if private:
-                region.gmem.allocate(lo - region.gpa, hi - lo)
+            offset = region.gmem_offset + lo - region.gpa
+            if punch_hole:
+                region.gmem.punch_hole(offset, hi - lo)
             else:
-                region.gmem.punch_hole(lo - region.gpa, hi - lo)
-        return 0
+                region.gmem.allocate(offset, hi - lo)
+
+    def _convert_as_flagged(self, gpa: int, npages: int, flags: int) -> int:
+        """private_mem_conversions_test handle_exit_hypercall: fallocate if
+        MAP_GPA_DO_FALLOCATE (punch when MAP_GPA_SHARED, else allocate), then
+        KVM_SET_MEMORY_ATTRIBUTES if MAP_GPA_SET_ATTRIBUTES; 0 to the guest. KVM's
+        own checks of gpa/npages come first (the doorbell path has not had them);
+        the tracker records the attribute changes only."""
+        ret = kvm_check(gpa, npages)
+        if ret:
+            return ret
+        size, shared = npages * uapi.PAGE_SIZE, bool(flags & MAP_GPA_SHARED)
+        try:
+            if flags & MAP_GPA_DO_FALLOCATE:
+                self.fallocate(gpa, size, punch_hole=shared)
+            if flags & MAP_GPA_SET_ATTRIBUTES:
+                self.vm.set_memory_attributes(gpa, size, 0 if shared
+                                              else uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        except OSError:
+            ret = -uapi.KVM_EINVAL
+        if flags & MAP_GPA_SET_ATTRIBUTES:
+            self.tracker.apply(gpa, npages, 0 if shared else uapi.KVM_MAP_GPA_RANGE_ENCRYPTED, ret)
+        return ret
 
     # --- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
         self.vcpu.close()
+        for vcpu in self.vcpus[1:]:
+            vcpu.close()
         for region in self.regions:
             region.mapping.munmap()
             if region.gmem is not None:
