@@ -2,6 +2,7 @@
 
 from guestmem.check import (  # noqa: F401 - registers the cases
     cases_coco,
+    cases_conversions,
     cases_gmem,
     cases_guest,
     cases_memslot,
