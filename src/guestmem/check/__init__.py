@@ -6,6 +6,7 @@ from guestmem.check import (  # noqa: F401 - registers the cases
     cases_gmem,
     cases_guest,
     cases_memslot,
+    cases_prefault,
 )
 from guestmem.check.suite import REGISTRY, Instance, Result, Status, instances, run_instance
 

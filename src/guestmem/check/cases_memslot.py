@@ -1,4 +1,5 @@
-"""Binding guest_memfd to memslots, memory attributes, pre-fault, and lifetimes.
+"""Binding guest_memfd to memslots, memory attributes, and lifetimes (pre-fault is in
+cases_prefault).
 
 Ported from set_memory_region_test.c (upstream.md §4.4), the check order of
 kvm_set_memory_region / kvm_gmem_bind (§2.8) and the lifetime rules of §2.9.
@@ -16,15 +17,12 @@ from guestmem.check.suite import (
     Ctx,
     case,
     needs_no_memory_attributes,
-    needs_no_pre_fault,
-    needs_pre_fault,
     needs_private_memory,
 )
 
 PS = uapi.PAGE_SIZE
 MB2 = 2 << 20
 GMEM = uapi.KVM_MEM_GUEST_MEMFD
-MMAP = uapi.GUEST_MEMFD_FLAG_MMAP
 SRC = "set_memory_region_test.c"
 
 
@@ -229,64 +227,3 @@ def attributes_checks(ctx: Ctx) -> None:
         else:
             ctx.fails("PRIVATE on a VM without private memory", errno.EINVAL, setattr_, 0, PS,
                       uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
-
-
-@case("prefault.unsupported", "pre_fault_memory_test.c; host observation",
-      "without KVM_CAP_PRE_FAULT_MEMORY (no TDP): EOPNOTSUPP with a memslot, ENOSPC with none; "
-      "bad flags/size/alignment EINVAL first", needs=(needs_no_pre_fault,))
-def prefault_unsupported(ctx: Ctx) -> None:
-    with ctx.vm() as vm, vm.create_vcpu(0) as vcpu:
-        # Observed on 6.18 PVM: with no memslot at all the vCPU's MMU cannot be loaded.
-        ctx.fails("pre-fault with no memslot", errno.ENOSPC, vcpu.pre_fault_memory, 0, PS)
-        with ctx.gmem(vm, MB2, 0) as g:
-            vm.set_user_memory_region2(0, GMEM, 0, MB2, 0, g, 0)
-            # kvm_vcpu_pre_fault_memory's generic checks come before the arch hook.
-            ctx.fails("flags 1", errno.EINVAL, vcpu.pre_fault_memory, 0, PS, 1)
-            ctx.fails("size 0", errno.EINVAL, vcpu.pre_fault_memory, 0, 0)
-            ctx.fails("unaligned gpa", errno.EINVAL, vcpu.pre_fault_memory, 1, PS)
-            # x86 kvm_arch_vcpu_pre_fault_memory: no TDP -> -EOPNOTSUPP.
-            ctx.fails("pre-fault 1 page", errno.EOPNOTSUPP, vcpu.pre_fault_memory, 0, PS)
-
-
-_FINALIZED_TYPES = (uapi.KVM_X86_SNP_VM, uapi.KVM_X86_TDX_VM)
-
-
-def needs_pre_fault_allowed(caps: object, vm_type: int, gmem_flags: int) -> str | None:
-    """x86 kvm_arch_vcpu_pre_fault_memory: SNP/TDX only after the VM is finalized."""
-    if vm_type in _FINALIZED_TYPES:
-        return "KVM_PRE_FAULT_MEMORY needs a finalized SNP/TDX VM (no finalize step here)"
-    return None
-
-
-def needs_finalized_type(caps: object, vm_type: int, gmem_flags: int) -> str | None:
-    return None if vm_type in _FINALIZED_TYPES else "case is for SNP/TDX VMs"
-
-
-@case("prefault.before_finalize", "upstream.md §2.14 (x86 !pre_fault_allowed)",
-      "SNP/TDX VM not finalized: KVM_PRE_FAULT_MEMORY fails with EOPNOTSUPP",
-      needs=(needs_pre_fault, needs_finalized_type))
-def prefault_before_finalize(ctx: Ctx) -> None:
-    with ctx.vm() as vm, ctx.gmem(vm, MB2, 0) as g:
-        vm.set_user_memory_region2(10, GMEM, 1 << 32, MB2, 0, g, 0)
-        with vm.create_vcpu(0) as vcpu:
-            ctx.fails("pre-fault 1 page", errno.EOPNOTSUPP, vcpu.pre_fault_memory, 1 << 32, PS)
-            ctx.fails("flags still checked first", errno.EINVAL, vcpu.pre_fault_memory,
-                      1 << 32, PS, 1)
-
-
-@case("prefault.basic", "pre_fault_memory_test.c",
-      "pre-fault (0, 2M) leaves 0; a range past the slot leaves pages and fails ENOENT",
-      needs=(needs_pre_fault, needs_pre_fault_allowed))
-def prefault_basic(ctx: Ctx) -> None:
-    # MMAP makes the slot guest_memfd-only, so shared pages come from the file too.
-    with ctx.vm() as vm, ctx.gmem(vm, MB2 + PS, MMAP) as g:
-        vm.set_user_memory_region2(10, GMEM, 1 << 32, MB2 + PS, 0, g, 0)
-        with vm.create_vcpu(0) as vcpu:
-            gpa, left = ctx.ok("pre-fault (0, 2M)", vcpu.pre_fault_memory, 1 << 32, MB2)
-            ctx.equal("left", 0, left)
-            ctx.equal("gpa advanced past the range", (1 << 32) + MB2, gpa)
-            gpa, left = ctx.ok("pre-fault 2 pages, the second past the slot",
-                               vcpu.pre_fault_memory, (1 << 32) + MB2, 2 * PS)
-            ctx.equal("one page left", PS, left)
-            ctx.fails("pre-fault past the slot", errno.ENOENT, vcpu.pre_fault_memory,
-                      (1 << 32) + MB2 + PS, PS)
