@@ -29,18 +29,43 @@ def _run(ctx: Ctx, vmm: Vmm, *steps: p.Step) -> RunResult:
 
 
 @case("guest.memfd_guest", "guest_memfd_test.c test_guest_memfd_guest",
-      "host writes 0xaa via mmap, guest at 4 GiB reads it and writes 0xff, host sees 0xff",
-      needs=(needs_guests,), flag_variants=(MMAP_SHARED,))
+      "a 1-page MMAP|INIT_SHARED guest_memfd bound at 4 GiB with userspace_addr NULL; the "
+      "host fills 0xaa through an mmap and unmaps it; the guest reads 0xaa, writes 0xff; "
+      "a new mmap sees 0xff", needs=(needs_guests,), flag_variants=(MMAP_SHARED,))
 def memfd_guest(ctx: Ctx) -> None:
+    """Upstream's only guest on MMAP guest_memfd: a guest_memfd-only memslot (slot 1)
+    with no userspace_addr at all, so every guest access takes its pages from the
+    file (kvm_gmem_get_pfn); guest code, stack and page tables stay in slot 0."""
     aa, ff = 0xAAAAAAAAAAAAAAAA, 0xFFFFFFFFFFFFFFFF
-    with Vmm(ctx.kvm, ctx.vm_type) as vmm:
-        region = vmm.add_memory(HIGH, PS)
-        region.mapping.write(0, b"\xaa" * PS)
+    with Vmm(ctx.kvm, ctx.vm_type) as vmm, vmm.vm.create_guest_memfd(PS, MMAP_SHARED) as gmem:
+        ctx.ok("slot 1 at 4 GiB, userspace_addr NULL", vmm.vm.set_user_memory_region2, 1,
+               uapi.KVM_MEM_GUEST_MEMFD, HIGH, PS, 0, gmem, 0)
+        with gmem.mmap(PS) as mem:
+            mem.fill(0, 0xAA, PS)
         result = _run(ctx, vmm, p.VerifyPattern(HIGH, PS, aa), p.WritePattern(HIGH, PS, ff))
-        ctx.equal("guest run", "done", result.stop)
+        ctx.equal("guest run (UCALL_DONE)", "done", result.stop)
         ctx.equal("guest verified 0xaa", [p.VERIFY_OK], result.reports)
-        with region.guest_memfd.mmap(PS) as again:
+        with gmem.mmap(PS) as again:
             ctx.bytes_equal("host re-mmap sees 0xff", again, 0, b"\xff" * PS)
+
+
+def needs_default_vm(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
+    return None if vm_type == uapi.KVM_X86_DEFAULT_VM else "case is for the default VM type"
+
+
+@case("guest.default_vm_flags", "guest_memfd_test.c test_guest_memfd_guest (its TEST_ASSERTs "
+      "on the VM)", "where KVM_CAP_GUEST_MEMFD_FLAGS is nonzero at system scope, a default "
+      "VM's KVM_CAP_GUEST_MEMFD_FLAGS includes MMAP and INIT_SHARED",
+      needs=(needs_default_vm,))
+def default_vm_flags(ctx: Ctx) -> None:
+    if not ctx.kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS):
+        raise CaseSkipped("KVM_CAP_GUEST_MEMFD_FLAGS=0 at system scope (upstream returns early)")
+    with ctx.vm(uapi.KVM_X86_DEFAULT_VM) as vm:
+        supported = vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
+        ctx.equal("Default VM type should support MMAP", uapi.GUEST_MEMFD_FLAG_MMAP,
+                  supported & uapi.GUEST_MEMFD_FLAG_MMAP)
+        ctx.equal("Default VM type should support INIT_SHARED",
+                  uapi.GUEST_MEMFD_FLAG_INIT_SHARED, supported & uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
 
 
 @case("guest.high_gpa", "issue 2 (memory above 4 GiB, both KVM memory paths)",
