@@ -335,7 +335,7 @@ def handler(ctx: Ctx) -> None:
         vmm.add_private_memory(base, PER_CPU_SIZE)
         host, abi = Host(ctx, vmm), default_hypercall_abi(ctx.caps, vmm.cpl)
         host.writes(base, size, P1)
-        phases = [
+        phases: list[tuple[str, tuple[p.Step, ...]]] = [
             ("attributes only: private, the guest writes p2", (
                 map_mem(base, size, False, False), fill(base, size, P2))),
             ("attributes only: shared, the guest sees the host's p1", (
