@@ -25,6 +25,7 @@ from rich.table import Table
 import guestmem
 from guestmem import api, uapi
 from guestmem.caps import Capabilities
+from guestmem.memmap import MemoryMap
 from guestmem.model import Kvm as ModelKvm
 
 if TYPE_CHECKING:  # for annotations; the commands import these modules when they run
@@ -461,3 +462,55 @@ def demo(backend: str, profile: str | None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --- memory ----------------------------------------------------------------------------------
+def _parse_size(text: str) -> int:
+    """Bytes, with an optional K/M/G/T suffix (powers of 1024)."""
+    match = re.fullmatch(r"(\d+)([KMGT]?)", text.strip().upper())
+    if match is None:
+        raise click.BadParameter(f"{text!r} is not a size such as 4096, 64K or 2G")
+    return int(match.group(1)) << (10 * " KMGT".index(match.group(2) or " "))
+
+
+def _runs_table(title: str, mm: MemoryMap) -> Table:
+    table = Table(title=escape(title))
+    table.add_column("pages", justify="right", no_wrap=True)
+    table.add_column("count", justify="right", no_wrap=True)
+    table.add_column("state")
+    for run in mm.runs:
+        state = ", ".join(sorted(run.state)) or "-"
+        table.add_row(f"{run.first}-{run.last - 1}", str(run.pages), escape(state))
+    return table
+
+
+@main.command()
+@click.option("--pid", type=int, required=True, help="The process that holds the guest_memfd.")
+@click.option("--fd", "target_fd", type=int, required=True, help="Its fd number in that process.")
+@click.option("--offset", default="0", show_default=True, help="Start of the window (bytes).")
+@click.option("--length", default=None, help="Window length (bytes; default: to the end, "
+              "at most 4G).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON record.")
+def memory(pid: int, target_fd: int, offset: str, length: str | None, as_json: bool) -> None:
+    """What the kernel shows of another process's guest_memfd: uptodate pages
+    (mincore) and the pages that process maps (/proc/PID/pagemap). Needs ptrace
+    access to it (pidfd_getfd)."""
+    from guestmem.host.kvm import MEMORY_MAP_LIMIT, attach_guest_memfd
+
+    start = _parse_size(offset)
+    try:
+        with attach_guest_memfd(pid, target_fd) as gmem:
+            size = gmem.size
+            window = min(size - start, MEMORY_MAP_LIMIT) if length is None else \
+                _parse_size(length)
+            mm = gmem.memory_map(start, window)
+    except OSError as e:
+        raise click.ClickException(f"cannot look at fd {target_fd} of process {pid}: {e}") from e
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    if as_json:
+        click.echo(json.dumps({"pid": pid, "fd": target_fd, **mm.as_json()}, indent=2))
+        return
+    title = (f"guest_memfd fd {target_fd} of process {pid}: {size:#x} bytes; pages "
+             f"{mm.first}-{mm.last - 1}; seen: {', '.join(sorted(mm.known))}")
+    _console().print(_runs_table(title, mm))

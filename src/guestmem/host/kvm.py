@@ -16,7 +16,6 @@ import fcntl
 import os
 import signal
 import threading
-import weakref
 from types import TracebackType
 from typing import Self
 
@@ -39,7 +38,7 @@ from guestmem.exits import (
     SystemEventExit,
     UnknownExit,
 )
-from guestmem.host import libc
+from guestmem.host import libc, procfs
 from guestmem.memmap import MemoryMap
 
 BACKEND = "kvm"
@@ -295,10 +294,10 @@ class Vm(_Fd):
 class GuestMemfd(_Fd):
     """A guest_memfd file (KVM_CREATE_GUEST_MEMFD)."""
 
-    def __init__(self, vm: Vm, fd: int) -> None:
+    def __init__(self, vm: Vm | None, fd: int, owner: int | None = None) -> None:
         super().__init__(fd)
-        self.vm = vm
-        self._mappings: weakref.WeakSet[Mapping] = weakref.WeakSet()  # for memory_map()
+        self.vm = vm  # None: attached from another process (attach_guest_memfd)
+        self.owner = owner  # the pid whose mappings memory_map() shows; None: this one
 
     def stat(self) -> os.stat_result:
         return os.fstat(self.fd)
@@ -347,13 +346,12 @@ class GuestMemfd(_Fd):
         flags = libc.MAP_SHARED if shared else libc.MAP_PRIVATE
         addr = libc.mmap_aligned(length, prot, flags, self.fd, offset, align)
         mapping = Mapping(addr, length, prot, offset)
-        self._mappings.add(mapping)
         return mapping
 
     def memory_map(self, offset: int = 0, length: int | None = None) -> MemoryMap:
         """What the kernel shows of [offset, offset+length): uptodate folios by
-        mincore(2) on a PROT_NONE mapping (MMAP files only), and which pages this
-        process's mappings of the file map, by /proc/self/pagemap."""
+        mincore(2) on a PROT_NONE mapping (MMAP files only), and which pages the
+        owner's mappings of the file map (/proc/PID/maps and pagemap)."""
         size = self.size
         length = size - offset if length is None else length
         if offset < 0 or length < 0 or offset % PAGE or length % PAGE or offset + length > size:
@@ -363,9 +361,9 @@ class GuestMemfd(_Fd):
             raise ValueError(f"the kernel answers page by page: at most {MEMORY_MAP_LIMIT:#x} "
                              f"bytes at a time")
         first, last = offset // PAGE, (offset + length) // PAGE
-        flags: dict[str, list[tuple[int, int]]] = {memmap.HOST_MAPPED: []}
-        for m in list(self._mappings):
-            flags[memmap.HOST_MAPPED] += m.present_pages(first, last)
+        st = self.stat()
+        flags = {memmap.HOST_MAPPED: procfs.mapped_file_pages(
+            self.owner or "self", st.st_dev, st.st_ino, first, last)}
         uptodate = self._resident(offset, length)
         if uptodate is not None:
             flags[memmap.UPTODATE] = memmap.intervals_of(first, uptodate)
@@ -405,15 +403,6 @@ class Mapping:
         self.offset = offset  # in the file mapped, if any
         self._mapped = True
 
-    def present_pages(self, first: int, last: int) -> list[tuple[int, int]]:
-        """File page intervals within [first, last) that this mapping maps now
-        (/proc/self/pagemap)."""
-        pgoff, pages = self.offset // PAGE, -(-self.length // PAGE)
-        lo, hi = max(first, pgoff), min(last, pgoff + pages)
-        if not self._mapped or lo >= hi:
-            return []
-        present = libc.pagemap_present(self.addr + (lo - pgoff) * PAGE, hi - lo)
-        return memmap.intervals_of(lo, present)
 
     @classmethod
     def _mem(cls) -> int:
@@ -646,3 +635,19 @@ class Vcpu(_Fd):
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
         self.kvm_run.immediate_exit = int(value)
+
+
+GMEM_LINK = "anon_inode:[kvm-gmem]"  # what /proc/PID/fd/N reads for a guest_memfd
+
+
+def attach_guest_memfd(pid: int, fd: int) -> GuestMemfd:
+    """Another process's guest_memfd (a VMM's, say), duplicated with pidfd_getfd(2)
+    (which needs ptrace access to it), to look at with memory_map()."""
+    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+    if link != GMEM_LINK:
+        raise OSError(errno.EINVAL, f"fd {fd} of process {pid} is {link}, not a guest_memfd")
+    pidfd = libc.pidfd_open(pid)
+    try:
+        return GuestMemfd(None, libc.pidfd_getfd(pidfd, fd), owner=pid)
+    finally:
+        os.close(pidfd)

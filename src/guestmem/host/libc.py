@@ -177,25 +177,31 @@ def move_pages_status(addrs: list[int]) -> list[int]:
 
 def mincore(addr: int, length: int) -> bytes:
     """mincore(2): one byte per page, bit 0 set where the page is resident."""
-    vec = ctypes.create_string_buffer(-(-length // PAGE_SIZE))
+    vec = ctypes.create_string_buffer(-(-length // os.sysconf("SC_PAGE_SIZE")))
     if _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(length), vec) != 0:
         raise oserror(_errno(), "mincore")
     return vec.raw
 
 
-PAGEMAP_PRESENT_BIT: Final = 63  # Documentation/admin-guide/mm/pagemap.rst
+SYS_PIDFD_OPEN: Final = 434
+SYS_PIDFD_GETFD: Final = 438
 
 
-def pagemap_present(addr: int, pages: int) -> bytes:
-    """/proc/self/pagemap: one byte per page of [addr, +pages), nonzero where this
-    process's page table maps it."""
-    with open("/proc/self/pagemap", "rb", buffering=0) as f:
-        entries = os.pread(f.fileno(), 8 * pages, (addr // PAGE_SIZE) * 8)
-    return entries[7::8].translate(_TOP_BIT)  # little-endian: bit 63 is the top bit of byte 7
+def pidfd_open(pid: int) -> int:
+    """pidfd_open(2)."""
+    fd = _libc.syscall(ctypes.c_long(SYS_PIDFD_OPEN), ctypes.c_int(pid), ctypes.c_uint(0))
+    if fd < 0:
+        raise oserror(_errno(), "pidfd_open")
+    return int(fd)
 
 
-_TOP_BIT: Final = bytes(i >> 7 for i in range(256))
-PAGE_SIZE: Final = 4096
+def pidfd_getfd(pidfd: int, targetfd: int) -> int:
+    """pidfd_getfd(2): a copy of another process's fd (O_CLOEXEC)."""
+    fd = _libc.syscall(ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_int(pidfd),
+                       ctypes.c_int(targetfd), ctypes.c_uint(0))
+    if fd < 0:
+        raise oserror(_errno(), "pidfd_getfd")
+    return int(fd)
 
 
 def fd_count() -> int:
