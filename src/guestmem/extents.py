@@ -63,7 +63,7 @@ class ExtentMap(Generic[V]):
             i = bisect_right(sub, key)
             if i:
                 return sub[i - 1]  # type: ignore[no-any-return]
-        return maxes[j - 1] if j else None  # type: ignore[no-any-return]
+        return maxes[j - 1] if j else None
 
     def _vid_at(self, point: int) -> int:
         floor = self._floor((point << _VID_BITS) | _VID_MASK)
@@ -115,7 +115,7 @@ class ExtentMap(Generic[V]):
         for a, b in zip(keys, keys[1:], strict=False):
             vid = a & _VID_MASK
             if vid:
-                yield a >> _VID_BITS, b >> _VID_BITS, self._palette[vid]  # type: ignore[misc]
+                yield a >> _VID_BITS, b >> _VID_BITS, self._palette[vid]
 
     def overlapping(self, start: int, end: int) -> Iterator[tuple[int, int, V]]:
         """Stored extents clipped to [start, end)."""
@@ -129,7 +129,7 @@ class ExtentMap(Generic[V]):
 
     def all_equal(self, start: int, end: int, value: V | None) -> bool:
         """Does every point of [start, end) hold `value` (None: no value at all)?"""
-        want = self._ids.get(value, -1) if value is not None else 0  # type: ignore[arg-type]
+        want = self._ids.get(value, -1) if value is not None else 0
         return all(vid == want for _, _, vid in self._segments(start, end))
 
     def gaps(self, start: int, end: int) -> Iterator[tuple[int, int]]:
