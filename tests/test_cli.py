@@ -30,6 +30,10 @@ def test_info_json_reports_implementation_and_profile(host_kvm):
     assert record["guest_memfd_flags"] == caps.guest_memfd_flags
     assert record["system"]["KVM_CAP_GUEST_MEMFD"] == 1
     assert record["profile"] == "mainline"
+    # ... where the probe found this host departs from upstream on a TDP host
+    assert ("shadow paging" in record["differences_from_mainline"]) == caps.shadow_paging
+    assert ("no KVM_EXIT_HYPERCALL" in record["differences_from_mainline"]) == \
+        (not caps.execution.hypercall_exits_at(0))
     # VM scope, probed on a VM of each type the host has
     assert record["vm"]["default"]["KVM_CAP_GUEST_MEMFD_FLAGS"] == caps.guest_memfd_flags
 

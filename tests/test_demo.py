@@ -17,7 +17,7 @@ def test_coco_demo_shows_private_memory():
     with guestmem.Kvm("model", profile="coco") as kvm:
         seen = titles(kvm)
     for title in ("guest converts 1 MiB to private", "host reads the same GPA",
-                  "the guest_memfd's pages", "host touches a private guest_memfd page",
+                  "the guest_memfd's pages", "host touches a guest_memfd page that is not shared",
                   "guest converts it back to shared"):
         assert title in seen
 

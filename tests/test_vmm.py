@@ -228,3 +228,52 @@ def test_a_kvm_run_that_never_returns_is_kicked_out_of_it(request, backend):
         vmm.load(compile_program(p.Program.of(p.MapGpaRange(1 << 32, 1, 4096)), insn))
         box = in_thread(lambda: vmm.run(timeout=0.3))
         assert isinstance(box.get("error"), GuestTimeout), box
+
+
+def test_a_signal_for_someone_else_does_not_end_the_run(vmm):
+    """KVM_RUN returning EINTR without the watchdog having fired is run again, as
+    the selftests' _vcpu_run and VMMs do."""
+    eintr = KvmRunError(errno.EINTR, None)
+    vmm.vcpu = ScriptedVcpu([eintr, *report(5), eintr, out(p.PORT_DONE, 0)])
+    result = vmm.run()
+    assert (result.stop, result.reports) == ("done", [5])
+
+
+def test_an_unrelated_signal_during_kvm_run_is_not_an_error(request):
+    """A real signal (with a handler) lands in KVM_RUN: the run goes on and only the
+    timeout ends it."""
+    import os
+    import signal
+
+    kvm = never_returning_kvm(request, "kvm")
+    old = signal.signal(signal.SIGUSR1, lambda *_: None)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        with Vmm(kvm, cpl=0) as vmm:
+            insn = kvm.capabilities.execution.native_hypercall
+            vmm.load(compile_program(p.Program.of(p.MapGpaRange(1 << 32, 1, 4096)), insn))
+            timer.start()
+            with pytest.raises(GuestTimeout):
+                vmm.run(timeout=0.6)
+    finally:
+        timer.join()
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_a_failed_conversion_puts_the_attributes_back():
+    """The VMM's conversion is attributes then fallocate; when the fallocate fails
+    the guest gets -KVM_EINVAL and the attributes are as before."""
+    from guestmem.model import Kvm as ModelKvm
+
+    with ModelKvm("coco") as kvm, Vmm(kvm, uapi.KVM_X86_SW_PROTECTED_VM) as vmm:
+        region = vmm.add_memory(1 << 32, 8 * 4096)
+        assert vmm.convert(1 << 32, 2 * 4096, private=True) == 0
+        vmm.tracker.apply(1 << 32, 2, ENC, 0)
+
+        def no_memory(offset, length):
+            raise OSError(errno.ENOMEM, "fallocate")
+
+        region.guest_memfd.allocate = no_memory
+        assert vmm.convert(1 << 32, 8 * 4096, private=True) == -uapi.KVM_EINVAL
+        gfn = (1 << 32) // 4096
+        assert [vmm.vm.is_private(gfn + i) for i in range(8)] == [True, True] + [False] * 6

@@ -14,11 +14,13 @@ from enum import Enum
 
 VENDOR_INTEL = "GenuineIntel"
 VENDOR_AMD = "AuthenticAMD"
+VENDOR_HYGON = "HygonGenuine"  # AMD's Zen under licence: SVM, VMMCALL
 
 
 def native_hypercall(cpu_vendor: str) -> str:
-    """The vendor's hypercall instruction: VMMCALL on AMD, VMCALL elsewhere (Intel)."""
-    return "vmmcall" if cpu_vendor == VENDOR_AMD else "vmcall"
+    """The vendor's hypercall instruction: VMMCALL on SVM CPUs (AMD, Hygon), VMCALL
+    elsewhere (Intel, and other VMX CPUs)."""
+    return "vmmcall" if cpu_vendor in (VENDOR_AMD, VENDOR_HYGON) else "vmcall"
 
 
 class HypercallOutcome(Enum):
@@ -30,11 +32,6 @@ class HypercallOutcome(Enum):
     UD_SHUTDOWN = "raises #UD: the guest shuts down"  # the other vendor's opcode, natively
     NEVER_RETURNS = "KVM_RUN does not return until kicked"  # kvm_pvm's emulator loops
     OTHER = "something else"
-
-    @property
-    def continues(self) -> bool:
-        """The guest goes on after the call, with a return value in RAX."""
-        return self in (HypercallOutcome.RETURNS_EPERM, HypercallOutcome.RETURNS_ENOSYS)
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,9 @@ class Capabilities:
     # x86 KVM_CAP_PRE_FAULT_MEMORY is tdp_enabled: without TDP the MMU shadows the
     # guest's page tables, which it reads through userspace_addr.
     shadow_paging: bool = False
-    gmem_bind_overlap_errno: int = errno.EINVAL  # 6.18; EEXIST in kvm-x86/next
+    # kvm_gmem_bind on a bound range: EINVAL on 6.18, EEXIST in kvm-x86/next; None:
+    # no guest_memfd to ask
+    gmem_bind_overlap_errno: int | None = errno.EINVAL
     memory_failure: bool = False  # CONFIG_MEMORY_FAILURE (MADV_HWPOISON)
     # Every nonzero KVM_CHECK_EXTENSION answer by number, named or not.
     system_numbers: dict[int, int] = field(default_factory=dict)

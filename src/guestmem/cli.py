@@ -99,7 +99,8 @@ def main() -> None:
 
 # --- info ------------------------------------------------------------------------------------
 def profile_of(caps: Capabilities) -> str:
-    """Which spec profile (DESIGN.md "Kernel profiles") the host matches."""
+    """Which spec profile (DESIGN.md "Kernel profiles") the host matches; where it
+    differs beyond that is upstream_differences()."""
     mainline = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
     if caps.memory_attributes & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE and len(caps.vm_types) > 1:
         return "coco"
@@ -108,6 +109,26 @@ def profile_of(caps: Capabilities) -> str:
     if caps.guest_memfd:
         return "pre-6.18 (guest_memfd without MMAP/INIT_SHARED)"
     return "none (no guest_memfd)"
+
+
+def upstream_differences(caps: Capabilities) -> list[str]:
+    """What this KVM does that upstream 6.18 on a TDP host (the mainline profile)
+    does not."""
+    upstream = ModelKvm("mainline").capabilities
+    found = []
+    if caps.shadow_paging != upstream.shadow_paging:
+        found.append("shadow paging" if caps.shadow_paging else "TDP")
+    if caps.pre_fault_memory != upstream.pre_fault_memory:
+        found.append("no pre-fault" if not caps.pre_fault_memory else "pre-fault")
+    if caps.gmem_shared_policy != upstream.gmem_shared_policy:
+        found.append("NUMA policy per VMA" if not caps.gmem_shared_policy
+                     else "NUMA policy per inode")
+    if caps.execution.emulated_cpls:
+        cpls = "/".join(f"CPL{c}" for c in sorted(caps.execution.emulated_cpls))
+        found.append(f"{cpls} code emulated")
+    if not caps.execution.hypercall_exits_at(0):
+        found.append("no KVM_EXIT_HYPERCALL")
+    return found
 
 
 def info_record(kvm: api.Kvm) -> dict[str, Any]:
@@ -139,6 +160,7 @@ def info_record(kvm: api.Kvm) -> dict[str, Any]:
     record["backend"] = kvm.backend
     model_profile = kvm.profile if isinstance(kvm, ModelKvm) else None
     record["profile"] = model_profile.name if model_profile else profile_of(caps)
+    record["differences_from_mainline"] = upstream_differences(caps)
     if model_profile:
         record["profile_description"] = model_profile.description
     return record
@@ -153,6 +175,7 @@ def _facts_table(record: dict[str, Any]) -> Table:
         ("API version", str(record["api_version"])),
         ("spec profile", record["profile"]),
         ("", record.get("profile_description", "")),
+        ("differs from mainline in", ", ".join(record["differences_from_mainline"]) or "nothing"),
         ("VM types", ", ".join(f"{n} ({v})" for n, v in record["vm_types"].items())),
         ("guest_memfd flags",
          f"{record['guest_memfd_flags']:#x} " + "|".join(record["guest_memfd_flag_names"])),
@@ -460,9 +483,6 @@ def demo(backend: str, profile: str | None) -> None:
         raise click.ClickException(f"{failed} demo step(s) did not behave as expected")
 
 
-if __name__ == "__main__":
-    main()
-
 
 # --- memory ----------------------------------------------------------------------------------
 def _parse_size(text: str) -> int:
@@ -514,3 +534,7 @@ def memory(pid: int, target_fd: int, offset: str, length: str | None, as_json: b
     title = (f"guest_memfd fd {target_fd} of process {pid}: {size:#x} bytes; pages "
              f"{mm.first}-{mm.last - 1}; seen: {', '.join(sorted(mm.known))}")
     _console().print(_runs_table(title, mm))
+
+
+if __name__ == "__main__":
+    main()

@@ -160,8 +160,9 @@ def _memory_map(gmem: api.GuestMemfd, first: int, last: int) -> Iterator[Step]:
 
 
 def _host_cannot_map_private(vmm: Vmm) -> Iterator[Step]:
-    """A guest_memfd with MMAP but not INIT_SHARED: its pages are the guest's, so a
-    host access faults (kvm_gmem_fault_user_mapping: SIGBUS)."""
+    """The VMM's guest_memfd cannot even be mapped (no MMAP); one made with MMAP
+    but not INIT_SHARED can, and its pages are still the guest's: a host access
+    faults (kvm_gmem_fault_user_mapping: SIGBUS)."""
     with (vmm.vm.create_guest_memfd(PS, uapi.GUEST_MEMFD_FLAG_MMAP) as gmem,
           gmem.mmap(PS) as view):
         try:
@@ -171,6 +172,7 @@ def _host_cannot_map_private(vmm: Vmm) -> Iterator[Step]:
             outcome = f"SIGBUS ({e.reason or 'private memory'})"
         signal = view.touch_in_child(0)
     killed = signal_module.Signals(signal).name if signal else "nothing"
-    yield Step("host touches a private guest_memfd page", f"{outcome}; a real load in a child "
+    yield Step("host touches a guest_memfd page that is not shared",
+               f"a second guest_memfd, MMAP without INIT_SHARED: {outcome}; a real load in a child "
                f"process is killed by {killed}", outcome.startswith("SIGBUS") and
                killed == "SIGBUS")

@@ -10,7 +10,7 @@ import errno
 
 from guestmem import program as p
 from guestmem import uapi
-from guestmem.check.suite import Ctx, case, needs_guests, needs_private_memory
+from guestmem.check.suite import Ctx, case, needs_guests, needs_private_memory, only_on
 from guestmem.exits import Exit, IoExit
 from guestmem.guest import compile_program, default_hypercall_abi
 from guestmem.vmm import RunResult, Vmm
@@ -20,13 +20,9 @@ MB2 = 2 << 20
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
 SW = uapi.KVM_X86_SW_PROTECTED_VM
 EXITS = "private_mem_kvm_exits_test.c"
-CONV = "private_mem_conversions_test.c"
-
-
-def needs_sw_protected(caps: object, vm_type: int, gmem_flags: int) -> str | None:
-    """The selftests run on KVM_X86_SW_PROTECTED_VM, where the attributes alone decide
-    privateness; SNP/TDX take it from the hardware access instead."""
-    return None if vm_type == SW else "case is for sw-protected VMs (attributes decide privateness)"
+# The selftests run on KVM_X86_SW_PROTECTED_VM, where the attributes alone decide
+# privateness; SNP/TDX take it from the hardware access instead.
+needs_sw_protected = only_on(SW, "attributes decide privateness")
 
 
 def _run(vmm: Vmm, ctx: Ctx, *steps: p.Step) -> RunResult:
@@ -34,9 +30,9 @@ def _run(vmm: Vmm, ctx: Ctx, *steps: p.Step) -> RunResult:
     return vmm.run()
 
 
-def _private_fault(ctx: Ctx, result: object, gpa: int) -> None:
-    ctx.equal("KVM_RUN errno", errno.EFAULT, result.errno)  # type: ignore[attr-defined]
-    fault = result.memory_fault  # type: ignore[attr-defined]
+def _private_fault(ctx: Ctx, result: RunResult, gpa: int) -> None:
+    ctx.equal("KVM_RUN errno", errno.EFAULT, result.errno)
+    fault = result.memory_fault
     ctx.equal("MEMORY_FAULT (flags, gpa, size)", (uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa, PS),
               (fault.flags, fault.gpa, fault.size) if fault else None)
 

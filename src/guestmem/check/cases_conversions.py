@@ -28,7 +28,14 @@ from dataclasses import dataclass
 
 from guestmem import api, uapi
 from guestmem import program as p
-from guestmem.check.suite import Ctx, case, needs_exit_hypercall, needs_guests, needs_private_memory
+from guestmem.check.suite import (
+    Ctx,
+    case,
+    needs_exit_hypercall,
+    needs_guests,
+    needs_private_memory,
+    only_on,
+)
 from guestmem.guest import compile_program, default_hypercall_abi
 from guestmem.vmm import RunResult, Vmm
 from guestmem.vmm.vmm import MAP_GPA_DO_FALLOCATE, MAP_GPA_SET_ATTRIBUTES, MAP_GPA_SHARED
@@ -55,11 +62,10 @@ class Phase:
     sync: HostSync | None = None
 
 
-def needs_sw_protected(caps: object, vm_type: int, gmem_flags: int) -> str | None:
-    """Upstream TEST_REQUIREs KVM_X86_SW_PROTECTED_VM, where the attributes alone
-    decide privateness (SNP/TDX take it from the hardware access)."""
-    return None if vm_type == uapi.KVM_X86_SW_PROTECTED_VM else \
-        "case is for sw-protected VMs (private_mem_conversions_test needs KVM_X86_SW_PROTECTED_VM)"
+# Upstream TEST_REQUIREs KVM_X86_SW_PROTECTED_VM, where the attributes alone decide
+# privateness (SNP/TDX take it from the hardware access).
+needs_sw_protected = only_on(uapi.KVM_X86_SW_PROTECTED_VM,
+                             "private_mem_conversions_test needs KVM_X86_SW_PROTECTED_VM")
 
 
 NEEDS = (needs_sw_protected, needs_guests, needs_private_memory, needs_exit_hypercall)

@@ -34,6 +34,7 @@ from guestmem.check.suite import (
     needs_no_pre_fault,
     needs_pre_fault,
     needs_private_memory,
+    only_on,
 )
 from guestmem.exits import PreFaultError, errno_name
 from guestmem.guest import compile_program, default_hypercall_abi
@@ -62,10 +63,8 @@ def needs_finalized_type(caps: object, vm_type: int, gmem_flags: int) -> str | N
     return None if vm_type in _FINALIZED_TYPES else "case is for SNP/TDX VMs"
 
 
-def needs_sw_protected(caps: object, vm_type: int, gmem_flags: int) -> str | None:
-    """Upstream's private configuration is a KVM_X86_SW_PROTECTED_VM."""
-    return None if vm_type == uapi.KVM_X86_SW_PROTECTED_VM else \
-        "case is for sw-protected VMs (pre_fault_memory_test's private configuration)"
+needs_sw_protected = only_on(uapi.KVM_X86_SW_PROTECTED_VM,
+                             "pre_fault_memory_test's private configuration")
 
 
 def outcome(vcpu: api.Vcpu, gpa: int, size: int) -> tuple[str, int, int]:

@@ -228,6 +228,16 @@ def needs_exit_hypercall(caps: Capabilities, vm_type: int, gmem_flags: int) -> s
     return None
 
 
+def only_on(vm_type: int, why: str) -> Requirement:
+    """The case is for VMs of `vm_type` only (upstream TEST_REQUIREs it), saying why."""
+    name = uapi.VM_TYPE_NAMES.get(vm_type, str(vm_type))
+
+    def requirement(caps: Capabilities, instance_type: int, gmem_flags: int) -> str | None:
+        return None if instance_type == vm_type else f"case is for {name} VMs ({why})"
+
+    return requirement
+
+
 def needs_guests(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
     return None if caps.runs_guests else "backend cannot run guest code"
 

@@ -179,8 +179,7 @@ class Kvm(_Fd):
             system=system,
             vm=vm_scope,
             execution=probe.guest_execution(self),
-            # x86 kvm_vm_ioctl_check_extension: KVM_CAP_PRE_FAULT_MEMORY is tdp_enabled
-            shadow_paging=not system["KVM_CAP_PRE_FAULT_MEMORY"],
+            shadow_paging=probe.shadow_paging(self),
             gmem_bind_overlap_errno=probe.gmem_bind_overlap_errno(self),
             memory_failure=probe.memory_failure_built(),
             system_numbers=system_numbers,

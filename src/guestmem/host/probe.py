@@ -19,13 +19,13 @@ from iced_x86 import Register as R
 
 from guestmem import machine, uapi
 from guestmem.caps import GuestExecution, HypercallOutcome, native_hypercall
-from guestmem.exits import HypercallExit, IoExit, KvmRunError, ShutdownExit
+from guestmem.exits import HypercallExit, IoExit, KvmRunError, MmioExit, ShutdownExit
+from guestmem.host import libc
 from guestmem.host.kvm import Kvm, Vcpu, Vm
 
 PROBE_PORT = 0x80  # the probe's guest reports by `out PROBE_PORT, al`
 PROBE_GPA = 1 << 32
 PROBE_TIME_LIMIT = 0.2  # seconds before a KVM_RUN that does not return is kicked
-_GMEM_BYTE, _USERSPACE_BYTE = 0xAA, 0xBB
 _MASK64 = (1 << 64) - 1
 
 
@@ -125,33 +125,39 @@ def hypercall_outcome(kvm: Kvm, instruction: str, cpl: int) -> HypercallOutcome:
         return HypercallOutcome.OTHER
 
 
-def reads_through_userspace_addr(kvm: Kvm, cpl: int) -> bool | None:
-    """Does guest code at `cpl` read a guest_memfd-only memslot through its
-    userspace_addr (KVM's instruction emulator) rather than from the guest_memfd
-    (the MMU)? The slot's file holds 0xAA, its userspace_addr 0xBB. None where
-    the host cannot show it (no MMAP|INIT_SHARED guest_memfd)."""
-    flags = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
-    with _machine(kvm, _load_code(), cpl) as (vm, vcpu):
-        if vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS) & flags != flags:
-            return None
-        with (vm.create_guest_memfd(uapi.PAGE_SIZE, flags) as gmem,
-              gmem.mmap(uapi.PAGE_SIZE) as file_view,
-              kvm.mmap_anonymous(uapi.PAGE_SIZE) as elsewhere):
-            file_view.write(0, bytes([_GMEM_BYTE]) * 8)
-            elsewhere.write(0, bytes([_USERSPACE_BYTE]) * 8)
-            vm.set_user_memory_region2(1, uapi.KVM_MEM_GUEST_MEMFD, PROBE_GPA, uapi.PAGE_SIZE,
-                                       elsewhere.addr, gmem, 0)
-            result = _run_once(vcpu)
-            if not (isinstance(result, IoExit) and result.port == PROBE_PORT):
-                return None
-            seen = int(vcpu.get_regs().rax)
-            return seen == int.from_bytes(bytes([_USERSPACE_BYTE]) * 8, "little")
+def emulates(kvm: Kvm, cpl: int) -> bool:
+    """Does KVM run guest code at `cpl` in its instruction emulator? The guest reads
+    an ordinary memslot whose userspace_addr is PROT_NONE memory: the MMU's GUP
+    fails there, and KVM_RUN returns EFAULT (kvm_handle_error_pfn); the
+    emulator's copy fails too, and it turns the access into KVM_EXIT_MMIO
+    (emulator_read_write_onepage). Needs no guest_memfd."""
+    hole = libc.mmap(uapi.PAGE_SIZE, libc.PROT_NONE,
+                     libc.MAP_SHARED | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
+    try:
+        with _machine(kvm, _load_code(), cpl) as (vm, vcpu):
+            vm.set_user_memory_region2(1, 0, PROBE_GPA, uapi.PAGE_SIZE, hole)
+            return isinstance(_run_once(vcpu), MmioExit)
+    finally:
+        libc.munmap(hole, uapi.PAGE_SIZE)
+
+
+def shadow_paging(kvm: Kvm) -> bool:
+    """Does the MMU shadow the guest's page tables (no EPT/NPT)? The vendor module's
+    ept/npt parameter says; elsewhere (kvm_pvm has neither), x86
+    KVM_CAP_PRE_FAULT_MEMORY, which is tdp_enabled (since 6.11)."""
+    for param in ("/sys/module/kvm_intel/parameters/ept", "/sys/module/kvm_amd/parameters/npt"):
+        try:
+            with open(param) as f:
+                return f.read().strip() in ("N", "0")
+        except OSError:
+            continue
+    return not kvm.check_extension(uapi.KVM_CAP_PRE_FAULT_MEMORY)
 
 
 def guest_execution(kvm: Kvm) -> GuestExecution:
     """Everything above, for this host's CPU vendor."""
     vendor = cpu_vendor()
-    emulated = frozenset(cpl for cpl in (0, 3) if reads_through_userspace_addr(kvm, cpl))
+    emulated = frozenset(cpl for cpl in (0, 3) if emulates(kvm, cpl))
     return GuestExecution(
         cpu_vendor=vendor,
         cpl3_hypercall={insn: hypercall_outcome(kvm, insn, 3) for insn in ("vmcall", "vmmcall")},
@@ -160,9 +166,12 @@ def guest_execution(kvm: Kvm) -> GuestExecution:
     )
 
 
-def gmem_bind_overlap_errno(kvm: Kvm) -> int:
+def gmem_bind_overlap_errno(kvm: Kvm) -> int | None:
     """The errno of binding a guest_memfd range that is already bound
-    (kvm_gmem_bind: EINVAL on 6.18, EEXIST in kvm-x86/next); 0 if accepted."""
+    (kvm_gmem_bind: EINVAL on 6.18, EEXIST in kvm-x86/next); 0 if accepted;
+    None without guest_memfd."""
+    if not kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD):
+        return None
     page = uapi.PAGE_SIZE
     with kvm.create_vm() as vm, vm.create_guest_memfd(2 * page) as gmem:
         vm.set_user_memory_region2(1, uapi.KVM_MEM_GUEST_MEMFD, PROBE_GPA, page, 0, gmem, 0)

@@ -120,7 +120,7 @@ class Profile:
             pre_fault_memory=caps.pre_fault_memory,
             exit_hypercall=caps.exit_hypercall,
             nr_memslots=caps.nr_memslots,
-            bind_overlap_errno=caps.gmem_bind_overlap_errno,
+            bind_overlap_errno=caps.gmem_bind_overlap_errno or errno.EINVAL,
             shadow_paging=caps.shadow_paging,
             memory_failure=caps.memory_failure,
             gmem_shared_policy=caps.gmem_shared_policy,

@@ -278,6 +278,8 @@ class Vmm:
                 except KvmRunError as e:
                     if e.errno == errno.EINTR and watchdog.fired:
                         raise GuestTimeout(f"guest still running after {timeout}s") from None
+                    if e.errno == errno.EINTR:
+                        continue  # a signal for someone else: run again, as VMMs do
                     self._failed_run(e, result)
                     break
                 result.exits += 1
@@ -397,15 +399,28 @@ class Vmm:
         """The userspace side of a conversion: KVM_SET_MEMORY_ATTRIBUTES, then (unless
         the VMM's conversion is "attributes") PUNCH_HOLE the guest_memfd pages that
         just became shared (private contents are discarded) or allocate the ones
-        that became private. Returns the guest's RAX."""
+        that became private. Returns the guest's RAX: -KVM_EINVAL if either step
+        fails, with the attributes put back as the tracker had them (pages the
+        failed allocation did allocate stay allocated: empty, reused by a retry)."""
+        before = self.tracker.ranges(Sharing.PRIVATE, gpa, gpa + size)
         try:
             self.vm.set_memory_attributes(gpa, size, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
                                           if private else 0)
         except OSError:
             return -uapi.KVM_EINVAL
         if self.conversion == "attributes+fallocate":
-            self.fallocate(gpa, size, punch_hole=not private, in_place=False)
+            try:
+                self.fallocate(gpa, size, punch_hole=not private, in_place=False)
+            except OSError:
+                self._restore_attributes(gpa, size, before)
+                return -uapi.KVM_EINVAL
         return 0
+
+    def _restore_attributes(self, gpa: int, size: int, private: list[tuple[int, int]]) -> None:
+        """Put [gpa, gpa+size) back to shared except the `private` (gpa, size) ranges."""
+        self.vm.set_memory_attributes(gpa, size, 0)
+        for start, length in private:
+            self.vm.set_memory_attributes(start, length, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
 
     def fallocate(self, gpa: int, size: int, punch_hole: bool, in_place: bool = True) -> None:
         """PUNCH_HOLE (or allocate) the guest_memfd behind [gpa, gpa+size), memslot by
