@@ -44,6 +44,10 @@ BACKEND = "kvm"
 class _Fd:
     """An owned file descriptor, closed once."""
 
+    # Set before __init__ runs: an object whose open failed (or whose call had a
+    # wrong keyword) is still deleted, and __del__ must find "no fd" then.
+    _fd: int | None = None
+
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
 
