@@ -15,8 +15,9 @@ import faulthandler
 import fcntl
 import os
 import signal
+from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, TypeVar
 
 from guestmem import uapi
 from guestmem.caps import Capabilities
@@ -35,10 +36,12 @@ from guestmem.exits import (
     ShutdownExit,
     SystemEventExit,
     UnknownExit,
+    oserror,
 )
 from guestmem.host import libc
 
 BACKEND = "kvm"
+T = TypeVar("T")
 
 
 class _Fd:
@@ -54,7 +57,7 @@ class _Fd:
     @property
     def fd(self) -> int:
         if self._fd is None:
-            raise OSError(errno.EBADF, "closed")
+            raise oserror(errno.EBADF, "closed")
         return self._fd
 
     @property
@@ -82,9 +85,24 @@ class _Fd:
             self.close()
 
     def _ioctl(self, request: int, arg: int | ctypes.Structure = 0) -> int:
+        name = uapi.IOCTL_NAMES.get(request, f"ioctl {request:#x}")
+        if self._fd is None:
+            raise oserror(errno.EBADF, name)
         if isinstance(arg, int):
-            return fcntl.ioctl(self.fd, request, arg)
-        return fcntl.ioctl(self.fd, request, arg, True)
+            return libc.ioctl(self._fd, request, arg, name)
+        try:
+            return fcntl.ioctl(self._fd, request, arg, True)
+        except OSError as e:
+            raise oserror(e.errno, name) from None
+
+    def _call(self, name: str, fn: Callable[..., T], *args: Any) -> T:
+        """fn(fd, *args), an os-module syscall; its OSError names the syscall."""
+        if self._fd is None:
+            raise oserror(errno.EBADF, name)
+        try:
+            return fn(self._fd, *args)
+        except OSError as e:
+            raise oserror(e.errno, name) from None
 
 
 def kvm_implementation() -> str:
@@ -109,7 +127,11 @@ class Kvm(_Fd):
     backend = BACKEND
 
     def __init__(self, path: str = "/dev/kvm") -> None:
-        super().__init__(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise oserror(e.errno, f"open {path}") from None
+        super().__init__(fd)
         self._caps: Capabilities | None = None
 
     def api_version(self) -> int:
@@ -277,14 +299,14 @@ class GuestMemfd(_Fd):
         self.vm = vm
 
     def stat(self) -> os.stat_result:
-        return os.fstat(self.fd)
+        return self._call("fstat", os.fstat)
 
     @property
     def size(self) -> int:
         return self.stat().st_size
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
-        libc.fallocate(self.fd, mode, offset, length)
+        self._call("fallocate", libc.fallocate, mode, offset, length)
 
     def allocate(self, offset: int, length: int) -> None:
         self.fallocate(uapi.FALLOC_FL_KEEP_SIZE, offset, length)
@@ -297,19 +319,19 @@ class GuestMemfd(_Fd):
         return self._ioctl(request, arg)
 
     def ftruncate(self, length: int) -> None:
-        os.ftruncate(self.fd, length)
+        self._call("ftruncate", os.ftruncate, length)
 
     def read(self, n: int) -> bytes:
-        return os.read(self.fd, n)
+        return self._call("read", os.read, n)
 
     def write(self, data: bytes) -> int:
-        return os.write(self.fd, data)
+        return self._call("write", os.write, data)
 
     def pread(self, n: int, offset: int) -> bytes:
-        return os.pread(self.fd, n, offset)
+        return self._call("pread64", os.pread, n, offset)
 
     def pwrite(self, data: bytes, offset: int) -> int:
-        return os.pwrite(self.fd, data, offset)
+        return self._call("pwrite64", os.pwrite, data, offset)
 
     def mmap(
         self,
@@ -320,7 +342,8 @@ class GuestMemfd(_Fd):
     ) -> Mapping:
         length = self.size if length is None else length
         flags = libc.MAP_SHARED if shared else libc.MAP_PRIVATE
-        return Mapping(libc.mmap(length, prot, flags, self.fd, offset), length, prot)
+        addr = self._call("mmap", lambda fd: libc.mmap(length, prot, flags, fd, offset))
+        return Mapping(addr, length, prot)
 
 
 class Mapping:
@@ -364,7 +387,7 @@ class Mapping:
         except OSError as e:
             if e.errno in (errno.EIO, errno.EFAULT):
                 raise HostSigbus(self.addr + offset) from e
-            raise
+            raise oserror(e.errno, "pread64 /proc/self/mem") from None
         if len(data) != length:  # a short read stops at the first page that faults
             raise HostSigbus(self.addr + offset + len(data))
         return data
@@ -377,7 +400,7 @@ class Mapping:
         except OSError as e:
             if e.errno in (errno.EIO, errno.EFAULT):
                 raise HostSigbus(self.addr + offset) from e
-            raise
+            raise oserror(e.errno, "pwrite64 /proc/self/mem") from None
         if done != len(data):
             raise HostSigbus(self.addr + offset + done)
 

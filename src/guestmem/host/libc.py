@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from typing import Final
 
@@ -30,6 +31,7 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 _libc.memset.restype = ctypes.c_void_p
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 
 PROT_NONE: Final = 0
 PROT_READ: Final = 1
@@ -55,6 +57,18 @@ def mmap(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> i
     if addr is None or addr == MAP_FAILED:
         raise oserror(_errno(), "mmap")
     return int(addr)
+
+
+def ioctl(fd: int, request: int, arg: int, name: str) -> int:
+    """ioctl(2) with an integer argument as the kernel takes it, an unsigned long
+    (fcntl.ioctl passes a C int: ids and types above 2**31 could not be asked)."""
+    ret = _libc.ioctl(fd, request, arg)
+    if ret < 0:
+        err = _errno()
+        if err == errno.EINTR:  # run a signal handler now, as fcntl.ioctl does
+            ctypes.pythonapi.PyErr_CheckSignals()
+        raise oserror(err, name)
+    return int(ret)
 
 
 def munmap(addr: int, length: int) -> None:
