@@ -19,7 +19,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from guestmem import uapi
+from guestmem import _args, uapi
 from guestmem.caps import Capabilities
 from guestmem.exits import (
     Exit,
@@ -121,6 +121,7 @@ def numa_node_count() -> int:
         return 1
 
 
+@_args.checked
 class Kvm(_Fd):
     """/dev/kvm."""
 
@@ -216,6 +217,7 @@ class Kvm(_Fd):
         return Mapping(addr, length, prot)
 
 
+@_args.checked
 class Vm(_Fd):
     def __init__(self, kvm: Kvm, fd: int, vm_type: int) -> None:
         super().__init__(fd)
@@ -291,6 +293,7 @@ class Vm(_Fd):
         return bitmap.raw
 
 
+@_args.checked
 class GuestMemfd(_Fd):
     """A guest_memfd file (KVM_CREATE_GUEST_MEMFD)."""
 
@@ -333,6 +336,9 @@ class GuestMemfd(_Fd):
     def pwrite(self, data: bytes, offset: int) -> int:
         return self._call("pwrite64", os.pwrite, data, offset)
 
+    def lseek(self, offset: int, whence: int) -> int:
+        return self._call("lseek", os.lseek, offset, whence)
+
     def mmap(
         self,
         length: int | None = None,
@@ -346,6 +352,7 @@ class GuestMemfd(_Fd):
         return Mapping(addr, length, prot)
 
 
+@_args.checked
 class Mapping:
     """A host userspace mapping. `read`/`write` go through /proc/self/mem so that
     an access the kernel would answer with SIGBUS raises HostSigbus (the GUP
@@ -469,6 +476,7 @@ class Mapping:
 SIGBUS = signal.SIGBUS
 
 
+@_args.checked
 class Vcpu(_Fd):
     def __init__(self, vm: Vm, fd: int, vcpu_id: int) -> None:
         super().__init__(fd)

@@ -8,7 +8,7 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Self
 
-from guestmem import uapi
+from guestmem import _args, uapi
 from guestmem.exits import oserror
 from guestmem.extents import ExtentMap
 from guestmem.model.content import PAGE, ZERO, PageStore
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from guestmem.model.vm import Memslot, Vm
 
 MAX_LFS_FILESIZE = (1 << 63) - 1  # s_maxbytes of the guest_memfd mount
+SEEK_MAX = 4  # SEEK_HOLE (include/uapi/linux/fs.h)
 _inode_numbers = itertools.count(0x1000)
 
 
@@ -319,6 +320,7 @@ def _vfs_mode_valid(mode: int) -> bool:
     return False  # more than one mode
 
 
+@_args.checked
 class GuestMemfd:
     """The file: what KVM_CREATE_GUEST_MEMFD returns (a model fd)."""
 
@@ -387,12 +389,21 @@ class GuestMemfd:
         raise oserror(errno.EINVAL, "write")  # no write_iter
 
     def pread(self, n: int, offset: int) -> bytes:
+        """ksys_pread64: a negative pos is EINVAL before the file is asked; then
+        no FMODE_PREAD (guest_memfd has no llseek) is ESPIPE."""
         self._live()
-        raise oserror(errno.ESPIPE, "pread")  # no llseek: FMODE_PREAD unset
+        raise oserror(errno.EINVAL if offset < 0 else errno.ESPIPE, "pread64")
 
     def pwrite(self, data: bytes, offset: int) -> int:
+        """ksys_pwrite64: as pread."""
         self._live()
-        raise oserror(errno.ESPIPE, "pwrite")
+        raise oserror(errno.EINVAL if offset < 0 else errno.ESPIPE, "pwrite64")
+
+    def lseek(self, offset: int, whence: int) -> int:
+        """ksys_lseek: whence beyond SEEK_MAX is EINVAL; vfs_llseek: no FMODE_LSEEK
+        (no llseek in kvm_gmem_fops) is ESPIPE, whatever the offset (observed)."""
+        self._live()
+        raise oserror(errno.EINVAL if not 0 <= whence <= SEEK_MAX else errno.ESPIPE, "lseek")
 
     def ftruncate(self, length: int) -> None:
         self._live()

@@ -6,7 +6,7 @@ import errno
 import os
 from typing import Self
 
-from guestmem import uapi
+from guestmem import _args, uapi
 from guestmem.caps import Capabilities
 from guestmem.exits import oserror
 from guestmem.model.content import PAGE
@@ -17,6 +17,7 @@ from guestmem.model.vm import Vm
 BACKEND = "model"
 
 
+@_args.checked
 class Kvm:
     backend = BACKEND
 

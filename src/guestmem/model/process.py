@@ -13,7 +13,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
-from guestmem import uapi
+from guestmem import _args, uapi
 from guestmem.exits import HostSigbus, HostSigsegv, oserror
 from guestmem.extents import ExtentMap
 from guestmem.model.content import PAGE, PageStore
@@ -147,6 +147,7 @@ class AnonymousMemory:
         self.process.backings.discard(self)
 
 
+@_args.checked
 @dataclass(eq=False)
 class Mapping:
     """A host VMA. `ptes` records which pages have a userspace PTE (present)."""

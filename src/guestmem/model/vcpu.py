@@ -16,7 +16,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
-from guestmem import hypercall, uapi
+from guestmem import _args, hypercall, uapi
 from guestmem import program as p
 from guestmem.exits import (
     Exit,
@@ -61,6 +61,7 @@ class _Piece:
 Execution = Generator[Exit | _Fault, None, None]
 
 
+@_args.checked
 class Vcpu:
     interprets_programs = True
 

@@ -6,7 +6,7 @@ import errno
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
-from guestmem import uapi
+from guestmem import _args, uapi
 from guestmem.exits import oserror
 from guestmem.extents import ExtentMap
 from guestmem.model.content import PAGE
@@ -92,6 +92,7 @@ class Stage2Mmu:
         self.invalidate_end()
 
 
+@_args.checked
 class Vm:
     def __init__(self, kvm: Kvm, vm_type: VmType) -> None:
         self.kvm = kvm
@@ -198,7 +199,7 @@ class Vm:
                                 memory_size: int, userspace_addr: int = 0,
                                 guest_memfd: Any = 0, guest_memfd_offset: int = 0) -> None:
         self._live()
-        fd = guest_memfd.fd if hasattr(guest_memfd, "fd") else int(guest_memfd)
+        fd = guest_memfd.fd if hasattr(guest_memfd, "fd") else guest_memfd
         self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr,
                                 fd & 0xFFFFFFFF, guest_memfd_offset)
 
