@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Self
 from guestmem import _args, uapi
 from guestmem.exits import oserror
 from guestmem.extents import ExtentMap
+from guestmem.model.addrspace import page_align
 from guestmem.model.content import PAGE, ZERO, PageStore
 from guestmem.model.mempolicy import LOCAL_NODE, MemPolicy, Placement
 from guestmem.model.process import PROT_EXEC, HostProcess, Mapping
@@ -283,6 +284,14 @@ class GmemInode:
         self.vm.put_ref()
 
 
+def _file_mmap_ok(pgoff: int, length: int) -> bool:
+    """kernel: mm/mmap.c file_mmap_ok: the mapping must end within the largest
+    file size (MAX_LFS_FILESIZE for a regular file such as guest_memfd's)."""
+    if length > MAX_LFS_FILESIZE:
+        return False
+    return pgoff <= (MAX_LFS_FILESIZE - length) // PAGE
+
+
 def _with_gaps(items: Iterator[tuple[int, int, MemPolicy]], first: int,
                last: int) -> list[tuple[int, int, MemPolicy | None]]:
     """The extents of [first, last) in order, gaps as None (no policy)."""
@@ -415,17 +424,23 @@ class GuestMemfd:
 
     def mmap(self, length: int | None = None, offset: int = 0, prot: int = 3,
              shared: bool = True) -> Mapping:
+        """mmap(2) of the file, checks in the kernel's order: sys_mmap (offset),
+        do_mmap (length, placement, file_mmap_ok, noexec), kvm_gmem_mmap."""
         inode = self._live()
         length = inode.size if length is None else length
-        if length <= 0 or offset % PAGE:
-            raise oserror(errno.EINVAL, "mmap")  # mmap syscall / do_mmap, before the file
+        if offset % PAGE:
+            raise oserror(errno.EINVAL, "mmap")  # arch sys_mmap: off & ~PAGE_MASK
+        process = self.vm.kvm.process
+        addr = process.get_unmapped_area(length)
+        if not _file_mmap_ok(offset // PAGE, page_align(length)):
+            raise oserror(errno.EOVERFLOW, "mmap")
         if prot & PROT_EXEC:
             raise oserror(errno.EPERM, "mmap")  # do_mmap: the mount is noexec
         if not inode.mmap_supported:
             raise oserror(errno.ENODEV, "mmap")  # kvm_gmem_mmap
         if not shared:
             raise oserror(errno.EINVAL, "mmap")  # "Copy-on-write not allowed"
-        mapping = self.vm.kvm.process.mmap(length, inode, offset, prot)
+        mapping = process.map(addr, length, inode, offset, prot)
         inode.mappings.add(mapping)
         return mapping
 

@@ -9,6 +9,7 @@ from typing import Self
 from guestmem import _args, uapi
 from guestmem.caps import Capabilities
 from guestmem.exits import oserror
+from guestmem.model.addrspace import page_align
 from guestmem.model.content import PAGE
 from guestmem.model.process import PROT_READ, PROT_WRITE, AnonymousMemory, HostProcess, Mapping
 from guestmem.model.profile import PROFILES, VM_TYPES, Profile
@@ -116,10 +117,10 @@ class Kvm:
         return vm
 
     def mmap_anonymous(self, length: int) -> Mapping:
-        npages = -(-length // PAGE)
-        mapping = self.process.mmap(length, AnonymousMemory(self.process, npages), 0,
-                                    PROT_READ | PROT_WRITE)
-        return mapping
+        """mmap(MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE): shmem of length bytes."""
+        addr = self.process.get_unmapped_area(length)
+        memory = AnonymousMemory(self.process, page_align(length) // PAGE)
+        return self.process.map(addr, length, memory, 0, PROT_READ | PROT_WRITE)
 
     def open_fd_count(self) -> int:
         """Open fds of this process: model objects hold real fds, so this counts them."""

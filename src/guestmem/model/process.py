@@ -16,6 +16,7 @@ from typing import Any, Protocol, Self
 from guestmem import _args, uapi
 from guestmem.exits import HostSigbus, HostSigsegv, oserror
 from guestmem.extents import ExtentMap
+from guestmem.model.addrspace import TASK_SIZE, AddressSpace
 from guestmem.model.content import PAGE, PageStore
 from guestmem.model.mempolicy import (
     DEFAULT_REPORT,
@@ -25,8 +26,7 @@ from guestmem.model.mempolicy import (
     mbind_policy,
 )
 
-TASK_SIZE_MAX = (1 << 47) - PAGE  # x86-64 4-level user address space (access_ok)
-MMAP_BASE = 0x7F00_0000_0000
+TASK_SIZE_MAX = TASK_SIZE  # x86-64 4-level user address space (access_ok)
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MADV_DONTNEED, MADV_REMOVE, MADV_HUGEPAGE, MADV_COLLAPSE, MADV_HWPOISON = 4, 9, 14, 25, 100
 MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED = 22, 23, 24
@@ -72,8 +72,7 @@ class HostProcess:
         self.node_chooser = NodeChooser()
         self.fds: dict[int, Any] = {}
         self.memory_failure = False  # CONFIG_MEMORY_FAILURE: MADV_HWPOISON available
-        self.mappings: dict[int, Mapping] = {}
-        self._next_addr = MMAP_BASE
+        self.mappings = AddressSpace()
         self.stats = Stats()
         self.backings: set[Any] = set()  # live guest_memfd inodes and anonymous memory
 
@@ -98,19 +97,18 @@ class HostProcess:
         return FOREIGN
 
     # --- address space ---------------------------------------------------------------------------
-    def mmap(self, length: int, backing: Backing, offset: int, prot: int) -> Mapping:
-        npages = -(-length // PAGE)
-        addr = self._next_addr
-        self._next_addr += (npages + 16) * PAGE  # leave a gap: stray accesses hit nothing
+    def get_unmapped_area(self, length: int) -> int:
+        """Where a new mapping of length bytes goes; EINVAL/ENOMEM as do_mmap."""
+        return self.mappings.get_unmapped_area(length)
+
+    def map(self, addr: int, length: int, backing: Backing, offset: int, prot: int) -> Mapping:
+        """Install a mapping at addr, from get_unmapped_area (mmap_region)."""
         mapping = Mapping(self, addr, length, backing, offset // PAGE, prot)
-        self.mappings[addr] = mapping
+        self.mappings.insert(addr, length, mapping)
         return mapping
 
     def mapping_at(self, addr: int) -> tuple[Mapping, int] | None:
-        for m in self.mappings.values():
-            if m.addr <= addr < m.addr + m.length:
-                return m, addr - m.addr
-        return None
+        return self.mappings.find(addr)
 
 
 class AnonymousMemory:
@@ -348,7 +346,7 @@ class Mapping:
         if self.mapped:
             self.mapped = False
             self.ptes = ExtentMap()
-            self.process.mappings.pop(self.addr, None)
+            self.process.mappings.remove(self.addr)
             detach = getattr(self.backing, "unmapped", None)
             if detach:
                 detach(self)
