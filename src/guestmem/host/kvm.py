@@ -39,6 +39,7 @@ from guestmem.exits import (
     oserror,
 )
 from guestmem.host import libc
+from guestmem.host.populate import PopulateLimit
 
 BACKEND = "kvm"
 T = TypeVar("T")
@@ -127,7 +128,10 @@ class Kvm(_Fd):
 
     backend = BACKEND
 
-    def __init__(self, path: str = "/dev/kvm") -> None:
+    def __init__(self, path: str = "/dev/kvm", populate_limit: int | None = None) -> None:
+        """Open /dev/kvm. populate_limit bounds the memory one call may populate
+        (bytes; default: half of MemAvailable at call time, see host.populate)."""
+        self.populate_limit = PopulateLimit(populate_limit)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -214,7 +218,7 @@ class Kvm(_Fd):
         """Anonymous shared host memory, e.g. for a memslot's userspace_addr."""
         prot = libc.PROT_READ | libc.PROT_WRITE
         addr = libc.mmap(length, prot, libc.MAP_SHARED | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
-        return Mapping(addr, length, prot)
+        return Mapping(addr, length, prot, self.populate_limit)
 
 
 @_args.checked
@@ -309,7 +313,20 @@ class GuestMemfd(_Fd):
         return self.stat().st_size
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2); an allocation above the populate limit is ENOMEM first."""
+        self.vm.kvm.populate_limit.check(self._allocates(mode, offset, length), "fallocate")
         self._call("fallocate", libc.fallocate, mode, offset, length)
+
+    def _allocates(self, mode: int, offset: int, length: int) -> int:
+        """How many bytes the kernel would allocate: kvm_gmem_allocate runs only
+        for KEEP_SIZE alone on an aligned range inside the file. Anything else the
+        kernel refuses (or punches), so it goes to the kernel for its errno."""
+        ps = uapi.PAGE_SIZE
+        if mode != uapi.FALLOC_FL_KEEP_SIZE or self._fd is None:
+            return 0
+        if offset < 0 or length <= 0 or offset % ps or length % ps:
+            return 0
+        return length if offset + length <= self.size else 0
 
     def allocate(self, offset: int, length: int) -> None:
         self.fallocate(uapi.FALLOC_FL_KEEP_SIZE, offset, length)
@@ -349,7 +366,7 @@ class GuestMemfd(_Fd):
         length = self.size if length is None else length
         flags = libc.MAP_SHARED if shared else libc.MAP_PRIVATE
         addr = self._call("mmap", lambda fd: libc.mmap(length, prot, flags, fd, offset))
-        return Mapping(addr, length, prot)
+        return Mapping(addr, length, prot, self.vm.kvm.populate_limit)
 
 
 @_args.checked
@@ -361,11 +378,12 @@ class Mapping:
 
     _mem_fd: int | None = None
 
-    def __init__(self, addr: int, length: int,
-                 prot: int = libc.PROT_READ | libc.PROT_WRITE) -> None:
+    def __init__(self, addr: int, length: int, prot: int = libc.PROT_READ | libc.PROT_WRITE,
+                 populate_limit: PopulateLimit | None = None) -> None:
         self.addr = addr
         self.length = length
         self.prot = prot
+        self.populate_limit = populate_limit or PopulateLimit()
         self._mapped = True
 
     @classmethod
@@ -389,6 +407,7 @@ class Mapping:
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
         self._allowed(offset, False)
+        self.populate_limit.check(length, "read")
         try:
             data = os.pread(self._mem(), length, self.addr + offset)
         except OSError as e:
@@ -402,6 +421,7 @@ class Mapping:
     def write(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
         self._allowed(offset, True)
+        self.populate_limit.check(len(data), "write")
         try:
             done = os.pwrite(self._mem(), data, self.addr + offset)
         except OSError as e:
@@ -415,12 +435,14 @@ class Mapping:
         """memset in this process: fast, but the caller must know no page SIGBUSes."""
         self._check(offset, length)
         self._allowed(offset, True)
+        self.populate_limit.check(length, "fill")
         libc.memset(self.addr + offset, byte, length)
 
     def touch_in_child(self, offset: int, write: bool = False, length: int = 1) -> int | None:
         """Touch [offset, offset+length) in a forked child; return the signal that
         killed it (e.g. SIGBUS) or None. The authoritative SIGBUS check."""
         self._check(offset, 0)
+        self.populate_limit.check(length, "touch_in_child")  # shared pages stay populated
         pid = os.fork()
         if pid == 0:  # child: touch with plain loads/stores, like a C program would
             faulthandler.disable()  # the expected SIGBUS is not a crash to report
@@ -438,6 +460,8 @@ class Mapping:
 
     def madvise(self, offset: int, length: int, advice: int) -> None:
         self._check(offset, length)
+        if advice in (libc.MADV_POPULATE_READ, libc.MADV_POPULATE_WRITE):
+            self.populate_limit.check(length, "madvise(MADV_POPULATE)")
         libc.madvise(self.addr + offset, length, advice)
 
     # --- NUMA memory policy (mm/mempolicy.c) ---------------------------------------------------

@@ -46,6 +46,8 @@ MAP_FAILED: Final = ctypes.c_void_p(-1).value
 MADV_DONTNEED: Final = 4
 MADV_HUGEPAGE: Final = 14
 MADV_COLLAPSE: Final = 25
+MADV_POPULATE_READ: Final = 22
+MADV_POPULATE_WRITE: Final = 23
 
 
 def _errno() -> int:
