@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import os
 import sys
 
 import pytest
@@ -39,3 +40,119 @@ def test_failed_model_open_reports_nothing_from_del(unraisable):
         ModelKvm(profil="mainline")
     gc.collect()
     assert [u.exc_value for u in unraisable] == []
+
+
+# --- the same calls on both backends ---------------------------------------------------------
+from guestmem import uapi  # noqa: E402
+from guestmem.model.invariants import leaks_after_close  # noqa: E402
+
+from .conftest import kvm_unavailable_reason  # noqa: E402
+
+PS = uapi.PAGE_SIZE
+FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+
+
+def backends():
+    reason = kvm_unavailable_reason()
+    return [pytest.param("model", id="model"),
+            pytest.param("kvm", id="kvm",
+                         marks=pytest.mark.skipif(reason is not None, reason=str(reason)))]
+
+
+def open_kvm(backend):
+    return ModelKvm() if backend == "model" else HostKvm()
+
+
+def ebadf(fn, *args):
+    with pytest.raises(OSError) as e:
+        fn(*args)
+    assert e.value.errno == errno.EBADF, f"expected EBADF: {e.value!r}"
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("probed_first", [False, True])
+def test_a_closed_kvm_answers_ebadf(backend, probed_first):
+    kvm = open_kvm(backend)
+    if probed_first:
+        assert kvm.capabilities.guest_memfd
+    kvm.close()
+    ebadf(lambda: kvm.capabilities)
+    ebadf(kvm.api_version)
+    ebadf(kvm.check_extension, uapi.KVM_CAP_GUEST_MEMFD)
+    ebadf(kvm.vcpu_mmap_size)
+    ebadf(kvm.supported_vm_types)
+    ebadf(kvm.create_vm)
+    kvm.mmap_anonymous(PS).munmap()  # not an ioctl on /dev/kvm: still works
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_objects_dropped_unclosed_release_their_fds(backend):
+    """The kvm backend's _Fd.__del__ closes a dropped object's fd; the model's
+    objects hold a real fd each (an open /dev/null) and must release it too."""
+    with open_kvm(backend) as kvm:
+        gc.collect()
+        before = kvm.open_fd_count()
+        for _ in range(50):
+            vm = kvm.create_vm()
+            g = vm.create_guest_memfd(4 * PS, FLAGS)
+            vm.set_user_memory_region2(1, uapi.KVM_MEM_GUEST_MEMFD, 1 << 32, PS, 0, g, 0)
+            vcpu = vm.create_vcpu(0)
+            del vm, g, vcpu  # never closed
+        gc.collect()  # the model's VM and memslots form a cycle: collected by the GC
+        assert kvm.open_fd_count() == before, "every dropped object's fd was closed"
+        if backend == "model":
+            assert leaks_after_close(kvm) == []
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_a_dropped_guest_memfd_lives_on_in_its_mapping(backend):
+    with open_kvm(backend) as kvm, kvm.create_vm() as vm:
+        with kvm.mmap_anonymous(PS) as warm:
+            warm.read(0, 1)  # the kvm backend opens /proc/self/mem once, for good
+        gc.collect()
+        before = kvm.open_fd_count()
+        g = vm.create_guest_memfd(4 * PS, FLAGS)
+        m = g.mmap()
+        m.write(PS, b"kept")
+        del g
+        gc.collect()
+        assert kvm.open_fd_count() == before, "the fd is closed"
+        assert m.read(PS, 4) == b"kept", "the mapping still holds the file"
+        m.munmap()
+        if backend == "model":
+            assert kvm.process.backings == set(), "the last reference gone: the inode too"
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_a_closed_vcpus_id_stays_taken(backend):
+    """Closing a vCPU fd does not free its id: the vCPU lives until its VM does."""
+    with open_kvm(backend) as kvm, kvm.create_vm() as vm:
+        vm.create_vcpu(3).close()
+        with pytest.raises(OSError) as e:
+            vm.create_vcpu(3)
+        assert e.value.errno == errno.EEXIST
+        vm.create_vcpu(4).close()
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_stat_is_a_full_stat_result(backend):
+    """Observed on 6.18.44: a regular file, mode 0600, one link, owned by the
+    creator, st_blocks 0 whatever is allocated or faulted (guest_memfd never
+    accounts i_blocks), times fixed at creation."""
+    with open_kvm(backend) as kvm, kvm.create_vm() as vm, \
+            vm.create_guest_memfd(64 * PS, FLAGS) as g, g.mmap() as m:
+        first = g.stat()
+        assert isinstance(first, os.stat_result)
+        g.allocate(0, 4 * PS)
+        m.write(10 * PS, b"x")
+        m.madvise(20 * PS, 4 * PS, 23)  # MADV_POPULATE_WRITE
+        g.punch_hole(0, PS)
+        st = g.stat()
+        assert (st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_size, st.st_blksize,
+                st.st_blocks, st.st_rdev) == (0o100600, 1, os.geteuid(), os.getegid(),
+                                              64 * PS, PS, 0, 0)
+        assert (st.st_mtime_ns, st.st_ctime_ns, st.st_atime_ns) == (
+            first.st_mtime_ns, first.st_ctime_ns, first.st_atime_ns), "times never move"
+        with vm.create_guest_memfd(PS, 0) as other:
+            assert other.stat().st_ino != st.st_ino, "a new inode per guest_memfd"
+            assert other.stat().st_dev == st.st_dev

@@ -155,6 +155,9 @@ class Kvm(_Fd):
 
     @property
     def capabilities(self) -> Capabilities:
+        """The probed record; EBADF once closed, probed before or not (as the model)."""
+        if self._fd is None:
+            raise oserror(errno.EBADF, "KVM_CHECK_EXTENSION")
         if self._caps is None:
             self._caps = self._probe()
         return self._caps

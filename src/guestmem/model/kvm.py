@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 from typing import Self
 
 from guestmem import _args, uapi
@@ -32,10 +33,20 @@ class Kvm:
             raise ValueError("numa_nodes must be 1..64")
         self.process = HostProcess(numa_nodes)
         self.process.memory_failure = profile.memory_failure
-        self.vms: set[Vm] = set()
+        self.vms: weakref.WeakSet[Vm] = weakref.WeakSet()  # live VMs (fd or references)
         self.closed = False
         self.fd = self.process.install(self)
-        self.capabilities = self._capabilities()
+        self._caps = self._capabilities()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What KVM_CHECK_EXTENSION says, as a record; EBADF once closed."""
+        self._live("KVM_CHECK_EXTENSION")
+        return self._caps
+
+    def _live(self, ioctl: str) -> None:
+        if self.closed:  # every ioctl on /dev/kvm needs its fd (as the kvm backend)
+            raise oserror(errno.EBADF, ioctl)
 
     # --- capabilities ------------------------------------------------------------------------
     def _system(self) -> dict[str, int]:
@@ -95,21 +106,28 @@ class Kvm:
                 "KVM_CAP_MEMORY_ATTRIBUTES": attrs}
 
     def api_version(self) -> int:
+        self._live("KVM_GET_API_VERSION")
         return uapi.KVM_API_VERSION
 
     def check_extension(self, cap: int) -> int:
-        return self.capabilities.system.get(uapi.CAPABILITY_NAMES.get(cap, ""), 0)
+        self._live("KVM_CHECK_EXTENSION")
+        return self.system_extension(cap)
+
+    def system_extension(self, cap: int) -> int:
+        """kvm_vm_ioctl_check_extension_generic(NULL, cap), for the model's own use."""
+        return self._caps.system.get(uapi.CAPABILITY_NAMES.get(cap, ""), 0)
 
     def vcpu_mmap_size(self) -> int:
+        self._live("KVM_GET_VCPU_MMAP_SIZE")
         return 3 * PAGE
 
     def supported_vm_types(self) -> frozenset[int]:
+        self._live("KVM_CHECK_EXTENSION")
         return frozenset(self.profile.vm_types)
 
     # --- objects -------------------------------------------------------------------------------
     def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
-        if self.closed:
-            raise oserror(errno.EBADF, "closed /dev/kvm")
+        self._live("KVM_CREATE_VM")
         if vm_type not in self.profile.vm_types:
             raise oserror(errno.EINVAL, "KVM_CREATE_VM type")  # kvm_arch_init_vm
         vm = Vm(self, VM_TYPES[vm_type])

@@ -3,6 +3,8 @@
 Model fds are real fd numbers (each model file holds an open /dev/null), so a
 model fd never collides with a real file of this process and `fget()` on any
 other open fd finds "a file that is not a guest_memfd", as in the kernel.
+The fd table holds its objects weakly: an object dropped without close() has
+its fd closed when Python collects it, as the kvm backend's _Fd.__del__ does.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
@@ -70,21 +74,40 @@ class HostProcess:
     def __init__(self, numa_nodes: int = 1) -> None:
         self.numa_nodes = numa_nodes  # nodes 0..n-1, all online with memory
         self.node_chooser = NodeChooser()
-        self.fds: dict[int, Any] = {}
+        self.fds: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self._finalizers: dict[int, weakref.finalize] = {}
         self.memory_failure = False  # CONFIG_MEMORY_FAILURE: MADV_HWPOISON available
         self.mappings = AddressSpace()
         self.stats = Stats()
         self.backings: set[Any] = set()  # live guest_memfd inodes and anonymous memory
 
     # --- fds ----------------------------------------------------------------------------------
-    def install(self, obj: Any) -> int:
+    def install(self, obj: Any, on_drop: Callable[[], None] | None = None) -> int:
+        """A new fd for obj. If obj is collected unclosed, its fd is closed and
+        on_drop (what its close() would do to the rest of the model) runs; on_drop
+        must not refer to obj."""
         fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self.fds[fd] = obj
+        finalizer = weakref.finalize(obj, self._dropped, fd, on_drop)
+        finalizer.atexit = False  # at exit the OS closes the fds; no model code runs then
+        self._finalizers[fd] = finalizer
         return fd
 
     def release_fd(self, fd: int) -> None:
-        if self.fds.pop(fd, None) is not None:
+        """close(fd) by its owner."""
+        finalizer = self._finalizers.pop(fd, None)
+        if finalizer is not None:
+            finalizer.detach()
+            self.fds.pop(fd, None)
             os.close(fd)
+
+    def _dropped(self, fd: int, on_drop: Callable[[], None] | None) -> None:
+        """The owner of fd was collected without closing it: the last fput."""
+        self._finalizers.pop(fd, None)
+        self.fds.pop(fd, None)
+        os.close(fd)
+        if on_drop is not None:
+            on_drop()
 
     def fget(self, fd: int) -> Any:
         """The object behind fd; FOREIGN for a real file; EBADF if nothing is open."""

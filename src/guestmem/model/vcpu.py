@@ -74,7 +74,7 @@ class Vcpu:
         self._hypercall_ret: int | None = None
         self.immediate_exit = False
         self.closed = False
-        self._fd = vm.kvm.process.install(self)
+        self._fd = vm.kvm.process.install(self, vm.put_ref)  # dropped: as close()
         self.encrypted_view: ExtentMap[bool] = ExtentMap()  # the guest's own C-bit view
 
     # --- registers and setup ------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
@@ -102,7 +103,10 @@ class Vm:
         self.attributes: ExtentMap[int] = ExtentMap()  # gfn -> attrs, absent = 0
         self.mmu = Stage2Mmu()
         self.exit_hypercall_mask = 0
-        self.vcpus: dict[int, Vcpu] = {}
+        # Open vCPU fds by id (a dropped one is collected), and every id ever created:
+        # a vCPU outlives its fd until the VM dies (kvm->vcpu_array).
+        self.vcpus: weakref.WeakValueDictionary[int, Vcpu] = weakref.WeakValueDictionary()
+        self.vcpu_ids: set[int] = set()
         # Dirty bits of the guest's 2 MiB page-table entries (guestmem machines map
         # guest memory with 2 MiB identity pages, written once per VM), by 2 MiB frame.
         self.guest_pte_dirty: ExtentMap[bool] = ExtentMap()
@@ -164,7 +168,7 @@ class Vm:
             return self.vm_type_info.gmem_flags
         if cap == uapi.KVM_CAP_MEMORY_ATTRIBUTES:
             return self.supported_attributes()
-        return self.kvm.check_extension(cap)
+        return self.kvm.system_extension(cap)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         self._live()
@@ -211,7 +215,7 @@ class Vm:
         valid = uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_GUEST_MEMFD
         if flags & uapi.KVM_MEM_GUEST_MEMFD:
             valid &= ~uapi.KVM_MEM_LOG_DIRTY_PAGES  # no dirty logging of gmem slots
-        elif self.kvm.capabilities.readonly_mem:
+        elif self.kvm.system_extension(uapi.KVM_CAP_READONLY_MEM):
             valid |= uapi.KVM_MEM_READONLY
         return valid
 
@@ -349,12 +353,13 @@ class Vm:
 
         self._live()
         # kvm_vm_ioctl_create_vcpu: id beyond KVM_MAX_VCPU_IDS or max_vcpus created:
-        # EINVAL; an id in use: EEXIST (kvm_get_vcpu_by_id).
-        if vcpu_id >= KVM_MAX_VCPU_IDS or len(self.vcpus) >= KVM_MAX_VCPUS:
+        # EINVAL; an id in use, even with its fd closed: EEXIST (kvm_get_vcpu_by_id).
+        if vcpu_id >= KVM_MAX_VCPU_IDS or len(self.vcpu_ids) >= KVM_MAX_VCPUS:
             raise oserror(errno.EINVAL, "KVM_CREATE_VCPU")
-        if vcpu_id in self.vcpus:
+        if vcpu_id in self.vcpu_ids:
             raise oserror(errno.EEXIST, "KVM_CREATE_VCPU")
         vcpu = Vcpu(self, vcpu_id)
         self.vcpus[vcpu_id] = vcpu
+        self.vcpu_ids.add(vcpu_id)
         self.get_ref()
         return vcpu
