@@ -92,6 +92,10 @@ class Vcpu:
 
     def load_program(self, program: p.Program, hypercall_abi: str) -> None:
         """Model only: the program the VMM placed in guest memory, to interpret."""
+        if not isinstance(program, p.Program):
+            raise TypeError(f"the model's vCPU interprets guestmem programs, not x86 code: "
+                            f"got {type(program).__name__}; raw machine code runs only on "
+                            f"the kvm backend")
         self._abi = hypercall_abi
         self._execution = self._run_steps(program.steps)
 
