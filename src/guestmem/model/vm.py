@@ -7,6 +7,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
+from sortedcontainers import SortedDict
+
 from guestmem import _args, uapi
 from guestmem.exits import oserror
 from guestmem.extents import ExtentMap
@@ -100,6 +102,10 @@ class Vm:
         self.vm_type_info = vm_type
         self.vm_type = vm_type.number
         self.memslots: dict[tuple[int, int], Memslot] = {}  # (as_id, id) -> slot
+        # The same slots ordered by base_gfn (the kernel's gfn tree, kvm_memslots.gfn_tree):
+        # overlap checks and gfn lookups in O(log n). Slots never overlap, so base_gfn
+        # is a key and the slot before a gfn is the only one that can contain it.
+        self.by_gfn: SortedDict = SortedDict()
         self.attributes: ExtentMap[int] = ExtentMap()  # gfn -> attrs, absent = 0
         self.mmu = Stage2Mmu()
         self.exit_hypercall_mask = 0
@@ -264,17 +270,28 @@ class Vm:
         if is_gmem:
             self._gmem_bind(slot, gmem_fd, offset)
         self.memslots[(as_id, id_)] = slot
+        self.by_gfn[base_gfn] = slot
 
     def _check_overlap(self, base_gfn: int, npages: int, skip: Memslot | None) -> None:
-        for other in self.memslots.values():
-            overlaps = base_gfn < other.end_gfn and other.base_gfn < base_gfn + npages
-            if other is not skip and overlaps:  # kvm_set_memory_region: CREATE/MOVE overlap
-                raise oserror(errno.EEXIST, "memslot overlaps another")
+        """kernel: kvm_main.c kvm_set_memory_region: a CREATE or MOVE whose gfns
+        meet another slot's is EEXIST (kvm_check_memslot_overlap, a gfn-tree walk).
+        Only the last slot starting below the end can reach into the range (slots
+        never overlap), or the one before it when that one is the slot moving."""
+        i = self.by_gfn.bisect_left(base_gfn + npages) - 1
+        while i >= 0:
+            other = self.by_gfn.peekitem(i)[1]
+            if other is not skip:
+                if other.end_gfn > base_gfn:
+                    raise oserror(errno.EEXIST, "memslot overlaps another")
+                return
+            i -= 1
 
     def _move_or_flags(self, slot: Memslot, base_gfn: int, flags: int) -> None:
         """KVM_MR_MOVE / KVM_MR_FLAGS_ONLY of a non-gmem slot."""
         if base_gfn != slot.base_gfn:
             self.mmu.zap([(slot.base_gfn, slot.end_gfn)])
+            del self.by_gfn[slot.base_gfn]
+            self.by_gfn[base_gfn] = slot
         if not flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:  # the dirty bitmap is freed
             slot.dirty = ExtentMap()
         slot.base_gfn, slot.flags = base_gfn, flags
@@ -302,13 +319,16 @@ class Vm:
         if slot.gmem is not None:
             slot.gmem.bindings.clear(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages)
             slot.gmem = None
-        self.memslots = {k: s for k, s in self.memslots.items() if s is not slot}
+        del self.memslots[(0, slot.id)]  # address space 0: the only one (as_id >= 1 is EINVAL)
+        del self.by_gfn[slot.base_gfn]
 
     def slot_for_gfn(self, gfn: int) -> Memslot | None:
-        for slot in self.memslots.values():
-            if slot.base_gfn <= gfn < slot.end_gfn:
-                return slot
-        return None
+        """kernel: kvm_host.h search_memslots (gfn_to_memslot), in O(log n)."""
+        i = self.by_gfn.bisect_right(gfn) - 1
+        if i < 0:
+            return None
+        slot: Memslot = self.by_gfn.peekitem(i)[1]
+        return slot if gfn < slot.end_gfn else None
 
     def get_dirty_log(self, slot: int, npages: int) -> bytes:
         """KVM_GET_DIRTY_LOG: the slot's dirty bitmap, cleared as it is read."""
