@@ -6,11 +6,16 @@ import errno
 import gc
 import os
 import sys
+import time
 
 import pytest
 
+from guestmem import uapi
 from guestmem.host import Kvm as HostKvm
 from guestmem.model import Kvm as ModelKvm
+from guestmem.model.invariants import leaks_after_close
+
+from .conftest import kvm_unavailable_reason
 
 
 @pytest.fixture
@@ -43,11 +48,6 @@ def test_failed_model_open_reports_nothing_from_del(unraisable):
 
 
 # --- the same calls on both backends ---------------------------------------------------------
-from guestmem import uapi  # noqa: E402
-from guestmem.model.invariants import leaks_after_close  # noqa: E402
-
-from .conftest import kvm_unavailable_reason  # noqa: E402
-
 PS = uapi.PAGE_SIZE
 FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
 
@@ -138,7 +138,7 @@ def test_a_closed_vcpus_id_stays_taken(backend):
 def test_stat_is_a_full_stat_result(backend):
     """Observed on 6.18.44: a regular file, mode 0600, one link, owned by the
     creator, st_blocks 0 whatever is allocated or faulted (guest_memfd never
-    accounts i_blocks), times fixed at creation."""
+    accounts i_blocks), atime fixed at creation."""
     with open_kvm(backend) as kvm, kvm.create_vm() as vm, \
             vm.create_guest_memfd(64 * PS, FLAGS) as g, g.mmap() as m:
         first = g.stat()
@@ -151,8 +151,57 @@ def test_stat_is_a_full_stat_result(backend):
         assert (st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_size, st.st_blksize,
                 st.st_blocks, st.st_rdev) == (0o100600, 1, os.geteuid(), os.getegid(),
                                               64 * PS, PS, 0, 0)
-        assert (st.st_mtime_ns, st.st_ctime_ns, st.st_atime_ns) == (
-            first.st_mtime_ns, first.st_ctime_ns, first.st_atime_ns), "times never move"
+        assert st.st_atime_ns == first.st_atime_ns, "atime never moves"
         with vm.create_guest_memfd(PS, 0) as other:
             assert other.stat().st_ino != st.st_ino, "a new inode per guest_memfd"
             assert other.stat().st_dev == st.st_dev
+
+
+TICK = 0.02  # more than a jiffy: the kernel's file times are coarse
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_what_moves_mtime_and_ctime(backend):
+    """file_update_time on a successful fallocate and on a host write fault
+    (fault_dirty_shared_page); not on a read fault, a write to a page a read
+    fault already mapped (writable), a failed fallocate, or a guest write."""
+    with open_kvm(backend) as kvm, kvm.create_vm() as vm, \
+            vm.create_guest_memfd(64 * PS, FLAGS) as g, g.mmap() as m:
+        def moved(what, fn, *args, err=None):
+            before = g.stat()
+            time.sleep(TICK)
+            if err is None:
+                fn(*args)
+            else:
+                with pytest.raises(OSError) as e:
+                    fn(*args)
+                assert e.value.errno == err, what
+            after = g.stat()
+            assert after.st_ctime_ns == after.st_mtime_ns, what
+            return after.st_mtime_ns != before.st_mtime_ns
+
+        assert moved("allocate", g.allocate, 0, PS)
+        assert moved("punch a hole", g.punch_hole, 32 * PS, PS)
+        assert not moved("failed allocate", g.allocate, 0, 128 * PS, err=errno.EINVAL)
+        assert not moved("read fault", m.read, 40 * PS, 8)
+        assert not moved("write after a read fault", m.write, 40 * PS, b"x")
+        assert moved("write fault", m.write, 41 * PS, b"x")
+        assert not moved("write again", m.write, 41 * PS, b"y")
+        assert moved("MADV_POPULATE_WRITE", m.madvise, 50 * PS, PS, 23)
+        assert moved("MADV_REMOVE", m.madvise, 50 * PS, PS, 9)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_a_guest_write_leaves_the_times_alone(backend):
+    from guestmem import program as p
+    from guestmem.guest import compile_program, default_hypercall_abi
+    from guestmem.vmm import Vmm
+
+    with open_kvm(backend) as kvm, Vmm(kvm) as vmm:
+        abi = default_hypercall_abi(kvm.capabilities.implementation)
+        vmm.load(compile_program(p.Program.of(p.WritePattern(0x200000, 16, 5, 1)), abi))
+        before = vmm.low.gmem.stat()
+        time.sleep(TICK)
+        assert vmm.run().stop == "done"
+        assert vmm.low.gmem.stat().st_mtime_ns == before.st_mtime_ns
+        assert vmm.read(0x200000, 8) == (5).to_bytes(8, "little"), "the guest did write"

@@ -79,7 +79,8 @@ class GmemInode:
         self.npages = size // PAGE
         self.flags = flags
         self.ino = next(_inode_numbers)
-        self.created_ns = time.time_ns()  # i_atime = i_mtime = i_ctime, never updated
+        self.created_ns = time.time_ns()  # i_atime, never updated (no read path)
+        self.mtime_ns = self.created_ns  # i_mtime = i_ctime: see modified()
         self.folios: ExtentMap[FolioState] = ExtentMap()
         self.store = PageStore()
         self.bindings: ExtentMap[Memslot] = ExtentMap()  # file index -> memslot (kvm_gmem_bind)
@@ -213,12 +214,24 @@ class GmemInode:
         if self.poisoned(index, index + count) is not None:
             return "hwpoison"  # __do_fault: VM_FAULT_HWPOISON
         self.get_pages(index, index + count)
+        if write:
+            self.modified()
         return None
+
+    def modified(self) -> None:
+        """file_update_time: mtime and ctime become now. kernel: guest_memfd.c
+        kvm_gmem_fallocate (file_modified after any success) and mm/memory.c
+        fault_dirty_shared_page (a write fault on a shared mapping without
+        page_mkwrite). A read fault maps the page writable already (no write
+        notify), so a later write does not fault: observed on 6.18.44, as is that
+        guest writes and failed calls leave the times alone."""
+        self.mtime_ns = time.time_ns()
 
     def remove(self, first: int, last: int) -> None:
         """MADV_REMOVE on a mapping: vfs_fallocate(PUNCH_HOLE|KEEP_SIZE) of the range."""
         for _ in self.punch_hole_path(first, last):
             pass
+        self.modified()
 
     def unmapped(self, mapping: Mapping) -> None:
         self.mappings.discard(mapping)
@@ -351,15 +364,15 @@ class GuestMemfd:
         """fstat: what the kernel's inode says (kernel: fs/stat.c generic_fillattr
         of the guest_memfd inode). Observed on 6.18.44: a regular file, mode 0600,
         one link, the creator's uid/gid, st_blocks 0 whatever is allocated or
-        faulted (guest_memfd never accounts i_blocks), times fixed at creation."""
+        faulted (guest_memfd never accounts i_blocks), atime fixed at creation,
+        mtime = ctime moved by GmemInode.modified()."""
         inode = self._live()
-        t = inode.created_ns
-        secs = t // 1_000_000_000
+        a, m = inode.created_ns, inode.mtime_ns
         return os.stat_result(
             (0o100600, inode.ino, ANON_INODE_DEV, 1, os.geteuid(), os.getegid(), inode.size,
-             secs, secs, secs),
-            {"st_atime": t / 1e9, "st_mtime": t / 1e9, "st_ctime": t / 1e9,
-             "st_atime_ns": t, "st_mtime_ns": t, "st_ctime_ns": t,
+             a // 10**9, m // 10**9, m // 10**9),
+            {"st_atime": a / 1e9, "st_mtime": m / 1e9, "st_ctime": m / 1e9,
+             "st_atime_ns": a, "st_mtime_ns": m, "st_ctime_ns": m,
              "st_blksize": PAGE, "st_blocks": 0, "st_rdev": 0})
 
     @property
@@ -384,10 +397,11 @@ class GuestMemfd:
         if mode & punch:
             for _ in inode.punch_hole_path(first, last):  # run to completion
                 pass
-            return
-        if offset + length > inode.size:  # kvm_gmem_allocate: "immutable by default"
+        elif offset + length > inode.size:  # kvm_gmem_allocate: "immutable by default"
             raise oserror(errno.EINVAL, "fallocate")
-        inode._allocate(first, last)  # allocation does not zero (upstream.md §2.11)
+        else:
+            inode._allocate(first, last)  # allocation does not zero (upstream.md §2.11)
+        inode.modified()
 
     def allocate(self, offset: int, length: int) -> None:
         self.fallocate(uapi.FALLOC_FL_KEEP_SIZE, offset, length)
