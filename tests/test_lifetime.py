@@ -205,3 +205,70 @@ def test_a_guest_write_leaves_the_times_alone(backend):
         assert vmm.run().stop == "done"
         assert vmm.low.gmem.stat().st_mtime_ns == before.st_mtime_ns
         assert vmm.read(0x200000, 8) == (5).to_bytes(8, "little"), "the guest did write"
+
+
+def in_child(fn):
+    """fn() in a forked child: (the signal that killed it or None, repr of its result).
+    A use after close that touches unmapped memory kills the child, not pytest."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(wfd, repr(fn()).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd) as pipe:
+        out = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    return (os.WTERMSIG(status) if os.WIFSIGNALED(status) else None), out
+
+
+VCPU_OPS = {
+    "run": lambda v: v.run(),
+    "get_regs": lambda v: v.get_regs(),
+    "set_regs": lambda v: v.set_regs(uapi.kvm_regs()),
+    "get_sregs": lambda v: v.get_sregs(),
+    "set_sregs": lambda v: v.set_sregs(uapi.kvm_sregs()),
+    "pre_fault_memory": lambda v: v.pre_fault_memory(0, PS),
+    "complete_io_in": lambda v: v.complete_io_in(b"\0" * 4),
+    "complete_hypercall": lambda v: v.complete_hypercall(0),
+    "immediate_exit": lambda v: setattr(v, "immediate_exit", True),
+}
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_a_closed_vcpu_answers_ebadf(backend):
+    """KVM_RUN on a closed vCPU wrote to its unmapped kvm_run (a segfault on the kvm
+    backend); the model answered registers. Every vCPU call is EBADF once closed."""
+    def errnos():
+        with open_kvm(backend) as kvm, kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            vcpu.close()
+            out = {}
+            for name, op in VCPU_OPS.items():
+                try:
+                    op(vcpu)
+                    out[name] = None
+                except OSError as e:
+                    out[name] = e.errno
+            return out
+
+    killed, out = in_child(errnos)
+    assert killed is None, f"the child died of signal {killed}"
+    assert out == repr(dict.fromkeys(VCPU_OPS, errno.EBADF))
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_a_vm_outlives_its_kvm_fd(backend, unraisable):
+    """A VM fd needs no open /dev/kvm: vCPUs can still be made and run."""
+    kvm = open_kvm(backend)
+    vm = kvm.create_vm()
+    kvm.close()
+    with vm, vm.create_vcpu(0) as vcpu:
+        vcpu.immediate_exit = True
+        with pytest.raises(OSError) as e:
+            vcpu.run()
+        assert e.value.errno == errno.EINTR
+    gc.collect()
+    assert [u.exc_value for u in unraisable] == []

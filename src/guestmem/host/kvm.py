@@ -230,6 +230,8 @@ class Vm(_Fd):
         super().__init__(fd)
         self.kvm = kvm
         self.vm_type = vm_type
+        # Asked now: the VM's vCPUs need it even after /dev/kvm is closed.
+        self.vcpu_mmap_size = kvm.vcpu_mmap_size()
 
     def check_extension(self, cap: int) -> int:
         return self._ioctl(uapi.KVM_CHECK_EXTENSION, cap)
@@ -505,17 +507,30 @@ SIGBUS = signal.SIGBUS
 
 @_args.checked
 class Vcpu(_Fd):
+    _run_addr: int | None = None  # set once kvm_run is mapped
+
     def __init__(self, vm: Vm, fd: int, vcpu_id: int) -> None:
         super().__init__(fd)
         self.vm = vm
         self.vcpu_id = vcpu_id
-        self._run_size = vm.kvm.vcpu_mmap_size()
+        self._run_size = vm.vcpu_mmap_size
         prot = libc.PROT_READ | libc.PROT_WRITE
-        self._run_addr = libc.mmap(self._run_size, prot, libc.MAP_SHARED, fd, 0)
-        self.kvm_run = uapi.kvm_run.from_address(self._run_addr)
+        try:
+            self._run_addr = libc.mmap(self._run_size, prot, libc.MAP_SHARED, fd, 0)
+        except OSError:
+            self.close()  # the vCPU stays in its VM; its fd does not leak
+            raise
+        self._kvm_run = uapi.kvm_run.from_address(self._run_addr)
+
+    def _shared(self, what: str) -> uapi.kvm_run:
+        """The mmapped struct kvm_run; EBADF once closed (it is unmapped then, and
+        touching it would crash the interpreter)."""
+        if self._fd is None:
+            raise oserror(errno.EBADF, what)
+        return self._kvm_run
 
     def close(self) -> None:
-        if not self.closed:
+        if not self.closed and self._run_addr is not None:
             libc.munmap(self._run_addr, self._run_size)
         super().close()
 
@@ -549,17 +564,17 @@ class Vcpu(_Fd):
         # KVM writes exit_reason only when it fills an exit; clear it so a failing
         # KVM_RUN that reports none (e.g. EFAULT from a failed GUP) is not read as
         # the previous run's exit.
-        self.kvm_run.exit_reason = uapi.KVM_EXIT_UNKNOWN
+        self._shared("KVM_RUN").exit_reason = uapi.KVM_EXIT_UNKNOWN
         try:
             self._ioctl(uapi.KVM_RUN)
         except OSError as e:
-            reason = self.kvm_run.exit_reason
+            reason = self._kvm_run.exit_reason
             exit = self._decode() if reason == uapi.KVM_EXIT_MEMORY_FAULT else None
             raise KvmRunError(e.errno or errno.EIO, exit) from None
         return self._decode()
 
     def _decode(self) -> Exit:
-        run = self.kvm_run
+        run = self._kvm_run
         reason = run.exit_reason
         u = run.exit
         if reason == uapi.KVM_EXIT_IO:
@@ -594,17 +609,17 @@ class Vcpu(_Fd):
 
     def complete_io_in(self, data: bytes) -> None:
         """Answer a KVM_EXIT_IO IN: KVM copies the bytes into the guest on the next run."""
-        io = self.kvm_run.exit.io
+        io = self._shared("kvm_run").exit.io
         ctypes.memmove(self._run_addr + io.data_offset, data, io.size * io.count)
 
     def complete_hypercall(self, ret: int) -> None:
         """Answer a KVM_EXIT_HYPERCALL: KVM puts `ret` in the guest's RAX on the next run."""
-        self.kvm_run.exit.hypercall.ret = ret & 0xFFFFFFFFFFFFFFFF
+        self._shared("kvm_run").exit.hypercall.ret = ret & 0xFFFFFFFFFFFFFFFF
 
     @property
     def immediate_exit(self) -> bool:
-        return bool(self.kvm_run.immediate_exit)
+        return bool(self._shared("kvm_run").immediate_exit)
 
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
-        self.kvm_run.immediate_exit = int(value)
+        self._shared("kvm_run").immediate_exit = int(_args.BOOL("immediate_exit", value))
