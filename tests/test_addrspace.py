@@ -239,3 +239,25 @@ def test_address_space_exhaustion_is_enomem(backend):
             assert 2 <= fitted <= 7
         assert err == errno.ENOMEM, "no room left: ENOMEM"
         assert reused, "the freed range is found again"
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_a_private_writable_mapping_larger_than_memory_is_enomem(backend):
+    """mmap_region accounts a private writable mapping (OVERCOMMIT_GUESS refuses
+    more than RAM + swap) before kvm_gmem_mmap refuses MAP_PRIVATE: the
+    differential test found it with a 1 TiB MAP_PRIVATE mmap."""
+    from guestmem.model.process import TOTAL_RAM_PAGES
+
+    if backend == "model":
+        ram = TOTAL_RAM_PAGES * PS
+    else:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":") for line in meminfo)
+        ram = sum(int(fields[f].split()[0]) * 1024 for f in ("MemTotal", "SwapTotal"))
+    with open_kvm(backend) as kvm, kvm.create_vm() as vm, vm.create_guest_memfd(PS, FLAGS) as g, \
+            vm.create_guest_memfd(PS, 0) as no_mmap:
+        assert errno_of(g.mmap, ram, 0, 3, False) == errno.EINVAL, "fits: kvm_gmem_mmap says"
+        assert errno_of(g.mmap, ram + PS, 0, 3, False) == errno.ENOMEM
+        assert errno_of(g.mmap, ram + PS, 0, 1, False) == errno.EINVAL, "read-only: no account"
+        assert errno_of(no_mmap.mmap, ram + PS, 0, 2, False) == errno.ENOMEM
+        assert errno_of(no_mmap.mmap, ram + PS, 0, 7, False) == errno.EPERM, "noexec first"

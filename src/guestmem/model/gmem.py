@@ -16,7 +16,7 @@ from guestmem.extents import ExtentMap
 from guestmem.model.addrspace import page_align
 from guestmem.model.content import PAGE, ZERO, PageStore
 from guestmem.model.mempolicy import LOCAL_NODE, MemPolicy, Placement
-from guestmem.model.process import PROT_EXEC, HostProcess, Mapping
+from guestmem.model.process import PROT_EXEC, PROT_WRITE, HostProcess, Mapping
 
 if TYPE_CHECKING:
     from guestmem.model.vm import Memslot, Vm
@@ -457,6 +457,9 @@ class GuestMemfd:
             raise oserror(errno.EOVERFLOW, "mmap")
         if prot & PROT_EXEC:
             raise oserror(errno.EPERM, "mmap")  # do_mmap: the mount is noexec
+        accountable = not shared and prot & PROT_WRITE  # mmap_region: accountable_mapping
+        if accountable and not process.vm_enough_memory(page_align(length) // PAGE):
+            raise oserror(errno.ENOMEM, "mmap: overcommit")
         if not inode.mmap_supported:
             raise oserror(errno.ENODEV, "mmap")  # kvm_gmem_mmap
         if not shared:

@@ -39,6 +39,10 @@ MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED = 22, 23, 24
 # MERGEABLE, UNMERGEABLE, HUGEPAGE, NOHUGEPAGE, DONTDUMP, DODUMP, KEEPONFORK,
 # COLD, PAGEOUT). FREE (8), WIPEONFORK (18), COLLAPSE (25), newer and unknown
 # values are EINVAL (madvise_behavior_valid and the VMA checks).
+# The memory of the host the model stands for (this project's: MemTotal 24731708 kB,
+# no swap), for the overcommit check. vm.overcommit_memory = 0 (OVERCOMMIT_GUESS) there.
+TOTAL_RAM_PAGES = 24731708 * 1024 // PAGE
+TOTAL_SWAP_PAGES = 0
 _MADV_NO_EFFECT = frozenset({0, 1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20, 21})
 
 
@@ -77,6 +81,7 @@ class HostProcess:
         self.fds: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._finalizers: dict[int, weakref.finalize] = {}
         self.memory_failure = False  # CONFIG_MEMORY_FAILURE: MADV_HWPOISON available
+        self.total_ram_pages = TOTAL_RAM_PAGES
         self.mappings = AddressSpace()
         self.stats = Stats()
         self.backings: set[Any] = set()  # live guest_memfd inodes and anonymous memory
@@ -111,8 +116,11 @@ class HostProcess:
 
     def fget(self, fd: int) -> Any:
         """The object behind fd; FOREIGN for a real file; EBADF if nothing is open."""
-        if fd in self.fds:
-            return self.fds[fd]
+        obj = self.fds.get(fd)
+        if obj is not None:
+            return obj
+        if not 0 <= fd < 1 << 31:  # an unsigned int fd beyond any fd table (nr_open)
+            raise oserror(errno.EBADF, "fget")
         try:
             os.fstat(fd)
         except OSError as e:  # fget() found no file: every ioctl taking an fd says EBADF
@@ -132,6 +140,12 @@ class HostProcess:
 
     def mapping_at(self, addr: int) -> tuple[Mapping, int] | None:
         return self.mappings.find(addr)
+
+    def vm_enough_memory(self, pages: int) -> bool:
+        """kernel: mm/util.c __vm_enough_memory under OVERCOMMIT_GUESS, which
+        mmap_region asks for an accountable (private, writable) mapping: only one
+        larger than all RAM and swap is refused."""
+        return pages <= self.total_ram_pages + TOTAL_SWAP_PAGES
 
 
 class AnonymousMemory:

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1  # include/linux/kvm_host.h
 KVM_MAX_VCPUS = 1024  # KVM_CAP_MAX_VCPUS: kvm->max_vcpus
+# kvm_mmu_max_gfn(): 52 address bits without TDP (this host's shadow paging); with TDP
+# the host's MAXPHYADDR (shadow_phys_bits), which the model does not know: 52 there too.
+MAX_GFN = (1 << (52 - 12)) - 1
 KVM_MAX_VCPU_IDS = 4096  # x86: KVM_MAX_VCPUS * KVM_VCPU_ID_RATIO (observed: 4095 ok, 4096 not)
 
 
@@ -263,12 +266,18 @@ class Vm:
             if base_gfn == old.base_gfn and flags == old.flags:
                 return
             self._check_overlap(base_gfn, npages, old)
+            if base_gfn != old.base_gfn and not _below_max_gfn(base_gfn, npages):
+                raise einval
             self._move_or_flags(old, base_gfn, flags)
             return
         self._check_overlap(base_gfn, npages, None)
         slot = Memslot(self, id_, base_gfn, npages, flags, hva, is_gmem_slot=is_gmem)
         if is_gmem:
             self._gmem_bind(slot, gmem_fd, offset)
+        if not _below_max_gfn(base_gfn, npages):  # after the bind: kvm_set_memslot
+            if is_gmem:
+                self._gmem_unbind(slot)
+            raise einval
         self.memslots[(as_id, id_)] = slot
         self.by_gfn[base_gfn] = slot
 
@@ -313,12 +322,16 @@ class Vm:
         slot.gmem_only = inode.mmap_supported
         inode.bindings.set(first, first + slot.npages, slot)
 
-    def _delete_slot(self, slot: Memslot) -> None:
-        """KVM_MR_DELETE: zap the slot's mappings, kvm_gmem_unbind, free the slot."""
-        self.mmu.zap([(slot.base_gfn, slot.end_gfn)])
+    def _gmem_unbind(self, slot: Memslot) -> None:
+        """kvm_gmem_unbind."""
         if slot.gmem is not None:
             slot.gmem.bindings.clear(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages)
             slot.gmem = None
+
+    def _delete_slot(self, slot: Memslot) -> None:
+        """KVM_MR_DELETE: zap the slot's mappings, kvm_gmem_unbind, free the slot."""
+        self.mmu.zap([(slot.base_gfn, slot.end_gfn)])
+        self._gmem_unbind(slot)
         del self.memslots[(0, slot.id)]  # address space 0: the only one (as_id >= 1 is EINVAL)
         del self.by_gfn[slot.base_gfn]
 
@@ -333,7 +346,9 @@ class Vm:
     def get_dirty_log(self, slot: int, npages: int) -> bytes:
         """KVM_GET_DIRTY_LOG: the slot's dirty bitmap, cleared as it is read."""
         self._live()
-        if slot & 0xFFFF >= self.kvm.profile.nr_memslots:  # kvm_get_dirty_log: as_id/id
+        # kvm_get_dirty_log: as_id beyond the address spaces (one here) or id beyond
+        # KVM_USER_MEM_SLOTS
+        if slot >> 16 >= 1 or slot & 0xFFFF >= self.kvm.profile.nr_memslots:
             raise oserror(errno.EINVAL, "KVM_GET_DIRTY_LOG")
         memslot = self.memslots.get((slot >> 16, slot & 0xFFFF))
         if memslot is None or not memslot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
@@ -383,3 +398,9 @@ class Vm:
         self.vcpu_ids.add(vcpu_id)
         self.get_ref()
         return vcpu
+
+
+def _below_max_gfn(base_gfn: int, npages: int) -> bool:
+    """kernel: arch/x86/kvm/x86.c kvm_arch_prepare_memory_region: a CREATE or MOVE
+    whose last gfn is beyond kvm_mmu_max_gfn() is EINVAL."""
+    return base_gfn + npages - 1 <= MAX_GFN

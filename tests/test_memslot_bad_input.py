@@ -1,0 +1,60 @@
+"""Memslot bad input the differential test found, the same calls on both backends."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from guestmem import uapi
+from guestmem.host import Kvm as HostKvm
+from guestmem.model import Kvm as ModelKvm
+
+from .conftest import kvm_unavailable_reason
+
+PS = uapi.PAGE_SIZE
+GMEM = uapi.KVM_MEM_GUEST_MEMFD
+LAST_GPA = (1 << 52) - PS  # kvm_mmu_max_gfn() without TDP: 52 address bits
+
+
+def backends():
+    reason = kvm_unavailable_reason()
+    return [pytest.param("model", id="model"),
+            pytest.param("kvm", id="kvm",
+                         marks=pytest.mark.skipif(reason is not None, reason=str(reason)))]
+
+
+def errno_of(fn, *args):
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno
+    return None
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_memslots_end_at_the_largest_gfn(backend):
+    kvm = ModelKvm() if backend == "model" else HostKvm()
+    with kvm, kvm.create_vm() as vm, vm.create_guest_memfd(2 * PS, 0) as g, \
+            kvm.mmap_anonymous(PS) as anon:
+        region2 = vm.set_user_memory_region2
+        assert errno_of(region2, 1, GMEM, LAST_GPA + PS, PS, 0, g, 0) == errno.EINVAL
+        assert errno_of(region2, 1, GMEM, LAST_GPA, 2 * PS, 0, g, 0) == errno.EINVAL
+        assert errno_of(region2, 1, GMEM, LAST_GPA, PS, 0, g, 0) is None, "the last page"
+        vm.delete_memslot(1)
+        assert errno_of(region2, 1, GMEM, 1 << 32, 2 * PS, 0, g, 0) is None, "g was unbound"
+        region2(2, 0, 1 << 33, PS, anon.addr)
+        assert errno_of(region2, 2, 0, LAST_GPA + PS, PS, anon.addr) == errno.EINVAL, "move"
+        assert errno_of(region2, 2, 0, LAST_GPA, PS, anon.addr) is None
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("fd", [-1, 999, 1 << 31, (1 << 32) - 2])
+def test_a_guest_memfd_fd_that_is_not_open_is_ebadf(backend, fd):
+    """kvm_gmem_bind: fget() fails first, even for a slot beyond the largest gfn.
+    (The model asked os.fstat about fds above 2**31 and raised OverflowError.)"""
+    kvm = ModelKvm() if backend == "model" else HostKvm()
+    with kvm, kvm.create_vm() as vm:
+        for gpa in (1 << 32, 1 << 52):
+            assert errno_of(vm.set_user_memory_region2, 1, GMEM, gpa, PS, 0, fd, 0) == \
+                errno.EBADF
