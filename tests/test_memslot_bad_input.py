@@ -58,3 +58,12 @@ def test_a_guest_memfd_fd_that_is_not_open_is_ebadf(backend, fd):
         for gpa in (1 << 32, 1 << 52):
             assert errno_of(vm.set_user_memory_region2, 1, GMEM, gpa, PS, 0, fd, 0) == \
                 errno.EBADF
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_dirty_log_of_a_second_address_space_is_einval(backend):
+    """kvm_get_dirty_log checks as_id (bits 16-31 of slot) before looking the slot up."""
+    kvm = ModelKvm() if backend == "model" else HostKvm()
+    with kvm, kvm.create_vm() as vm:
+        assert errno_of(vm.get_dirty_log, 1 << 16 | 1, 1) == errno.EINVAL
+        assert errno_of(vm.get_dirty_log, 1, 1) == errno.ENOENT, "no such slot"
