@@ -67,3 +67,27 @@ def test_dirty_log_of_a_second_address_space_is_einval(backend):
     with kvm, kvm.create_vm() as vm:
         assert errno_of(vm.get_dirty_log, 1 << 16 | 1, 1) == errno.EINVAL
         assert errno_of(vm.get_dirty_log, 1, 1) == errno.ENOENT, "no such slot"
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_dirty_log_fills_the_slots_bitmap_whatever_npages_says(backend):
+    """KVM_GET_DIRTY_LOG writes the slot's whole bitmap: asked with npages=1 for a
+    1 Mi-page slot, the kvm backend handed the kernel an 8-byte buffer for 128 KiB
+    (a heap overflow). Both return the slot's bitmap. Run in a child: the overflow
+    may kill it."""
+    from .test_lifetime import in_child
+
+    npages = 1 << 20
+
+    def log_length():
+        kvm = ModelKvm() if backend == "model" else HostKvm()
+        with kvm, kvm.create_vm() as vm, kvm.mmap_anonymous(npages * PS) as anon:
+            vm.set_user_memory_region2(1, uapi.KVM_MEM_LOG_DIRTY_PAGES, 1 << 32, npages * PS,
+                                       anon.addr)
+            for _ in range(20):  # a few rounds, so a corrupted heap shows
+                log = vm.get_dirty_log(1, 1)
+            return len(log)
+
+    killed, out = in_child(log_length)
+    assert killed is None, f"the child died of signal {killed}"
+    assert out == str(npages // 8)

@@ -232,6 +232,17 @@ class Vm(_Fd):
         self.vm_type = vm_type
         # Asked now: the VM's vCPUs need it even after /dev/kvm is closed.
         self.vcpu_mmap_size = kvm.vcpu_mmap_size()
+        # Pages of each memslot set through this object: KVM_GET_DIRTY_LOG writes a
+        # slot's whole bitmap, so the buffer must hold it.
+        self._slot_pages: dict[int, int] = {}
+
+    def _set_region(self, request: int, region: ctypes.Structure) -> None:
+        self._ioctl(request, region)
+        slot = region.slot  # type: ignore[attr-defined]
+        if region.memory_size:  # type: ignore[attr-defined]
+            self._slot_pages[slot] = region.memory_size // uapi.PAGE_SIZE  # type: ignore
+        else:
+            self._slot_pages.pop(slot, None)
 
     def check_extension(self, cap: int) -> int:
         return self._ioctl(uapi.KVM_CHECK_EXTENSION, cap)
@@ -250,7 +261,7 @@ class Vm(_Fd):
             memory_size=memory_size,
             userspace_addr=userspace_addr,
         )
-        self._ioctl(uapi.KVM_SET_USER_MEMORY_REGION, region)
+        self._set_region(uapi.KVM_SET_USER_MEMORY_REGION, region)
 
     def set_user_memory_region2(
         self,
@@ -272,7 +283,7 @@ class Vm(_Fd):
             guest_memfd_offset=guest_memfd_offset,
             guest_memfd=fd & 0xFFFFFFFF,
         )
-        self._ioctl(uapi.KVM_SET_USER_MEMORY_REGION2, region)
+        self._set_region(uapi.KVM_SET_USER_MEMORY_REGION2, region)
 
     def delete_memslot(self, slot: int) -> None:
         """A memslot is deleted by setting it with size 0 (kvm_set_memory_region)."""
@@ -296,6 +307,9 @@ class Vm(_Fd):
         return Vcpu(self, self._ioctl(uapi.KVM_CREATE_VCPU, vcpu_id), vcpu_id)
 
     def get_dirty_log(self, slot: int, npages: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: the slot's whole bitmap (npages is only a fallback for
+        a slot this object did not set; the kernel writes the whole bitmap)."""
+        npages = self._slot_pages.get(slot, max(npages, 0))
         bitmap = ctypes.create_string_buffer(((npages + 63) // 64) * 8)
         log = uapi.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
         self._ioctl(uapi.KVM_GET_DIRTY_LOG, log)
