@@ -417,13 +417,17 @@ class Differential(RuleBasedStateMachine):
             extras(w)["vms"].append(w.kvm.create_vm())
             return len(extras(w)["vms"]) - 1
 
-        return self.both("create a spare VM", make)[1]
+        result = self.both("create a spare VM", make)
+        return result[1] if result[0] == "ok" else -1
 
     @rule(v=vms, op=st.sampled_from(["close", "create_guest_memfd", "create_vcpu", "bind",
                                      "delete", "check_extension", "dirty_log", "enable_cap",
                                      "attributes", "drop"]), closed=st.booleans())
     def spare_vm_op(self, v, op, closed):
         """Use after close (EBADF) and drop (the fds go) of a VM of its own."""
+        if v < 0:
+            return
+
         def call(w):
             vm = extras(w)["vms"][v]
             if vm is None:
@@ -497,9 +501,9 @@ class Differential(RuleBasedStateMachine):
         self.same_fds("after dropping a guest_memfd and a vCPU",  # the step's fds still open
                       lambda i, w, _, after: Counter(k for fd, k in after.items()
                                                      if fd not in before[i]))
-        if vcpu:
+        if vcpu and result[0] == "ok":
             self.both_any("the dropped vCPU's id", lambda w: w.vmm.vm.create_vcpu(vcpu_id))
-        return result[1]
+        return result[1] if result[0] == "ok" else -1
 
     def same_fds(self, what, view):
         """view(index, world, _, open fds of the world) must agree between the worlds.
