@@ -68,13 +68,17 @@ class Naive:
             pos = end
         yield pos, TASK_SIZE
 
-    def place(self, size):
-        top = [min(e, MMAP_BASE) - size for s, e in self.gaps()
-               if min(e, MMAP_BASE) - max(s, MMAP_MIN_ADDR) >= size]
+    def place(self, size, align=PS):
+        """The highest aligned address that fits below mmap_base, else the lowest
+        above TASK_UNMAPPED_BASE (vm_unmapped_area asks for size + align - PAGE:
+        a gap that only fits by luck of its alignment is not taken)."""
+        need = size + align - PS
+        top = [(min(e, MMAP_BASE) - size) // align * align for s, e in self.gaps()
+               if min(e, MMAP_BASE) - max(s, MMAP_MIN_ADDR) >= need]
         if top:
             return max(top)
-        bottom = [max(s, TASK_UNMAPPED_BASE) for s, e in self.gaps()
-                  if min(e, TASK_SIZE) - max(s, TASK_UNMAPPED_BASE) >= size]
+        bottom = [-(-max(s, TASK_UNMAPPED_BASE) // align) * align for s, e in self.gaps()
+                  if min(e, TASK_SIZE) - max(s, TASK_UNMAPPED_BASE) >= need]
         return min(bottom) if bottom else None
 
 
@@ -82,19 +86,22 @@ sizes = st.one_of(st.integers(1, 64).map(lambda n: n * PS),
                   st.sampled_from([TIB, 8 * TIB, 32 * TIB, 40 * TIB, 100 * TIB]))
 
 
+aligns = st.sampled_from([0, 0, 0, 1 << 21, 1 << 30])
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), sizes, st.integers(0, 1000)), max_size=60))
+@given(st.lists(st.tuples(st.booleans(), sizes, st.integers(0, 1000), aligns), max_size=60))
 def test_placement_matches_a_naive_scan(ops):
     space, naive, live = AddressSpace(), Naive(), []
-    for unmap, size, pick in ops:
+    for unmap, size, pick, align in ops:
         if unmap and live:
             addr, end = live.pop(pick % len(live))
             space.remove(addr)
             naive.vmas.remove((addr, end))
             continue
-        want = naive.place(size)
+        want = naive.place(size, align or PS)
         try:
-            addr = space.get_unmapped_area(size)
+            addr = space.get_unmapped_area(size, align)
         except OSError as e:
             assert e.errno == errno.ENOMEM and want is None, f"ENOMEM, naive says {want}"
             continue

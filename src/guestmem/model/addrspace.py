@@ -12,7 +12,8 @@ bottom-up above TASK_UNMAPPED_BASE, as arch_get_unmapped_area_topdown does.
 Not modelled (choices): address randomisation (mmap_base is one fixed point of
 the kernel's random range), VMA merging (each mapping is one VMA), THP
 alignment (this host's shmem_enabled is "never", and guest_memfd has no
-get_unmapped_area), MAP_FIXED and address hints (the API has neither).
+get_unmapped_area), MAP_FIXED and address hints (the API has neither). An
+explicit alignment is placed as vm_unmapped_area places one (align_mask).
 """
 
 from __future__ import annotations
@@ -208,11 +209,13 @@ class AddressSpace:
     def values(self) -> list[Any]:
         return [mapping for _, mapping in self.vmas.values()]
 
-    def get_unmapped_area(self, length: int) -> int:
+    def get_unmapped_area(self, length: int, align: int = 0) -> int:
         """do_mmap's length checks, then where a new mapping of length bytes goes
         (kernel: mm/mmap.c do_mmap, __get_unmapped_area; arch/x86/mm/mmap.c
         arch_get_unmapped_area_topdown, falling back to arch_get_unmapped_area).
-        length is the syscall's size_t."""
+        length is the syscall's size_t; align (a power of two) asks for an address
+        that is a multiple of it, as vm_unmapped_area's align_mask does: the search
+        asks for length + align - PAGE, and the address is rounded within the gap."""
         if length == 0:
             raise oserror(errno.EINVAL, "mmap")
         size = page_align(length)
@@ -222,12 +225,15 @@ class AddressSpace:
             raise oserror(errno.ENOMEM, "mmap: vm.max_map_count")
         if size > TASK_SIZE:
             raise oserror(errno.ENOMEM, "mmap")
-        addr = self.free.highest(size, MMAP_MIN_ADDR, MMAP_BASE)
-        if addr is None:  # "A failed mmap() very likely causes application failure"
-            addr = self.free.lowest(size, TASK_UNMAPPED_BASE, TASK_SIZE)
-        if addr is None:
+        slack = align - PAGE if align > PAGE else 0
+        top = self.free.highest(size + slack, MMAP_MIN_ADDR, MMAP_BASE)
+        if top is not None:
+            return (top + slack) & ~(align - 1) if slack else top  # the gap's top, aligned down
+        # "A failed mmap() very likely causes application failure": bottom-up
+        bottom = self.free.lowest(size + slack, TASK_UNMAPPED_BASE, TASK_SIZE)
+        if bottom is None:
             raise oserror(errno.ENOMEM, "mmap: no room in the address space")
-        return addr
+        return -(-bottom // align) * align if slack else bottom
 
     def insert(self, addr: int, length: int, mapping: Any) -> None:
         end = addr + page_align(length)

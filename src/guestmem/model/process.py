@@ -128,9 +128,10 @@ class HostProcess:
         return FOREIGN
 
     # --- address space ---------------------------------------------------------------------------
-    def get_unmapped_area(self, length: int) -> int:
-        """Where a new mapping of length bytes goes; EINVAL/ENOMEM as do_mmap."""
-        return self.mappings.get_unmapped_area(length)
+    def get_unmapped_area(self, length: int, align: int = 0) -> int:
+        """Where a new mapping of length bytes goes (at a multiple of align, a
+        power of two, if given); EINVAL/ENOMEM as do_mmap."""
+        return self.mappings.get_unmapped_area(length, align)
 
     def map(self, addr: int, length: int, backing: Backing, offset: int, prot: int) -> Mapping:
         """Install a mapping at addr, from get_unmapped_area (mmap_region)."""
