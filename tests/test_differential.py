@@ -12,7 +12,9 @@ Knob: GUESTMEM_DIFF_EXAMPLES (sequences, default 2000) and GUESTMEM_DIFF_STEPS
 
 from __future__ import annotations
 
+import gc
 import os
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
 
 import guestmem
-from guestmem import memmap, uapi
+from guestmem import _args, memmap, uapi
 from guestmem import program as p
 from guestmem.exits import HostFault
 from guestmem.guest import compile_program, default_hypercall_abi
@@ -29,6 +31,7 @@ from guestmem.model.invariants import violations
 from guestmem.vmm import UnhandledExit, Vmm
 
 from .conftest import kvm_unavailable_reason
+from .test_api_args import SAMPLES, wrong_values
 
 PS = uapi.PAGE_SIZE
 GIB = 1 << 30
@@ -37,6 +40,24 @@ STEPS = int(os.environ.get("GUESTMEM_DIFF_STEPS", "12"))
 MMAP, SHARED = uapi.GUEST_MEMFD_FLAG_MMAP, uapi.GUEST_MEMFD_FLAG_INIT_SHARED
 GMEM = uapi.KVM_MEM_GUEST_MEMFD
 KERNEL_VISIBLE = frozenset({memmap.UPTODATE, memmap.HOST_MAPPED})
+# Values of the bad-input rules (the block at the end of Differential).
+HUGE_IDS = [-1, 1 << 31, 1 << 32, (1 << 32) | 234, 1 << 63, (1 << 64) - 1, 1 << 64,
+            -(1 << 63) - 1]
+HUGE_SIZES = [-PS, -1, 0, PS, 1 << 40, 1 << 47, 1 << 63, (1 << 64) - PS, 1 << 64]
+HUGE_FLAGS = [0, MMAP, -1, 1 << 63, 1 << 64]
+TASK_SIZE = (1 << 47) - PS
+STAT_FIELDS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_blksize", "st_blocks",
+               "st_rdev")
+FILE_OPS = [
+    ("read", 8), ("read", 0), ("read", -1), ("write", b"x"), ("write", b""),
+    ("pread", 8, 0), ("pread", 8, -1), ("pread", 0, 1 << 62), ("pwrite", b"x", 0),
+    ("pwrite", b"", -PS), ("lseek", 0, 0), ("lseek", -1, 1), ("lseek", PS, 2), ("lseek", 0, 3),
+    ("lseek", 0, 4), ("lseek", 0, 5), ("lseek", 0, -1), ("ftruncate", 0), ("ftruncate", -1),
+    ("ftruncate", 1 << 40), ("ioctl", 0x1234), ("ioctl", 0), ("ioctl", uapi.KVM_CREATE_VCPU, 1),
+    ("ioctl", uapi.KVM_SET_MEMORY_ATTRIBUTES2), ("ioctl", (1 << 32) - 1, (1 << 64) - 1),
+    ("stat",), ("close",),
+]
+_KINDS = {"anon_inode:[kvm-gmem]": "GuestMemfd", "anon_inode:kvm-vm": "Vm"}
 
 pytestmark = pytest.mark.skipif(kvm_unavailable_reason() is not None,
                                 reason=f"differential test needs the kernel: "
@@ -113,6 +134,7 @@ class Differential(RuleBasedStateMachine):
 
     def teardown(self):
         for w in self.worlds:
+            close_extras(w)  # objects of the bad-input and lifetime rules below
             w.close()
 
     @invariant()
@@ -286,6 +308,304 @@ class Differential(RuleBasedStateMachine):
     def guest_read(self, gib, page, cpl):
         gpa = gib * GIB + page * PS
         self.both(f"CPL{cpl} guest read {gpa:#x}", lambda w: w.run_guest(cpl, p.ReadValue(gpa)))
+
+    # --- bad input, lifetimes and file operations (issue 7) ----------------------------------
+    # Wrong Python types, negative and huge ints, use after close, objects dropped
+    # unclosed, and every file operation on a guest_memfd. Objects made here live in
+    # extras(w) and are closed in teardown.
+    vms = Bundle("vms")
+    vcpus = Bundle("vcpus")
+
+    def both_any(self, what, fn):
+        """both(), where raising TypeError/OverflowError/ValueError is an outcome too."""
+        results = [outcome_any(fn, w) for w in self.worlds]
+        assert results[0] == results[1], f"{what}: model {results[0]} != kernel {results[1]}"
+        return results[0]
+
+    @rule(g=gmems, data=st.data())
+    def wrong_type(self, g, data):
+        """One argument of the wrong Python type: a TypeError on both, nothing done."""
+        qualname = data.draw(st.sampled_from(sorted(q for q in SAMPLES if q != "Mapping.pin")))
+        owner, _, method = qualname.partition(".")
+        param = data.draw(st.sampled_from([n for n in _args.SPEC[qualname] if n != "args"]))
+        bad = data.draw(st.sampled_from(wrong_values(_args.SPEC[qualname][param])))
+
+        def call(w):
+            target = {"Kvm": w.kvm, "Vm": w.vmm.vm, "Vcpu": w.vmm.vcpu,
+                      "GuestMemfd": w.gmems[g] if g >= 0 else None,
+                      "Mapping": w.mappings[-1] if w.mappings else None}[owner]
+            if target is None:
+                return "no such object"
+            return getattr(target, method)(**{**SAMPLES[qualname], param: bad})
+
+        self.both_any(f"{qualname}({param}={bad!r})", call)
+
+    @rule(target=vcpus, vcpu_id=st.sampled_from(HUGE_IDS + [1, 2, 4095, 4096])
+          | st.integers(0, 5000))
+    def create_vcpu_any_id(self, vcpu_id):
+        def make(w):
+            extras(w)["vcpus"].append(w.vmm.vm.create_vcpu(vcpu_id))
+            return len(extras(w)["vcpus"]) - 1
+
+        result = self.both_any(f"create_vcpu({vcpu_id:#x})", make)
+        return result[1] if result[0] == "ok" else -1
+
+    @rule(v=vcpus, op=st.sampled_from(["get_regs", "get_sregs", "set_regs", "run", "close",
+                                       "pre_fault", "complete_hypercall", "set_sregs"]),
+          closed=st.booleans())
+    def vcpu_op(self, v, op, closed):
+        """A vCPU of create_vcpu_any_id, open or closed: what works, and EBADF after close."""
+        if v < 0:
+            return
+
+        def call(w):
+            vcpu = extras(w)["vcpus"][v]
+            if closed:
+                vcpu.close()
+            if op == "run":
+                vcpu.immediate_exit = True  # returns at once (EINTR), guest code or not
+                return vcpu.run()
+            if op == "pre_fault":
+                return vcpu.pre_fault_memory(4 * GIB, PS)
+            if op in ("set_regs", "set_sregs"):
+                return getattr(vcpu, op)(getattr(vcpu, op.replace("set", "get"))())
+            if op == "complete_hypercall":
+                return vcpu.complete_hypercall(0)
+            got = getattr(vcpu, op)()
+            return None if got is None else bytes(got)  # registers, byte for byte
+
+        self.both_any(f"vcpu {v} {op}", call)
+
+    @rule(size=st.sampled_from(HUGE_SIZES), flags=st.sampled_from(HUGE_FLAGS))
+    def create_gmem_any_size(self, size, flags):
+        def make(w):
+            extras(w)["gmems"].append(w.vmm.vm.create_guest_memfd(size, flags))
+
+        self.both_any(f"create_guest_memfd({size:#x}, {flags:#x})", make)
+
+    @rule(g=gmems, slot=st.sampled_from([-1, 7, 0xFFFF, 32763, 32764, 1 << 16 | 7, 1 << 32]),
+          gpa=st.sampled_from([-PS, 8 * GIB, 1 << 52, (1 << 64) - PS, 1 << 64]),
+          size=st.sampled_from([-PS, 0, PS, 1 << 47, (1 << 64) - PS]),
+          hva=st.sampled_from([0, -PS, TASK_SIZE - PS, TASK_SIZE, 1 << 64]),
+          offset=st.sampled_from([0, -PS, PS, 1 << 63]),
+          fd=st.sampled_from(["g", "g", -1, 0, 999, 1 << 31, 1 << 32]))
+    def bind_any(self, g, slot, gpa, size, hva, offset, fd):
+        """A guest_memfd slot from edge values, the file given as itself or a raw fd."""
+        if g < 0:
+            return
+        result = self.both_any(
+            f"bind slot {slot:#x} gpa {gpa:#x} size {size:#x} hva {hva:#x} offset {offset:#x} "
+            f"fd {fd}",
+            lambda w: w.vmm.vm.set_user_memory_region2(
+                slot, GMEM, gpa, size, hva, w.gmems[g] if fd == "g" else fd, offset))
+        if result[0] == "ok":
+            self.both(f"delete slot {slot:#x}", lambda w: w.vmm.vm.delete_memslot(slot))
+
+    @rule(cap=st.sampled_from(sorted(uapi.CAPABILITY_NAMES)) | st.sampled_from(HUGE_IDS),
+          scope=st.sampled_from(["kvm", "vm"]))
+    def check_extension(self, cap, scope):
+        self.both_any(f"{scope} check_extension({cap:#x})",
+                      lambda w: (w.kvm if scope == "kvm" else w.vmm.vm).check_extension(cap))
+
+    @rule(g=gmems, length=st.sampled_from(HUGE_SIZES + [None]),
+          offset=st.sampled_from([0, PS, -PS, 1 << 62, 1 << 63, (1 << 64) - PS]),
+          prot=st.sampled_from([0, 1, 3, 7, 8, -1, 1 << 31]), shared=st.booleans())
+    def mmap_any(self, g, length, offset, prot, shared):
+        if g < 0:
+            return
+
+        def make(w):
+            w.mappings.append(w.gmems[g].mmap(length, offset, prot, shared))
+
+        self.both_any(f"mmap({length}, {offset:#x}, {prot:#x}, {shared})", make)
+
+    @rule(g=gmems, mode=st.sampled_from([0, 1, 2, 3, -1, 0x7F, 1 << 31]),
+          offset=st.sampled_from([0, -1, -PS, PS, 1 << 62, (1 << 63) - PS, (1 << 64) - PS]),
+          length=st.sampled_from([0, -PS, PS, 1 << 62, (1 << 63) - PS, (1 << 64) - PS]))
+    def fallocate_any(self, g, mode, offset, length):
+        if g < 0:
+            return
+        self.both_any(f"fallocate({mode:#x}, {offset:#x}, {length:#x})",
+                      lambda w: w.gmems[g].fallocate(mode, offset, length))
+
+    @rule(slot=st.sampled_from([-1, 0, 1, 0xFFFF, 32764, 1 << 16 | 1]),
+          gpa=st.sampled_from([0, -PS, 1 << 52, (1 << 64) - PS]),
+          size=st.sampled_from([0, PS, -PS, (1 << 64) - PS]),
+          flags=st.sampled_from([0, 1, -1]))
+    def other_vm_ioctls_any(self, slot, gpa, size, flags):
+        self.both_any(f"get_dirty_log({slot:#x})", lambda w: w.vmm.vm.get_dirty_log(slot, 4))
+        self.both_any(f"set_memory_attributes({gpa:#x}, {size:#x}, {flags})",
+                      lambda w: w.vmm.vm.set_memory_attributes(gpa, size, 0, flags))
+        self.both_any(f"pre_fault_memory({gpa:#x}, {size:#x}, {flags})",
+                      lambda w: w.vmm.vcpu.pre_fault_memory(gpa, size, flags))
+        self.both_any(f"enable_cap({slot:#x}, {gpa:#x}, flags={flags})",
+                      lambda w: w.vmm.vm.enable_cap(slot, gpa, flags=flags))
+
+    @rule(target=vms)
+    def spare_vm(self):
+        def make(w):
+            extras(w)["vms"].append(w.kvm.create_vm())
+            return len(extras(w)["vms"]) - 1
+
+        result = self.both("create a spare VM", make)
+        return result[1] if result[0] == "ok" else -1
+
+    @rule(v=vms, op=st.sampled_from(["close", "create_guest_memfd", "create_vcpu", "bind",
+                                     "delete", "check_extension", "dirty_log", "enable_cap",
+                                     "attributes", "drop"]), closed=st.booleans())
+    def spare_vm_op(self, v, op, closed):
+        """Use after close (EBADF) and drop (the fds go) of a VM of its own."""
+        if v < 0:
+            return
+
+        def call(w):
+            vm = extras(w)["vms"][v]
+            if vm is None:
+                return "dropped"
+            if closed:
+                vm.close()
+            if op == "drop":
+                extras(w)["vms"][v] = None
+                return None
+            return {"close": vm.close,
+                    "create_guest_memfd": lambda: extras(w)["gmems"].append(
+                        vm.create_guest_memfd(PS)),
+                    "create_vcpu": lambda: extras(w)["vcpus"].append(vm.create_vcpu(1)),
+                    "bind": lambda: vm.set_user_memory_region2(1, 0, 0, PS, 0),
+                    "delete": lambda: vm.delete_memslot(1),
+                    "check_extension": lambda: vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD),
+                    "dirty_log": lambda: vm.get_dirty_log(1, 1),
+                    "enable_cap": lambda: vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 0),
+                    "attributes": lambda: vm.set_memory_attributes(0, PS, 0),
+                    }[op]()
+
+        if op != "drop":
+            self.both_any(f"spare VM {v} {op}", call)
+            return
+        vms_ = [extras(w)["vms"][v] for w in self.worlds]
+        fds = [None if vm is None or vm.closed else vm._fd for vm in vms_]
+        del vms_
+        self.both_any(f"spare VM {v} drop", call)
+        self.same_fds("after dropping a VM", lambda i, w, before, after: fds[i] in after)
+
+    @rule(op=st.sampled_from(["capabilities", "api_version", "check_extension",
+                              "vcpu_mmap_size", "supported_vm_types", "create_vm",
+                              "mmap_anonymous"]))
+    def closed_kvm(self, op):
+        def call(w):
+            kvm = type(w.kvm)()
+            kvm.close()
+            if op == "capabilities":
+                return kvm.capabilities.api_version
+            if op == "check_extension":
+                return kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD)
+            if op == "mmap_anonymous":
+                kvm.mmap_anonymous(PS).munmap()
+                return None
+            result = getattr(kvm, op)()
+            return "a VM" if op == "create_vm" else result
+
+        self.both_any(f"closed Kvm: {op}", call)
+
+    @rule(target=mappings, bind=st.booleans(), mapped=st.booleans(), vcpu=st.booleans())
+    def drop_unclosed(self, bind, mapped, vcpu):
+        """A guest_memfd (bound, mapped, or not) and a vCPU dropped without close():
+        their fds go, a mapping keeps the file alive, the vCPU's id stays taken."""
+        self.next_id = getattr(self, "next_id", 100) + 1
+        slot, vcpu_id = 7 + self.next_id % 20, self.next_id
+
+        def make(w):
+            g = w.vmm.vm.create_guest_memfd(2 * PS, MMAP | SHARED)
+            if bind:
+                w.vmm.vm.delete_memslot(slot) if slot in extras(w)["slots"] else None
+                w.vmm.vm.set_user_memory_region2(slot, GMEM, (8 + slot) * GIB, PS, 0, g, 0)
+                extras(w)["slots"].add(slot)
+            if mapped:
+                w.mappings.append(g.mmap())
+            if vcpu:
+                w.vmm.vm.create_vcpu(vcpu_id)  # dropped at once
+            return len(w.mappings) - 1 if mapped else -1
+
+        before = [open_fds(w) for w in self.worlds]
+        result = self.both("drop unclosed objects", make)
+        self.same_fds("after dropping a guest_memfd and a vCPU",  # the step's fds still open
+                      lambda i, w, _, after: Counter(k for fd, k in after.items()
+                                                     if fd not in before[i]))
+        if vcpu and result[0] == "ok":
+            self.both_any("the dropped vCPU's id", lambda w: w.vmm.vm.create_vcpu(vcpu_id))
+        return result[1] if result[0] == "ok" else -1
+
+    def same_fds(self, what, view):
+        """view(index, world, _, open fds of the world) must agree between the worlds.
+        Both worlds share this process, so each compares only fds it can attribute."""
+        def seen():
+            return [view(i, w, None, open_fds(w)) for i, w in enumerate(self.worlds)]
+
+        got = seen()
+        if got[0] != got[1]:  # a model VM and its memslots form a cycle: collect it
+            gc.collect()
+            got = seen()
+        assert got[0] == got[1], f"{what}: model {got[0]} != kernel {got[1]}"
+
+    @rule(g=gmems, op=st.sampled_from(FILE_OPS), closed=st.booleans())
+    def file_op(self, g, op, closed):
+        """Every file operation on a guest_memfd, open or closed."""
+        if g < 0:
+            return
+        name, *args = op
+
+        def call(w):
+            gmem = w.gmems[g]
+            if closed:
+                gmem.close()
+            if name == "stat":
+                st_ = gmem.stat()
+                return tuple(getattr(st_, f) for f in STAT_FIELDS)
+            return getattr(gmem, name)(*args)
+
+        self.both_any(f"{name}{tuple(args)}", call)
+
+
+
+def outcome_any(fn, w):
+    try:
+        return outcome(fn, w)
+    except (TypeError, OverflowError, ValueError) as e:
+        return ("raises", type(e).__name__)
+
+
+def extras(w):
+    """What the rules of the bad-input block made in world w."""
+    if not hasattr(w, "extras"):
+        w.extras = {"vms": [], "vcpus": [], "gmems": [], "slots": set()}
+    return w.extras
+
+
+def close_extras(w):
+    made = extras(w)
+    for obj in [*made["vcpus"], *made["gmems"], *made["vms"]]:
+        if obj is not None:
+            obj.close()
+
+
+def open_fds(w):
+    """Open guest_memfd, VM and vCPU fds, fd -> kind: the model world's fd table, or
+    for the kernel world the KVM anon inodes of /proc/self/fd (the whole process's:
+    objects of other examples may still be there, so callers compare what they can
+    attribute to a step)."""
+    if w.kvm.backend == "model":
+        return {fd: type(obj).__name__ for fd, obj in list(w.kvm.process.fds.items())
+                if type(obj).__name__ != "Kvm"}
+    kinds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        kind = "Vcpu" if link.startswith("anon_inode:kvm-vcpu") else _KINDS.get(link)
+        if kind:
+            kinds[int(fd)] = kind
+    return kinds
 
 
 Differential.TestCase.settings = settings(

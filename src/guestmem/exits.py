@@ -110,7 +110,7 @@ class KvmRunError(OSError):
     (a MemoryFaultExit for EFAULT/EHWPOISON from guest_memfd), or None."""
 
     def __init__(self, err: int, exit: Exit | None) -> None:
-        super().__init__(err, os.strerror(err))
+        super().__init__(err, f"{os.strerror(err)} (KVM_RUN)")
         self.exit = exit
 
 

@@ -321,6 +321,13 @@ KVM_SET_REGS: Final = _IOW(KVMIO, 0x82, kvm_regs)
 KVM_GET_SREGS: Final = _IOR(KVMIO, 0x83, kvm_sregs)
 KVM_SET_SREGS: Final = _IOW(KVMIO, 0x84, kvm_sregs)
 KVM_PRE_FAULT_MEMORY: Final = _IOWR(KVMIO, 0xD5, kvm_pre_fault_memory)
+# The ioctls above by number, for error messages (KVM_SET_MEMORY_ATTRIBUTES2, a
+# series ioctl defined further down, is added there).
+IOCTL_NAMES: Final[dict[int, str]] = {
+    value: name for name, value in list(globals().items())
+    if name.startswith("KVM_") and not name.startswith("KVM_CAP") and name.isupper()
+    and isinstance(value, int) and value >> 8 & 0xFF == KVMIO
+}
 
 # --- capabilities (KVM_CHECK_EXTENSION) ---------------------------------------------------------
 KVM_CAP_USER_MEMORY: Final = 3

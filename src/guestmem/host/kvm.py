@@ -16,10 +16,11 @@ import fcntl
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, TypeVar
 
-from guestmem import api, memmap, uapi
+from guestmem import _args, api, memmap, uapi
 from guestmem.caps import Capabilities
 from guestmem.exits import (
     Exit,
@@ -37,11 +38,14 @@ from guestmem.exits import (
     ShutdownExit,
     SystemEventExit,
     UnknownExit,
+    oserror,
 )
 from guestmem.host import libc, procfs
+from guestmem.host.populate import PopulateLimit
 from guestmem.memmap import MemoryMap
 
 BACKEND = "kvm"
+T = TypeVar("T")
 PAGE = uapi.PAGE_SIZE
 MEMORY_MAP_LIMIT = 4 << 30  # memory_map() reads the kernel's per-page answers: 1 Mi pages
 _LOW_BIT = bytes(i & 1 for i in range(256))  # mincore: bit 0 is residency
@@ -52,13 +56,17 @@ _PROBED: dict[int, Capabilities] = {}  # by the device number of /dev/kvm
 class _Fd:
     """An owned file descriptor, closed once."""
 
+    # Set before __init__ runs: an object whose open failed (or whose call had a
+    # wrong keyword) is still deleted, and __del__ must find "no fd" then.
+    _fd: int | None = None
+
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
 
     @property
     def fd(self) -> int:
         if self._fd is None:
-            raise OSError(errno.EBADF, "closed")
+            raise oserror(errno.EBADF, "closed")
         return self._fd
 
     @property
@@ -86,9 +94,24 @@ class _Fd:
             self.close()
 
     def _ioctl(self, request: int, arg: int | ctypes.Structure = 0) -> int:
+        name = uapi.IOCTL_NAMES.get(request, f"ioctl {request:#x}")
+        if self._fd is None:
+            raise oserror(errno.EBADF, name)
         if isinstance(arg, int):
-            return fcntl.ioctl(self.fd, request, arg)
-        return fcntl.ioctl(self.fd, request, arg, True)
+            return libc.ioctl(self._fd, request, arg, name)
+        try:
+            return fcntl.ioctl(self._fd, request, arg, True)
+        except OSError as e:
+            raise oserror(e.errno, name) from None
+
+    def _call(self, name: str, fn: Callable[..., T], *args: Any) -> T:
+        """fn(fd, *args), an os-module syscall; its OSError names the syscall."""
+        if self._fd is None:
+            raise oserror(errno.EBADF, name)
+        try:
+            return fn(self._fd, *args)
+        except OSError as e:
+            raise oserror(e.errno, name) from None
 
 
 def kvm_implementation() -> str:
@@ -107,13 +130,21 @@ def numa_node_count() -> int:
         return 1
 
 
+@_args.checked
 class Kvm(_Fd):
     """/dev/kvm."""
 
     backend = BACKEND
 
-    def __init__(self, path: str = "/dev/kvm") -> None:
-        super().__init__(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+    def __init__(self, path: str = "/dev/kvm", populate_limit: int | None = None) -> None:
+        """Open /dev/kvm. populate_limit bounds the memory one call may populate
+        (bytes; default: half of MemAvailable at call time, see host.populate)."""
+        self.populate_limit = PopulateLimit(populate_limit)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise oserror(e.errno, f"open {path}") from None
+        super().__init__(fd)
         self._caps: Capabilities | None = None
 
     def api_version(self) -> int:
@@ -132,7 +163,10 @@ class Kvm(_Fd):
 
     @property
     def capabilities(self) -> Capabilities:
-        """What this host's KVM offers and does, probed once per process."""
+        """What this host's KVM offers and does, probed once per process; EBADF once
+        closed, probed before or not (as the model)."""
+        if self._fd is None:
+            raise oserror(errno.EBADF, "KVM_CHECK_EXTENSION")
         if self._caps is None:
             key = os.fstat(self.fd).st_rdev
             if key not in _PROBED:
@@ -212,14 +246,29 @@ class Kvm(_Fd):
         """Anonymous shared host memory, e.g. for a memslot's userspace_addr."""
         prot = libc.PROT_READ | libc.PROT_WRITE
         flags = libc.MAP_SHARED | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE
-        return Mapping(libc.mmap_aligned(length, prot, flags, align=align), length, prot)
+        return Mapping(libc.mmap_aligned(length, prot, flags, align=align), length, prot,
+                       populate_limit=self.populate_limit)
 
 
+@_args.checked
 class Vm(_Fd):
     def __init__(self, kvm: Kvm, fd: int, vm_type: int) -> None:
         super().__init__(fd)
         self.kvm = kvm
         self.vm_type = vm_type
+        # Asked now: the VM's vCPUs need it even after /dev/kvm is closed.
+        self.vcpu_mmap_size = kvm.vcpu_mmap_size()
+        # Pages of each memslot set through this object: KVM_GET_DIRTY_LOG writes a
+        # slot's whole bitmap, so the buffer must hold it.
+        self._slot_pages: dict[int, int] = {}
+
+    def _set_region(self, request: int, region: ctypes.Structure) -> None:
+        self._ioctl(request, region)
+        slot = region.slot  # type: ignore[attr-defined]
+        if region.memory_size:  # type: ignore[attr-defined]
+            self._slot_pages[slot] = region.memory_size // uapi.PAGE_SIZE  # type: ignore
+        else:
+            self._slot_pages.pop(slot, None)
 
     def check_extension(self, cap: int) -> int:
         return self._ioctl(uapi.KVM_CHECK_EXTENSION, cap)
@@ -238,7 +287,7 @@ class Vm(_Fd):
             memory_size=memory_size,
             userspace_addr=userspace_addr,
         )
-        self._ioctl(uapi.KVM_SET_USER_MEMORY_REGION, region)
+        self._set_region(uapi.KVM_SET_USER_MEMORY_REGION, region)
 
     def set_user_memory_region2(
         self,
@@ -260,7 +309,7 @@ class Vm(_Fd):
             guest_memfd_offset=guest_memfd_offset,
             guest_memfd=fd & 0xFFFFFFFF,
         )
-        self._ioctl(uapi.KVM_SET_USER_MEMORY_REGION2, region)
+        self._set_region(uapi.KVM_SET_USER_MEMORY_REGION2, region)
 
     def delete_memslot(self, slot: int) -> None:
         """A memslot is deleted by setting it with size 0 (kvm_set_memory_region)."""
@@ -284,12 +333,16 @@ class Vm(_Fd):
         return Vcpu(self, self._ioctl(uapi.KVM_CREATE_VCPU, vcpu_id), vcpu_id)
 
     def get_dirty_log(self, slot: int, npages: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: the slot's whole bitmap (npages is only a fallback for
+        a slot this object did not set; the kernel writes the whole bitmap)."""
+        npages = self._slot_pages.get(slot, max(npages, 0))
         bitmap = ctypes.create_string_buffer(((npages + 63) // 64) * 8)
         log = uapi.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
         self._ioctl(uapi.KVM_GET_DIRTY_LOG, log)
         return bitmap.raw
 
 
+@_args.checked
 class GuestMemfd(_Fd):
     """A guest_memfd file (KVM_CREATE_GUEST_MEMFD)."""
 
@@ -299,14 +352,27 @@ class GuestMemfd(_Fd):
         self.owner = owner  # the pid whose mappings memory_map() shows; None: this one
 
     def stat(self) -> os.stat_result:
-        return os.fstat(self.fd)
+        return self._call("fstat", os.fstat)
 
     @property
     def size(self) -> int:
         return self.stat().st_size
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
-        libc.fallocate(self.fd, mode, offset, length)
+        """fallocate(2); an allocation above the populate limit is ENOMEM first."""
+        self.vm.kvm.populate_limit.check(self._allocates(mode, offset, length), "fallocate")
+        self._call("fallocate", libc.fallocate, mode, offset, length)
+
+    def _allocates(self, mode: int, offset: int, length: int) -> int:
+        """How many bytes the kernel would allocate: kvm_gmem_allocate runs only
+        for KEEP_SIZE alone on an aligned range inside the file. Anything else the
+        kernel refuses (or punches), so it goes to the kernel for its errno."""
+        ps = uapi.PAGE_SIZE
+        if mode != uapi.FALLOC_FL_KEEP_SIZE or self._fd is None:
+            return 0
+        if offset < 0 or length <= 0 or offset % ps or length % ps:
+            return 0
+        return length if offset + length <= self.size else 0
 
     def allocate(self, offset: int, length: int) -> None:
         self.fallocate(uapi.FALLOC_FL_KEEP_SIZE, offset, length)
@@ -319,19 +385,22 @@ class GuestMemfd(_Fd):
         return self._ioctl(request, arg)
 
     def ftruncate(self, length: int) -> None:
-        os.ftruncate(self.fd, length)
+        self._call("ftruncate", os.ftruncate, length)
 
     def read(self, n: int) -> bytes:
-        return os.read(self.fd, n)
+        return self._call("read", os.read, n)
 
     def write(self, data: bytes) -> int:
-        return os.write(self.fd, data)
+        return self._call("write", os.write, data)
 
     def pread(self, n: int, offset: int) -> bytes:
-        return os.pread(self.fd, n, offset)
+        return self._call("pread64", os.pread, n, offset)
 
     def pwrite(self, data: bytes, offset: int) -> int:
-        return os.pwrite(self.fd, data, offset)
+        return self._call("pwrite64", os.pwrite, data, offset)
+
+    def lseek(self, offset: int, whence: int) -> int:
+        return self._call("lseek", os.lseek, offset, whence)
 
     def mmap(
         self,
@@ -343,9 +412,10 @@ class GuestMemfd(_Fd):
     ) -> Mapping:
         length = self.size if length is None else length
         flags = libc.MAP_SHARED if shared else libc.MAP_PRIVATE
-        addr = libc.mmap_aligned(length, prot, flags, self.fd, offset, align)
-        mapping = Mapping(addr, length, prot, offset)
-        return mapping
+        addr = self._call("mmap", lambda fd: libc.mmap_aligned(length, prot, flags, fd, offset,
+                                                               align))
+        return Mapping(addr, length, prot, offset, self.vm.kvm.populate_limit if self.vm
+                       else None)
 
     def memory_map(self, offset: int = 0, length: int | None = None) -> MemoryMap:
         """What the kernel shows of [offset, offset+length): uptodate folios by
@@ -375,7 +445,8 @@ class GuestMemfd(_Fd):
         if length == 0:
             return b""
         try:
-            addr = libc.mmap(length, libc.PROT_NONE, libc.MAP_SHARED, self.fd, offset)
+            addr = self._call("mmap", lambda fd: libc.mmap(length, libc.PROT_NONE,
+                                                           libc.MAP_SHARED, fd, offset))
         except OSError as e:
             if e.errno == errno.ENODEV:
                 return None
@@ -386,6 +457,7 @@ class GuestMemfd(_Fd):
             libc.munmap(addr, length)
 
 
+@_args.checked
 class Mapping:
     """A host userspace mapping. `read`/`write` go through /proc/self/mem so that
     an access the kernel would answer with SIGBUS raises HostSigbus (the GUP
@@ -394,12 +466,13 @@ class Mapping:
 
     _mem_fd: int | None = None
 
-    def __init__(self, addr: int, length: int,
-                 prot: int = libc.PROT_READ | libc.PROT_WRITE, offset: int = 0) -> None:
+    def __init__(self, addr: int, length: int, prot: int = libc.PROT_READ | libc.PROT_WRITE,
+                 offset: int = 0, populate_limit: PopulateLimit | None = None) -> None:
         self.addr = addr
         self.length = length
         self.prot = prot
         self.offset = offset  # in the file mapped, if any
+        self.populate_limit = populate_limit or PopulateLimit()
         self._mapped = True
 
 
@@ -424,12 +497,13 @@ class Mapping:
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
         self._allowed(offset, False)
+        self.populate_limit.check(length, "read")
         try:
             data = os.pread(self._mem(), length, self.addr + offset)
         except OSError as e:
             if e.errno in (errno.EIO, errno.EFAULT):
                 raise HostSigbus(self.addr + offset) from e
-            raise
+            raise oserror(e.errno, "pread64 /proc/self/mem") from None
         if len(data) != length:  # a short read stops at the first page that faults
             raise HostSigbus(self.addr + offset + len(data))
         return data
@@ -437,12 +511,13 @@ class Mapping:
     def write(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
         self._allowed(offset, True)
+        self.populate_limit.check(len(data), "write")
         try:
             done = os.pwrite(self._mem(), data, self.addr + offset)
         except OSError as e:
             if e.errno in (errno.EIO, errno.EFAULT):
                 raise HostSigbus(self.addr + offset) from e
-            raise
+            raise oserror(e.errno, "pwrite64 /proc/self/mem") from None
         if done != len(data):
             raise HostSigbus(self.addr + offset + done)
 
@@ -450,12 +525,14 @@ class Mapping:
         """memset in this process: fast, but the caller must know no page SIGBUSes."""
         self._check(offset, length)
         self._allowed(offset, True)
+        self.populate_limit.check(length, "fill")
         libc.memset(self.addr + offset, byte, length)
 
     def touch_in_child(self, offset: int, write: bool = False, length: int = 1) -> int | None:
         """Touch [offset, offset+length) in a forked child; return the signal that
         killed it (e.g. SIGBUS) or None. The authoritative SIGBUS check."""
         self._check(offset, 0)
+        self.populate_limit.check(length, "touch_in_child")  # shared pages stay populated
         pid = os.fork()
         if pid == 0:  # child: touch with plain loads/stores, like a C program would
             faulthandler.disable()  # the expected SIGBUS is not a crash to report
@@ -473,6 +550,8 @@ class Mapping:
 
     def madvise(self, offset: int, length: int, advice: int) -> None:
         self._check(offset, length)
+        if advice in (libc.MADV_POPULATE_READ, libc.MADV_POPULATE_WRITE):
+            self.populate_limit.check(length, "madvise(MADV_POPULATE)")
         libc.madvise(self.addr + offset, length, advice)
 
     # --- NUMA memory policy (mm/mempolicy.c) ---------------------------------------------------
@@ -511,20 +590,34 @@ class Mapping:
 SIGBUS = signal.SIGBUS
 
 
+@_args.checked
 class Vcpu(_Fd):
+    _run_addr: int | None = None  # set once kvm_run is mapped
+
     def __init__(self, vm: Vm, fd: int, vcpu_id: int) -> None:
         super().__init__(fd)
         self.vm = vm
         self.vcpu_id = vcpu_id
-        self._run_size = vm.kvm.vcpu_mmap_size()
+        self._run_size = vm.vcpu_mmap_size
         prot = libc.PROT_READ | libc.PROT_WRITE
-        self._run_addr = libc.mmap(self._run_size, prot, libc.MAP_SHARED, fd, 0)
-        self.kvm_run = uapi.kvm_run.from_address(self._run_addr)
+        try:
+            self._run_addr = libc.mmap(self._run_size, prot, libc.MAP_SHARED, fd, 0)
+        except OSError:
+            self.close()  # the vCPU stays in its VM; its fd does not leak
+            raise
+        self._kvm_run = uapi.kvm_run.from_address(self._run_addr)
         self._thread: int | None = None  # the thread inside KVM_RUN, for kick()
         libc.install_kick_handler()
 
+    def _shared(self, what: str) -> uapi.kvm_run:
+        """The mmapped struct kvm_run; EBADF once closed (it is unmapped then, and
+        touching it would crash the interpreter)."""
+        if self._fd is None:
+            raise oserror(errno.EBADF, what)
+        return self._kvm_run
+
     def close(self) -> None:
-        if not self.closed:
+        if not self.closed and self._run_addr is not None:
             libc.munmap(self._run_addr, self._run_size)
         super().close()
 
@@ -549,7 +642,7 @@ class Vcpu(_Fd):
         """KVM_PRE_FAULT_MEMORY; returns the (gpa, size) KVM wrote back."""
         req = uapi.kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
         try:
-            libc.ioctl_inout(self.fd, uapi.KVM_PRE_FAULT_MEMORY, req)
+            libc.ioctl_inout(self.fd, uapi.KVM_PRE_FAULT_MEMORY, req, "KVM_PRE_FAULT_MEMORY")
         except OSError as e:
             raise PreFaultError(e.errno or errno.EIO, req.gpa, req.size) from None
         return req.gpa, req.size
@@ -561,29 +654,29 @@ class Vcpu(_Fd):
         # KVM writes exit_reason only when it fills an exit; clear it so a failing
         # KVM_RUN that reports none (e.g. EFAULT from a failed GUP) is not read as
         # the previous run's exit.
-        self.kvm_run.exit_reason = uapi.KVM_EXIT_UNKNOWN
+        self._shared("KVM_RUN").exit_reason = uapi.KVM_EXIT_UNKNOWN
         self._thread = threading.get_ident()
         try:
             self._ioctl(uapi.KVM_RUN)
         except OSError as e:
-            self._thread = None
-            reason = self.kvm_run.exit_reason
+            reason = self._kvm_run.exit_reason
             exit = self._decode() if reason == uapi.KVM_EXIT_MEMORY_FAULT else None
             raise KvmRunError(e.errno or errno.EIO, exit) from None
-        self._thread = None
+        finally:
+            self._thread = None
         return self._decode()
 
     def kick(self) -> None:
         """Make KVM_RUN return EINTR, from any thread: immediate_exit, then a signal
         to the thread inside KVM_RUN (api.rst, KVM_RUN). A vCPU not running now
         returns EINTR from its next KVM_RUN, until immediate_exit is cleared."""
-        self.kvm_run.immediate_exit = 1
+        self._shared("kvm_run").immediate_exit = 1
         thread = self._thread
         if thread is not None:
             libc.kick_thread(thread)
 
     def _decode(self) -> Exit:
-        run = self.kvm_run
+        run = self._kvm_run
         reason = run.exit_reason
         u = run.exit
         if reason == uapi.KVM_EXIT_IO:
@@ -620,20 +713,20 @@ class Vcpu(_Fd):
 
     def complete_io_in(self, data: bytes) -> None:
         """Answer a KVM_EXIT_IO IN: KVM copies the bytes into the guest on the next run."""
-        io = self.kvm_run.exit.io
+        io = self._shared("kvm_run").exit.io
         ctypes.memmove(self._run_addr + io.data_offset, data, io.size * io.count)
 
     def complete_hypercall(self, ret: int) -> None:
         """Answer a KVM_EXIT_HYPERCALL: KVM puts `ret` in the guest's RAX on the next run."""
-        self.kvm_run.exit.hypercall.ret = ret & 0xFFFFFFFFFFFFFFFF
+        self._shared("kvm_run").exit.hypercall.ret = ret & 0xFFFFFFFFFFFFFFFF
 
     @property
     def immediate_exit(self) -> bool:
-        return bool(self.kvm_run.immediate_exit)
+        return bool(self._shared("kvm_run").immediate_exit)
 
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
-        self.kvm_run.immediate_exit = int(value)
+        self._shared("kvm_run").immediate_exit = int(_args.BOOL("immediate_exit", value))
 
 
 GMEM_LINK = "anon_inode:[kvm-gmem]"  # what /proc/PID/fd/N reads for a guest_memfd

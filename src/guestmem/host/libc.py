@@ -33,6 +33,7 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 _libc.memset.restype = ctypes.c_void_p
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 
 PROT_NONE: Final = 0
 PROT_READ: Final = 1
@@ -48,6 +49,8 @@ MAP_FAILED: Final = ctypes.c_void_p(-1).value
 MADV_DONTNEED: Final = 4
 MADV_HUGEPAGE: Final = 14
 MADV_COLLAPSE: Final = 25
+MADV_POPULATE_READ: Final = 22
+MADV_POPULATE_WRITE: Final = 23
 
 
 def _errno() -> int:
@@ -85,16 +88,28 @@ def mmap_aligned(length: int, prot: int, flags: int, fd: int = -1, offset: int =
     return addr
 
 
-def ioctl_inout(fd: int, request: int, arg: ctypes.Structure) -> int:
+def ioctl_inout(fd: int, request: int, arg: ctypes.Structure, name: str) -> int:
     """ioctl(2) on a struct the kernel writes back even when the call fails
     (fcntl.ioctl copies it back only on success); EINTR is retried (PEP 475)."""
     while True:
-        ret = int(_libc.ioctl(fd, ctypes.c_ulong(request), ctypes.byref(arg)))
+        ret = int(_libc.ioctl(fd, request, ctypes.addressof(arg)))
         if ret >= 0:
             return ret
         err = _errno()
         if err != errno.EINTR:
-            raise oserror(err, "ioctl")
+            raise oserror(err, name)
+
+
+def ioctl(fd: int, request: int, arg: int, name: str) -> int:
+    """ioctl(2) with an integer argument as the kernel takes it, an unsigned long
+    (fcntl.ioctl passes a C int: ids and types above 2**31 could not be asked)."""
+    ret = _libc.ioctl(fd, request, arg)
+    if ret < 0:
+        err = _errno()
+        if err == errno.EINTR:  # run a signal handler now, as fcntl.ioctl does
+            ctypes.pythonapi.PyErr_CheckSignals()
+        raise oserror(err, name)
+    return int(ret)
 
 
 def munmap(addr: int, length: int) -> None:

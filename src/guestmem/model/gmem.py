@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
+import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Self
 
-from guestmem import memmap, uapi
+from guestmem import _args, memmap, uapi
 from guestmem.exits import oserror
 from guestmem.extents import ExtentMap
 from guestmem.memmap import MemoryMap
+from guestmem.model.addrspace import page_align
 from guestmem.model.content import PAGE, ZERO, PageStore
 from guestmem.model.mempolicy import LOCAL_NODE, MemPolicy, Placement
-from guestmem.model.process import PROT_EXEC, HostProcess, Mapping
+from guestmem.model.process import PROT_EXEC, PROT_WRITE, HostProcess, Mapping
 
 if TYPE_CHECKING:
     from guestmem.model.vm import Memslot, Vm
 
 MAX_LFS_FILESIZE = (1 << 63) - 1  # s_maxbytes of the guest_memfd mount
+ANON_INODE_DEV = 16  # st_dev of "anon_inode:[kvm-gmem]" files on this project's host (0:16)
+SEEK_MAX = 4  # SEEK_HOLE (include/uapi/linux/fs.h)
 _inode_numbers = itertools.count(0x1000)
 
 
@@ -67,14 +72,6 @@ class Pin:
         inode.live_pins.discard(self)
 
 
-@dataclass(frozen=True)
-class ModelStat:
-    st_size: int
-    st_blksize: int
-    st_mode: int
-    st_ino: int
-
-
 class GmemInode:
     def __init__(self, process: HostProcess, vm: Vm, size: int, flags: int) -> None:
         self.process = process
@@ -83,6 +80,8 @@ class GmemInode:
         self.npages = size // PAGE
         self.flags = flags
         self.ino = next(_inode_numbers)
+        self.created_ns = time.time_ns()  # i_atime, never updated (no read path)
+        self.mtime_ns = self.created_ns  # i_mtime = i_ctime: see modified()
         self.folios: ExtentMap[FolioState] = ExtentMap()
         self.store = PageStore()
         self.bindings: ExtentMap[Memslot] = ExtentMap()  # file index -> memslot (kvm_gmem_bind)
@@ -216,12 +215,24 @@ class GmemInode:
         if self.poisoned(index, index + count) is not None:
             return "hwpoison"  # __do_fault: VM_FAULT_HWPOISON
         self.get_pages(index, index + count)
+        if write:
+            self.modified()
         return None
+
+    def modified(self) -> None:
+        """file_update_time: mtime and ctime become now. kernel: guest_memfd.c
+        kvm_gmem_fallocate (file_modified after any success) and mm/memory.c
+        fault_dirty_shared_page (a write fault on a shared mapping without
+        page_mkwrite). A read fault maps the page writable already (no write
+        notify), so a later write does not fault: observed on 6.18.44, as is that
+        guest writes and failed calls leave the times alone."""
+        self.mtime_ns = time.time_ns()
 
     def remove(self, first: int, last: int) -> None:
         """MADV_REMOVE on a mapping: vfs_fallocate(PUNCH_HOLE|KEEP_SIZE) of the range."""
         for _ in self.punch_hole_path(first, last):
             pass
+        self.modified()
 
     def unmapped(self, mapping: Mapping) -> None:
         self.mappings.discard(mapping)
@@ -319,6 +330,14 @@ def _describe_placement(placement: Placement, pages: int) -> str:
     return ",".join(map(str, sorted(set(nodes)))) + " interleaved"
 
 
+def _file_mmap_ok(pgoff: int, length: int) -> bool:
+    """kernel: mm/mmap.c file_mmap_ok: the mapping must end within the largest
+    file size (MAX_LFS_FILESIZE for a regular file such as guest_memfd's)."""
+    if length > MAX_LFS_FILESIZE:
+        return False
+    return pgoff <= (MAX_LFS_FILESIZE - length) // PAGE
+
+
 def _with_gaps(items: Iterator[tuple[int, int, MemPolicy]], first: int,
                last: int) -> list[tuple[int, int, MemPolicy | None]]:
     """The extents of [first, last) in order, gaps as None (no policy)."""
@@ -356,13 +375,14 @@ def _vfs_mode_valid(mode: int) -> bool:
     return False  # more than one mode
 
 
+@_args.checked
 class GuestMemfd:
     """The file: what KVM_CREATE_GUEST_MEMFD returns (a model fd)."""
 
     def __init__(self, vm: Vm, inode: GmemInode) -> None:
         self.vm = vm
         self.inode = inode
-        self._fd = vm.kvm.process.install(self)
+        self._fd = vm.kvm.process.install(self, inode.close_fd)
         self.closed = False
 
     @property
@@ -377,9 +397,20 @@ class GuestMemfd:
             raise oserror(errno.EBADF, "closed")
         return self.inode
 
-    def stat(self) -> ModelStat:
+    def stat(self) -> os.stat_result:
+        """fstat: what the kernel's inode says (kernel: fs/stat.c generic_fillattr
+        of the guest_memfd inode). Observed on 6.18.44: a regular file, mode 0600,
+        one link, the creator's uid/gid, st_blocks 0 whatever is allocated or
+        faulted (guest_memfd never accounts i_blocks), atime fixed at creation,
+        mtime = ctime moved by GmemInode.modified()."""
         inode = self._live()
-        return ModelStat(inode.size, PAGE, 0o100600, inode.ino)
+        a, m = inode.created_ns, inode.mtime_ns
+        return os.stat_result(
+            (0o100600, inode.ino, ANON_INODE_DEV, 1, os.geteuid(), os.getegid(), inode.size,
+             a // 10**9, m // 10**9, m // 10**9),
+            {"st_atime": a / 1e9, "st_mtime": m / 1e9, "st_ctime": m / 1e9,
+             "st_atime_ns": a, "st_mtime_ns": m, "st_ctime_ns": m,
+             "st_blksize": PAGE, "st_blocks": 0, "st_rdev": 0})
 
     @property
     def size(self) -> int:
@@ -403,10 +434,11 @@ class GuestMemfd:
         if mode & punch:
             for _ in inode.punch_hole_path(first, last):  # run to completion
                 pass
-            return
-        if offset + length > inode.size:  # kvm_gmem_allocate: "immutable by default"
+        elif offset + length > inode.size:  # kvm_gmem_allocate: "immutable by default"
             raise oserror(errno.EINVAL, "fallocate")
-        inode._allocate(first, last)  # allocation does not zero (upstream.md §2.11)
+        else:
+            inode._allocate(first, last)  # allocation does not zero (upstream.md §2.11)
+        inode.modified()
 
     def allocate(self, offset: int, length: int) -> None:
         self.fallocate(uapi.FALLOC_FL_KEEP_SIZE, offset, length)
@@ -424,12 +456,21 @@ class GuestMemfd:
         raise oserror(errno.EINVAL, "write")  # no write_iter
 
     def pread(self, n: int, offset: int) -> bytes:
+        """ksys_pread64: a negative pos is EINVAL before the file is asked; then
+        no FMODE_PREAD (guest_memfd has no llseek) is ESPIPE."""
         self._live()
-        raise oserror(errno.ESPIPE, "pread")  # no llseek: FMODE_PREAD unset
+        raise oserror(errno.EINVAL if offset < 0 else errno.ESPIPE, "pread64")
 
     def pwrite(self, data: bytes, offset: int) -> int:
+        """ksys_pwrite64: as pread."""
         self._live()
-        raise oserror(errno.ESPIPE, "pwrite")
+        raise oserror(errno.EINVAL if offset < 0 else errno.ESPIPE, "pwrite64")
+
+    def lseek(self, offset: int, whence: int) -> int:
+        """ksys_lseek: whence beyond SEEK_MAX is EINVAL; vfs_llseek: no FMODE_LSEEK
+        (no llseek in kvm_gmem_fops) is ESPIPE, whatever the offset (observed)."""
+        self._live()
+        raise oserror(errno.EINVAL if not 0 <= whence <= SEEK_MAX else errno.ESPIPE, "lseek")
 
     def ftruncate(self, length: int) -> None:
         self._live()
@@ -441,17 +482,27 @@ class GuestMemfd:
 
     def mmap(self, length: int | None = None, offset: int = 0, prot: int = 3,
              shared: bool = True, align: int = 0) -> Mapping:
+        """mmap(2) of the file, checks in the kernel's order: sys_mmap (offset),
+        do_mmap (length, placement, file_mmap_ok, noexec), kvm_gmem_mmap; `align`
+        places it at a multiple of align (api.GuestMemfd.mmap)."""
         inode = self._live()
         length = inode.size if length is None else length
-        if length <= 0 or offset % PAGE:
-            raise oserror(errno.EINVAL, "mmap")  # mmap syscall / do_mmap, before the file
+        if offset % PAGE:
+            raise oserror(errno.EINVAL, "mmap")  # arch sys_mmap: off & ~PAGE_MASK
+        process = self.vm.kvm.process
+        addr = process.get_unmapped_area(length, align)
+        if not _file_mmap_ok(offset // PAGE, page_align(length)):
+            raise oserror(errno.EOVERFLOW, "mmap")
         if prot & PROT_EXEC:
             raise oserror(errno.EPERM, "mmap")  # do_mmap: the mount is noexec
+        accountable = not shared and prot & PROT_WRITE  # mmap_region: accountable_mapping
+        if accountable and not process.vm_enough_memory(page_align(length) // PAGE):
+            raise oserror(errno.ENOMEM, "mmap: overcommit")
         if not inode.mmap_supported:
             raise oserror(errno.ENODEV, "mmap")  # kvm_gmem_mmap
         if not shared:
             raise oserror(errno.EINVAL, "mmap")  # "Copy-on-write not allowed"
-        mapping = self.vm.kvm.process.mmap(length, inode, offset, prot, align)
+        mapping = process.map(addr, length, inode, offset, prot)
         inode.mappings.add(mapping)
         return mapping
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 from typing import Self
 
-from guestmem import uapi
+from guestmem import _args, uapi
 from guestmem.caps import Capabilities
 from guestmem.exits import oserror
+from guestmem.model.addrspace import page_align
 from guestmem.model.content import PAGE
 from guestmem.model.process import PROT_READ, PROT_WRITE, AnonymousMemory, HostProcess, Mapping
 from guestmem.model.profile import PROFILES, Profile
@@ -17,6 +19,7 @@ from guestmem.model.vm import Vm
 BACKEND = "model"
 
 
+@_args.checked
 class Kvm:
     backend = BACKEND
 
@@ -34,10 +37,20 @@ class Kvm:
             raise ValueError("numa_nodes must be 1..64")
         self.process = HostProcess(numa_nodes)
         self.process.memory_failure = profile.memory_failure
-        self.vms: set[Vm] = set()
+        self.vms: weakref.WeakSet[Vm] = weakref.WeakSet()  # live VMs (fd or references)
         self.closed = False
         self.fd = self.process.install(self)
-        self.capabilities = self._capabilities()
+        self._caps = self._capabilities()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What KVM_CHECK_EXTENSION says, as a record; EBADF once closed."""
+        self._live("KVM_CHECK_EXTENSION")
+        return self._caps
+
+    def _live(self, ioctl: str) -> None:
+        if self.closed:  # every ioctl on /dev/kvm needs its fd (as the kvm backend)
+            raise oserror(errno.EBADF, ioctl)
 
     # --- capabilities ------------------------------------------------------------------------
     def _derived_system(self) -> dict[int, int]:
@@ -109,22 +122,33 @@ class Kvm:
         )
 
     def api_version(self) -> int:
+        self._live("KVM_GET_API_VERSION")
         return uapi.KVM_API_VERSION
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION at system scope (kvm_dev_ioctl_check_extension_generic)."""
-        return self.capabilities.system_numbers.get(cap, 0)
+        self._live("KVM_CHECK_EXTENSION")
+        return self.system_extension(cap)
+
+    def system_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION at system scope for the model's own use (no fd check)."""
+        return self._caps.system_numbers.get(cap, 0)
+
+    def vm_extension(self, vm_type: int, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on a VM of vm_type (its VM fd outlives /dev/kvm's)."""
+        return self._caps.vm_numbers[vm_type].get(cap, 0)
 
     def vcpu_mmap_size(self) -> int:
+        self._live("KVM_GET_VCPU_MMAP_SIZE")
         return 3 * PAGE
 
     def supported_vm_types(self) -> frozenset[int]:
+        self._live("KVM_CHECK_EXTENSION")
         return frozenset(self.profile.vm_types)
 
     # --- objects -------------------------------------------------------------------------------
     def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
-        if self.closed:
-            raise oserror(errno.EBADF, "closed /dev/kvm")
+        self._live("KVM_CREATE_VM")
         if vm_type not in self.profile.vm_types:
             raise oserror(errno.EINVAL, "KVM_CREATE_VM type")  # kvm_arch_init_vm
         vm = Vm(self, self.profile.vm_type(vm_type))
@@ -132,10 +156,11 @@ class Kvm:
         return vm
 
     def mmap_anonymous(self, length: int, align: int = 0) -> Mapping:
-        npages = -(-length // PAGE)
-        mapping = self.process.mmap(length, AnonymousMemory(self.process, npages), 0,
-                                    PROT_READ | PROT_WRITE, align)
-        return mapping
+        """mmap(MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE): shmem of length bytes, at
+        a multiple of `align` if given."""
+        addr = self.process.get_unmapped_area(length, align)
+        memory = AnonymousMemory(self.process, page_align(length) // PAGE)
+        return self.process.map(addr, length, memory, 0, PROT_READ | PROT_WRITE)
 
     def open_fd_count(self) -> int:
         """Open fds of this process: model objects hold real fds, so this counts them."""

@@ -3,6 +3,8 @@
 Model fds are real fd numbers (each model file holds an open /dev/null), so a
 model fd never collides with a real file of this process and `fget()` on any
 other open fd finds "a file that is not a guest_memfd", as in the kernel.
+The fd table holds its objects weakly: an object dropped without close() has
+its fd closed when Python collects it, as the kvm backend's _Fd.__del__ does.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
-from guestmem import uapi
+from guestmem import _args, uapi
 from guestmem.exits import HostSigbus, HostSigsegv, oserror
 from guestmem.extents import ExtentMap
+from guestmem.model.addrspace import TASK_SIZE, AddressSpace
 from guestmem.model.content import PAGE, PageStore
 from guestmem.model.mempolicy import (
     DEFAULT_REPORT,
@@ -25,8 +30,7 @@ from guestmem.model.mempolicy import (
     mbind_policy,
 )
 
-TASK_SIZE_MAX = (1 << 47) - PAGE  # x86-64 4-level user address space (access_ok)
-MMAP_BASE = 0x7F00_0000_0000
+TASK_SIZE_MAX = TASK_SIZE  # x86-64 4-level user address space (access_ok)
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MADV_DONTNEED, MADV_REMOVE, MADV_HUGEPAGE, MADV_COLLAPSE, MADV_HWPOISON = 4, 9, 14, 25, 100
 MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED = 22, 23, 24
@@ -35,6 +39,10 @@ MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED = 22, 23, 24
 # MERGEABLE, UNMERGEABLE, HUGEPAGE, NOHUGEPAGE, DONTDUMP, DODUMP, KEEPONFORK,
 # COLD, PAGEOUT). FREE (8), WIPEONFORK (18), COLLAPSE (25), newer and unknown
 # values are EINVAL (madvise_behavior_valid and the VMA checks).
+# The memory of the host the model stands for (this project's: MemTotal 24731708 kB,
+# no swap), for the overcommit check. vm.overcommit_memory = 0 (OVERCOMMIT_GUESS) there.
+TOTAL_RAM_PAGES = 24731708 * 1024 // PAGE
+TOTAL_SWAP_PAGES = 0
 _MADV_NO_EFFECT = frozenset({0, 1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20, 21})
 
 
@@ -70,27 +78,49 @@ class HostProcess:
     def __init__(self, numa_nodes: int = 1) -> None:
         self.numa_nodes = numa_nodes  # nodes 0..n-1, all online with memory
         self.node_chooser = NodeChooser()
-        self.fds: dict[int, Any] = {}
+        self.fds: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self._finalizers: dict[int, weakref.finalize] = {}
         self.memory_failure = False  # CONFIG_MEMORY_FAILURE: MADV_HWPOISON available
-        self.mappings: dict[int, Mapping] = {}
-        self._next_addr = MMAP_BASE
+        self.total_ram_pages = TOTAL_RAM_PAGES
+        self.mappings = AddressSpace()
         self.stats = Stats()
         self.backings: set[Any] = set()  # live guest_memfd inodes and anonymous memory
 
     # --- fds ----------------------------------------------------------------------------------
-    def install(self, obj: Any) -> int:
+    def install(self, obj: Any, on_drop: Callable[[], None] | None = None) -> int:
+        """A new fd for obj. If obj is collected unclosed, its fd is closed and
+        on_drop (what its close() would do to the rest of the model) runs; on_drop
+        must not refer to obj."""
         fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self.fds[fd] = obj
+        finalizer = weakref.finalize(obj, self._dropped, fd, on_drop)
+        finalizer.atexit = False  # at exit the OS closes the fds; no model code runs then
+        self._finalizers[fd] = finalizer
         return fd
 
     def release_fd(self, fd: int) -> None:
-        if self.fds.pop(fd, None) is not None:
+        """close(fd) by its owner."""
+        finalizer = self._finalizers.pop(fd, None)
+        if finalizer is not None:
+            finalizer.detach()
+            self.fds.pop(fd, None)
             os.close(fd)
+
+    def _dropped(self, fd: int, on_drop: Callable[[], None] | None) -> None:
+        """The owner of fd was collected without closing it: the last fput."""
+        self._finalizers.pop(fd, None)
+        self.fds.pop(fd, None)
+        os.close(fd)
+        if on_drop is not None:
+            on_drop()
 
     def fget(self, fd: int) -> Any:
         """The object behind fd; FOREIGN for a real file; EBADF if nothing is open."""
-        if fd in self.fds:
-            return self.fds[fd]
+        obj = self.fds.get(fd)
+        if obj is not None:
+            return obj
+        if not 0 <= fd < 1 << 31:  # an unsigned int fd beyond any fd table (nr_open)
+            raise oserror(errno.EBADF, "fget")
         try:
             os.fstat(fd)
         except OSError as e:  # fget() found no file: every ioctl taking an fd says EBADF
@@ -98,21 +128,25 @@ class HostProcess:
         return FOREIGN
 
     # --- address space ---------------------------------------------------------------------------
-    def mmap(self, length: int, backing: Backing, offset: int, prot: int,
-             align: int = 0) -> Mapping:
-        """A new VMA; `align` puts it at a multiple of align (api.GuestMemfd.mmap)."""
-        npages = -(-length // PAGE)
-        addr = -(-self._next_addr // align) * align if align > PAGE else self._next_addr
-        self._next_addr = addr + (npages + 16) * PAGE  # a gap: stray accesses hit nothing
+    def get_unmapped_area(self, length: int, align: int = 0) -> int:
+        """Where a new mapping of length bytes goes (at a multiple of align, a
+        power of two, if given); EINVAL/ENOMEM as do_mmap."""
+        return self.mappings.get_unmapped_area(length, align)
+
+    def map(self, addr: int, length: int, backing: Backing, offset: int, prot: int) -> Mapping:
+        """Install a mapping at addr, from get_unmapped_area (mmap_region)."""
         mapping = Mapping(self, addr, length, backing, offset // PAGE, prot)
-        self.mappings[addr] = mapping
+        self.mappings.insert(addr, length, mapping)
         return mapping
 
     def mapping_at(self, addr: int) -> tuple[Mapping, int] | None:
-        for m in self.mappings.values():
-            if m.addr <= addr < m.addr + m.length:
-                return m, addr - m.addr
-        return None
+        return self.mappings.find(addr)
+
+    def vm_enough_memory(self, pages: int) -> bool:
+        """kernel: mm/util.c __vm_enough_memory under OVERCOMMIT_GUESS, which
+        mmap_region asks for an accountable (private, writable) mapping: only one
+        larger than all RAM and swap is refused."""
+        return pages <= self.total_ram_pages + TOTAL_SWAP_PAGES
 
 
 class AnonymousMemory:
@@ -149,6 +183,7 @@ class AnonymousMemory:
         self.process.backings.discard(self)
 
 
+@_args.checked
 @dataclass(eq=False)
 class Mapping:
     """A host VMA. `ptes` records which pages have a userspace PTE (present)."""
@@ -349,7 +384,7 @@ class Mapping:
         if self.mapped:
             self.mapped = False
             self.ptes = ExtentMap()
-            self.process.mappings.pop(self.addr, None)
+            self.process.mappings.remove(self.addr)
             detach = getattr(self.backing, "unmapped", None)
             if detach:
                 detach(self)

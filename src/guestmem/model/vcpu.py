@@ -17,7 +17,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
-from guestmem import hypercall, uapi
+from guestmem import _args, hypercall, uapi
 from guestmem import program as p
 from guestmem.caps import HypercallOutcome
 from guestmem.exits import (
@@ -36,6 +36,7 @@ from guestmem.exits import (
 from guestmem.extents import ExtentMap
 from guestmem.model.content import PAGE, PageStore, Pattern
 from guestmem.model.paths import complete, gmem_fault_path
+from guestmem.model.reset import reset_regs, reset_sregs
 
 if TYPE_CHECKING:
     from guestmem.model.vm import Memslot, Vm
@@ -74,36 +75,60 @@ _PTE_ADDR = ((1 << 52) - 1) & ~0xFFF
 _BLOCKED = _Fault(errno.EINTR, None)  # what a blocked KVM_RUN returns once kicked
 
 
+@_args.checked
 class Vcpu:
     interprets_programs = True
 
     def __init__(self, vm: Vm, vcpu_id: int) -> None:
         self.vm = vm
         self.vcpu_id = vcpu_id
-        self.regs = uapi.kvm_regs()
-        self.sregs = uapi.kvm_sregs()
+        self.regs = reset_regs()  # the x86 reset state, as KVM_CREATE_VCPU leaves it
+        self.sregs = reset_sregs(vcpu_id)
         self._execution: Execution | None = None
         self._hypercall_ret: int | None = None
-        self.immediate_exit = False
+        self._immediate_exit = False
         self.closed = False
-        self._fd = vm.kvm.process.install(self)
+        self._fd = vm.kvm.process.install(self, vm.put_ref)  # dropped: as close()
         self.encrypted_view: ExtentMap[bool] = ExtentMap()  # the guest's own C-bit view
+
+    def _live(self, what: str) -> None:
+        """Every call needs the fd (an ioctl) or its kvm_run page, gone with it."""
+        if self.closed:
+            raise oserror(errno.EBADF, what)
 
     # --- registers and setup ------------------------------------------------------------------
     def get_regs(self) -> uapi.kvm_regs:
+        self._live("KVM_GET_REGS")
         return uapi.kvm_regs.from_buffer_copy(self.regs)
 
     def set_regs(self, regs: uapi.kvm_regs) -> None:
+        self._live("KVM_SET_REGS")
         self.regs = uapi.kvm_regs.from_buffer_copy(regs)
 
     def get_sregs(self) -> uapi.kvm_sregs:
+        self._live("KVM_GET_SREGS")
         return uapi.kvm_sregs.from_buffer_copy(self.sregs)
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        self._live("KVM_SET_SREGS")
         self.sregs = uapi.kvm_sregs.from_buffer_copy(sregs)
+
+    @property
+    def immediate_exit(self) -> bool:
+        self._live("kvm_run")
+        return self._immediate_exit
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        self._live("kvm_run")
+        self._immediate_exit = _args.BOOL("immediate_exit", value)
 
     def load_program(self, program: p.Program, hypercall_abi: str) -> None:
         """Model only: the program the VMM placed in guest memory, to interpret."""
+        if not isinstance(program, p.Program):
+            raise TypeError(f"the model's vCPU interprets guestmem programs, not x86 code: "
+                            f"got {type(program).__name__}; raw machine code runs only on "
+                            f"the kvm backend")
         self._abi = hypercall_abi
         self._execution = self._run_steps(program.steps)
 
@@ -140,9 +165,11 @@ class Vcpu:
 
     def complete_io_in(self, data: bytes) -> None:
         """Guest programs never do port IN, so there is never an IN to complete."""
+        self._live("kvm_run")
         raise RuntimeError("no KVM_EXIT_IO IN is pending: model guests do not read ports")
 
     def complete_hypercall(self, ret: int) -> None:
+        self._live("kvm_run")
         self._hypercall_ret = ret & _MASK
 
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
@@ -150,9 +177,10 @@ class Vcpu:
         kvm_arch_vcpu_pre_fault_memory): returns the (gpa, size) written back; a
         failure is PreFaultError with them (unchanged: a call that maps anything
         succeeds)."""
+        self._live("KVM_PRE_FAULT_MEMORY")
         if flags:
             raise PreFaultError(errno.EINVAL, gpa, size)
-        if gpa % PAGE or size % PAGE or gpa + size <= gpa:
+        if gpa % PAGE or size % PAGE or (gpa + size) & _MASK <= gpa:  # u64 wraps
             raise PreFaultError(errno.EINVAL, gpa, size)
         if not self.vm.kvm.profile.pre_fault_memory:
             # Shadow paging (this host, mainline profile), observed on 6.18: with no

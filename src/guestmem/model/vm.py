@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
-from guestmem import api, uapi
+from sortedcontainers import SortedDict
+
+from guestmem import _args, api, uapi
 from guestmem.exits import oserror
 from guestmem.extents import ExtentMap
 from guestmem.model.content import PAGE
@@ -21,6 +24,9 @@ if TYPE_CHECKING:
 
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1  # include/linux/kvm_host.h
 KVM_MAX_VCPUS = 1024  # KVM_CAP_MAX_VCPUS: kvm->max_vcpus
+# kvm_mmu_max_gfn(): 52 address bits without TDP (this host's shadow paging); with TDP
+# the host's MAXPHYADDR (shadow_phys_bits), which the model does not know: 52 there too.
+MAX_GFN = (1 << (52 - 12)) - 1
 KVM_MAX_VCPU_IDS = 4096  # x86: KVM_MAX_VCPUS * KVM_VCPU_ID_RATIO (observed: 4095 ok, 4096 not)
 
 
@@ -92,16 +98,24 @@ class Stage2Mmu:
         self.invalidate_end()
 
 
+@_args.checked
 class Vm:
     def __init__(self, kvm: Kvm, vm_type: VmType) -> None:
         self.kvm = kvm
         self.vm_type_info = vm_type
         self.vm_type = vm_type.number
         self.memslots: dict[tuple[int, int], Memslot] = {}  # (as_id, id) -> slot
+        # The same slots ordered by base_gfn (the kernel's gfn tree, kvm_memslots.gfn_tree):
+        # overlap checks and gfn lookups in O(log n). Slots never overlap, so base_gfn
+        # is a key and the slot before a gfn is the only one that can contain it.
+        self.by_gfn: SortedDict = SortedDict()
         self.attributes: ExtentMap[int] = ExtentMap()  # gfn -> attrs, absent = 0
         self.mmu = Stage2Mmu()
         self.exit_hypercall_mask = 0
-        self.vcpus: dict[int, Vcpu] = {}
+        # Open vCPU fds by id (a dropped one is collected), and every id ever created:
+        # a vCPU outlives its fd until the VM dies (kvm->vcpu_array).
+        self.vcpus: weakref.WeakValueDictionary[int, Vcpu] = weakref.WeakValueDictionary()
+        self.vcpu_ids: set[int] = set()
         # Dirty bits of the guest's 2 MiB page-table entries (guestmem machines map
         # guest memory with 2 MiB identity pages, written once per VM), by 2 MiB frame.
         self.guest_pte_dirty: ExtentMap[bool] = ExtentMap()
@@ -160,14 +174,14 @@ class Vm:
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM (kvm_vm_ioctl_check_extension_generic)."""
         self._live()
-        return self.kvm.capabilities.vm_numbers[self.vm_type].get(cap, 0)
+        return self.kvm.vm_extension(self.vm_type, cap)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         self._live()
         if cap != uapi.KVM_CAP_EXIT_HYPERCALL or flags:
             raise oserror(errno.EINVAL, "enable_cap")  # kvm_vm_ioctl_enable_cap: unknown
         mask = args[0] if args else 0
-        if mask & ~self.kvm.capabilities.exit_hypercall:
+        if mask & ~self.kvm.system_extension(uapi.KVM_CAP_EXIT_HYPERCALL):
             raise oserror(errno.EINVAL, "enable_cap")  # x86.c: outside VALID_MASK
         self.exit_hypercall_mask = mask
 
@@ -208,7 +222,7 @@ class Vm:
         valid = uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_GUEST_MEMFD
         if flags & uapi.KVM_MEM_GUEST_MEMFD:
             valid &= ~uapi.KVM_MEM_LOG_DIRTY_PAGES  # no dirty logging of gmem slots
-        elif self.kvm.capabilities.readonly_mem:
+        elif self.kvm.system_extension(uapi.KVM_CAP_READONLY_MEM):
             valid |= uapi.KVM_MEM_READONLY
         return valid
 
@@ -250,24 +264,41 @@ class Vm:
             if base_gfn == old.base_gfn and flags == old.flags:
                 return
             self._check_overlap(base_gfn, npages, old)
+            if base_gfn != old.base_gfn and not _below_max_gfn(base_gfn, npages):
+                raise einval
             self._move_or_flags(old, base_gfn, flags)
             return
         self._check_overlap(base_gfn, npages, None)
         slot = Memslot(self, id_, base_gfn, npages, flags, hva, is_gmem_slot=is_gmem)
         if is_gmem:
             self._gmem_bind(slot, gmem_fd, offset)
+        if not _below_max_gfn(base_gfn, npages):  # after the bind: kvm_set_memslot
+            if is_gmem:
+                self._gmem_unbind(slot)
+            raise einval
         self.memslots[(as_id, id_)] = slot
+        self.by_gfn[base_gfn] = slot
 
     def _check_overlap(self, base_gfn: int, npages: int, skip: Memslot | None) -> None:
-        for other in self.memslots.values():
-            overlaps = base_gfn < other.end_gfn and other.base_gfn < base_gfn + npages
-            if other is not skip and overlaps:  # kvm_set_memory_region: CREATE/MOVE overlap
-                raise oserror(errno.EEXIST, "memslot overlaps another")
+        """kernel: kvm_main.c kvm_set_memory_region: a CREATE or MOVE whose gfns
+        meet another slot's is EEXIST (kvm_check_memslot_overlap, a gfn-tree walk).
+        Only the last slot starting below the end can reach into the range (slots
+        never overlap), or the one before it when that one is the slot moving."""
+        i = self.by_gfn.bisect_left(base_gfn + npages) - 1
+        while i >= 0:
+            other = self.by_gfn.peekitem(i)[1]
+            if other is not skip:
+                if other.end_gfn > base_gfn:
+                    raise oserror(errno.EEXIST, "memslot overlaps another")
+                return
+            i -= 1
 
     def _move_or_flags(self, slot: Memslot, base_gfn: int, flags: int) -> None:
         """KVM_MR_MOVE / KVM_MR_FLAGS_ONLY of a non-gmem slot."""
         if base_gfn != slot.base_gfn:
             self.mmu.zap([(slot.base_gfn, slot.end_gfn)])
+            del self.by_gfn[slot.base_gfn]
+            self.by_gfn[base_gfn] = slot
         if not flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:  # the dirty bitmap is freed
             slot.dirty = ExtentMap()
         slot.base_gfn, slot.flags = base_gfn, flags
@@ -289,24 +320,33 @@ class Vm:
         slot.gmem_only = inode.mmap_supported
         inode.bindings.set(first, first + slot.npages, slot)
 
-    def _delete_slot(self, slot: Memslot) -> None:
-        """KVM_MR_DELETE: zap the slot's mappings, kvm_gmem_unbind, free the slot."""
-        self.mmu.zap([(slot.base_gfn, slot.end_gfn)])
+    def _gmem_unbind(self, slot: Memslot) -> None:
+        """kvm_gmem_unbind."""
         if slot.gmem is not None:
             slot.gmem.bindings.clear(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages)
             slot.gmem = None
-        self.memslots = {k: s for k, s in self.memslots.items() if s is not slot}
+
+    def _delete_slot(self, slot: Memslot) -> None:
+        """KVM_MR_DELETE: zap the slot's mappings, kvm_gmem_unbind, free the slot."""
+        self.mmu.zap([(slot.base_gfn, slot.end_gfn)])
+        self._gmem_unbind(slot)
+        del self.memslots[(0, slot.id)]  # address space 0: the only one (as_id >= 1 is EINVAL)
+        del self.by_gfn[slot.base_gfn]
 
     def slot_for_gfn(self, gfn: int) -> Memslot | None:
-        for slot in self.memslots.values():
-            if slot.base_gfn <= gfn < slot.end_gfn:
-                return slot
-        return None
+        """kernel: kvm_host.h search_memslots (gfn_to_memslot), in O(log n)."""
+        i = self.by_gfn.bisect_right(gfn) - 1
+        if i < 0:
+            return None
+        slot: Memslot = self.by_gfn.peekitem(i)[1]
+        return slot if gfn < slot.end_gfn else None
 
     def get_dirty_log(self, slot: int, npages: int) -> bytes:
         """KVM_GET_DIRTY_LOG: the slot's dirty bitmap, cleared as it is read."""
         self._live()
-        if slot & 0xFFFF >= self.kvm.profile.nr_memslots:  # kvm_get_dirty_log: as_id/id
+        # kvm_get_dirty_log: as_id beyond the address spaces (one here) or id beyond
+        # KVM_USER_MEM_SLOTS
+        if slot >> 16 >= 1 or slot & 0xFFFF >= self.kvm.profile.nr_memslots:
             raise oserror(errno.EINVAL, "KVM_GET_DIRTY_LOG")
         memslot = self.memslots.get((slot >> 16, slot & 0xFFFF))
         if memslot is None or not memslot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
@@ -346,12 +386,19 @@ class Vm:
 
         self._live()
         # kvm_vm_ioctl_create_vcpu: id beyond KVM_MAX_VCPU_IDS or max_vcpus created:
-        # EINVAL; an id in use: EEXIST (kvm_get_vcpu_by_id).
-        if vcpu_id >= KVM_MAX_VCPU_IDS or len(self.vcpus) >= KVM_MAX_VCPUS:
+        # EINVAL; an id in use, even with its fd closed: EEXIST (kvm_get_vcpu_by_id).
+        if vcpu_id >= KVM_MAX_VCPU_IDS or len(self.vcpu_ids) >= KVM_MAX_VCPUS:
             raise oserror(errno.EINVAL, "KVM_CREATE_VCPU")
-        if vcpu_id in self.vcpus:
+        if vcpu_id in self.vcpu_ids:
             raise oserror(errno.EEXIST, "KVM_CREATE_VCPU")
         vcpu = Vcpu(self, vcpu_id)
         self.vcpus[vcpu_id] = vcpu
+        self.vcpu_ids.add(vcpu_id)
         self.get_ref()
         return vcpu
+
+
+def _below_max_gfn(base_gfn: int, npages: int) -> bool:
+    """kernel: arch/x86/kvm/x86.c kvm_arch_prepare_memory_region: a CREATE or MOVE
+    whose last gfn is beyond kvm_mmu_max_gfn() is EINVAL."""
+    return base_gfn + npages - 1 <= MAX_GFN

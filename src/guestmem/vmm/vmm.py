@@ -157,20 +157,27 @@ class Vmm:
         selftests' layout instead: a guest_memfd (flags 0) for private pages and
         anonymous memory at userspace_addr for shared ones ("gmem+shared")."""
         slot = self._next_slot
-        if backing == "gmem":
-            supported = self.vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
-            in_place = supported & GMEM_BACKING_FLAGS == GMEM_BACKING_FLAGS
-            gmem = self.vm.create_guest_memfd(size, GMEM_BACKING_FLAGS if in_place else 0)
-            mapping = gmem.mmap(size) if in_place else self.kvm.mmap_anonymous(size)
-            backing = "gmem" if in_place else "gmem+shared"
-            self.vm.set_user_memory_region2(slot, uapi.KVM_MEM_GUEST_MEMFD, gpa, size,
-                                            mapping.addr, gmem, 0)
-        elif backing == "anon":
-            gmem = None
-            mapping = self.kvm.mmap_anonymous(size)
-            self.vm.set_user_memory_region2(slot, 0, gpa, size, mapping.addr)
-        else:
+        if backing not in ("gmem", "anon"):
             raise ValueError(f"backing must be 'gmem' or 'anon', not {backing!r}")
+        made: list[api.Closable] = []  # what this call created, undone in reverse if it fails
+        try:
+            gmem = None
+            if backing == "gmem":
+                supported = self.vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
+                in_place = supported & GMEM_BACKING_FLAGS == GMEM_BACKING_FLAGS
+                gmem = self.vm.create_guest_memfd(size, GMEM_BACKING_FLAGS if in_place else 0)
+                made.append(gmem)
+                mapping = gmem.mmap(size) if in_place else self.kvm.mmap_anonymous(size)
+                backing = "gmem" if in_place else "gmem+shared"
+            else:
+                mapping = self.kvm.mmap_anonymous(size)
+            made.append(mapping)
+            flags = uapi.KVM_MEM_GUEST_MEMFD if gmem is not None else 0
+            self.vm.set_user_memory_region2(slot, flags, gpa, size, mapping.addr,
+                                            gmem if gmem is not None else 0, 0)
+        except BaseException as e:
+            _undo(made, e)
+            raise
         self._next_slot += 1
         region = MemoryRegion(slot, gpa, size, backing, mapping, gmem)
         self.regions.append(region)
@@ -248,6 +255,10 @@ class Vmm:
         if vcpu is not None and vcpu is not self.vcpu:
             with self._driving(vcpu):
                 return self.load(image)
+        # Refused before anything is written: the model runs programs, not machine code.
+        if isinstance(self.vcpu, api.ProgramVcpu) and image.program is None:
+            raise TypeError("the model's vCPU interprets guestmem programs, not x86 "
+                            "machine code: load an image from guest.compile_program()")
         for gpa, data in machine.low_memory_contents(image):
             if gpa != machine.CODE and self._tables_written:
                 continue
@@ -255,11 +266,8 @@ class Vmm:
         self._tables_written = True
         self.vcpu.set_sregs(machine.initial_sregs(self.vcpu.get_sregs(), self.cpl))
         self.vcpu.set_regs(machine.initial_regs(image))
-        if isinstance(self.vcpu, api.ProgramVcpu):  # the model interprets the program
-            if image.program is None:
-                raise TypeError("the model's vCPU interprets guestmem programs, not x86 "
-                                "machine code: load an image from guest.compile_program()")
-            self.vcpu.load_program(image.program, image.hypercall_abi)
+        if isinstance(self.vcpu, api.ProgramVcpu) and image.program is not None:
+            self.vcpu.load_program(image.program, image.hypercall_abi)  # the model runs it
         self.image = image
 
     def run(self, timeout: float = 30.0, vcpu: api.Vcpu | None = None) -> RunResult:
@@ -474,6 +482,16 @@ class Vmm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _undo(made: list[api.Closable], error: BaseException) -> None:
+    """Close what a failed call made, newest first (a mapping before its file);
+    a failure here is noted on the original error, which the caller re-raises."""
+    for obj in reversed(made):
+        try:
+            obj.close()
+        except Exception as e:  # keep undoing, and say so
+            error.add_note(f"while undoing, {obj!r}.close() failed: {e!r}")
 
 
 class _Watchdog:
