@@ -26,6 +26,7 @@ test: lint
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 info: $(STAMP)
 	$(BIN)/guestmem info --backend kvm

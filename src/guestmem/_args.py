@@ -256,15 +256,15 @@ def _wrap(fn: F, qualname: str) -> F:
             for i, name, kind in checks[: len(given)]:
                 given[i] = kind(name, given[i])
             rest = args[len(positional):]
-            if var_kind is not None:
-                rest = var_kind(var, rest)  # type: ignore[arg-type]
+            if var is not None and var_kind is not None:
+                rest = var_kind(var, rest)
             args = (*given, *rest)
-        elif var_kind is not None:
+        elif var is not None and var_kind is not None:
             var_kind(var, ())
         for name, value in kwargs.items():
-            kind = spec.get(name)
-            if kind is not None and name != var:
-                kwargs[name] = kind(name, value)
+            named = spec.get(name)
+            if named is not None and name != var:
+                kwargs[name] = named(name, value)
         return fn(self, *args, **kwargs)
 
     checked.__api_checked__ = True  # type: ignore[attr-defined]

@@ -148,8 +148,10 @@ class HostSigsegv(HostFault):
     signal_name = "SIGSEGV"
 
 
-def oserror(err: int, what: str = "") -> OSError:
-    """An OSError carrying the kernel errno, with the kernel's message."""
+def oserror(err: int | None, what: str = "") -> OSError:
+    """An OSError carrying the kernel errno, with the kernel's message (an OSError
+    re-raised without an errno becomes EIO)."""
+    err = _errno.EIO if err is None else err
     msg = os.strerror(err) + (f" ({what})" if what else "")
     return OSError(err, msg)
 

@@ -100,7 +100,7 @@ class _Fd:
         if isinstance(arg, int):
             return libc.ioctl(self._fd, request, arg, name)
         try:
-            return fcntl.ioctl(self._fd, request, arg, True)
+            return int(fcntl.ioctl(self._fd, request, arg, True))
         except OSError as e:
             raise oserror(e.errno, name) from None
 
@@ -264,9 +264,9 @@ class Vm(_Fd):
 
     def _set_region(self, request: int, region: ctypes.Structure) -> None:
         self._ioctl(request, region)
-        slot = region.slot  # type: ignore[attr-defined]
-        if region.memory_size:  # type: ignore[attr-defined]
-            self._slot_pages[slot] = region.memory_size // uapi.PAGE_SIZE  # type: ignore
+        slot = region.slot
+        if region.memory_size:
+            self._slot_pages[slot] = region.memory_size // uapi.PAGE_SIZE
         else:
             self._slot_pages.pop(slot, None)
 
@@ -351,6 +351,11 @@ class GuestMemfd(_Fd):
         self.vm = vm  # None: attached from another process (attach_guest_memfd)
         self.owner = owner  # the pid whose mappings memory_map() shows; None: this one
 
+    @property
+    def _populate_limit(self) -> PopulateLimit:
+        """The VM's Kvm's limit; the default one for a file attached from elsewhere."""
+        return self.vm.kvm.populate_limit if self.vm is not None else PopulateLimit()
+
     def stat(self) -> os.stat_result:
         return self._call("fstat", os.fstat)
 
@@ -360,7 +365,7 @@ class GuestMemfd(_Fd):
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         """fallocate(2); an allocation above the populate limit is ENOMEM first."""
-        self.vm.kvm.populate_limit.check(self._allocates(mode, offset, length), "fallocate")
+        self._populate_limit.check(self._allocates(mode, offset, length), "fallocate")
         self._call("fallocate", libc.fallocate, mode, offset, length)
 
     def _allocates(self, mode: int, offset: int, length: int) -> int:
@@ -414,8 +419,7 @@ class GuestMemfd(_Fd):
         flags = libc.MAP_SHARED if shared else libc.MAP_PRIVATE
         addr = self._call("mmap", lambda fd: libc.mmap_aligned(length, prot, flags, fd, offset,
                                                                align))
-        return Mapping(addr, length, prot, offset, self.vm.kvm.populate_limit if self.vm
-                       else None)
+        return Mapping(addr, length, prot, offset, self._populate_limit)
 
     def memory_map(self, offset: int = 0, length: int | None = None) -> MemoryMap:
         """What the kernel shows of [offset, offset+length): uptodate folios by

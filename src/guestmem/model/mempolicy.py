@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import Literal
 
 from guestmem import uapi
 from guestmem.exits import oserror
@@ -69,7 +70,7 @@ def _relative(nodes: int, allowed: int) -> int:
 
 
 def mbind_policy(mode_word: int, nodes: int | None, maxnode: int, flags: int, offset: int,
-                 length: int, online: int) -> MemPolicy | None | bool:
+                 length: int, online: int) -> MemPolicy | None | Literal[False]:
     """kernel_mbind + do_mbind up to the VMA walk, checks in their order. Returns
     the new policy (None: MPOL_DEFAULT, i.e. remove), or False when the range is
     empty and mbind succeeds doing nothing."""

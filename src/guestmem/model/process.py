@@ -79,7 +79,7 @@ class HostProcess:
         self.numa_nodes = numa_nodes  # nodes 0..n-1, all online with memory
         self.node_chooser = NodeChooser()
         self.fds: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-        self._finalizers: dict[int, weakref.finalize] = {}
+        self._finalizers: dict[int, weakref.finalize[Any, Any]] = {}
         self.memory_failure = False  # CONFIG_MEMORY_FAILURE: MADV_HWPOISON available
         self.total_ram_pages = TOTAL_RAM_PAGES
         self.mappings = AddressSpace()
@@ -94,7 +94,9 @@ class HostProcess:
         fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self.fds[fd] = obj
         finalizer = weakref.finalize(obj, self._dropped, fd, on_drop)
-        finalizer.atexit = False  # at exit the OS closes the fds; no model code runs then
+        # At exit the OS closes the fds; no model code runs then. (typeshed lists
+        # finalize's __slots__ without its documented, settable atexit.)
+        finalizer.atexit = False  # type: ignore[misc]
         self._finalizers[fd] = finalizer
         return fd
 
@@ -236,7 +238,8 @@ class Mapping:
         self._check(offset, length)
         self._allowed(offset, False)
         self._fault(offset, length, False)
-        return self.backing.store.read(self.pgoff * PAGE + offset, length)
+        data: bytes = self.backing.store.read(self.pgoff * PAGE + offset, length)
+        return data
 
     def write(self, offset: int, data: bytes) -> None:
         """Like the host backend's write: the pages before a faulting one are
@@ -343,9 +346,9 @@ class Mapping:
             self._strict(first, last, policy)
         shared = self._shared_policy()
         if shared is not None:  # kvm_gmem_set_policy: mpol_set_shared_policy by file index
-            shared.set(self.pgoff + first, self.pgoff + last, policy)  # type: ignore[arg-type]
+            shared.set(self.pgoff + first, self.pgoff + last, policy)
         else:
-            self.policy.set(first, last, policy)  # type: ignore[arg-type]
+            self.policy.set(first, last, policy)
 
     def _strict(self, first: int, last: int, policy: MemPolicy) -> None:
         """MPOL_MF_STRICT: a page mapped here on a node the policy forbids is EIO
