@@ -274,6 +274,21 @@ class Differential(RuleBasedStateMachine):
 
         self.both(f"madvise {advice} page {page}", advise)
 
+    @rule(m=mappings, prot=st.sampled_from([0, 1, 3, 5, 7, 0x10, 8]))
+    def mprotect(self, m, prot):
+        if m < 0:
+            return
+        self.both(f"mprotect {prot:#x}", lambda w: w.mappings[m].mprotect(prot))
+
+    @rule(prot=st.sampled_from([0, 1, 3, 3]))
+    def mprotect_anonymous(self, prot):
+        """The memory behind the anonymous slots (and the gmem slots bound with it)."""
+        def protect(w):
+            w.anon_addr()
+            w.anon.mprotect(prot)
+
+        self.both(f"mprotect anonymous {prot:#x}", protect)
+
     @rule(g=gmems)
     def memory_map(self, g):
         """What the kernel shows of the file's pages (uptodate by mincore, host-mapped

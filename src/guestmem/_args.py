@@ -199,6 +199,7 @@ SPEC: dict[str, dict[str, Kind]] = {
     "Mapping.fill": {"offset": INT, "byte": BYTE, "length": INT},
     "Mapping.touch_in_child": {"offset": INT, "write": BOOL, "length": INT},
     "Mapping.madvise": {"offset": INT, "length": INT, "advice": S32},
+    "Mapping.mprotect": {"prot": S32},
     "Mapping.mbind": {"offset": INT, "length": INT, "mode": U64, "nodes": optional(INT),
                       "flags": U32, "maxnode": U64},
     "Mapping.get_mempolicy": {"offset": INT},

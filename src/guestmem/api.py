@@ -61,6 +61,9 @@ class Mapping(Closable, Protocol):
     def madvise(self, offset: int, length: int, advice: int) -> None:
         """madvise(2) on [offset, offset+length)."""
 
+    def mprotect(self, prot: int) -> None:
+        """mprotect(2) of the whole mapping."""
+
     def mbind(self, offset: int, length: int, mode: int, nodes: int | None = None,
               flags: int = 0, maxnode: int = ...) -> None:
         """mbind(2) on [offset, offset+length); nodes is a nodemask (bit n = node n)."""

@@ -294,6 +294,28 @@ def mmap_readonly(ctx: Ctx) -> None:
         ctx.bytes_equal("data unchanged", rw, PS, b"\x5b" * 8)
 
 
+@case("gmem.mprotect", "mm/mprotect.c do_mprotect_pkey (observed on 6.18)",
+      "mprotect of a guest_memfd mapping: PROT_READ makes a store SIGSEGV, PROT_NONE a "
+      "load too, back to RW both work and the data is there; PROT_EXEC is EACCES (the "
+      "mount is noexec), unknown bits EINVAL, each changing nothing",
+      flag_variants=(MMAP | SHARED,))
+def mprotect(ctx: Ctx) -> None:
+    with ctx.vm() as vm, ctx.gmem(vm, 4 * PS) as g, g.mmap(4 * PS) as m:
+        m.write(0, b"\x6d" * 8)
+        ctx.ok("PROT_READ", m.mprotect, mmap.PROT_READ)
+        ctx.host_fault("store after PROT_READ", m, 0, write=True, expected=signal.SIGSEGV)
+        ctx.bytes_equal("load after PROT_READ", m, 0, b"\x6d" * 8)
+        ctx.fails("PROT_EXEC", errno.EACCES, m.mprotect, mmap.PROT_READ | mmap.PROT_EXEC)
+        ctx.fails("unknown bit 0x10", errno.EINVAL, m.mprotect, mmap.PROT_READ | 0x10)
+        ctx.host_fault("still read-only after the failures", m, 0, write=True,
+                       expected=signal.SIGSEGV)
+        ctx.ok("PROT_NONE", m.mprotect, 0)
+        ctx.host_fault("load after PROT_NONE", m, 0, write=False, expected=signal.SIGSEGV)
+        ctx.ok("back to PROT_READ|PROT_WRITE", m.mprotect, mmap.PROT_READ | mmap.PROT_WRITE)
+        m.write(8, b"\x6e" * 8)
+        ctx.bytes_equal("data kept, store works", m, 0, b"\x6d" * 8 + b"\x6e" * 8)
+
+
 @case("gmem.mmap_not_supported", f"{SRC} test_mmap_not_supported",
       "without GUEST_MEMFD_FLAG_MMAP: mmap fails with ENODEV", flag_variants=(0,))
 def mmap_not_supported(ctx: Ctx) -> None:

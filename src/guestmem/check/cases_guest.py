@@ -7,6 +7,7 @@ lifetime rules of upstream.md §2.5, §2.9 and §2.10, on the real kernel.
 from __future__ import annotations
 
 import errno
+import mmap
 
 from guestmem import machine, uapi
 from guestmem import program as p
@@ -282,6 +283,38 @@ def memory_paths(ctx: Ctx) -> None:
                 ctx.equal(f"CPL{cpl} write with userspace_addr 0", [written], result.reports)
             ctx.bytes_equal(f"CPL{cpl}: the file after the write", file_view, 0,
                             (in_file if emulated else written).to_bytes(8, "little"))
+
+
+@case("guest.userspace_addr_protection", "mm/gup.c check_vma_flags; x86.c "
+      "emulator_read_write_onepage (observed on 6.18)",
+      "an ordinary memslot whose userspace_addr the host mprotects: a native guest access "
+      "the protection forbids fails KVM_RUN with a bare EFAULT (GUP fails); one the "
+      "emulator makes (kvm_pvm: CPL0) is MMIO; an allowed one works", needs=(needs_guests,))
+def userspace_addr_protection(ctx: Ctx) -> None:
+    for cpl in (3, 0):
+        emulated = cpl in ctx.caps.execution.emulated_cpls
+        refused = ("mmio",) if emulated else ("error", errno.EFAULT)
+        with Vmm(ctx.kvm, ctx.vm_type, cpl=cpl) as vmm, ctx.kvm.mmap_anonymous(PS) as hva:
+            hva.write(0, (41).to_bytes(8, "little"))
+            vmm.vm.set_user_memory_region2(9, 0, HIGH, PS, hva.addr)
+            for prot, name in ((mmap.PROT_READ, "PROT_READ"), (0, "PROT_NONE")):
+                hva.mprotect(prot)
+                read = _run(ctx, vmm, p.ReadValue(HIGH))
+                write = _run(ctx, vmm, p.WritePattern(HIGH, 8, 42))
+                ctx.equal(f"CPL{cpl} read, {name}", ("done", [41]) if prot else refused,
+                          _ended(read))
+                ctx.equal(f"CPL{cpl} write, {name}", refused, _ended(write))
+            hva.mprotect(mmap.PROT_READ | mmap.PROT_WRITE)
+            ctx.bytes_equal(f"CPL{cpl}: memory unchanged", hva, 0, (41).to_bytes(8, "little"))
+
+
+def _ended(result: RunResult) -> tuple[object, ...]:
+    """How a run ended, for comparing: done with reports, MMIO, or a KVM_RUN errno."""
+    if result.stop == "done":
+        return ("done", result.reports)
+    if result.stop == "error":
+        return ("error", result.errno)
+    return (result.stop,)
 
 
 ENC = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED

@@ -498,6 +498,12 @@ class Mapping:
         if not self.prot & (libc.PROT_WRITE if write else libc.PROT_READ):
             raise HostSigsegv(self.addr + offset, "protection")
 
+    def mprotect(self, prot: int) -> None:
+        """mprotect(2) of the whole mapping."""
+        self._check(0, 0)
+        libc.mprotect(self.addr, self.length, prot)
+        self.prot = prot
+
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
         self._allowed(offset, False)

@@ -117,6 +117,11 @@ def munmap(addr: int, length: int) -> None:
         raise oserror(_errno(), "munmap")
 
 
+def mprotect(addr: int, length: int, prot: int) -> None:
+    if _libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(length), ctypes.c_int(prot)) != 0:
+        raise oserror(_errno(), "mprotect")
+
+
 def madvise(addr: int, length: int, advice: int) -> None:
     if _libc.madvise(addr, length, advice) != 0:
         raise oserror(_errno(), "madvise")

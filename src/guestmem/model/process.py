@@ -31,7 +31,7 @@ from guestmem.model.mempolicy import (
 )
 
 TASK_SIZE_MAX = TASK_SIZE  # x86-64 4-level user address space (access_ok)
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+PROT_READ, PROT_WRITE, PROT_EXEC, PROT_SEM = 1, 2, 4, 8
 MADV_DONTNEED, MADV_REMOVE, MADV_HUGEPAGE, MADV_COLLAPSE, MADV_HWPOISON = 4, 9, 14, 25, 100
 MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED = 22, 23, 24
 # Advice a shared guest_memfd mapping accepts with nothing observable changing
@@ -233,6 +233,17 @@ class Mapping:
         """An access the VMA's protection forbids is SIGSEGV (no fault is taken)."""
         if not self.prot & (PROT_WRITE if write else PROT_READ):
             raise HostSigsegv(self.addr + offset, "protection")
+
+    def mprotect(self, prot: int) -> None:
+        """mprotect(2) of the whole mapping, checks in do_mprotect_pkey's order:
+        unknown bits (arch_validate_prot) EINVAL, then PROT_EXEC on a file from a
+        noexec mount (guest_memfd's: no VM_MAYEXEC) EACCES."""
+        self._check(0, 0)
+        if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC | PROT_SEM):
+            raise oserror(errno.EINVAL, "mprotect")
+        if prot & PROT_EXEC and not isinstance(self.backing, AnonymousMemory):
+            raise oserror(errno.EACCES, "mprotect")
+        self.prot = prot
 
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)

@@ -23,7 +23,6 @@ from guestmem.caps import HypercallOutcome
 from guestmem.exits import (
     Exit,
     HostFault,
-    HostSigbus,
     HypercallExit,
     IoExit,
     KvmRunError,
@@ -524,8 +523,10 @@ class Vcpu:
     def _fault_in_hva(self, slot: Memslot, first: int, last: int, write: bool,
                       memory_fault: Any) -> tuple[PageStore, int] | _Fault:
         """Shared access through userspace_addr: GUP of the host mapping. A failed
-        GUP is KVM_PFN_ERR_FAULT, and x86 kvm_handle_error_pfn returns -EFAULT
-        without a memory-fault exit (observed on 6.18 too)."""
+        GUP (a page that would SIGBUS, or a VMA whose protection forbids the access:
+        mm/gup.c check_vma_flags) is KVM_PFN_ERR_FAULT, and x86
+        kvm_handle_error_pfn returns -EFAULT without a memory-fault exit (observed
+        on 6.18 too)."""
         hva = slot.userspace_addr + (first - slot.base_gfn) * PAGE
         found = self.vm.kvm.process.mapping_at(hva)
         length = (last - first) * PAGE
@@ -533,8 +534,9 @@ class Vcpu:
             return _Fault(errno.EFAULT, None)
         mapping, offset = found
         try:
+            mapping._allowed(offset, write)
             mapping._fault(offset, length, write)
-        except HostSigbus:
+        except HostFault:
             return _Fault(errno.EFAULT, None)
         self.vm.mmu.map(first, last, "hva")
         return mapping.backing.store, mapping.pgoff * PAGE + offset
