@@ -319,6 +319,21 @@ class Differential(RuleBasedStateMachine):
                                         p.ReadValue(gpa + 8)))
 
     @precondition(lambda self: self.bound_slots)
+    @rule(gib=st.integers(4, 7), page=st.integers(0, 3), pages=st.integers(1, 4),
+          value=st.integers(0, 2**64 - 1), cpl=st.sampled_from([3, 3, 0]))
+    def guest_write_across(self, gib, page, pages, value, cpl):
+        """A write from the last word of a page over the next pages, which may be in
+        another slot, none, or a file gone: what it stores before the page that
+        fails, and how it ends; then what each page's first word reads."""
+        gpa = gib * GIB + page * PS + PS - 8
+        self.both(f"CPL{cpl} guest write across {gpa:#x} +{pages} pages",
+                  lambda w: w.run_guest(cpl, p.WritePattern(gpa, 8 + pages * PS, value, 1)))
+        for i in range(page, page + pages + 1):
+            word = gib * GIB + i * PS
+            self.both(f"CPL{cpl} read back {word:#x}",
+                      lambda w, word=word: w.run_guest(cpl, p.ReadValue(word)))
+
+    @precondition(lambda self: self.bound_slots)
     @rule(gib=st.integers(4, 7), page=st.integers(0, 3), cpl=st.sampled_from([3, 3, 0]))
     def guest_read(self, gib, page, cpl):
         gpa = gib * GIB + page * PS

@@ -15,7 +15,7 @@ import errno
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Self
 
 from guestmem import _args, hypercall, uapi
 from guestmem import program as p
@@ -23,6 +23,7 @@ from guestmem.caps import HypercallOutcome
 from guestmem.exits import (
     Exit,
     HostFault,
+    HostSigbus,
     HypercallExit,
     IoExit,
     KvmRunError,
@@ -65,7 +66,18 @@ class _Piece:
 
 
 Execution = Generator[Exit | _Fault, None, None]
-Resolution = list[_Piece] | _Fault | MmioExit | ShutdownExit
+Failure = _Fault | MmioExit | ShutdownExit
+Resolution = tuple[list[_Piece], Failure | None]  # what resolved, then what failed after it
+
+
+@dataclass(frozen=True)
+class _Faulted:
+    """Pages [first, end) of a run are present: their store and the byte offset
+    of the first; the run may end before what was asked (the next page fails)."""
+
+    store: PageStore
+    offset: int
+    end: int
 
 _PTE_PRESENT, _PTE_WRITE, _PTE_USER, _PTE_HUGE = 1, 2, 4, 0x80
 _PTE_ADDR = ((1 << 52) - 1) & ~0xFFF
@@ -192,7 +204,7 @@ class Vcpu:
         gfn, last, done = gpa // PAGE, (gpa + size) // PAGE, 0
         while gfn < last:  # one memslot and one uniform run at a time
             slot = self.vm.slot_for_gfn(gfn)
-            fault: Any = _Fault(errno.ENOENT, None)  # no memslot: emulated MMIO
+            fault: _Faulted | _Fault = _Fault(errno.ENOENT, None)  # no memslot: emulated MMIO
             if slot is not None:
                 end = self._uniform_end(gfn, min(last, slot.end_gfn))
                 fault = self._fault_in(gfn, end, False, self.vm.is_private(gfn), slot)
@@ -200,8 +212,8 @@ class Vcpu:
                 if done:
                     break  # partial progress is success; gpa/size tell how far
                 raise PreFaultError(fault.err, gpa, size)  # nothing done: range as given
-            done += (end - gfn) * PAGE
-            gfn = end
+            done += (fault.end - gfn) * PAGE
+            gfn = fault.end
         return gpa + done, size - done
 
     def close(self) -> None:
@@ -228,18 +240,24 @@ class Vcpu:
                 def word(addr: int, gpa: int = gpa, value: int = value, inc: int = inc) -> bytes:
                     return ((value + (addr - gpa) // 8 * inc) & _MASK).to_bytes(8, "little")
 
-                pieces = yield from self._memory(gpa, length, write=True, data_at=word)
-                for piece in pieces:
+                def store(piece: _Piece) -> bool:
                     first_word = (piece.gpa - gpa) // 8
                     piece.store.write_pattern(piece.offset, piece.length,
                                               value + first_word * inc, inc)
+                    return True
+
+                yield from self._access(gpa, length, True, store, word)
             case p.VerifyPattern(gpa=gpa, length=length, value=value, step=inc):
-                pieces = yield from self._memory(gpa, length, write=False)
-                yield from self._verify(pieces, gpa, value, inc)
+                yield from self._verify(gpa, length, value, inc)
             case p.ReadValue(gpa=gpa):
-                (piece, *rest) = yield from self._memory(gpa, 8, write=False)
-                data = b"".join(x.store.read(x.offset, x.length) for x in (piece, *rest))
-                yield from self._report(int.from_bytes(data, "little"))
+                data: list[bytes] = []
+
+                def load(piece: _Piece) -> bool:
+                    data.append(piece.store.read(piece.offset, piece.length))
+                    return True
+
+                yield from self._access(gpa, 8, False, load)
+                yield from self._report(int.from_bytes(b"".join(data), "little"))
             case p.Report(value=value):
                 yield from self._report(value)
             case p.Tick():
@@ -267,18 +285,27 @@ class Vcpu:
         yield _out(p.PORT_REPORT_LO, value & 0xFFFFFFFF)
         yield _out(p.PORT_REPORT_HI, value >> 32)
 
-    def _verify(self, pieces: list[_Piece], gpa: int, value: int, inc: int) -> Execution:
-        for piece in pieces:
+    def _verify(self, gpa: int, length: int, value: int, inc: int) -> Execution:
+        """The compiled loop: compare word by word, report the first mismatch."""
+        mismatch: list[tuple[int, int]] = []
+
+        def compare(piece: _Piece) -> bool:
             first_word = (piece.gpa - gpa) // 8
             want = Pattern((value + first_word * inc) & _MASK, inc & _MASK, piece.offset)
             bad = piece.store.first_mismatch(piece.offset, piece.length, want)
             if bad is not None:
                 offset, found = bad
-                yield from self._report(p.MISMATCH_TAG)
-                yield from self._report(piece.gpa + offset - piece.offset)
-                yield from self._report(found)
-                return
-        yield from self._report(p.VERIFY_OK)
+                mismatch.append((piece.gpa + offset - piece.offset, found))
+            return bad is None
+
+        yield from self._access(gpa, length, False, compare)
+        if mismatch:
+            (where, found), = mismatch
+            yield from self._report(p.MISMATCH_TAG)
+            yield from self._report(where)
+            yield from self._report(found)
+        else:
+            yield from self._report(p.VERIFY_OK)
 
     def _hypercall(self, nr: int, args: tuple[int, ...]) -> Generator[Exit | _Fault, None, int]:
         """Issue a hypercall the way the compiled code does for this ABI."""
@@ -316,74 +343,120 @@ class Vcpu:
         return execution.cpl3_hypercall.get(self._abi, HypercallOutcome.OTHER)
 
     # --- guest memory ---
-    def _memory(self, gpa: int, length: int, write: bool,
-                data_at: Callable[[int], bytes] | None = None) -> Generator[
-            Exit | _Fault, None, list[_Piece]]:
-        """Resolve [gpa, gpa+length) to backing stores, faulting pages in; a fault
-        is reported as a failing KVM_RUN and retried when the VMM runs again.
-        `data_at(addr)` gives the bytes a write stores at addr (for MMIO exits)."""
-        while True:
-            result = self._resolve(gpa, length, write, data_at)
-            if isinstance(result, list):
-                return result
-            yield result
+    def _access(self, gpa: int, length: int, write: bool, consume: Callable[[_Piece], bool],
+                data_at: Callable[[int], bytes] | None = None) -> Execution:
+        """[gpa, gpa+length) as the compiled loop touches it, word by word in
+        order: `consume` takes each run of memory that resolved (a store, a
+        compare; False stops the loop); what fails is reported where it happens,
+        so a write stores everything before the faulting page, as the real loop
+        does. A fault is retried when the VMM runs the vCPU again; after MMIO the
+        device has taken the word (a read gets zeros) and the loop goes on.
+        `data_at(addr)` gives the 8 bytes a write stores at addr."""
+        pos, end = gpa, gpa + length
+        while pos < end:
+            pieces, failure = self._resolve(pos, end - pos, write, data_at)
+            for piece in pieces:
+                if not consume(piece):
+                    return
+                pos = piece.gpa + piece.length
+            if failure is None:
+                continue
+            yield failure
+            if isinstance(failure, MmioExit):
+                word = _Piece(PageStore(), 0, failure.phys_addr, min(8, end - failure.phys_addr))
+                if not write and not consume(word):  # an unanswered read: zeros
+                    return
+                pos = failure.phys_addr + 8
 
     def _resolve(self, gpa: int, length: int, write: bool,
                  data_at: Callable[[int], bytes] | None = None) -> Resolution:
-        """A guest data access: walk the guest's page tables for each page it
-        spans, then reach guest-physical memory (identity-mapped, so the linear
-        address is the GPA)."""
+        """A guest data access: the runs the guest's page tables map contiguously,
+        each to guest-physical memory, up to the first failure (None: all of it)."""
         pieces: list[_Piece] = []
         pos, end = gpa, gpa + length
+        tables: dict[int, bytes | None] = {}  # table pages read by this access's walks
         while pos < end:
-            leaf_end = self._walk(pos, write)
-            if leaf_end is None:
-                return ShutdownExit(uapi.KVM_EXIT_SHUTDOWN)
-            stop = min(end, leaf_end)
-            result = self._resolve_physical(pos, stop - pos, write, data_at)
-            if not isinstance(result, list):
-                return result
-            pieces += result
+            run = self._translate(pos, end, write, tables)
+            if run is None:
+                return pieces, ShutdownExit(uapi.KVM_EXIT_SHUTDOWN)
+            phys, stop = run
+            done, failure = self._resolve_physical(phys, stop - pos, write, data_at)
+            for piece in done:  # back to the linear addresses the guest used
+                pieces.append(_Piece(piece.store, piece.offset, piece.gpa - phys + pos,
+                                     piece.length))
+            if failure is not None:
+                return pieces, failure
             pos = stop
-        return pieces
+        return pieces, None
 
-    def _walk(self, addr: int, write: bool) -> int | None:
+    def _translate(self, addr: int, end: int, write: bool,
+                   tables: dict[int, bytes | None]) -> tuple[int, int] | None:
+        """The guest-physical address of `addr` and the end of the run after it
+        that successive leaves map contiguously and permit (below `end`); None
+        where the walk faults."""
+        leaf = self._walk(addr, write, tables)
+        if leaf is None:
+            return None
+        phys, run_end = leaf
+        while run_end < end:
+            nxt = self._walk(run_end, write, tables)
+            if nxt is None or nxt[0] != phys + (run_end - addr):
+                break
+            run_end = nxt[1]
+        return phys, min(run_end, end)
+
+    def _walk(self, addr: int, write: bool,
+              tables: dict[int, bytes | None]) -> tuple[int, int] | None:
         """The 4-level walk of the guest's page tables from CR3 (paging_tmpl.h
-        walk_addr_generic, or the CPU's own with TDP): the end of the leaf page
-        mapping `addr`, or None where it faults. With no IDT a #PF becomes a
+        walk_addr_generic, or the CPU's own with TDP): (guest-physical address of
+        `addr`, end of its leaf), or None where it faults. With no IDT a #PF is a
         triple fault, i.e. KVM_EXIT_SHUTDOWN. CR0.WP is set, so writes need W at
-        every level; CPL3 needs U at every level."""
+        every level; CPL3 needs U at every level; PS in a PML4E is reserved."""
         table = int(self.sregs.cr3) & _PTE_ADDR
         for level, shift in enumerate((39, 30, 21, 12)):
-            entry = self._read_table_entry(table + ((addr >> shift) & 511) * 8)
+            entry = self._table_entry(table, (addr >> shift) & 511, tables)
             if entry is None or not entry & _PTE_PRESENT:
                 return None
             if (write and not entry & _PTE_WRITE) or (self.cpl == 3 and not entry & _PTE_USER):
                 return None
-            if shift == 12 or (level in (1, 2) and entry & _PTE_HUGE):
-                return ((addr >> shift) + 1) << shift
+            huge = bool(entry & _PTE_HUGE)
+            if level == 0 and huge:
+                return None
+            if shift == 12 or huge:
+                size = 1 << shift
+                frame = entry & _PTE_ADDR & ~(size - 1)
+                return frame + (addr & (size - 1)), (addr & ~(size - 1)) + size
             table = entry & _PTE_ADDR
         return None
 
-    def _read_table_entry(self, gpa: int) -> int | None:
-        """A guest PTE. Shadow paging and the instruction emulator read the guest's
-        tables through the memslot's userspace_addr (kvm_read_guest); with TDP the
-        CPU reads them where the MMU maps the gfn (the guest_memfd for gmem-only
-        slots). None if unreadable (the walk fails)."""
-        slot = self.vm.slot_for_gfn(gpa // PAGE)
+    def _table_entry(self, table: int, index: int, tables: dict[int, bytes | None]) -> int | None:
+        """Entry `index` of the page table at guest-physical `table`, reading each
+        table page once per access."""
+        if table not in tables:
+            tables[table] = self._read_table(table)
+        page = tables[table]
+        return None if page is None else int.from_bytes(page[index * 8:index * 8 + 8], "little")
+
+    def _read_table(self, gpa: int) -> bytes | None:
+        """A page of guest page table. Shadow paging and the instruction emulator
+        read the guest's tables through the memslot's userspace_addr
+        (kvm_read_guest); with TDP the CPU reads them where the MMU maps the gfn:
+        the guest_memfd for gmem-only slots and private gfns. None if unreadable
+        (the walk fails)."""
+        gfn = gpa // PAGE
+        slot = self.vm.slot_for_gfn(gfn)
         if slot is None:
             return None
         through_hva = self.vm.kvm.profile.shadow_paging or self._emulated
-        if not through_hva and slot.gmem_only:
+        if not through_hva and (slot.gmem_only or self._access_is_private(gfn)):
             if slot.gmem is None:
                 return None
-            offset = slot.gmem_index(gpa // PAGE) * PAGE + gpa % PAGE
-            return int.from_bytes(slot.gmem.store.read(offset, 8), "little")
-        found = self.vm.kvm.process.mapping_at(slot.userspace_addr + gpa - slot.base_gfn * PAGE)
-        if found is None:
+            return slot.gmem.store.read(slot.gmem_index(gfn) * PAGE, PAGE)
+        found = self.vm.kvm.process.mapping_at(slot.userspace_addr + (gfn - slot.base_gfn) * PAGE)
+        if found is None or found[1] + PAGE > found[0].length:
             return None
         try:
-            return int.from_bytes(found[0].read(found[1], 8), "little")
+            return found[0].read(found[1], PAGE)
         except HostFault:
             return None
 
@@ -394,6 +467,8 @@ class Vcpu:
 
     def _resolve_physical(self, gpa: int, length: int, write: bool,
                           data_at: Callable[[int], bytes] | None = None) -> Resolution:
+        """Guest-physical [gpa, gpa+length) to backing stores, run by run, up to the
+        first page that fails (pieces cover everything before it)."""
         pieces: list[_Piece] = []
         first, last = gpa // PAGE, -(-(gpa + length) // PAGE)
         gfn = first
@@ -408,59 +483,72 @@ class Vcpu:
                     # x86 kvm_mmu_faultin_pfn: a private fault goes to guest_memfd first;
                     # no slot -> memory-fault exit, EFAULT (private_mem_kvm_exits_test).
                     flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE
-                    return _Fault(errno.EFAULT, MemoryFaultExit(
+                    return pieces, _Fault(errno.EFAULT, MemoryFaultExit(
                         uapi.KVM_EXIT_MEMORY_FAULT, flags, gfn * PAGE, PAGE))
-                return MmioExit(uapi.KVM_EXIT_MMIO, addr, data, 8, write)
+                return pieces, MmioExit(uapi.KVM_EXIT_MMIO, addr, data, 8, write)
             if write and slot.flags & uapi.KVM_MEM_READONLY:
                 # A write to a read-only memslot is emulated MMIO (observed on 6.18).
-                return MmioExit(uapi.KVM_EXIT_MMIO, addr, data, 8, True)
+                return pieces, MmioExit(uapi.KVM_EXIT_MMIO, addr, data, 8, True)
             end = self._uniform_end(gfn, min(last, slot.end_gfn))
             if self._emulated:
-                fault: tuple[PageStore, int] | _Fault | MmioExit = self._emulated_access(
+                got: _Faulted | _Fault | MmioExit = self._emulated_access(
                     slot, gfn, end, write, addr, data)
             else:
-                fault = self._mmu_access(slot, gfn, end, write)
-            if not isinstance(fault, tuple):
-                return fault
+                got = self._mmu_access(slot, gfn, end, write)
+            if not isinstance(got, _Faulted):
+                return pieces, got
+            end = got.end
             if write:
                 self.vm.guest_pte_dirty.set(gfn >> _FRAME_SHIFT, ((end - 1) >> _FRAME_SHIFT) + 1,
                                             True)
             lo, hi = max(gpa, gfn * PAGE), min(gpa + length, end * PAGE)
-            store, base = fault
-            pieces.append(_Piece(store, base + lo - gfn * PAGE, lo, hi - lo))
+            pieces.append(_Piece(got.store, got.offset + lo - gfn * PAGE, lo, hi - lo))
             if write:
                 slot.mark_dirty(gfn, end)
             gfn = end
-        return pieces
+        return pieces, None
 
-    def _mmu_access(self, slot: Memslot, gfn: int, end: int,
-                    write: bool) -> tuple[PageStore, int] | _Fault:
+    def _mmu_access(self, slot: Memslot, gfn: int, end: int, write: bool) -> _Faulted | _Fault:
         """A native access: the MMU faults [gfn, end) in."""
         unmapped = list(self.vm.mmu.mapped.gaps(gfn, end))
         fault = self._fault_in(gfn, end, write, self._access_is_private(gfn), slot)
-        if not isinstance(fault, _Fault) and not write and \
+        if isinstance(fault, _Faulted) and not write and \
                 slot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES and self.vm.kvm.profile.shadow_paging:
-            self._log_writable_read_faults(slot, unmapped)
+            self._log_writable_read_faults(slot, [(lo, min(hi, fault.end)) for lo, hi in unmapped
+                                                  if lo < fault.end])
         return fault
 
     def _emulated_access(self, slot: Memslot, gfn: int, end: int, write: bool, addr: int,
-                         data: bytes) -> tuple[PageStore, int] | MmioExit:
+                         data: bytes) -> _Faulted | MmioExit:
         """The instruction emulator's access (x86.c emulator_read_write_onepage):
         kvm_vcpu_read/write_guest through userspace_addr, whatever guest_memfd the
         slot has; where the copy fails, emulated MMIO (observed on kvm_pvm: a
         userspace_addr of 0 gives KVM_EXIT_MMIO with the data). No SPTE is made."""
-        hva = slot.userspace_addr + (gfn - slot.base_gfn) * PAGE
-        found = self.vm.kvm.process.mapping_at(hva)
-        length = (end - gfn) * PAGE
-        if found is None or found[1] + length > found[0].length:
-            return MmioExit(uapi.KVM_EXIT_MMIO, addr, data, 8, write)
+        got = self._gup(slot, gfn, end, write)
+        return got if got is not None else MmioExit(uapi.KVM_EXIT_MMIO, addr, data, 8, write)
+
+    def _gup(self, slot: Memslot, gfn: int, end: int, write: bool) -> _Faulted | None:
+        """Fault in the host pages behind [gfn, end) through the slot's
+        userspace_addr, as far as they go (the mapping's end, the first page that
+        would SIGBUS); None if the first one fails, or the VMA's protection forbids
+        the access (mm/gup.c check_vma_flags)."""
+        found = self.vm.kvm.process.mapping_at(slot.userspace_addr + (gfn - slot.base_gfn) * PAGE)
+        if found is None:
+            return None
         mapping, offset = found
+        end = min(end, gfn + (mapping.length - offset) // PAGE)
+        if end <= gfn:
+            return None
         try:
             mapping._allowed(offset, write)
-            mapping._fault(offset, length, write)
+            mapping._fault(offset, (end - gfn) * PAGE, write)
+        except HostSigbus as e:
+            end = gfn + (e.addr - mapping.addr - offset) // PAGE  # those before it are in
         except HostFault:
-            return MmioExit(uapi.KVM_EXIT_MMIO, addr, data, 8, write)
-        return mapping.backing.store, mapping.pgoff * PAGE + offset
+            return None
+        if end <= gfn:
+            return None
+        return _Faulted(mapping.backing.store, mapping.pgoff * PAGE + offset, end)
 
     def _log_writable_read_faults(self, slot: Memslot, faulted: list[tuple[int, int]]) -> None:
         """Shadow paging: a read fault on a page whose guest PTE is already dirty
@@ -491,8 +579,9 @@ class Vcpu:
         return self.vm.is_private(gfn)
 
     def _fault_in(self, first: int, last: int, write: bool, private: bool,
-                  slot: Memslot | None = None) -> tuple[PageStore, int] | _Fault:
-        """kvm_mmu_faultin_pfn for [first, last): (store, byte offset of first) or a fault."""
+                  slot: Memslot | None = None) -> _Faulted | _Fault:
+        """kvm_mmu_faultin_pfn for [first, last): the pages faulted in, up to the first
+        that fails, or the fault of the first page."""
         slot = slot or self.vm.slot_for_gfn(first)
         assert slot is not None
         flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0
@@ -509,37 +598,29 @@ class Vcpu:
                 return memory_fault(errno.EFAULT, first)  # no guest_memfd / file released
             lo, hi = slot.gmem_index(first), slot.gmem_index(last)
             poisoned = inode.poisoned(lo, hi)
-            if poisoned is not None:
-                return memory_fault(uapi.EHWPOISON, first + poisoned - lo)
+            if poisoned == lo:
+                return memory_fault(uapi.EHWPOISON, first)
+            if poisoned is not None:  # the pages before it fault in
+                last, hi = first + poisoned - lo, poisoned
             for _ in range(_FAULT_RETRIES):  # an invalidation raced: retry, as KVM does
                 if complete(gmem_fault_path(self.vm, slot, first, last)):
-                    return inode.store, lo * PAGE
+                    return _Faulted(inode.store, lo * PAGE, last)
             # A vCPU thread would spin until the invalidation ends; single-threaded, an
             # invalidation still in progress here is one an explorer paused.
             raise RuntimeError("guest fault cannot complete while an invalidation is in "
                                "progress: finish the paused path first")
-        return self._fault_in_hva(slot, first, last, write, memory_fault)
+        return self._fault_in_hva(slot, first, last, write)
 
-    def _fault_in_hva(self, slot: Memslot, first: int, last: int, write: bool,
-                      memory_fault: Any) -> tuple[PageStore, int] | _Fault:
+    def _fault_in_hva(self, slot: Memslot, first: int, last: int,
+                      write: bool) -> _Faulted | _Fault:
         """Shared access through userspace_addr: GUP of the host mapping. A failed
-        GUP (a page that would SIGBUS, or a VMA whose protection forbids the access:
-        mm/gup.c check_vma_flags) is KVM_PFN_ERR_FAULT, and x86
-        kvm_handle_error_pfn returns -EFAULT without a memory-fault exit (observed
-        on 6.18 too)."""
-        hva = slot.userspace_addr + (first - slot.base_gfn) * PAGE
-        found = self.vm.kvm.process.mapping_at(hva)
-        length = (last - first) * PAGE
-        if found is None or found[1] + length > found[0].length:
+        GUP is KVM_PFN_ERR_FAULT, and x86 kvm_handle_error_pfn returns -EFAULT
+        without a memory-fault exit (observed on 6.18 too)."""
+        got = self._gup(slot, first, last, write)
+        if got is None:
             return _Fault(errno.EFAULT, None)
-        mapping, offset = found
-        try:
-            mapping._allowed(offset, write)
-            mapping._fault(offset, length, write)
-        except HostFault:
-            return _Fault(errno.EFAULT, None)
-        self.vm.mmu.map(first, last, "hva")
-        return mapping.backing.store, mapping.pgoff * PAGE + offset
+        self.vm.mmu.map(first, got.end, "hva")
+        return got
 
 
 def _shut_down() -> Execution:
