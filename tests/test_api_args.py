@@ -229,3 +229,19 @@ def test_negative_and_huge_ints_get_the_kernel_errno(backend, call, err):
         with pytest.raises(OSError) as e:
             call(vm)
         assert e.value.errno == err, f"expected {errno.errorcode[err]}: {e.value}"
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_mmap_alignment_is_a_power_of_two_of_a_page_or_more(backend):
+    """align is guestmem's (not a syscall's): both backends refuse the same values,
+    and place a mapping at a multiple of the ones they take."""
+    with open_kvm(backend) as kvm, kvm.create_vm() as vm, \
+            vm.create_guest_memfd(1 << 21, uapi.GUEST_MEMFD_FLAG_MMAP) as g:
+        for align in (1, 6000, 3 * 4096, -4096):
+            with pytest.raises(ValueError, match="power of two"):
+                g.mmap(4096, align=align)
+            with pytest.raises(ValueError, match="power of two"):
+                kvm.mmap_anonymous(4096, align=align)
+        for align in (0, 4096, 1 << 21):
+            with g.mmap(4096, align=align) as m, kvm.mmap_anonymous(4096, align=align) as a:
+                assert m.addr % max(align, 4096) == 0 and a.addr % max(align, 4096) == 0

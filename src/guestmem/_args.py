@@ -90,6 +90,19 @@ def BYTE(name: str, value: Any) -> int:  # noqa: N802
     return v
 
 
+def ALIGN(name: str, value: Any) -> int:  # noqa: N802
+    """guestmem's mmap alignment (not a syscall argument): 0 for none, else a power
+    of two of at least a page, as vm_unmapped_area's align_mask needs; anything
+    else is a ValueError on both backends."""
+    v = _index(name, value)
+    if v and (v < _PAGE or v & (v - 1)):
+        raise ValueError(f"{name}={v:#x} must be 0 or a power of two of at least {_PAGE:#x}")
+    return v
+
+
+_PAGE = 4096
+
+
 def BOOL(name: str, value: Any) -> bool:  # noqa: N802
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
@@ -162,7 +175,7 @@ SPEC: dict[str, dict[str, Kind]] = {
     "Kvm.vcpu_mmap_size": {},
     "Kvm.supported_vm_types": {},
     "Kvm.create_vm": {"vm_type": U64},
-    "Kvm.mmap_anonymous": {"length": U64, "align": U64},  # size_t
+    "Kvm.mmap_anonymous": {"length": U64, "align": ALIGN},  # size_t
     "Kvm.open_fd_count": {},
     "Kvm.close": {},
     "Vm.check_extension": {"cap": U64},
@@ -191,7 +204,7 @@ SPEC: dict[str, dict[str, Kind]] = {
     "GuestMemfd.pwrite": {"data": BYTES, "offset": S64},
     "GuestMemfd.lseek": {"offset": S64, "whence": S32},
     "GuestMemfd.mmap": {"length": optional(U64), "offset": U64, "prot": S32, "shared": BOOL,
-                        "align": U64},
+                        "align": ALIGN},
     "GuestMemfd.memory_map": {"offset": INT, "length": optional(INT)},  # Python-level
     "GuestMemfd.close": {},
     "Mapping.read": {"offset": INT, "length": INT},

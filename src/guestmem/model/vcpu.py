@@ -88,7 +88,6 @@ _BLOCKED = _Fault(errno.EINTR, None)  # what a blocked KVM_RUN returns once kick
 
 @_args.checked
 class Vcpu:
-    interprets_programs = True
 
     def __init__(self, vm: Vm, vcpu_id: int) -> None:
         self.vm = vm
