@@ -277,3 +277,38 @@ def test_a_failed_conversion_puts_the_attributes_back():
         assert vmm.convert(1 << 32, 8 * 4096, private=True) == -uapi.KVM_EINVAL
         gfn = (1 << 32) // 4096
         assert [vmm.vm.is_private(gfn + i) for i in range(8)] == [True, True] + [False] * 6
+
+
+def test_a_kick_between_runs_interrupts_only_the_next_kvm_run(host_kvm):
+    """The kick signal is blocked outside KVM_RUN (KVM_SET_SIGNAL_MASK unblocks it
+    inside): a kick that lands while the VMM is in another blocking syscall does
+    not interrupt it, and the next KVM_RUN returns EINTR once."""
+    import ctypes
+    import os
+
+    from guestmem.host import libc
+
+    with Vmm(host_kvm) as vmm:
+        abi = default_hypercall_abi(host_kvm.capabilities, vmm.cpl)
+        vmm.load(compile_program(p.Program.of(p.Report(1)), abi))
+        assert vmm.run().reports == [1]  # this thread has run the vCPU: the mask is set
+        read_end, write_end = os.pipe()
+        me = threading.get_ident()
+
+        def kick_then_write():
+            libc.kick_thread(me)
+            os.write(write_end, b"x")
+
+        timer = threading.Timer(0.2, kick_then_write)
+        timer.start()
+        buf = ctypes.create_string_buffer(1)
+        got = ctypes.CDLL(None, use_errno=True).read(read_end, buf, 1)  # no EINTR retry here
+        timer.join()
+        os.close(read_end)
+        os.close(write_end)
+        assert (got, buf.raw) == (1, b"x"), f"read interrupted: errno {ctypes.get_errno()}"
+        with pytest.raises(KvmRunError) as caught:
+            vmm.vcpu.run()
+        assert caught.value.errno == errno.EINTR
+        vmm.load(compile_program(p.Program.of(p.Report(2)), abi))
+        assert vmm.run().reports == [2]

@@ -132,6 +132,25 @@ class kvm_enable_cap(_Struct):  # noqa: N801
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
 
+# --- signal mask (KVM_SET_SIGNAL_MASK) --------------------------------------------------------
+class kvm_signal_mask(_Struct):  # noqa: N801
+    """The header the ioctl number is made from; the sigset follows it."""
+
+    EXPECTED_SIZE = 4
+    _fields_ = [("len", u32)]
+
+
+KERNEL_SIGSET_SIZE: Final = 8  # x86-64 _NSIG / 8: what KVM_SET_SIGNAL_MASK's len must be
+
+
+class kvm_signal_mask_sigset(_Struct):  # noqa: N801
+    """kvm_signal_mask with its x86-64 sigset (the buffer the ioctl reads)."""
+
+    EXPECTED_SIZE = 4 + KERNEL_SIGSET_SIZE
+    _pack_ = 1
+    _fields_ = [("len", u32), ("sigset", u64)]
+
+
 # --- dirty log --------------------------------------------------------------------------------
 class kvm_dirty_log(_Struct):  # noqa: N801
     EXPECTED_SIZE = 16
@@ -321,6 +340,7 @@ KVM_SET_REGS: Final = _IOW(KVMIO, 0x82, kvm_regs)
 KVM_GET_SREGS: Final = _IOR(KVMIO, 0x83, kvm_sregs)
 KVM_SET_SREGS: Final = _IOW(KVMIO, 0x84, kvm_sregs)
 KVM_PRE_FAULT_MEMORY: Final = _IOWR(KVMIO, 0xD5, kvm_pre_fault_memory)
+KVM_SET_SIGNAL_MASK: Final = _IOW(KVMIO, 0x8B, kvm_signal_mask)
 # The ioctls above by number, for error messages (KVM_SET_MEMORY_ATTRIBUTES2, a
 # series ioctl defined further down, is added there).
 IOCTL_NAMES: Final[dict[int, str]] = {

@@ -617,7 +617,22 @@ class Vcpu(_Fd):
             raise
         self._kvm_run = uapi.kvm_run.from_address(self._run_addr)
         self._thread: int | None = None  # the thread inside KVM_RUN, for kick()
+        self._masked_for: int | None = None  # the thread the signal mask was set up for
         libc.install_kick_handler()
+
+    def _unmask_kick_in_kvm_run(self, thread: int) -> None:
+        """QEMU's way to kick without hitting anything else: the calling thread
+        blocks the kick signal, and KVM_SET_SIGNAL_MASK gives KVM_RUN the same
+        mask without it (kvm_sigset_activate swaps it in for the run). A kick
+        then interrupts only KVM_RUN; one that comes between runs stays pending
+        until the next, instead of making a syscall of the VMM fail with EINTR.
+        KVM puts the blocking mask back before it returns, so a kick that ended a
+        KVM_RUN is still pending after it: run() eats it (QEMU kvm_eat_signals)."""
+        blocked = libc.block_kick_signal()
+        mask = uapi.kvm_signal_mask_sigset(len=uapi.KERNEL_SIGSET_SIZE,
+                                           sigset=libc.sigset_bits(blocked))
+        self._ioctl(uapi.KVM_SET_SIGNAL_MASK, mask)
+        self._masked_for = thread
 
     def _shared(self, what: str) -> uapi.kvm_run:
         """The mmapped struct kvm_run; EBADF once closed (it is unmapped then, and
@@ -665,10 +680,15 @@ class Vcpu(_Fd):
         # KVM_RUN that reports none (e.g. EFAULT from a failed GUP) is not read as
         # the previous run's exit.
         self._shared("KVM_RUN").exit_reason = uapi.KVM_EXIT_UNKNOWN
-        self._thread = threading.get_ident()
+        thread = threading.get_ident()
+        if thread != self._masked_for:
+            self._unmask_kick_in_kvm_run(thread)
+        self._thread = thread
         try:
             self._ioctl(uapi.KVM_RUN)
         except OSError as e:
+            if e.errno == errno.EINTR:
+                libc.eat_kick_signals()
             reason = self._kvm_run.exit_reason
             exit = self._decode() if reason == uapi.KVM_EXIT_MEMORY_FAULT else None
             raise KvmRunError(e.errno or errno.EIO, exit) from None

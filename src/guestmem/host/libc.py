@@ -264,6 +264,23 @@ def install_kick_handler() -> None:
         _kick_installed = True
 
 
+def block_kick_signal() -> set[int]:
+    """Block KICK_SIGNAL in the calling thread; the signals it blocked before."""
+    return {int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [KICK_SIGNAL])} - \
+        {int(KICK_SIGNAL)}
+
+
+def sigset_bits(signals: set[int]) -> int:
+    """The kernel's sigset_t as an int: bit n-1 for signal n."""
+    return sum(1 << (sig - 1) for sig in signals)
+
+
+def eat_kick_signals() -> None:
+    """Take pending kick signals off the calling thread, where it blocks them."""
+    while signal.sigtimedwait([KICK_SIGNAL], 0) is not None:
+        pass
+
+
 def kick_thread(thread_id: int) -> None:
     """Interrupt whatever blocking call thread `thread_id` is in (EINTR)."""
     signal.pthread_kill(thread_id, KICK_SIGNAL)
