@@ -148,15 +148,19 @@ class Kvm(_Fd):
         self._caps: Capabilities | None = None
 
     def api_version(self) -> int:
+        """KVM_GET_API_VERSION."""
         return self._ioctl(uapi.KVM_GET_API_VERSION)
 
     def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION at system scope."""
         return self._ioctl(uapi.KVM_CHECK_EXTENSION, cap)
 
     def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE."""
         return self._ioctl(uapi.KVM_GET_VCPU_MMAP_SIZE)
 
     def supported_vm_types(self) -> frozenset[int]:
+        """KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES) as a set."""
         # Selftests treat a missing KVM_CAP_VM_TYPES as BIT(default) (upstream.md §1.4).
         mask = self.check_extension(uapi.KVM_CAP_VM_TYPES) or 1 << uapi.KVM_X86_DEFAULT_VM
         return frozenset(t for t in range(64) if mask >> t & 1)
@@ -240,6 +244,7 @@ class Kvm(_Fd):
         return libc.fd_count()
 
     def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
+        """KVM_CREATE_VM."""
         return Vm(self, self._ioctl(uapi.KVM_CREATE_VM, vm_type), vm_type)
 
     def mmap_anonymous(self, length: int, align: int = 0) -> Mapping:
@@ -271,15 +276,18 @@ class Vm(_Fd):
             self._slot_pages.pop(slot, None)
 
     def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM."""
         return self._ioctl(uapi.KVM_CHECK_EXTENSION, cap)
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """KVM_CREATE_GUEST_MEMFD."""
         args = uapi.kvm_create_guest_memfd(size=size, flags=flags)
         return GuestMemfd(self, self._ioctl(uapi.KVM_CREATE_GUEST_MEMFD, args))
 
     def set_user_memory_region(
         self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
     ) -> None:
+        """KVM_SET_USER_MEMORY_REGION."""
         region = uapi.kvm_userspace_memory_region(
             slot=slot,
             flags=flags,
@@ -299,6 +307,7 @@ class Vm(_Fd):
         guest_memfd: api.GuestMemfd | int = 0,
         guest_memfd_offset: int = 0,
     ) -> None:
+        """KVM_SET_USER_MEMORY_REGION2."""
         fd = guest_memfd if isinstance(guest_memfd, int) else guest_memfd.fd
         region = uapi.kvm_userspace_memory_region2(
             slot=slot,
@@ -318,18 +327,21 @@ class Vm(_Fd):
     def set_memory_attributes(
         self, address: int, size: int, attributes: int, flags: int = 0
     ) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES."""
         attrs = uapi.kvm_memory_attributes(
             address=address, size=size, attributes=attributes, flags=flags
         )
         self._ioctl(uapi.KVM_SET_MEMORY_ATTRIBUTES, attrs)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP with up to four args."""
         req = uapi.kvm_enable_cap(cap=cap, flags=flags)
         for i, value in enumerate(args):
             req.args[i] = value
         self._ioctl(uapi.KVM_ENABLE_CAP, req)
 
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
+        """KVM_CREATE_VCPU, and the mmap of its struct kvm_run."""
         return Vcpu(self, self._ioctl(uapi.KVM_CREATE_VCPU, vcpu_id), vcpu_id)
 
     def get_dirty_log(self, slot: int, npages: int) -> bytes:
@@ -357,10 +369,12 @@ class GuestMemfd(_Fd):
         return self.vm.kvm.populate_limit if self.vm is not None else PopulateLimit()
 
     def stat(self) -> os.stat_result:
+        """fstat(2)."""
         return self._call("fstat", os.fstat)
 
     @property
     def size(self) -> int:
+        """st_size from fstat(2)."""
         return self.stat().st_size
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
@@ -380,9 +394,11 @@ class GuestMemfd(_Fd):
         return length if offset + length <= self.size else 0
 
     def allocate(self, offset: int, length: int) -> None:
+        """fallocate(FALLOC_FL_KEEP_SIZE)."""
         self.fallocate(uapi.FALLOC_FL_KEEP_SIZE, offset, length)
 
     def punch_hole(self, offset: int, length: int) -> None:
+        """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)."""
         self.fallocate(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, offset, length)
 
     def ioctl(self, request: int, arg: int = 0) -> int:
@@ -390,21 +406,27 @@ class GuestMemfd(_Fd):
         return self._ioctl(request, arg)
 
     def ftruncate(self, length: int) -> None:
+        """ftruncate(2)."""
         self._call("ftruncate", os.ftruncate, length)
 
     def read(self, n: int) -> bytes:
+        """read(2)."""
         return self._call("read", os.read, n)
 
     def write(self, data: bytes) -> int:
+        """write(2)."""
         return self._call("write", os.write, data)
 
     def pread(self, n: int, offset: int) -> bytes:
+        """pread64(2)."""
         return self._call("pread64", os.pread, n, offset)
 
     def pwrite(self, data: bytes, offset: int) -> int:
+        """pwrite64(2)."""
         return self._call("pwrite64", os.pwrite, data, offset)
 
     def lseek(self, offset: int, whence: int) -> int:
+        """lseek(2)."""
         return self._call("lseek", os.lseek, offset, whence)
 
     def mmap(
@@ -415,6 +437,7 @@ class GuestMemfd(_Fd):
         shared: bool = True,
         align: int = 0,
     ) -> Mapping:
+        """mmap(2) of the file (MAP_SHARED unless shared=False), at a multiple of align."""
         length = self.size if length is None else length
         flags = libc.MAP_SHARED if shared else libc.MAP_PRIVATE
         addr = self._call("mmap", lambda fd: libc.mmap_aligned(length, prot, flags, fd, offset,
@@ -505,6 +528,7 @@ class Mapping:
         self.prot = prot
 
     def read(self, offset: int, length: int) -> bytes:
+        """A host load, through /proc/self/mem: HostSigbus where a real one would SIGBUS."""
         self._check(offset, length)
         self._allowed(offset, False)
         self.populate_limit.check(length, "read")
@@ -519,6 +543,7 @@ class Mapping:
         return data
 
     def write(self, offset: int, data: bytes) -> None:
+        """A host store, through /proc/self/mem: HostSigbus where a real one would SIGBUS."""
         self._check(offset, len(data))
         self._allowed(offset, True)
         self.populate_limit.check(len(data), "write")
@@ -559,6 +584,7 @@ class Mapping:
         return os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
 
     def madvise(self, offset: int, length: int, advice: int) -> None:
+        """madvise(2) on [offset, offset+length)."""
         self._check(offset, length)
         if advice in (libc.MADV_POPULATE_READ, libc.MADV_POPULATE_WRITE):
             self.populate_limit.check(length, "madvise(MADV_POPULATE)")
@@ -584,6 +610,7 @@ class Mapping:
         return libc.move_pages_status([self.addr + offset + i * ps for i in range(count)])
 
     def munmap(self) -> None:
+        """munmap(2)."""
         if self._mapped:
             self._mapped = False
             libc.munmap(self.addr, self.length)
@@ -642,25 +669,30 @@ class Vcpu(_Fd):
         return self._kvm_run
 
     def close(self) -> None:
+        """munmap(2) of kvm_run, then close(2) of the vCPU fd."""
         if not self.closed and self._run_addr is not None:
             libc.munmap(self._run_addr, self._run_size)
         super().close()
 
     # --- registers ----------------------------------------------------------------------------
     def get_regs(self) -> uapi.kvm_regs:
+        """KVM_GET_REGS."""
         regs = uapi.kvm_regs()
         self._ioctl(uapi.KVM_GET_REGS, regs)
         return regs
 
     def set_regs(self, regs: uapi.kvm_regs) -> None:
+        """KVM_SET_REGS."""
         self._ioctl(uapi.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> uapi.kvm_sregs:
+        """KVM_GET_SREGS."""
         sregs = uapi.kvm_sregs()
         self._ioctl(uapi.KVM_GET_SREGS, sregs)
         return sregs
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        """KVM_SET_SREGS."""
         self._ioctl(uapi.KVM_SET_SREGS, sregs)
 
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
@@ -752,6 +784,7 @@ class Vcpu(_Fd):
 
     @property
     def immediate_exit(self) -> bool:
+        """kvm_run->immediate_exit."""
         return bool(self._shared("kvm_run").immediate_exit)
 
     @immediate_exit.setter

@@ -414,6 +414,7 @@ class GuestMemfd:
 
     @property
     def size(self) -> int:
+        """st_size: fixed at creation (kvm_gmem_setattr refuses changes)."""
         return self._live().size
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
@@ -441,17 +442,21 @@ class GuestMemfd:
         inode.modified()
 
     def allocate(self, offset: int, length: int) -> None:
+        """fallocate(FALLOC_FL_KEEP_SIZE) (kvm_gmem_allocate)."""
         self.fallocate(uapi.FALLOC_FL_KEEP_SIZE, offset, length)
 
     def punch_hole(self, offset: int, length: int) -> None:
+        """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) (kvm_gmem_punch_hole)."""
         self.fallocate(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, offset, length)
 
     # File operations guest_memfd does not have (upstream.md §2.3).
     def read(self, n: int) -> bytes:
+        """read(2): EINVAL (kvm_gmem_fops has no read_iter)."""
         self._live()
         raise oserror(errno.EINVAL, "read")  # no read_iter
 
     def write(self, data: bytes) -> int:
+        """write(2): EINVAL (kvm_gmem_fops has no write_iter)."""
         self._live()
         raise oserror(errno.EINVAL, "write")  # no write_iter
 
@@ -473,10 +478,12 @@ class GuestMemfd:
         raise oserror(errno.EINVAL if not 0 <= whence <= SEEK_MAX else errno.ESPIPE, "lseek")
 
     def ftruncate(self, length: int) -> None:
+        """ftruncate(2): EINVAL (kvm_gmem_setattr: the size is immutable)."""
         self._live()
         raise oserror(errno.EINVAL, "ftruncate")  # kvm_gmem_setattr: size is immutable
 
     def ioctl(self, request: int, arg: int = 0) -> int:
+        """ioctl(2) on the file: ENOTTY (mainline kvm_gmem_fops has no unlocked_ioctl)."""
         self._live()
         raise oserror(errno.ENOTTY, "ioctl")  # ML: no unlocked_ioctl
 
@@ -518,6 +525,7 @@ class GuestMemfd:
         return inode.memory_map(offset // PAGE, (offset + length) // PAGE)
 
     def close(self) -> None:
+        """close(2) of the file (kvm_gmem_release once its mappings are gone too)."""
         if not self.closed:
             self.closed = True
             self.vm.kvm.process.release_fd(self._fd)

@@ -122,6 +122,7 @@ class Kvm:
         )
 
     def api_version(self) -> int:
+        """KVM_GET_API_VERSION (kvm_dev_ioctl: KVM_API_VERSION)."""
         self._live("KVM_GET_API_VERSION")
         return uapi.KVM_API_VERSION
 
@@ -139,15 +140,18 @@ class Kvm:
         return self._caps.vm_numbers[vm_type].get(cap, 0)
 
     def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE (kvm_dev_ioctl: kvm_run and the pages after it)."""
         self._live("KVM_GET_VCPU_MMAP_SIZE")
         return 3 * PAGE
 
     def supported_vm_types(self) -> frozenset[int]:
+        """KVM_CAP_VM_TYPES as a set (x86 kvm_caps.supported_vm_types)."""
         self._live("KVM_CHECK_EXTENSION")
         return frozenset(self.profile.vm_types)
 
     # --- objects -------------------------------------------------------------------------------
     def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
+        """KVM_CREATE_VM (kvm_dev_ioctl_create_vm; kvm_arch_init_vm: unknown type EINVAL)."""
         self._live("KVM_CREATE_VM")
         if vm_type not in self.profile.vm_types:
             raise oserror(errno.EINVAL, "KVM_CREATE_VM type")  # kvm_arch_init_vm
@@ -167,6 +171,7 @@ class Kvm:
         return len(os.listdir("/proc/self/fd"))
 
     def close(self) -> None:
+        """close(2) of /dev/kvm; its VMs live on (kvm_dev_release only drops the file)."""
         if not self.closed:
             self.closed = True
             self.process.release_fd(self.fd)

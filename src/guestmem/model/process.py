@@ -246,6 +246,7 @@ class Mapping:
         self.prot = prot
 
     def read(self, offset: int, length: int) -> bytes:
+        """A host load; HostSigbus/HostSigsegv where the kernel would signal."""
         self._check(offset, length)
         self._allowed(offset, False)
         self._fault(offset, length, False)
@@ -267,6 +268,7 @@ class Mapping:
         self.backing.store.write_bytes(self.pgoff * PAGE + offset, data)
 
     def fill(self, offset: int, byte: int, length: int) -> None:
+        """memset(3) over [offset, offset+length), faulting pages in for writing."""
         self._check(offset, length)
         self._allowed(offset, True)
         self._fault(offset, length, True)
@@ -294,6 +296,7 @@ class Mapping:
         return self.backing.pin(self.pgoff + first, self.pgoff + last)
 
     def madvise(self, offset: int, length: int, advice: int) -> None:
+        """madvise(2) (madvise_behavior_valid; DONTNEED, REMOVE, POPULATE_*, HWPOISON act)."""
         self._check(offset, length)
         first, last = offset // PAGE, -(-(offset + length) // PAGE)
         if advice in _MADV_NO_EFFECT:
@@ -395,6 +398,7 @@ class Mapping:
         return out
 
     def munmap(self) -> None:
+        """munmap(2): the VMA and its PTEs go; the last mapping of a closed file releases it."""
         if self.mapped:
             self.mapped = False
             self.ptes = ExtentMap()

@@ -108,23 +108,28 @@ class Vcpu:
 
     # --- registers and setup ------------------------------------------------------------------
     def get_regs(self) -> uapi.kvm_regs:
+        """KVM_GET_REGS."""
         self._live("KVM_GET_REGS")
         return uapi.kvm_regs.from_buffer_copy(self.regs)
 
     def set_regs(self, regs: uapi.kvm_regs) -> None:
+        """KVM_SET_REGS."""
         self._live("KVM_SET_REGS")
         self.regs = uapi.kvm_regs.from_buffer_copy(regs)
 
     def get_sregs(self) -> uapi.kvm_sregs:
+        """KVM_GET_SREGS."""
         self._live("KVM_GET_SREGS")
         return uapi.kvm_sregs.from_buffer_copy(self.sregs)
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        """KVM_SET_SREGS."""
         self._live("KVM_SET_SREGS")
         self.sregs = uapi.kvm_sregs.from_buffer_copy(sregs)
 
     @property
     def immediate_exit(self) -> bool:
+        """kvm_run->immediate_exit."""
         self._live("kvm_run")
         return self._immediate_exit
 
@@ -144,16 +149,19 @@ class Vcpu:
 
     @property
     def fd(self) -> int:
+        """The vCPU fd (EBADF once closed)."""
         if self.closed:
             raise oserror(errno.EBADF, "closed vCPU")
         return self._fd
 
     @property
     def cpl(self) -> int:
+        """The CPL: CS's DPL in the loaded sregs."""
         return int(self.sregs.cs.dpl)
 
     # --- KVM_RUN --------------------------------------------------------------------------------
     def run(self) -> Exit:
+        """KVM_RUN (vcpu_run): the next exit of the program the vCPU interprets."""
         if self.closed:
             raise oserror(errno.EBADF, "closed vCPU")
         if self.immediate_exit:  # completes nothing pending in the model: EINTR at once
@@ -179,6 +187,7 @@ class Vcpu:
         raise RuntimeError("no KVM_EXIT_IO IN is pending: model guests do not read ports")
 
     def complete_hypercall(self, ret: int) -> None:
+        """Answer a KVM_EXIT_HYPERCALL: the guest's RAX (complete_hypercall_exit)."""
         self._live("kvm_run")
         self._hypercall_ret = ret & _MASK
 
@@ -216,6 +225,7 @@ class Vcpu:
         return gpa + done, size - done
 
     def close(self) -> None:
+        """close(2) of the vCPU fd (kvm_vcpu_release: kvm_put_kvm)."""
         if not self.closed:
             self.closed = True
             self.vm.kvm.process.release_fd(self._fd)

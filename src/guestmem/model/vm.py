@@ -125,12 +125,14 @@ class Vm:
 
     @property
     def fd(self) -> int:
+        """The VM fd (EBADF once closed)."""
         if not self.fd_open:
             raise oserror(errno.EBADF, "closed VM fd")
         return self._fd
 
     @property
     def closed(self) -> bool:
+        """close() was called."""
         return not self.fd_open
 
     def _live(self) -> None:
@@ -139,9 +141,11 @@ class Vm:
 
     # --- references ---------------------------------------------------------------------------
     def get_ref(self) -> None:
+        """kvm_get_kvm: a guest_memfd or vCPU holds the VM."""
         self.refs += 1
 
     def put_ref(self) -> None:
+        """kvm_put_kvm: the last reference destroys the VM (kvm_destroy_vm)."""
         self.refs -= 1
         if self.refs == 0:
             self._destroy()
@@ -153,6 +157,7 @@ class Vm:
         self.kvm.vms.discard(self)
 
     def close(self) -> None:
+        """close(2) of the VM fd (kvm_vm_release: kvm_put_kvm)."""
         if self.fd_open:
             self.fd_open = False
             self.kvm.process.release_fd(self._fd)
@@ -177,6 +182,7 @@ class Vm:
         return self.kvm.vm_extension(self.vm_type, cap)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP (x86 kvm_vm_ioctl_enable_cap: KVM_CAP_EXIT_HYPERCALL only here)."""
         self._live()
         if cap != uapi.KVM_CAP_EXIT_HYPERCALL or flags:
             raise oserror(errno.EINVAL, "enable_cap")  # kvm_vm_ioctl_enable_cap: unknown
@@ -200,6 +206,7 @@ class Vm:
     # --- memslots (kvm_set_memory_region, checks in the kernel's order) ------------------------
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
                                memory_size: int, userspace_addr: int) -> None:
+        """KVM_SET_USER_MEMORY_REGION (kvm_vm_ioctl_set_memory_region: no gmem)."""
         self._live()
         if flags & ~(uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY):
             raise oserror(errno.EINVAL, "KVM_SET_USER_MEMORY_REGION flags")  # v1 has no gmem
@@ -209,12 +216,14 @@ class Vm:
                                 memory_size: int, userspace_addr: int = 0,
                                 guest_memfd: api.GuestMemfd | int = 0,
                                 guest_memfd_offset: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION2 (kvm_set_memory_region, in its order)."""
         self._live()
         fd = guest_memfd if isinstance(guest_memfd, int) else guest_memfd.fd
         self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr,
                                 fd & 0xFFFFFFFF, guest_memfd_offset)
 
     def delete_memslot(self, slot: int) -> None:
+        """KVM_SET_USER_MEMORY_REGION2 with memory_size 0 (KVM_MR_DELETE)."""
         self.set_user_memory_region2(slot, 0, 0, 0)
 
     def _valid_flags(self, flags: int) -> int:
@@ -360,6 +369,7 @@ class Vm:
     # --- memory attributes (kvm_vm_ioctl_set_mem_attributes) ---
     def set_memory_attributes(self, address: int, size: int, attributes: int,
                               flags: int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_ioctl_set_mem_attributes)."""
         self._live()
         if not self.kvm.profile.memory_attributes:
             raise oserror(errno.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES")  # not built
@@ -378,10 +388,12 @@ class Vm:
         complete(set_attributes_path(self, first, last, attributes))
 
     def is_private(self, gfn: int) -> bool:
+        """kvm_mem_is_private: KVM_MEMORY_ATTRIBUTE_PRIVATE at gfn."""
         return bool((self.attributes.get(gfn) or 0) & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
 
     # --- vCPUs ---------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
+        """KVM_CREATE_VCPU (kvm_vm_ioctl_create_vcpu)."""
         from guestmem.model.vcpu import Vcpu
 
         self._live()
