@@ -77,6 +77,7 @@ def main() -> int:
     args = ap.parse_args()
     console = Console()
     with Kvm() as kvm, tempfile.TemporaryDirectory() as tmp:
+        implementation = kvm.capabilities.implementation
         out_dir = Path(tmp)
         image = compile_program(p.Program.of(p.Loop(args.exits, (p.Tick(),))),
                                 default_hypercall_abi(kvm.capabilities))
@@ -89,7 +90,7 @@ def main() -> int:
             py.append(run_python(kvm, image, args.exits))
             c.append(run_c(exe, files, args.exits))
     table = Table(title=f"KVM_EXIT_IO exits/s, {args.exits} exits x {args.rounds} rounds "
-                        f"({kvm.capabilities.implementation})")
+                        f"({implementation})")
     for col in ("VMM", "best exits/s", "median exits/s"):
         table.add_column(col, justify="right")
     table.add_row("guestmem (Python)", f"{max(py):,.0f}", f"{statistics.median(py):,.0f}")
