@@ -64,8 +64,11 @@ def hypercall(gpa, npages, attrs, nr=uapi.KVM_HC_MAP_GPA_RANGE):
 
 @pytest.fixture
 def vmm(host_kvm):
+    """A VMM whose vCPU the test replaces with a ScriptedVcpu (an image counts as
+    loaded: the script stands for the program)."""
     with Vmm(host_kvm) as v:
         v.vcpu.close()
+        v.image = compile_program(p.Program.of())
         yield v
 
 
@@ -312,3 +315,58 @@ def test_a_kick_between_runs_interrupts_only_the_next_kvm_run(host_kvm):
         assert caught.value.errno == errno.EINTR
         vmm.load(compile_program(p.Program.of(p.Report(2)), abi))
         assert vmm.run().reports == [2]
+
+
+def start_thread(fn):
+    """Run fn in another thread; returns (thread, box) for its value or exception."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, box
+
+
+@pytest.mark.parametrize("backend", ["model", "kvm"])
+def test_closing_a_vcpu_that_another_thread_runs(request, backend):
+    """close() kicks the KVM_RUN in flight and waits for it before unmapping
+    kvm_run: the running thread gets an error, the interpreter does not crash."""
+    kvm = never_returning_kvm(request, backend)
+    with Vmm(kvm, cpl=0) as vmm:
+        insn = kvm.capabilities.execution.native_hypercall
+        vmm.load(compile_program(p.Program.of(p.MapGpaRange(1 << 32, 1, 4096)), insn))
+        vcpu = vmm.vcpu
+        thread, box = start_thread(vcpu.run)
+        threading.Event().wait(0.2)
+        vcpu.close()
+        thread.join(10)
+        assert not thread.is_alive()
+        assert isinstance(box.get("error"), OSError), box
+        with pytest.raises(OSError) as closed:
+            vcpu.run()
+        assert closed.value.errno == errno.EBADF
+
+
+@pytest.mark.parametrize("backend", ["model", "kvm"])
+def test_closing_a_vmm_that_another_thread_runs(request, backend):
+    kvm = never_returning_kvm(request, backend)
+    vmm = Vmm(kvm, cpl=0)
+    insn = kvm.capabilities.execution.native_hypercall
+    vmm.load(compile_program(p.Program.of(p.MapGpaRange(1 << 32, 1, 4096)), insn))
+    thread, box = start_thread(lambda: vmm.run(timeout=10))
+    threading.Event().wait(0.2)
+    vmm.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    error = box.get("error")
+    assert isinstance(error, OSError) and error.errno == errno.EBADF, box
+
+
+def test_running_before_loading_says_so(any_kvm):
+    with Vmm(any_kvm) as vmm, pytest.raises(RuntimeError, match="load"):
+        vmm.run()

@@ -317,6 +317,35 @@ def _ended(result: RunResult) -> tuple[object, ...]:
     return (result.stop,)
 
 
+@case("guest.page_tables", "paging_tmpl.h walk_addr_generic; mmu.c "
+      "reset_guest_rsvds_bits_mask; SDM 4.5 (4-level paging)",
+      "guests go through their own page tables: a 2 MiB entry remapped to other "
+      "memory moves what a write reaches (an unbacked target is MMIO at the physical "
+      "address, with the data of each word); a 1 GiB entry (PS in a PDPTE) works "
+      "where the CPU walks the tables (TDP) and shuts the guest down where KVM does "
+      "(shadow paging, the emulator: the guest's CPUID has no GBPAGES)",
+      needs=(needs_guests,), flag_variants=(MMAP_SHARED,))
+def page_tables(ctx: Ctx) -> None:
+    flags = machine.PTE_PRESENT | machine.PTE_WRITE | machine.PTE_USER | machine.PTE_HUGE
+    pd_8g = machine.PD_BASE + 8 * 0x1000  # the page directory of [8 GiB, 9 GiB)
+    with Vmm(ctx.kvm, ctx.vm_type) as vmm:
+        region = vmm.add_memory(HIGH, MB2)
+        ctx.equal("tables written", [0], _run(ctx, vmm, p.Report(0)).reports)
+        vmm.write(pd_8g, (HIGH | flags).to_bytes(8, "little"))  # 8 GiB -> 4 GiB
+        vmm.write(pd_8g + 8, ((10 << 30) | flags).to_bytes(8, "little"))  # -> 10 GiB: none
+        crossing = _run(ctx, vmm, p.WritePattern(2 * HIGH + MB2 - 16, 32, 0x100, 1))
+        ctx.equal("the write's end reaches 10 GiB: MMIO there, with its word",
+                  ("mmio", 10 << 30, True, (0x102).to_bytes(8, "little"), 8), _mmio(crossing))
+        ctx.bytes_equal("its start went to 4 GiB + 2 MiB - 16", region.mapping,
+                        MB2 - 16, (0x100).to_bytes(8, "little") + (0x101).to_bytes(8, "little"))
+        vmm.write(HIGH, (0x1234).to_bytes(8, "little"))
+        vmm.write(machine.PDPT + 16 * 8, (HIGH | flags).to_bytes(8, "little"))  # 16 GiB: 1 GiB
+        kvm_walks = ctx.caps.shadow_paging or vmm.cpl in ctx.caps.execution.emulated_cpls
+        expected = ("shutdown",) if kvm_walks else ("done", [0x1234])
+        ctx.equal("a 1 GiB page (PS in a PDPTE)", expected,
+                  _ended(_run(ctx, vmm, p.ReadValue(16 << 30))))
+
+
 ENC = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED
 
 

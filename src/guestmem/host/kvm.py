@@ -632,6 +632,11 @@ class Vcpu(_Fd):
     _run_addr: int | None = None  # set once kvm_run is mapped
 
     def __init__(self, vm: Vm, fd: int, vcpu_id: int) -> None:
+        # kvm_run is unmapped only when no KVM_RUN is in flight (_run_lock, held by
+        # run()) and no other thread is touching it (_map_lock): close() from one
+        # thread while another runs the vCPU must not crash the interpreter.
+        self._run_lock = threading.Lock()
+        self._map_lock = threading.RLock()
         super().__init__(fd)
         self.vm = vm
         self.vcpu_id = vcpu_id
@@ -663,16 +668,26 @@ class Vcpu(_Fd):
 
     def _shared(self, what: str) -> uapi.kvm_run:
         """The mmapped struct kvm_run; EBADF once closed (it is unmapped then, and
-        touching it would crash the interpreter)."""
+        touching it would crash the interpreter). Callers outside run() hold
+        _map_lock while they use it."""
         if self._fd is None:
             raise oserror(errno.EBADF, what)
         return self._kvm_run
 
     def close(self) -> None:
-        """munmap(2) of kvm_run, then close(2) of the vCPU fd."""
-        if not self.closed and self._run_addr is not None:
-            libc.munmap(self._run_addr, self._run_size)
-        super().close()
+        """Kick a KVM_RUN in flight and wait for it; munmap(2) of kvm_run, then
+        close(2) of the vCPU fd."""
+        if "_run_lock" not in vars(self):  # __init__ never got that far
+            super().close()
+            return
+        with self._map_lock:
+            if self._thread is not None and self._fd is not None:
+                self._kick_locked()
+        with self._run_lock, self._map_lock:
+            if not self.closed and self._run_addr is not None:
+                libc.munmap(self._run_addr, self._run_size)
+                self._run_addr = None
+            super().close()
 
     # --- registers ----------------------------------------------------------------------------
     def get_regs(self) -> uapi.kvm_regs:
@@ -708,34 +723,42 @@ class Vcpu(_Fd):
     def run(self) -> Exit:
         """KVM_RUN. Returns the typed exit; a failing KVM_RUN raises KvmRunError
         carrying the errno and the exit KVM reported with it (MEMORY_FAULT)."""
-        # KVM writes exit_reason only when it fills an exit; clear it so a failing
-        # KVM_RUN that reports none (e.g. EFAULT from a failed GUP) is not read as
-        # the previous run's exit.
-        self._shared("KVM_RUN").exit_reason = uapi.KVM_EXIT_UNKNOWN
-        thread = threading.get_ident()
-        if thread != self._masked_for:
-            self._unmask_kick_in_kvm_run(thread)
-        self._thread = thread
-        try:
-            self._ioctl(uapi.KVM_RUN)
-        except OSError as e:
-            if e.errno == errno.EINTR:
+        with self._run_lock:
+            # KVM writes exit_reason only when it fills an exit; clear it so a failing
+            # KVM_RUN that reports none (e.g. EFAULT from a failed GUP) is not read as
+            # the previous run's exit.
+            self._shared("KVM_RUN").exit_reason = uapi.KVM_EXIT_UNKNOWN
+            thread = threading.get_ident()
+            if thread != self._masked_for:
+                self._unmask_kick_in_kvm_run(thread)
+            with self._map_lock:
+                self._thread = thread
+            try:
+                self._ioctl(uapi.KVM_RUN)
+            except OSError as e:
+                reason = self._kvm_run.exit_reason
+                exit = self._decode() if reason == uapi.KVM_EXIT_MEMORY_FAULT else None
+                raise KvmRunError(e.errno or errno.EIO, exit) from None
+            finally:
+                with self._map_lock:
+                    self._thread = None
+                # A kick ends this run, or (arriving late) leaves immediate_exit set
+                # for the next: either way its signal has done its work.
                 libc.eat_kick_signals()
-            reason = self._kvm_run.exit_reason
-            exit = self._decode() if reason == uapi.KVM_EXIT_MEMORY_FAULT else None
-            raise KvmRunError(e.errno or errno.EIO, exit) from None
-        finally:
-            self._thread = None
-        return self._decode()
+            return self._decode()
 
     def kick(self) -> None:
         """Make KVM_RUN return EINTR, from any thread: immediate_exit, then a signal
         to the thread inside KVM_RUN (api.rst, KVM_RUN). A vCPU not running now
         returns EINTR from its next KVM_RUN, until immediate_exit is cleared."""
-        self._shared("kvm_run").immediate_exit = 1
-        thread = self._thread
-        if thread is not None:
-            libc.kick_thread(thread)
+        with self._map_lock:
+            self._shared("kvm_run")
+            self._kick_locked()
+
+    def _kick_locked(self) -> None:
+        self._kvm_run.immediate_exit = 1
+        if self._thread is not None:
+            libc.kick_thread(self._thread)
 
     def _decode(self) -> Exit:
         run = self._kvm_run
@@ -745,7 +768,7 @@ class Vcpu(_Fd):
             io = u.io
             data = b""
             if io.direction == uapi.KVM_EXIT_IO_OUT:
-                data = ctypes.string_at(self._run_addr + io.data_offset, io.size * io.count)
+                data = ctypes.string_at(self._kvm_addr() + io.data_offset, io.size * io.count)
             return IoExit(reason, io.direction, io.size, io.port, io.count, data)
         if reason == uapi.KVM_EXIT_HYPERCALL:
             hc = u.hypercall
@@ -775,21 +798,29 @@ class Vcpu(_Fd):
 
     def complete_io_in(self, data: bytes) -> None:
         """Answer a KVM_EXIT_IO IN: KVM copies the bytes into the guest on the next run."""
-        io = self._shared("kvm_run").exit.io
-        ctypes.memmove(self._run_addr + io.data_offset, data, io.size * io.count)
+        with self._map_lock:
+            io = self._shared("kvm_run").exit.io
+            ctypes.memmove(self._kvm_addr() + io.data_offset, data, io.size * io.count)
+
+    def _kvm_addr(self) -> int:
+        assert self._run_addr is not None  # mapped while the fd is open
+        return self._run_addr
 
     def complete_hypercall(self, ret: int) -> None:
         """Answer a KVM_EXIT_HYPERCALL: KVM puts `ret` in the guest's RAX on the next run."""
-        self._shared("kvm_run").exit.hypercall.ret = ret & 0xFFFFFFFFFFFFFFFF
+        with self._map_lock:
+            self._shared("kvm_run").exit.hypercall.ret = ret & 0xFFFFFFFFFFFFFFFF
 
     @property
     def immediate_exit(self) -> bool:
         """kvm_run->immediate_exit."""
-        return bool(self._shared("kvm_run").immediate_exit)
+        with self._map_lock:
+            return bool(self._shared("kvm_run").immediate_exit)
 
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
-        self._shared("kvm_run").immediate_exit = int(_args.BOOL("immediate_exit", value))
+        with self._map_lock:
+            self._shared("kvm_run").immediate_exit = int(_args.BOOL("immediate_exit", value))
 
 
 GMEM_LINK = "anon_inode:[kvm-gmem]"  # what /proc/PID/fd/N reads for a guest_memfd

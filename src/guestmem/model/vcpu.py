@@ -167,10 +167,11 @@ class Vcpu:
         if self.immediate_exit:  # completes nothing pending in the model: EINTR at once
             raise KvmRunError(errno.EINTR, None)
         if self._execution is None:
-            raise KvmRunError(errno.EFAULT, None)  # nothing to execute: no code mapped
+            raise RuntimeError("no program loaded: the model's vCPU interprets guestmem "
+                               "programs (Vmm.load(compile_program(...)) first)")
         item = next(self._execution)
         if item is _BLOCKED:
-            while not self.immediate_exit:  # until kick() from another thread
+            while not self._immediate_exit:  # until kick() (or close()) from another thread
                 time.sleep(_BLOCKED_POLL)
         if isinstance(item, _Fault):
             raise KvmRunError(item.err, item.exit)
@@ -225,8 +226,10 @@ class Vcpu:
         return gpa + done, size - done
 
     def close(self) -> None:
-        """close(2) of the vCPU fd (kvm_vcpu_release: kvm_put_kvm)."""
+        """close(2) of the vCPU fd (kvm_vcpu_release: kvm_put_kvm); a KVM_RUN blocked
+        in another thread returns."""
         if not self.closed:
+            self._immediate_exit = True
             self.closed = True
             self.vm.kvm.process.release_fd(self._fd)
             self.vm.vcpus.pop(self.vcpu_id, None)
@@ -370,12 +373,12 @@ class Vcpu:
                 pos = piece.gpa + piece.length
             if failure is None:
                 continue
-            yield failure
+            yield failure  # at pos: the pieces before it cover [gpa, pos)
             if isinstance(failure, MmioExit):
-                word = _Piece(PageStore(), 0, failure.phys_addr, min(8, end - failure.phys_addr))
+                word = _Piece(PageStore(), 0, pos, min(8, end - pos))
                 if not write and not consume(word):  # an unanswered read: zeros
                     return
-                pos = failure.phys_addr + 8
+                pos += 8
 
     def _resolve(self, gpa: int, length: int, write: bool,
                  data_at: Callable[[int], bytes] | None = None) -> Resolution:
@@ -389,7 +392,10 @@ class Vcpu:
             if run is None:
                 return pieces, ShutdownExit(uapi.KVM_EXIT_SHUTDOWN)
             phys, stop = run
-            done, failure = self._resolve_physical(phys, stop - pos, write, data_at)
+            linear = pos - phys  # what to add to a physical address of this run
+            stored = None if data_at is None else (
+                lambda addr, linear=linear: data_at(addr + linear))
+            done, failure = self._resolve_physical(phys, stop - pos, write, stored)
             for piece in done:  # back to the linear addresses the guest used
                 pieces.append(_Piece(piece.store, piece.offset, piece.gpa - phys + pos,
                                      piece.length))
@@ -420,7 +426,10 @@ class Vcpu:
         walk_addr_generic, or the CPU's own with TDP): (guest-physical address of
         `addr`, end of its leaf), or None where it faults. With no IDT a #PF is a
         triple fault, i.e. KVM_EXIT_SHUTDOWN. CR0.WP is set, so writes need W at
-        every level; CPL3 needs U at every level; PS in a PML4E is reserved."""
+        every level; CPL3 needs U at every level; PS in a PML4E is reserved, and so
+        is PS in a PDPTE where KVM walks the tables itself (shadow paging, the
+        emulator): it checks the guest's CPUID for GBPAGES (reset_guest_rsvds_bits_mask),
+        and guestmem's VMM sets none; with TDP the CPU's own walk takes 1 GiB pages."""
         table = int(self.sregs.cr3) & _PTE_ADDR
         for level, shift in enumerate((39, 30, 21, 12)):
             entry = self._table_entry(table, (addr >> shift) & 511, tables)
@@ -429,7 +438,7 @@ class Vcpu:
             if (write and not entry & _PTE_WRITE) or (self.cpl == 3 and not entry & _PTE_USER):
                 return None
             huge = bool(entry & _PTE_HUGE)
-            if level == 0 and huge:
+            if huge and (level == 0 or level == 1 and self._kvm_walks):
                 return None
             if shift == 12 or huge:
                 size = 1 << shift
@@ -456,7 +465,7 @@ class Vcpu:
         slot = self.vm.slot_for_gfn(gfn)
         if slot is None:
             return None
-        through_hva = self.vm.kvm.profile.shadow_paging or self._emulated
+        through_hva = self._kvm_walks
         if not through_hva and (slot.gmem_only or self._access_is_private(gfn)):
             if slot.gmem is None:
                 return None
@@ -468,6 +477,12 @@ class Vcpu:
             return found[0].read(found[1], PAGE)
         except HostFault:
             return None
+
+    @property
+    def _kvm_walks(self) -> bool:
+        """KVM, not the CPU, walks the guest's page tables (and checks reserved bits
+        against the guest's CPUID)."""
+        return self.vm.kvm.profile.shadow_paging or self._emulated
 
     @property
     def _emulated(self) -> bool:

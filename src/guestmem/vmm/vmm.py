@@ -137,6 +137,7 @@ class Vmm:
         }
         self._report_lo: int | None = None
         self._tables_written = False
+        self.image: machine.GuestImage | None = None  # what load() placed last
 
     # --- memory -----------------------------------------------------------------------------
     def _enable_exit_hypercall(self) -> bool:
@@ -278,6 +279,9 @@ class Vmm:
         if vcpu is not None and vcpu is not self.vcpu:
             with self._driving(vcpu):
                 return self.run(timeout)
+        if self.image is None:
+            raise RuntimeError("nothing to run: load() a guest image first "
+                               "(guest.compile_program(...))")
         result = RunResult(stop="running")
         with _Watchdog(self.vcpu, timeout) as watchdog:
             while result.stop == "running":
@@ -494,6 +498,16 @@ def _undo(made: list[api.Closable], error: BaseException) -> None:
             error.add_note(f"while undoing, {obj!r}.close() failed: {e!r}")
 
 
+@contextmanager
+def _unless_closed() -> Iterator[None]:
+    """Nothing to do on a vCPU someone closed meanwhile (EBADF)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.EBADF:
+            raise
+
+
 class _Watchdog:
     """Kick the vCPU after `seconds` (0: never), from a timer thread: KVM_RUN then
     returns EINTR in whichever thread runs it."""
@@ -505,7 +519,8 @@ class _Watchdog:
 
     def _fire(self) -> None:
         self.fired = True
-        self.vcpu.kick()
+        with _unless_closed():
+            self.vcpu.kick()
 
     def __enter__(self) -> Self:
         if self._timer is not None:
@@ -516,4 +531,5 @@ class _Watchdog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer.join()
-            self.vcpu.immediate_exit = False  # a kick that came too late must not linger
+            with _unless_closed():  # a kick that came too late must not linger
+                self.vcpu.immediate_exit = False
