@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 demo: $(STAMP)
 	$(BIN)/guestmem demo
-	@if [ -e /dev/kvm ]; then $(BIN)/guestmem demo --backend kvm; \
+	@if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then $(BIN)/guestmem demo --backend kvm; \
+	 elif [ -e /dev/kvm ]; then echo "/dev/kvm is not readable and writable by $$(id -un): skipping the demo on the real kernel"; \
 	 else echo "no /dev/kvm on this machine: skipping the demo on the real kernel"; fi
 
 test: lint

@@ -72,3 +72,12 @@ def test_memory_refuses_what_is_not_a_guest_memfd(holder):
     result = CliRunner().invoke(main, ["memory", "--pid", str(pid), "--fd", str(fd),
                                        "--offset", "1"])
     assert result.exit_code == 2 and "page-aligned" in result.output
+
+
+def test_memory_names_the_option_and_the_problem(holder):
+    pid, fd = holder
+    base = ["memory", "--pid", str(pid), "--fd", str(fd)]
+    result = CliRunner().invoke(main, [*base, "--length", "1x"])
+    assert result.exit_code == 2 and "--length" in result.output
+    result = CliRunner().invoke(main, [*base, "--length", "1M"])  # a 64 KiB file
+    assert result.exit_code == 2 and "past the end" in result.output

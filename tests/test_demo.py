@@ -45,3 +45,14 @@ def test_cli_accepts_the_host_profile(host_kvm):
     assert (record["backend"], record["profile"]) == ("model", "host")
     assert record["implementation"] == host_kvm.capabilities.implementation
     assert record["execution"]["cpu_vendor"] == host_kvm.capabilities.execution.cpu_vendor
+
+
+def test_switching_backends_names_the_option_that_belongs_to_the_other():
+    import pytest
+
+    with pytest.raises(TypeError, match="'profile' .*model backend"):
+        guestmem.Kvm("kvm", profile="mainline")
+    with pytest.raises(TypeError, match="'populate_limit' .*kvm backend"):
+        guestmem.Kvm("model", populate_limit=1 << 30)
+    with pytest.raises(ValueError, match="host"):
+        guestmem.Kvm("model", profile="nope")

@@ -131,3 +131,26 @@ def test_populate_limit_must_be_bytes():
     for bad, exc in [(1.5, TypeError), (True, TypeError), ("1G", TypeError), (-1, ValueError)]:
         with pytest.raises(exc, match="populate_limit"):
             HostKvm(populate_limit=bad)
+
+
+def test_a_bad_environment_value_fails_when_kvm_opens_and_decimals_are_bytes(monkeypatch):
+    monkeypatch.setenv(populate.ENV, "1.5G")
+    assert populate.PopulateLimit().current()[0] == 3 << 29
+    monkeypatch.setenv(populate.ENV, "1.5X")
+    with pytest.raises(ValueError, match=populate.ENV):
+        HostKvm()
+
+
+def test_pre_fault_above_the_limit_is_enomem_before_the_kernel(kvm_small_limit):
+    """KVM_PRE_FAULT_MEMORY faults in the whole range on a TDP host; above the limit
+    it is refused first (its own EINVALs still come from the kernel)."""
+    with kvm_small_limit.create_vm() as vm, vm.create_vcpu(0) as vcpu, \
+            kvm_small_limit.mmap_anonymous(64 * MIB) as memory:
+        vm.set_user_memory_region2(1, 0, 1 << 32, 64 * MIB, memory.addr)  # populates nothing
+        refused(vcpu.pre_fault_memory, 1 << 32, 64 * MIB, source="Kvm(populate_limit=...)")
+        with pytest.raises(OSError) as beyond:  # past the memslot: nothing to fault in
+            vcpu.pre_fault_memory(2 << 32, 64 * MIB)
+        assert beyond.value.errno != errno.ENOMEM
+        with pytest.raises(OSError) as bad:
+            vcpu.pre_fault_memory(1 << 32, 64 * MIB, 1)  # flags: the kernel's EINVAL
+        assert bad.value.errno == errno.EINVAL

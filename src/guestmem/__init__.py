@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 BACKENDS = ("model", "kvm")
+OPTIONS = {"model": {"profile", "numa_nodes"}, "kvm": {"path", "populate_limit"}}
 
 
 @overload
@@ -29,9 +30,15 @@ def Kvm(backend: str, **options: Any) -> api.Kvm: ...  # noqa: N802
 
 
 def Kvm(backend: str = "model", **options: Any) -> api.Kvm:  # noqa: N802 - reads like a class
-    """Open a backend: "model" (the embedded default; options: profile=, which may
-    be "host" to model this machine's kernel, numa_nodes=) or "kvm" (the host
-    kernel through /dev/kvm; options: path=)."""
+    """Open a backend: "model" (the embedded default; options: profile= "mainline",
+    "coco" or "host" (this machine's kernel, probed), numa_nodes=) or "kvm" (the host
+    kernel through /dev/kvm; options: path=, populate_limit=)."""
+    if backend in OPTIONS and options.keys() - OPTIONS[backend]:
+        name = sorted(options.keys() - OPTIONS[backend])[0]
+        others = [b for b, names in OPTIONS.items() if name in names]
+        where = f" (an option of the {others[0]} backend)" if others else ""
+        raise TypeError(f"the {backend} backend takes no option {name!r}{where}; its "
+                        f"options: {', '.join(sorted(OPTIONS[backend]))}")
     if backend == "model":
         from guestmem.model import Kvm as ModelKvm
 

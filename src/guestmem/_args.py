@@ -21,7 +21,7 @@ Choices of ours, where no kernel source decides:
   one-byte file. Parameters declared `bool` take only a bool.
 - Offsets and lengths inside a Mapping are Python-level (the mapping is ours):
   they must be ints, and a range outside the mapping is ValueError (Mapping._check).
-- `n` of read/pread is the buffer Python allocates, not checked further.
+- `n` of read/pread is the buffer Python allocates: 0..1 GiB, else ValueError.
 """
 
 from __future__ import annotations
@@ -88,6 +88,18 @@ def BYTE(name: str, value: Any) -> int:  # noqa: N802
     if not 0 <= v <= 0xFF:
         raise ValueError(f"{name}={v} is not a byte value (0..255)")
     return v
+
+
+def BUFSIZE(name: str, value: Any) -> int:  # noqa: N802
+    """The size of the buffer read(2)/pread(2) fill, which Python allocates first:
+    0..1 GiB, else a ValueError on both backends (not a MemoryError on one)."""
+    v = _index(name, value)
+    if not 0 <= v <= MAX_BUFFER:
+        raise ValueError(f"{name}={v} is not a buffer size: 0..{MAX_BUFFER:#x}")
+    return v
+
+
+MAX_BUFFER = 1 << 30
 
 
 def ALIGN(name: str, value: Any) -> int:  # noqa: N802
@@ -198,9 +210,9 @@ SPEC: dict[str, dict[str, Kind]] = {
     "GuestMemfd.punch_hole": {"offset": S64, "length": S64},
     "GuestMemfd.ioctl": {"request": U32, "arg": U64},  # ioctl(int, unsigned int, unsigned long)
     "GuestMemfd.ftruncate": {"length": S64},
-    "GuestMemfd.read": {"n": S64},
+    "GuestMemfd.read": {"n": BUFSIZE},
     "GuestMemfd.write": {"data": BYTES},
-    "GuestMemfd.pread": {"n": S64, "offset": S64},
+    "GuestMemfd.pread": {"n": BUFSIZE, "offset": S64},
     "GuestMemfd.pwrite": {"data": BYTES, "offset": S64},
     "GuestMemfd.lseek": {"offset": S64, "whence": S32},
     "GuestMemfd.mmap": {"length": optional(U64), "offset": U64, "prot": S32, "shared": BOOL,

@@ -138,6 +138,9 @@ class GuestMemfd(Closable, Protocol):
     def pwrite(self, data: bytes, offset: int) -> int:
         """pwrite(2)."""
 
+    def lseek(self, offset: int, whence: int) -> int:
+        """lseek(2)."""
+
     def mmap(self, length: int | None = None, offset: int = 0,
              prot: int = ..., shared: bool = True, align: int = 0) -> Mapping:
         """mmap(2) of the file (MAP_SHARED unless shared=False); length None: its size.

@@ -485,11 +485,12 @@ def demo(backend: str, profile: str | None) -> None:
 
 
 # --- memory ----------------------------------------------------------------------------------
-def _parse_size(text: str) -> int:
+def _parse_size(text: str, option: str) -> int:
     """Bytes, with an optional K/M/G/T suffix (powers of 1024)."""
     match = re.fullmatch(r"(\d+)([KMGT]?)", text.strip().upper())
     if match is None:
-        raise click.BadParameter(f"{text!r} is not a size such as 4096, 64K or 2G")
+        raise click.BadParameter(f"{text!r} is not a size such as 4096, 64K or 2G",
+                                 param_hint=option)
     return int(match.group(1)) << (10 * " KMGT".index(match.group(2) or " "))
 
 
@@ -517,12 +518,16 @@ def memory(pid: int, target_fd: int, offset: str, length: str | None, as_json: b
     access to it (pidfd_getfd)."""
     from guestmem.host.kvm import MEMORY_MAP_LIMIT, attach_guest_memfd
 
-    start = _parse_size(offset)
+    start = _parse_size(offset, "--offset")
+    window = None if length is None else _parse_size(length, "--length")
     try:
         with attach_guest_memfd(pid, target_fd) as gmem:
             size = gmem.size
-            window = min(size - start, MEMORY_MAP_LIMIT) if length is None else \
-                _parse_size(length)
+            if window is None:
+                window = min(size - start, MEMORY_MAP_LIMIT)
+            if start + window > size:
+                raise click.BadParameter(f"[{start:#x}, +{window:#x}) ends past the end of the "
+                                         f"{size:#x}-byte file", param_hint="--offset/--length")
             mm = gmem.memory_map(start, window)
     except OSError as e:
         raise click.ClickException(f"cannot look at fd {target_fd} of process {pid}: {e}") from e

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 import signal
 
 from guestmem import uapi
@@ -74,6 +75,8 @@ def file_read_write(ctx: Ctx) -> None:
         ctx.fails("write", errno.EINVAL, g.write, b"x" * 8)
         ctx.fails("pread", errno.ESPIPE, g.pread, 8, 0)
         ctx.fails("pwrite", errno.ESPIPE, g.pwrite, b"x" * 8, 0)
+        for whence in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END):
+            ctx.fails(f"lseek whence {whence}", errno.ESPIPE, g.lseek, 0, whence)
 
 
 @case("gmem.file_ops", "upstream.md §2.3 (kvm_gmem_setattr, no unlocked_ioctl)",

@@ -65,15 +65,18 @@ class _Fd:
 
     @property
     def fd(self) -> int:
+        """The file descriptor; EBADF once closed."""
         if self._fd is None:
             raise oserror(errno.EBADF, "closed")
         return self._fd
 
     @property
     def closed(self) -> bool:
+        """close() was called."""
         return self._fd is None
 
     def close(self) -> None:
+        """close(2), once."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
@@ -248,7 +251,7 @@ class Kvm(_Fd):
         return Vm(self, self._ioctl(uapi.KVM_CREATE_VM, vm_type), vm_type)
 
     def mmap_anonymous(self, length: int, align: int = 0) -> Mapping:
-        """Anonymous shared host memory, e.g. for a memslot's userspace_addr."""
+        """mmap(2) of MAP_SHARED|MAP_ANONYMOUS memory, e.g. for a memslot's userspace_addr."""
         prot = libc.PROT_READ | libc.PROT_WRITE
         flags = libc.MAP_SHARED | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE
         return Mapping(libc.mmap_aligned(length, prot, flags, align=align), length, prot,
@@ -266,14 +269,23 @@ class Vm(_Fd):
         # Pages of each memslot set through this object: KVM_GET_DIRTY_LOG writes a
         # slot's whole bitmap, so the buffer must hold it.
         self._slot_pages: dict[int, int] = {}
+        self._slot_ranges: dict[int, tuple[int, int]] = {}  # slot -> (gpa, size), for pre-fault
+
+    def _memslot_bytes(self, gpa: int, size: int) -> int:
+        """How much of [gpa, gpa+size) (as u64s) the memslots set so far cover."""
+        start, end = gpa % (1 << 64), min(gpa % (1 << 64) + size % (1 << 64), 1 << 64)
+        return sum(max(0, min(end, lo + n) - max(start, lo))
+                   for lo, n in self._slot_ranges.values())
 
     def _set_region(self, request: int, region: ctypes.Structure) -> None:
         self._ioctl(request, region)
         slot = region.slot
         if region.memory_size:
             self._slot_pages[slot] = region.memory_size // uapi.PAGE_SIZE
+            self._slot_ranges[slot] = (region.guest_phys_addr, region.memory_size)
         else:
             self._slot_pages.pop(slot, None)
+            self._slot_ranges.pop(slot, None)
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM."""
@@ -402,7 +414,7 @@ class GuestMemfd(_Fd):
         self.fallocate(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, offset, length)
 
     def ioctl(self, request: int, arg: int = 0) -> int:
-        """Any ioctl on the file (ML guest_memfd has none: ENOTTY)."""
+        """ioctl(2) on the file (mainline guest_memfd has none: ENOTTY)."""
         return self._ioctl(request, arg)
 
     def ftruncate(self, length: int) -> None:
@@ -712,6 +724,10 @@ class Vcpu(_Fd):
 
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
         """KVM_PRE_FAULT_MEMORY; returns the (gpa, size) KVM wrote back."""
+        if not flags and not (gpa | size) % PAGE:  # KVM's own EINVALs come first
+            # what it would go on to fault in: the memslots' part of the range
+            self.vm.kvm.populate_limit.check(self.vm._memslot_bytes(gpa, size),
+                                             "KVM_PRE_FAULT_MEMORY")
         req = uapi.kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
         try:
             libc.ioctl_inout(self.fd, uapi.KVM_PRE_FAULT_MEMORY, req, "KVM_PRE_FAULT_MEMORY")

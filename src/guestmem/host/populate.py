@@ -12,9 +12,11 @@ The limit, in order of precedence:
 3. the default: half of MemAvailable in /proc/meminfo, read at call time, so
    that memory already populated by earlier calls lowers it.
 
-It bounds each call (guest_memfd fallocate, MADV_POPULATE_READ/WRITE, and the
-Mapping helpers that touch every page: fill, touch_in_child), not the sum of
-calls; reading MemAvailable each time is what keeps the sum in check.
+It bounds each call (guest_memfd fallocate, MADV_POPULATE_READ/WRITE,
+KVM_PRE_FAULT_MEMORY, and the Mapping helpers that touch every page: fill,
+touch_in_child), not the sum of calls; reading MemAvailable each time is what
+keeps the sum in check. What a running guest touches is not bounded: it is the
+guest's to touch.
 """
 
 from __future__ import annotations
@@ -30,13 +32,18 @@ _SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(text: str) -> int:
-    """'17179869184', '16G', '512M' -> bytes."""
+    """'17179869184', '16G', '1.5G', '512M' -> bytes (whole bytes, rounded down)."""
+    given = text
     text = text.strip().upper().removesuffix("IB").removesuffix("B")
     scale = _SUFFIXES.get(text[-1:], 1)
-    digits = text[:-1] if scale != 1 else text
-    if not digits.isdigit():
-        raise ValueError(f"{ENV}={text!r}: expected bytes, e.g. 17179869184 or 16G")
-    return int(digits) * scale
+    number = text[:-1] if scale != 1 else text
+    try:
+        value = float(number) if "." in number else int(number)
+    except ValueError:
+        value = -1
+    if value < 0 or not number[:1].isdigit():
+        raise ValueError(f"{ENV}={given!r}: expected bytes, e.g. 17179869184, 16G or 1.5G")
+    return int(value * scale)
 
 
 def mem_available() -> int:
@@ -65,6 +72,8 @@ class PopulateLimit:
         if override is not None and override < 0:
             raise ValueError(f"populate_limit={override} is negative")
         self.override = override
+        if override is None and os.environ.get(ENV):
+            parse_size(os.environ[ENV])  # a bad value fails at Kvm(), not at the first call
 
     def current(self) -> tuple[int, str]:
         """(the limit in bytes, where it comes from), as of now."""

@@ -30,7 +30,8 @@ class Kvm:
                                  "guestmem.Kvm(backend='model', profile='host'), or pass "
                                  "Profile.from_capabilities(caps)")
             if profile not in PROFILES:
-                raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+                raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}, "
+                                 f"and host (guestmem.Kvm('model', profile='host'))")
             profile = PROFILES[profile]
         self.profile = profile
         if not 1 <= numa_nodes <= 64:
