@@ -177,16 +177,7 @@ def any_kvm(request):
 
 def in_thread(fn):
     """Run fn in a thread that is not the main one; its result or exception."""
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed back to the test
-            box["error"] = e
-
-    thread = threading.Thread(target=target)
-    thread.start()
+    thread, box = start_thread(fn)
     thread.join(60)
     assert not thread.is_alive(), "the run was never interrupted"
     return box

@@ -11,6 +11,9 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
+
+from guestmem import uapi
 
 VENDOR_INTEL = "GenuineIntel"
 VENDOR_AMD = "AuthenticAMD"
@@ -115,3 +118,38 @@ class Capabilities:
 
     def gmem_flags_for(self, vm_type: int) -> int:
         return self.gmem_flags_by_vm_type.get(vm_type, 0)
+
+    @classmethod
+    def from_numbers(cls, system_numbers: dict[int, int], vm_numbers: dict[int, dict[int, int]],
+                     **rest: Any) -> Capabilities:
+        """The record from KVM_CHECK_EXTENSION's answers at system scope and on a VM
+        of each type (the VM types are vm_numbers' keys); `rest` gives the fields
+        the answers do not (the probed or stated behaviours)."""
+        system = _named(system_numbers)
+        vm = {t: _named(nums) for t, nums in sorted(vm_numbers.items())}
+        by_type = {t: v["KVM_CAP_GUEST_MEMFD_FLAGS"] for t, v in vm.items()}
+        return cls(
+            vm_types=frozenset(vm_numbers),
+            guest_memfd=bool(system["KVM_CAP_GUEST_MEMFD"]),
+            guest_memfd_flags=by_type.get(uapi.KVM_X86_DEFAULT_VM, 0),
+            memory_attributes=system["KVM_CAP_MEMORY_ATTRIBUTES"],
+            user_memory2=bool(system["KVM_CAP_USER_MEMORY2"]),
+            memory_fault_info=bool(system["KVM_CAP_MEMORY_FAULT_INFO"]),
+            exit_hypercall=system["KVM_CAP_EXIT_HYPERCALL"],
+            pre_fault_memory=bool(system["KVM_CAP_PRE_FAULT_MEMORY"]),
+            readonly_mem=bool(system["KVM_CAP_READONLY_MEM"]),
+            nr_memslots=system["KVM_CAP_NR_MEMSLOTS"],
+            multi_address_space=system["KVM_CAP_MULTI_ADDRESS_SPACE"],
+            gmem_flags_by_vm_type=by_type,
+            system=system,
+            vm=vm,
+            system_numbers={nr: v for nr, v in system_numbers.items() if v},
+            vm_numbers={t: {nr: v for nr, v in nums.items() if v}
+                        for t, nums in vm_numbers.items()},
+            **rest,
+        )
+
+
+def _named(numbers: dict[int, int]) -> dict[str, int]:
+    """The answers for every capability guestmem has a name for."""
+    return {name: numbers.get(nr, 0) for nr, name in sorted(uapi.CAPABILITY_NAMES.items())}

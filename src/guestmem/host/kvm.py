@@ -190,47 +190,28 @@ class Kvm(_Fd):
         from guestmem.host import probe  # probe runs guests with this module's classes
 
         system_numbers = self._numbers(self)
-        system = {name: system_numbers.get(nr, 0)
-                  for nr, name in sorted(uapi.CAPABILITY_NAMES.items())}
-        vm_types = self.supported_vm_types()
         vm_numbers: dict[int, dict[int, int]] = {}
-        for vm_type in sorted(vm_types):
+        for vm_type in sorted(self.supported_vm_types()):
             with self.create_vm(vm_type) as vm:
                 vm_numbers[vm_type] = self._numbers(vm)
-        vm_scope = {t: {name: nums.get(nr, 0) for nr, name in sorted(uapi.CAPABILITY_NAMES.items())}
-                    for t, nums in vm_numbers.items()}
-        by_type = {t: v["KVM_CAP_GUEST_MEMFD_FLAGS"] for t, v in vm_scope.items()}
-        return Capabilities(
+        default_flags = vm_numbers.get(uapi.KVM_X86_DEFAULT_VM, {}).get(
+            uapi.KVM_CAP_GUEST_MEMFD_FLAGS, 0)
+        return Capabilities.from_numbers(
+            system_numbers, vm_numbers,
             api_version=self.api_version(),
             implementation=kvm_implementation(),
-            vm_types=vm_types,
-            guest_memfd=bool(system["KVM_CAP_GUEST_MEMFD"]),
-            guest_memfd_flags=by_type.get(uapi.KVM_X86_DEFAULT_VM, 0),
-            memory_attributes=system["KVM_CAP_MEMORY_ATTRIBUTES"],
-            user_memory2=bool(system["KVM_CAP_USER_MEMORY2"]),
-            memory_fault_info=bool(system["KVM_CAP_MEMORY_FAULT_INFO"]),
-            exit_hypercall=system["KVM_CAP_EXIT_HYPERCALL"],
-            pre_fault_memory=bool(system["KVM_CAP_PRE_FAULT_MEMORY"]),
-            readonly_mem=bool(system["KVM_CAP_READONLY_MEM"]),
-            nr_memslots=system["KVM_CAP_NR_MEMSLOTS"],
-            multi_address_space=system["KVM_CAP_MULTI_ADDRESS_SPACE"],
             numa_nodes=numa_node_count(),
-            gmem_shared_policy=self._probe_gmem_shared_policy(by_type),
-            gmem_flags_by_vm_type=by_type,
-            system=system,
-            vm=vm_scope,
+            gmem_shared_policy=self._probe_gmem_shared_policy(default_flags),
             execution=probe.guest_execution(self),
             shadow_paging=probe.shadow_paging(self),
             gmem_bind_overlap_errno=probe.gmem_bind_overlap_errno(self),
             memory_failure=probe.memory_failure_built(),
-            system_numbers=system_numbers,
-            vm_numbers=vm_numbers,
         )
 
-    def _probe_gmem_shared_policy(self, by_type: dict[int, int]) -> bool:
+    def _probe_gmem_shared_policy(self, default_gmem_flags: int) -> bool:
         """Does an mbind() through one mapping of a guest_memfd show through another
         (a per-inode policy, kvm_gmem_set_policy), or stay on its VMA?"""
-        if not by_type.get(uapi.KVM_X86_DEFAULT_VM, 0) & uapi.GUEST_MEMFD_FLAG_MMAP:
+        if not default_gmem_flags & uapi.GUEST_MEMFD_FLAG_MMAP:
             return False
         page = uapi.PAGE_SIZE
         with (self.create_vm() as vm,

@@ -92,34 +92,16 @@ class Kvm:
             self._derived_system()
         vm_numbers = {t: (prof.vm_numbers or {}).get(t) or self._derived_vm(t, numbers)
                       for t in sorted(prof.vm_types)}
-        system, vm = _named(numbers), {t: _named(v) for t, v in vm_numbers.items()}
-        by_type = {t: v["KVM_CAP_GUEST_MEMFD_FLAGS"] for t, v in vm.items()}
-        return Capabilities(
+        return Capabilities.from_numbers(
+            numbers, vm_numbers,
             api_version=uapi.KVM_API_VERSION,
             implementation=prof.implementation,
-            vm_types=frozenset(prof.vm_types),
-            guest_memfd=bool(system["KVM_CAP_GUEST_MEMFD"]),
-            guest_memfd_flags=by_type.get(uapi.KVM_X86_DEFAULT_VM, 0),
-            memory_attributes=system["KVM_CAP_MEMORY_ATTRIBUTES"],
-            user_memory2=bool(system["KVM_CAP_USER_MEMORY2"]),
-            memory_fault_info=bool(system["KVM_CAP_MEMORY_FAULT_INFO"]),
-            exit_hypercall=system["KVM_CAP_EXIT_HYPERCALL"],
-            pre_fault_memory=bool(system["KVM_CAP_PRE_FAULT_MEMORY"]),
-            readonly_mem=bool(system["KVM_CAP_READONLY_MEM"]),
-            nr_memslots=system["KVM_CAP_NR_MEMSLOTS"],
-            multi_address_space=system["KVM_CAP_MULTI_ADDRESS_SPACE"],
             numa_nodes=self.process.numa_nodes,
             gmem_shared_policy=prof.gmem_shared_policy,
-            gmem_flags_by_vm_type=by_type,
-            system=system,
-            vm=vm,
             execution=prof.execution,
             shadow_paging=prof.shadow_paging,
             gmem_bind_overlap_errno=prof.bind_overlap_errno,
             memory_failure=prof.memory_failure,
-            system_numbers={nr: v for nr, v in numbers.items() if v},
-            vm_numbers={t: {nr: v for nr, v in nums.items() if v}
-                        for t, nums in vm_numbers.items()},
         )
 
     def api_version(self) -> int:
@@ -183,7 +165,3 @@ class Kvm:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _named(numbers: dict[int, int]) -> dict[str, int]:
-    """The answers for every capability guestmem has a name for."""
-    return {name: numbers.get(nr, 0) for nr, name in sorted(uapi.CAPABILITY_NAMES.items())}
