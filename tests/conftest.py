@@ -31,3 +31,31 @@ def host_profile():
     import guestmem
 
     return guestmem.host_profile()
+
+
+def backends():
+    """Parameters for a test that runs on both backends (kvm skips, saying why)."""
+    reason = kvm_unavailable_reason()
+    return [pytest.param("model", id="model"),
+            pytest.param("kvm", id="kvm",
+                         marks=pytest.mark.skipif(reason is not None, reason=str(reason)))]
+
+
+def open_kvm(backend):
+    """A fresh Kvm of the backend (the model's default profile)."""
+    from guestmem.host import Kvm as HostKvm
+    from guestmem.model import Kvm as ModelKvm
+
+    return ModelKvm() if backend == "model" else HostKvm()
+
+
+@pytest.fixture(params=["model", "kvm"])
+def any_kvm(request):
+    """The model (mainline), then this host's kernel (skipped without /dev/kvm)."""
+    if request.param == "kvm":
+        yield request.getfixturevalue("host_kvm")
+        return
+    from guestmem.model import Kvm as ModelKvm
+
+    with ModelKvm("mainline") as kvm:
+        yield kvm

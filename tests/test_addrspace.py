@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guestmem import uapi
-from guestmem.host import Kvm as HostKvm
 from guestmem.model import Kvm as ModelKvm
 from guestmem.model.addrspace import (
     MMAP_BASE,
@@ -26,7 +25,7 @@ from guestmem.model.addrspace import (
 )
 from guestmem.vmm import Vmm
 
-from .conftest import kvm_unavailable_reason
+from .conftest import backends, open_kvm
 
 PS = uapi.PAGE_SIZE
 TIB = 1 << 40
@@ -34,15 +33,8 @@ FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
 GMEM = uapi.KVM_MEM_GUEST_MEMFD
 
 
-def backends():
-    reason = kvm_unavailable_reason()
-    return [pytest.param("model", id="model"),
-            pytest.param("kvm", id="kvm",
-                         marks=pytest.mark.skipif(reason is not None, reason=str(reason)))]
 
 
-def open_kvm(backend):
-    return ModelKvm() if backend == "model" else HostKvm()
 
 
 def errno_of(fn, *args):

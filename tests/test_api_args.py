@@ -23,7 +23,7 @@ from guestmem.model import vcpu as model_vcpu
 from guestmem.model import vm as model_vm
 from guestmem.model.snapshot import snapshot
 
-from .conftest import kvm_unavailable_reason
+from .conftest import backends, open_kvm
 
 PS = uapi.PAGE_SIZE
 FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
@@ -142,16 +142,8 @@ class Objects:
         self.vm.close()
 
 
-def backends():
-    out = [pytest.param("model", id="model")]
-    reason = kvm_unavailable_reason()
-    out.append(pytest.param("kvm", id="kvm", marks=pytest.mark.skipif(reason is not None,
-                                                                       reason=str(reason))))
-    return out
 
 
-def open_kvm(backend):
-    return model_kvm.Kvm() if backend == "model" else host.Kvm()
 
 
 def state(kvm):

@@ -15,7 +15,7 @@ from guestmem.host import Kvm as HostKvm
 from guestmem.model import Kvm as ModelKvm
 from guestmem.model.invariants import leaks_after_close
 
-from .conftest import kvm_unavailable_reason
+from .conftest import backends, open_kvm
 
 
 @pytest.fixture
@@ -52,15 +52,8 @@ PS = uapi.PAGE_SIZE
 FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
 
 
-def backends():
-    reason = kvm_unavailable_reason()
-    return [pytest.param("model", id="model"),
-            pytest.param("kvm", id="kvm",
-                         marks=pytest.mark.skipif(reason is not None, reason=str(reason)))]
 
 
-def open_kvm(backend):
-    return ModelKvm() if backend == "model" else HostKvm()
 
 
 def ebadf(fn, *args):

@@ -10,18 +10,13 @@ from guestmem import uapi
 from guestmem.host import Kvm as HostKvm
 from guestmem.model import Kvm as ModelKvm
 
-from .conftest import kvm_unavailable_reason
+from .conftest import backends
 
 PS = uapi.PAGE_SIZE
 GMEM = uapi.KVM_MEM_GUEST_MEMFD
 LAST_GPA = (1 << 52) - PS  # kvm_mmu_max_gfn() without TDP: 52 address bits
 
 
-def backends():
-    reason = kvm_unavailable_reason()
-    return [pytest.param("model", id="model"),
-            pytest.param("kvm", id="kvm",
-                         marks=pytest.mark.skipif(reason is not None, reason=str(reason)))]
 
 
 def errno_of(fn, *args):

@@ -11,16 +11,11 @@ from guestmem import uapi
 from guestmem.host import Kvm as HostKvm
 from guestmem.model import Kvm as ModelKvm
 
-from .conftest import kvm_unavailable_reason
+from .conftest import backends
 
 PS = uapi.PAGE_SIZE
 
 
-def backends():
-    reason = kvm_unavailable_reason()
-    return [pytest.param("model", id="model"),
-            pytest.param("kvm", id="kvm",
-                         marks=pytest.mark.skipif(reason is not None, reason=str(reason)))]
 
 
 @pytest.mark.parametrize("backend", backends())

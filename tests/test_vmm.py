@@ -164,15 +164,6 @@ def test_a_vmm_session_leaks_no_fd_and_no_mapping(host_kvm):
     assert (host_kvm.open_fd_count(), maps()) == (fds, mapped)
 
 
-@pytest.fixture(params=["model", "kvm"])
-def any_kvm(request):
-    if request.param == "kvm":
-        yield request.getfixturevalue("host_kvm")
-        return
-    from guestmem.model import Kvm as ModelKvm
-
-    with ModelKvm("mainline") as kvm:
-        yield kvm
 
 
 def in_thread(fn):

@@ -26,13 +26,6 @@ def coco():
         yield kvm
 
 
-@pytest.fixture(params=["model", "kvm"])
-def any_kvm(request):
-    if request.param == "kvm":
-        yield request.getfixturevalue("host_kvm")
-        return
-    with ModelKvm("mainline") as kvm:
-        yield kvm
 
 
 def run(vmm, *steps, vcpu=None):
