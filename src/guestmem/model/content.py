@@ -5,7 +5,12 @@ A page's bytes are one of:
 - Pattern(value, step, origin): the guest program pattern, 64-bit word at byte
   offset o is value + ((o - origin) // 8) * step — what WritePattern writes, so a
   1 TiB pattern is one extent and verifying it is one comparison;
-- Bytes(page): real bytes, for pages written with arbitrary data (host writes).
+- Bytes(page): real bytes, for pages written with arbitrary data (host writes);
+- Stale(owner): what a freshly allocated page holds before anyone zeroes it,
+  the data its previous owner left (mm/page_alloc.c hands pages out as they were
+  freed; only __GFP_ZERO or the caller's clear_highpage zeroes them). It reads as
+  a pattern naming the owner, never as zeros: a path that skips zeroing shows
+  another owner's data, as seed 000's shmem SGP_WRITE bug did.
 
 Offsets are byte offsets in the backing object (a guest_memfd inode or an
 anonymous mapping), so contents stay put when the object is mapped elsewhere.
@@ -43,7 +48,19 @@ class Bytes:
     page: int  # the page index the bytes belong to (never merges with a neighbour)
 
 
-Content = Fill | Pattern | Bytes
+@dataclass(frozen=True)
+class Stale:
+    owner: int  # which earlier allocation's data this is (HostProcess.new_pages)
+
+    def as_pattern(self) -> Pattern:
+        """Word i of the page range reads STALE_TAG | owner << 24 | i."""
+        return Pattern((STALE_TAG | (self.owner & 0xFFFFFF) << 24) & _MASK, 1, 0)
+
+
+STALE_TAG = 0x5354414C << 32  # "STAL" in the top half of each stale word
+
+
+Content = Fill | Pattern | Bytes | Stale
 ZERO = Fill(0)
 
 
@@ -129,6 +146,11 @@ class PageStore:
         if pos < hi:
             yield pos, hi, ZERO
 
+    def stale(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Page ranges of [first, last) that still hold a previous owner's data."""
+        return [(s, e) for s, e, c in self.extents.overlapping(first, last)
+                if isinstance(c, Stale)]
+
     def _render_piece(self, lo: int, hi: int, c: Content) -> bytes:
         if isinstance(c, Bytes):
             index = lo // PAGE
@@ -141,6 +163,8 @@ class PageStore:
         """First 8-byte word in [offset, +length) that differs from `want`, as
         (byte offset, word found), or None. Costs per extent, not per page."""
         for lo, hi, c in self._pieces(offset, offset + length):
+            if isinstance(c, Stale):
+                c = c.as_pattern()
             if c == want or (isinstance(c, Fill) and isinstance(want, Pattern)
                              and want.step == 0 and _fill_word(c.byte) == want.value) or (
                     isinstance(c, Pattern) and isinstance(want, Pattern) and c.step == want.step
@@ -177,6 +201,8 @@ def _fill_word(byte: int) -> int:
 
 def render(c: Content, offset: int, length: int) -> bytes:
     """The bytes of content c at [offset, offset+length) (for small ranges)."""
+    if isinstance(c, Stale):
+        c = c.as_pattern()
     if isinstance(c, Fill):
         return bytes([c.byte]) * length
     if isinstance(c, Pattern):

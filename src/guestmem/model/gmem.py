@@ -114,7 +114,7 @@ class GmemInode:
         the local node, where there is none), in ascending index order."""
         chooser = self.process.node_chooser
         for lo, hi in list(self.folios.gaps(first, last)):
-            self.process.stats.allocate(hi - lo)
+            self.store.set(lo, hi, self.process.new_pages(hi - lo))  # not zeroed yet
             policies = ([(lo, hi, None)] if self.policy is None
                         else _with_gaps(self.policy.overlapping(lo, hi), lo, hi))
             for a, b, policy in policies:

@@ -12,12 +12,12 @@ from typing import Any
 
 from guestmem.model.gmem import GmemInode
 from guestmem.model.process import AnonymousMemory
-from guestmem.model.profile import Prepare
 
 
 def violations(kvm: Any) -> list[str]:
     out: list[str] = []
-    for check in (_confidentiality, _mapped_pages_are_live, _counters_add_up):
+    for check in (_confidentiality, _mapped_pages_are_live, _nothing_stale_is_reachable,
+                  _counters_add_up):
         out.extend(check(kvm))
     return out
 
@@ -45,37 +45,68 @@ def _confidentiality(kvm: Any) -> Iterator[str]:
 
 
 def _mapped_pages_are_live(kvm: Any) -> Iterator[str]:
-    """No folio is freed while mapped by the host or the stage-2 MMU, and every
-    mapped page was initialised (zeroed) unless the VM type's firmware does it."""
+    """No folio is freed while mapped by the host or the stage-2 MMU."""
     for inode in _inodes(kvm):
         for mapping in inode.mappings:
             for lo, hi, _ in mapping.ptes.items():
-                yield from _initialised(inode, mapping.pgoff + lo, mapping.pgoff + hi, "host PTE",
-                                        firmware=False)
+                yield from _live(inode, mapping.pgoff + lo, mapping.pgoff + hi, "host PTE")
+    for vm, slot, g0, g1 in _gmem_sptes(kvm):
+        if slot not in vm.memslots.values():
+            yield f"VM {vm._fd}: SPTEs for gfns [{g0}, {g1}) of a deleted memslot"
+        elif slot.gmem is None:
+            yield f"VM {vm._fd}: SPTEs for gfns [{g0}, {g1}) after guest_memfd release"
+        else:
+            yield from _live(slot.gmem, slot.gmem_index(g0), slot.gmem_index(g1), "SPTE")
+
+
+def _gmem_sptes(kvm: Any) -> Iterator[tuple[Any, Any, int, int]]:
     for vm in list(kvm.vms):
         for g0, g1, source in vm.mmu.mapped.items():
-            if source == "hva":
-                continue
-            slot = source
-            if slot not in vm.memslots.values():
-                yield f"VM {vm._fd}: SPTEs for gfns [{g0}, {g1}) of a deleted memslot"
-            elif slot.gmem is None:
-                yield f"VM {vm._fd}: SPTEs for gfns [{g0}, {g1}) after guest_memfd release"
-            else:
-                firmware = vm.vm_type_info.prepare is Prepare.FIRMWARE
-                yield from _initialised(slot.gmem, slot.gmem_index(g0), slot.gmem_index(g1),
-                                        "SPTE", firmware)
+            if source != "hva":
+                yield vm, source, g0, g1
 
 
-def _initialised(inode: GmemInode, first: int, last: int, what: str,
-                 firmware: bool) -> Iterator[str]:
+def _live(inode: GmemInode, first: int, last: int, what: str) -> Iterator[str]:
     missing = list(inode.folios.gaps(first, last))
     if missing:
         yield f"inode {inode.ino}: {what} on freed pages {missing}"
-    if not firmware:
-        stale = [(s, e) for s, e, st in inode.folios.overlapping(first, last) if not st.uptodate]
+
+
+def _nothing_stale_is_reachable(kvm: Any) -> Iterator[str]:
+    """Zeroing, checked on content, not on flags: no page the host or a guest can
+    read through a PTE or an SPTE still holds a previous owner's data (Stale). A
+    path that skips zeroing (kvm_gmem_get_pfn, kvm_gmem_fault_user_mapping,
+    shmem_fault) leaves exactly that; seed 000's SGP_WRITE bug was one."""
+    for mapping in kvm.process.mappings.values():
+        for lo, hi, _ in mapping.ptes.items():
+            stale = mapping.backing.store.stale(mapping.pgoff + lo, mapping.pgoff + hi)
+            if stale:
+                yield f"host PTEs at {mapping.addr:#x} on another owner's data {stale}"
+    for vm, slot, g0, g1 in _gmem_sptes(kvm):
+        if slot.gmem is not None:
+            stale = slot.gmem.store.stale(slot.gmem_index(g0), slot.gmem_index(g1))
+            if stale:
+                yield f"VM {vm._fd}: SPTEs on another owner's data, file pages {stale}"
+    for vm in list(kvm.vms):
+        for g0, g1, source in vm.mmu.mapped.items():
+            if source == "hva":
+                yield from _stale_through_hva(kvm, vm, g0, g1)
+
+
+def _stale_through_hva(kvm: Any, vm: Any, first: int, last: int) -> Iterator[str]:
+    """SPTEs made through userspace_addr: the host pages behind them."""
+    for slot in vm.memslots.values():
+        lo, hi = max(first, slot.base_gfn), min(last, slot.end_gfn)
+        if lo >= hi:
+            continue
+        found = kvm.process.mapping_at(slot.userspace_addr + (lo - slot.base_gfn) * 4096)
+        if found is None:
+            continue
+        mapping, offset = found
+        index = mapping.pgoff + offset // 4096
+        stale = mapping.backing.store.stale(index, index + hi - lo)
         if stale:
-            yield f"inode {inode.ino}: {what} on pages never zeroed {stale}"
+            yield f"VM {vm._fd}: SPTEs through userspace_addr on another owner's data {stale}"
 
 
 def _counters_add_up(kvm: Any) -> Iterator[str]:

@@ -21,7 +21,7 @@ from guestmem import _args, uapi
 from guestmem.exits import HostSigbus, HostSigsegv, oserror
 from guestmem.extents import ExtentMap
 from guestmem.model.addrspace import TASK_SIZE, AddressSpace
-from guestmem.model.content import PAGE, PageStore
+from guestmem.model.content import PAGE, ZERO, PageStore, Stale
 from guestmem.model.mempolicy import (
     DEFAULT_REPORT,
     MAXNODE,
@@ -85,6 +85,16 @@ class HostProcess:
         self.mappings = AddressSpace()
         self.stats = Stats()
         self.backings: set[Any] = set()  # live guest_memfd inodes and anonymous memory
+        self._owners = 0  # allocations so far: whose data a new page holds (Stale)
+
+    # --- physical memory --------------------------------------------------------------------
+    def new_pages(self, n: int) -> Stale:
+        """n pages off the free lists, as they were left (kernel: mm/page_alloc.c
+        without __GFP_ZERO): what they hold is a previous owner's data, until a
+        zeroing path clears them."""
+        self.stats.allocate(n)
+        self._owners += 1
+        return Stale(self._owners)
 
     # --- fds ----------------------------------------------------------------------------------
     def install(self, obj: Any, on_drop: Callable[[], None] | None = None) -> int:
@@ -162,11 +172,13 @@ class AnonymousMemory:
         process.backings.add(self)
 
     def fault(self, index: int, count: int, write: bool) -> str | None:
+        """shmem_fault: a missing page is allocated and zeroed (shmem_get_folio_gfp:
+        clear_highpage of a new folio) before it is mapped."""
         if index + count > self.npages:
             return "beyond the end of the mapping"
-        # New pages have no content, which reads as zeros: nothing to write.
         for lo, hi in list(self.present.gaps(index, index + count)):
-            self.process.stats.allocate(hi - lo)
+            self.store.set(lo, hi, self.process.new_pages(hi - lo))
+            self.store.set(lo, hi, ZERO)
         self.present.set(index, index + count, True)
         return None
 
