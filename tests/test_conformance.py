@@ -48,7 +48,8 @@ def test_mainline_derives_the_generic_capabilities_this_kernel_reports(host_kvm)
 
 HOST_LACKS = ("KVM_CAP_MEMORY_ATTRIBUTES=0x0", "KVM_CAP_PRE_FAULT_MEMORY=0",
               "case is for hosts without", "KVM_EXIT_HYPERCALL cannot reach userspace",
-              "case is for sw-protected VMs", "needs 2 NUMA nodes, the host has 1",
+              "case is for sw-protected VMs", "case is for SNP/TDX VMs",
+              "needs 2 NUMA nodes, the host has 1",
               "no per-inode guest_memfd mempolicy")
 
 

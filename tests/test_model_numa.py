@@ -89,3 +89,17 @@ def test_failed_mbind_changes_nothing():
         assert snapshot(kvm) == before
         m.mbind(0, 2 * PS, uapi.MPOL_DEFAULT)
         assert snapshot(kvm) != before  # the snapshot sees policies
+
+
+def test_interleave_continues_across_allocations():
+    """interleave_nodes: each page goes to the node after the task's il_prev, and
+    il_prev carries over from one allocation to the next: separate allocations of
+    1, 2 and 3 pages over nodes {0, 1, 2} continue one cycle."""
+    with Kvm("coco", numa_nodes=3) as kvm:
+        vm = kvm.create_vm()
+        g = vm.create_guest_memfd(8 * PS, FLAGS)
+        with g.mmap() as m:
+            m.mbind(0, 8 * PS, uapi.MPOL_INTERLEAVE, 0b111)
+            for first, count in ((0, 1), (1, 2), (3, 3)):
+                g.allocate(first * PS, count * PS)
+        assert [g.inode.node_of(i) for i in range(6)] == [0, 1, 2, 0, 1, 2]

@@ -98,3 +98,23 @@ def test_nothing_leaks_after_everything_is_closed():
     vcpu.close()
     vm.close()
     assert leaks_after_close(kvm) == []
+
+
+def test_a_fault_that_read_the_sequence_inside_an_invalidation_retries_after_it():
+    """mmu_invalidate_seq is bumped when an invalidation *ends*
+    (kvm_mmu_invalidate_end): a fault that sampled it while the invalidation was
+    running, and took its pfn before the truncation freed the page, must see it
+    change and retry, else it maps the freed page. Bumping at begin would let it
+    map (the fault's seq is already the new one)."""
+    kvm, vm, g, slot = setup()
+    complete(gmem_fault_path(vm, slot, GFN, GFN + 2))  # the pages exist
+    punch = g.inode.punch_hole_path(0, 2)
+    assert next(punch) == "invalidate_begin"
+    fault = gmem_fault_path(vm, slot, GFN, GFN + 2)
+    assert next(fault) == "invalidate seq read"  # sampled inside the invalidation
+    assert next(fault) == "pfn taken"  # the old folios
+    assert list(punch) == ["truncated"]  # frees them, then invalidate_end
+    assert vm.mmu.in_progress == 0
+    assert complete(fault) is False, "the fault must retry: its sequence is stale"
+    assert vm.mmu.mapped.covered(GFN, GFN + 8) == 0
+    assert violations(kvm) == []

@@ -152,3 +152,20 @@ def test_madv_hwpoison_needs_a_page_gup_can_fault():
     private.close()
     vm.close()
     assert leaks_after_close(kvm) == []
+
+
+def test_a_multi_page_guest_access_faults_on_the_poisoned_page_not_the_first():
+    """kvm_gmem_get_pfn fails with EHWPOISON for the poisoned page the access
+    reaches; the MEMORY_FAULT exit names that page, and the pages before it in the
+    same write were written (the guest's loop got there first)."""
+    kvm = Kvm("coco")
+    with Vmm(kvm, cpl=0) as vmm:
+        region = vmm.add_memory(1 << 32, 4 * PS)
+        region.mapping.write(2 * PS, b"\x22" * PS)
+        region.mapping.madvise(2 * PS, PS, 100)  # MADV_HWPOISON page 2
+        vmm.load(compile_program(p.Program.of(p.WritePattern(1 << 32, 4 * PS, 7))))
+        r = vmm.run()
+        assert (r.stop, r.errno) == ("memory_fault", uapi.EHWPOISON)
+        assert (r.memory_fault.gpa, r.memory_fault.size) == ((1 << 32) + 2 * PS, PS)
+        assert region.mapping.read(PS, 8) == (7).to_bytes(8, "little")  # written before
+        assert violations(kvm) == []

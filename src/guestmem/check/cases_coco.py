@@ -10,6 +10,7 @@ import errno
 
 from guestmem import program as p
 from guestmem import uapi
+from guestmem.caps import Capabilities
 from guestmem.check.suite import Ctx, case, needs_guests, needs_private_memory, only_on
 from guestmem.exits import Exit, IoExit
 from guestmem.guest import compile_program, default_hypercall_abi
@@ -88,3 +89,35 @@ def _delete_at_first_tick(vmm: Vmm, slot: int) -> None:
         return handle_io(exit, result)
 
     vmm.handlers[IoExit] = handler
+
+
+def needs_hardware_privateness(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
+    """SNP and TDX: the access's C-bit / shared bit says private or shared."""
+    if vm_type in (uapi.KVM_X86_SNP_VM, uapi.KVM_X86_TDX_VM):
+        return None
+    return "case is for SNP/TDX VMs (privateness comes from the hardware access)"
+
+
+@case("coco.exits.private_mismatch", "upstream.md §2.10 (x86 kvm_mmu_faultin_pfn: "
+      "fault->is_private != kvm_mem_is_private -> kvm_mmu_prepare_memory_fault_exit)",
+      "SNP/TDX: an access whose privateness disagrees with the attributes fails KVM_RUN "
+      "with EFAULT and a MEMORY_FAULT exit, both ways: a private access to a shared gfn "
+      "(flags PRIVATE) and a shared access to a private gfn (flags 0)",
+      needs=(needs_hardware_privateness, needs_guests, needs_private_memory))
+def private_mismatch(ctx: Ctx) -> None:
+    gpa = 1 << 32
+    with Vmm(ctx.kvm, ctx.vm_type) as vmm:
+        vmm.add_memory(gpa, 2 * PS)
+        converted = _run(vmm, ctx, p.MapGpaRange(gpa, 1, PS, encrypted=True),
+                         p.WritePattern(gpa, 8, 0x5EC), p.ReadValue(gpa))
+        ctx.equal("the guest makes page 0 private and uses it", [0, 0x5EC], converted.reports)
+        ctx.ok("the host makes it shared behind the guest's back",
+               vmm.vm.set_memory_attributes, gpa, PS, 0)
+        fault = _run(vmm, ctx, p.ReadValue(gpa)).memory_fault
+        ctx.equal("private access to a shared gfn", (uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE, gpa, PS),
+                  (fault.flags, fault.gpa, fault.size) if fault else None)
+        ctx.ok("the host makes page 1 private; the guest still thinks it shared",
+               vmm.vm.set_memory_attributes, gpa + PS, PS, PRIVATE)
+        fault = _run(vmm, ctx, p.ReadValue(gpa + PS)).memory_fault
+        ctx.equal("shared access to a private gfn", (0, gpa + PS, PS),
+                  (fault.flags, fault.gpa, fault.size) if fault else None)

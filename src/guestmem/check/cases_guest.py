@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 
 from guestmem import machine, uapi
 from guestmem import program as p
@@ -180,6 +181,73 @@ def dirty_log(ctx: Ctx) -> None:
         ctx.equal("host writes are not logged", [], dirty())
         _run(ctx, vmm, p.WritePattern(HIGH + 3 * PS, 8, 7))
         ctx.equal("a page written again is logged again", [3], dirty())
+
+
+@case("guest.dirty_log_toggle", "kvm_main.c kvm_prepare_memory_region (KVM_MR_FLAGS_ONLY: "
+      "the bitmap is freed when logging stops, a new one made when it starts)",
+      "dirty logging turned off and on again on one slot: while off, the log is ENOENT "
+      "and writes are not kept; on again, the log starts empty and logs new writes",
+      needs=(needs_guests,))
+def dirty_log_toggle(ctx: Ctx) -> None:
+    npages, log = 16, uapi.KVM_MEM_LOG_DIRTY_PAGES
+    with Vmm(ctx.kvm, ctx.vm_type, backing="anon") as vmm:
+        region = vmm.add_memory(HIGH, npages * PS, backing="anon")
+        vm, slot, hva = vmm.vm, region.slot, region.mapping.addr
+
+        def dirty() -> list[int]:
+            bitmap = int.from_bytes(vm.get_dirty_log(slot, npages), "little")
+            return [i for i in range(npages) if bitmap >> i & 1]
+
+        ctx.ok("logging on", vm.set_user_memory_region2, slot, log, HIGH, npages * PS, hva)
+        _run(ctx, vmm, p.WritePattern(HIGH + 3 * PS, 8, 1))
+        ctx.ok("logging off (flags only)", vm.set_user_memory_region2, slot, 0, HIGH,
+               npages * PS, hva)
+        ctx.fails("the log while off", errno.ENOENT, vm.get_dirty_log, slot, npages)
+        _run(ctx, vmm, p.WritePattern(HIGH + 5 * PS, 8, 2))
+        ctx.ok("logging on again", vm.set_user_memory_region2, slot, log, HIGH, npages * PS,
+               hva)
+        ctx.equal("a fresh log: page 3 went with the old bitmap, page 5 was not logged",
+                  [], dirty())
+        _run(ctx, vmm, p.WritePattern(HIGH + 7 * PS, 8, 3))
+        ctx.equal("new writes are logged", [7], dirty())
+
+
+@case("guest.close_while_mapped", "guest_memfd.c kvm_gmem_release (the last reference: "
+      "the fd and every mapping)", "a bound guest_memfd closed while still mmapped lives on: "
+      "host and guest keep using it, its closed fd number is EBADF for a new binding; once "
+      "the mapping goes too, the next guest access fails EFAULT with a MEMORY_FAULT exit",
+      needs=(needs_guests,), flag_variants=(MMAP_SHARED,))
+def close_while_mapped(ctx: Ctx) -> None:
+    with Vmm(ctx.kvm, ctx.vm_type) as vmm:
+        region = vmm.add_memory(HIGH, 2 * PS)
+        gmem, mapping = region.guest_memfd, region.mapping
+        number = gmem.fd
+        ctx.equal("guest writes", "done", _run(ctx, vmm, p.WritePattern(HIGH, 8, 0xC1)).stop)
+        gmem.close()
+        ctx.bytes_equal("host reads through the mapping after close", mapping, 0,
+                        (0xC1).to_bytes(8, "little"))
+        mapping.write(8, (0xC2).to_bytes(8, "little"))
+        ctx.equal("the guest reads both words", [0xC1, 0xC2],
+                  _run(ctx, vmm, p.ReadValue(HIGH), p.ReadValue(HIGH + 8)).reports)
+        if not _fd_is_open(number):
+            ctx.fails("binding the closed fd number", errno.EBADF,
+                      vmm.vm.set_user_memory_region2, 9, uapi.KVM_MEM_GUEST_MEMFD, 2 * HIGH, PS,
+                      0, number, 0)
+        mapping.munmap()
+        result = _run(ctx, vmm, p.ReadValue(HIGH + PS))
+        fault = result.memory_fault
+        ctx.equal("after the last mapping: EFAULT, MEMORY_FAULT (gpa, size, flags)",
+                  (errno.EFAULT, (HIGH + PS, PS, 0)),
+                  (result.errno, (fault.gpa, fault.size, fault.flags) if fault else None))
+
+
+def _fd_is_open(fd: int) -> bool:
+    """Whether fd names an open file now (another object may have reused the number)."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 @case("guest.readonly_memslot", "KVM_MEM_READONLY (observed on 6.18)",

@@ -163,6 +163,35 @@ def checks(ctx: Ctx) -> None:
         ctx.ok("bind the next range to slot 2", bind, 2, GMEM, gpa + MB2, MB2, 0, g, MB2)
 
 
+@case("memslot.adjacent", "kvm_main.c kvm_set_memory_region (kvm_check_memslot_overlap: "
+      "[base, base + npages) half-open); kvm_gmem_bind (xa_find in [start, end))",
+      "memslots that touch share no page: adjacent GPA ranges and adjacent guest_memfd "
+      "offsets are accepted; one page more is an overlap (GPA: EEXIST; file: the errno the "
+      "kernel has); a moved slot may touch another", flag_variants=(0,))
+def adjacent(ctx: Ctx) -> None:
+    gpa, size = 1 << 32, 2 * PS
+    gmem_flags = uapi.KVM_MEM_GUEST_MEMFD
+    with ctx.vm() as vm, ctx.gmem(vm, 4 * size) as g, ctx.kvm.mmap_anonymous(size) as anon:
+        bind = vm.set_user_memory_region2
+        ctx.ok("slot A: [G, G+2p) at file offset 0", bind, 10, gmem_flags, gpa, size, 0, g, 0)
+        ctx.ok("slot B: [G+2p, G+4p) at file offset 2p", bind, 11, gmem_flags, gpa + size,
+               size, 0, g, size)
+        ctx.fails("slot C one page into B's GPAs", errno.EEXIST, bind, 12, gmem_flags,
+                  gpa + 2 * size - PS, size, 0, g, 2 * size)
+        overlap_errno = ctx.caps.gmem_bind_overlap_errno
+        if overlap_errno is not None:
+            ctx.fails("slot C one page into B's file range", overlap_errno, bind, 12,
+                      gmem_flags, gpa + 3 * size, size, 0, g, 2 * size - PS)
+        ctx.ok("slot C right after B, in GPA and in file", bind, 12, gmem_flags,
+               gpa + 2 * size, size, 0, g, 2 * size)
+        ctx.ok("an ordinary slot D below A", bind, 13, 0, gpa - size, size, anon.addr)
+        ctx.ok("D moved down one page (KVM_MR_MOVE)", bind, 13, 0, gpa - size - PS, size,
+               anon.addr)
+        ctx.ok("D moved back to touch A", bind, 13, 0, gpa - size, size, anon.addr)
+        ctx.fails("D moved one page into A", errno.EEXIST, bind, 13, 0, gpa - size + PS, size,
+                  anon.addr)
+
+
 @case("memslot.many_slots_one_file", "upstream.md §2.8 (many memslots may bind one file)",
       "one guest_memfd bound by several memslots at disjoint offsets; each range once")
 def many_slots_one_file(ctx: Ctx) -> None:
