@@ -125,6 +125,7 @@ class Differential(RuleBasedStateMachine):
 
         self.worlds = (World(ModelKvm(HOST_PROFILE)), World(HostKvm()))
         self.bound_slots: set[int] = set()
+        self.gmem_slots: dict[int, tuple[int, int, int, int]] = {}  # slot: gpa, pages, g, offset
 
     def both(self, what, fn):
         """Apply fn to each world; the outcomes must be equal."""
@@ -186,6 +187,29 @@ class Differential(RuleBasedStateMachine):
                                                        w.gmems[g], offset * PS))
         if result[0] == "ok":
             self.bound_slots.add(slot)
+            self.gmem_slots[slot] = (gib * GIB, npages, g, offset)
+
+    @precondition(lambda self: self.gmem_slots)
+    @rule(data=st.data(), slot=st.integers(1, 4), npages=st.integers(1, 4),
+          shift=st.sampled_from([0, 0, -1]), side=st.sampled_from(["after", "before"]))
+    def bind_adjacent(self, data, slot, npages, shift, side):
+        """A guest_memfd slot right against a bound one, in GPA and in file offset,
+        or one page into it: touching is fine, overlapping is not."""
+        other = data.draw(st.sampled_from(sorted(self.gmem_slots)))
+        gpa, other_pages, g, offset = self.gmem_slots[other]
+        if side == "after":
+            new_gpa, new_offset = gpa + (other_pages + shift) * PS, offset + other_pages + shift
+        else:
+            new_gpa, new_offset = gpa - (npages + shift) * PS, offset - npages - shift
+        if new_offset < 0:
+            return
+        result = self.both(
+            f"bind slot {slot} {side} slot {other}, shift {shift}",
+            lambda w: w.vmm.vm.set_user_memory_region2(slot, GMEM, new_gpa, npages * PS, 0,
+                                                       w.gmems[g], new_offset * PS))
+        if result[0] == "ok":
+            self.bound_slots.add(slot)
+            self.gmem_slots[slot] = (new_gpa, npages, g, new_offset)
 
     @rule(slot=st.integers(5, 6), gib=st.integers(4, 7),
           flags=st.sampled_from([0, uapi.KVM_MEM_READONLY, uapi.KVM_MEM_LOG_DIRTY_PAGES, 8]))
@@ -213,6 +237,7 @@ class Differential(RuleBasedStateMachine):
     def delete(self, slot):
         self.both(f"delete slot {slot}", lambda w: w.vmm.vm.delete_memslot(slot))
         self.bound_slots.discard(slot)
+        self.gmem_slots.pop(slot, None)
 
     # --- host mappings ---------------------------------------------------------------------
     @rule(target=mappings, g=gmems, twice=st.booleans(), prot=st.sampled_from([3, 3, 1, 5, 0]),

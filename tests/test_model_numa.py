@@ -4,10 +4,14 @@ import errno
 from dataclasses import replace
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from guestmem import uapi
 from guestmem.check import Status, instances, run_instance
 from guestmem.model import PROFILES, Kvm
+from guestmem.model.mempolicy import MAX_NUMNODES
 from guestmem.model.snapshot import snapshot
 
 PS = uapi.PAGE_SIZE
@@ -103,3 +107,58 @@ def test_interleave_continues_across_allocations():
             for first, count in ((0, 1), (1, 2), (3, 3)):
                 g.allocate(first * PS, count * PS)
         assert [g.inode.node_of(i) for i in range(6)] == [0, 1, 2, 0, 1, 2]
+
+
+class InterleavedAllocations(RuleBasedStateMachine):
+    """Allocations, punches and new interleave masks in any order: every page lands
+    where interleave_nodes puts it (the node after the task's il_prev, il_prev
+    carried from one allocation to the next; upstream 6.18's per-inode policy)."""
+
+    NODES, PAGES = 3, 16
+
+    def __init__(self):
+        super().__init__()
+        self.kvm = Kvm("coco", numa_nodes=self.NODES)
+        vm = self.kvm.create_vm()
+        self.g = vm.create_guest_memfd(self.PAGES * PS, FLAGS)
+        self.m = self.g.mmap()
+        self.mask = 0b111
+        self.m.mbind(0, self.PAGES * PS, uapi.MPOL_INTERLEAVE, self.mask)
+        self.il_prev = MAX_NUMNODES - 1  # do_set_mempolicy's reset value
+        self.node: dict[int, int] = {}  # oracle: page -> node
+
+    def next_node(self):
+        nodes = [n for n in range(self.NODES) if self.mask >> n & 1]
+        node = next((n for n in nodes if n > self.il_prev), nodes[0])
+        self.il_prev = node
+        return node
+
+    @rule(first=st.integers(0, PAGES - 1), n=st.integers(1, 4))
+    def allocate(self, first, n):
+        n = min(n, self.PAGES - first)
+        self.g.allocate(first * PS, n * PS)
+        for page in range(first, first + n):
+            if page not in self.node:
+                self.node[page] = self.next_node()
+
+    @rule(first=st.integers(0, PAGES - 1), n=st.integers(1, 4))
+    def punch(self, first, n):
+        self.g.punch_hole(first * PS, n * PS)
+        for page in range(first, first + n):
+            self.node.pop(page, None)
+
+    @rule(mask=st.sampled_from([0b11, 0b101, 0b110, 0b111]))
+    def interleave_over(self, mask):
+        self.mask = mask
+        self.m.mbind(0, self.PAGES * PS, uapi.MPOL_INTERLEAVE, mask)
+
+    @invariant()
+    def pages_are_where_interleave_put_them(self):
+        assert {i: self.g.inode.node_of(i) for i in self.node} == self.node
+        assert all(self.g.inode.node_of(i) is None for i in range(self.PAGES)
+                   if i not in self.node)
+
+
+InterleavedAllocations.TestCase.settings = settings(max_examples=300, stateful_step_count=20,
+                                                    deadline=None)
+TestInterleavedAllocations = InterleavedAllocations.TestCase

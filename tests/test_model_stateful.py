@@ -113,6 +113,27 @@ class PrivateMemory(RuleBasedStateMachine):
         if self.private[page]:
             self.has_folio[page] = True  # the fault allocated it
 
+    @rule(first=pages, value=st.integers(0, 2**64 - 1))
+    def guest_write_across(self, first, value):
+        """One write over the tracked word of every page from `first` on, shared and
+        private mixed: each page's word goes to its own side, in order, and a
+        poisoned private page stops it there (EHWPOISON naming that page), the
+        pages before it written."""
+        length = (PAGES - 1 - first) * PS + 8
+        r = self.guest(p.WritePattern(BASE + first * PS + WORD, length, value, 1))
+        for i in range(first, PAGES):
+            if self.private[i] and i in self.poisoned:
+                assert (r.stop, r.errno) == ("memory_fault", uapi.EHWPOISON)
+                assert r.memory_fault.gpa == BASE + i * PS
+                return
+            word = (value + (i - first) * PS // 8) % 2**64
+            if self.private[i]:
+                self.private_word[i] = word
+                self.has_folio[i] = True
+            else:
+                self.shared[i] = word
+        assert r.stop == "done"
+
     # --- the host -------------------------------------------------------------------------------
     @rule(page=pages, value=st.integers(0, 2**64 - 1))
     def host_write_shared(self, page, value):
@@ -155,3 +176,87 @@ class PrivateMemory(RuleBasedStateMachine):
 PrivateMemory.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=25,
                                            deadline=None)
 TestPrivateMemory = PrivateMemory.TestCase
+
+
+class HardwarePrivateness(RuleBasedStateMachine):
+    """SNP/TDX guests, whose accesses are private or shared by their own C-bit /
+    shared-bit view, while the host may change the attributes behind their back:
+    an access whose privateness disagrees with the attributes, either way, is a
+    MEMORY_FAULT exit (flags PRIVATE for a private access), never data."""
+
+    VM_TYPE = uapi.KVM_X86_SNP_VM
+
+    def __init__(self):
+        super().__init__()
+        self.kvm = Kvm("coco")
+        self.vmm = Vmm(self.kvm, self.VM_TYPE, cpl=0)
+        self.vmm.add_memory(BASE, PAGES * PS)
+        self.view = [False] * PAGES  # the guest's: private or shared
+        self.attr = [False] * PAGES  # KVM_MEMORY_ATTRIBUTE_PRIVATE
+        self.shared = [0] * PAGES
+        self.private_word = [0] * PAGES
+
+    def guest(self, *steps):
+        self.vmm.load(compile_program(p.Program.of(*steps)))
+        return self.vmm.run()
+
+    def teardown(self):
+        self.vmm.close()
+        assert leaks_after_close(self.kvm) == []
+        self.kvm.close()
+
+    @invariant()
+    def invariants_hold(self):
+        assert violations(self.kvm) == []
+
+    @rule(page=pages, to_private=st.booleans())
+    def guest_converts(self, page, to_private):
+        r = self.guest(p.MapGpaRange(BASE + page * PS, 1, PS, encrypted=to_private))
+        assert r.reports == [0]
+        if not to_private:
+            self.private_word[page] = 0  # the VMM punched the private side
+        self.view[page] = self.attr[page] = to_private
+
+    @rule(page=pages)
+    def host_flips_the_attribute(self, page):
+        self.attr[page] = not self.attr[page]
+        self.vmm.vm.set_memory_attributes(BASE + page * PS, PS,
+                                          uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if self.attr[page]
+                                          else 0)
+
+    def mismatch(self, r, page):
+        flags = uapi.KVM_MEMORY_EXIT_FLAG_PRIVATE if self.view[page] else 0
+        assert (r.stop, r.errno) == ("memory_fault", errno.EFAULT)
+        assert (r.memory_fault.gpa, r.memory_fault.flags) == (BASE + page * PS, flags)
+
+    @rule(page=pages)
+    def guest_read(self, page):
+        r = self.guest(p.ReadValue(BASE + page * PS + WORD))
+        if self.view[page] != self.attr[page]:
+            self.mismatch(r, page)
+            return
+        expected = self.private_word[page] if self.view[page] else self.shared[page]
+        assert (r.stop, r.reports) == ("done", [expected])
+
+    @rule(page=pages, value=st.integers(0, 2**64 - 1))
+    def guest_write(self, page, value):
+        r = self.guest(p.WritePattern(BASE + page * PS + WORD, 8, value))
+        if self.view[page] != self.attr[page]:
+            self.mismatch(r, page)
+            return
+        assert r.stop == "done"
+        if self.view[page]:
+            self.private_word[page] = value
+        else:
+            self.shared[page] = value
+
+
+class TdxPrivateness(HardwarePrivateness):
+    VM_TYPE = uapi.KVM_X86_TDX_VM
+
+
+for machine in (HardwarePrivateness, TdxPrivateness):
+    machine.TestCase.settings = settings(max_examples=max(EXAMPLES // 4, 20),
+                                         stateful_step_count=20, deadline=None)
+TestSnpPrivateness = HardwarePrivateness.TestCase
+TestTdxPrivateness = TdxPrivateness.TestCase
