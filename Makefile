@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 
-.PHONY: demo test lint bench info check clean
+.PHONY: demo test lint bench info check clean mutation
 
 # -c pins what guestmem[test] installs; PIP_CONSTRAINT also reaches the isolated
 # environment in which pip builds guestmem, and pins its setuptools.
@@ -39,5 +39,19 @@ bench: $(STAMP)
 	$(BIN)/python bench/populate.py
 	$(BIN)/python bench/exits.py
 
+# Mutation testing (not part of make test): its own venv with the pinned tool.
+MVENV := .venv-mutation
+MSTAMP := $(MVENV)/.installed
+$(MSTAMP): pyproject.toml $(CONSTRAINTS) constraints-mutation.txt
+	$(PY) -m venv $(MVENV)
+	PIP_CONSTRAINT=$(CURDIR)/$(CONSTRAINTS) \
+	  $(MVENV)/bin/pip install --quiet -c $(CONSTRAINTS) -c constraints-mutation.txt \
+	  -e '.[test,mutation]'
+	touch $(MSTAMP)
+
+# MUTANTS=N scores a random sample of N mutants (SEED fixes it); all of them otherwise.
+mutation: $(MSTAMP)
+	$(MVENV)/bin/python tools/mutation.py --sample $${MUTANTS:-0} --seed $${SEED:-1}
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(MVENV) mutants build src/*.egg-info

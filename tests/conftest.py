@@ -1,6 +1,14 @@
 import os
 
 import pytest
+from hypothesis import settings
+
+# `make mutation` runs tests slowed by mutmut's trampolines, one mutant after another:
+# no deadline (slowness is not a kill) and no example database (a failing example
+# saved under one mutant must not kill the next).
+settings.register_profile("mutation", deadline=None, database=None)
+if os.environ.get("GUESTMEM_HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["GUESTMEM_HYPOTHESIS_PROFILE"])
 
 
 def kvm_unavailable_reason() -> str | None:

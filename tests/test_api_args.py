@@ -10,6 +10,7 @@ and get the kernel's errno.
 from __future__ import annotations
 
 import errno
+import gc
 import inspect
 
 import pytest
@@ -147,6 +148,7 @@ class Objects:
 
 
 def state(kvm):
+    gc.collect()  # earlier tests' garbage must not close its fds between two counts
     picture = snapshot(kvm) if kvm.backend == "model" else None
     return kvm.open_fd_count(), picture
 
