@@ -22,6 +22,7 @@ from guestmem.model.addrspace import (
     TASK_SIZE,
     TASK_UNMAPPED_BASE,
     AddressSpace,
+    FreeSpace,
 )
 from guestmem.vmm import Vmm
 
@@ -103,6 +104,37 @@ def test_placement_matches_a_naive_scan(ops):
         live.append((addr, addr + size))
         assert space.find(addr + size - 1)[1] == size - 1
         assert space.find(addr - 1) is None or space.find(addr - 1)[0] is not space.find(addr)[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 63), st.integers(1, 8)), max_size=40),
+       st.lists(st.tuples(st.integers(1, 16), st.integers(0, 64), st.integers(0, 64)),
+                min_size=1, max_size=20))
+def test_gap_searches_match_a_scan_of_every_gap(ops, queries):
+    """FreeSpace.highest and .lowest (unmapped_area_topdown / unmapped_area) against
+    every gap clipped to [low, high), after random maps and unmaps of small ranges."""
+    free, mapped = FreeSpace(), []
+    for unmap, first, pages in ops:
+        if unmap and mapped:
+            free.give(*mapped.pop(first % len(mapped)))
+            continue
+        start, end = first * PS, (first + pages) * PS
+        if all(end <= s or e <= start for s, e in mapped):
+            free.take(start, end)
+            mapped.append((start, end))
+    gaps, pos = [], 0
+    for s, e in sorted(mapped):
+        if s > pos:
+            gaps.append((pos, s))
+        pos = e
+    gaps.append((pos, TASK_SIZE))
+    for pages, low, high in queries:
+        length, low, high = pages * PS, low * PS, max(low, high) * PS + PS
+        clipped = [(max(s, low), min(e, high)) for s, e in gaps]
+        fits = [(s, e) for s, e in clipped if e - s >= length]
+        assert free.highest(length, low, high) == (max(e for _, e in fits) - length
+                                                   if fits else None)
+        assert free.lowest(length, low, high) == (min(s for s, _ in fits) if fits else None)
 
 
 def test_top_down_below_mmap_base_and_holes_reused():

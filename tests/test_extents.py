@@ -82,3 +82,12 @@ def test_many_sublists_against_a_per_point_reference():
     for s, e, v in emap.items():
         rebuilt[s:e] = [v] * (e - s)
     assert rebuilt == ref
+
+
+def test_repr_lists_the_extents_in_hex():
+    """What a failing assertion on model state prints: each extent, half-open, in hex."""
+    m: ExtentMap[object] = ExtentMap()
+    assert repr(m) == "ExtentMap()"
+    m.set(0, 2, "a")
+    m.set(0x10, 0x19, 1)
+    assert repr(m) == "ExtentMap([0x0,0x2)='a', [0x10,0x19)=1)"

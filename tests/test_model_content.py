@@ -71,3 +71,27 @@ def test_a_terabyte_pattern_is_one_extent_and_verifies_fast():
     store.write_bytes(tib // 2, b"\xff")
     bad = store.first_mismatch(0, tib, Pattern(5, 1, 0))
     assert bad is not None and bad[0] == tib // 2
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.integers(0, SIZE - 1), st.binary(min_size=1, max_size=16)),
+                min_size=1, max_size=3),
+       st.integers(0, SIZE // 8 - 1))
+def test_first_mismatch_finds_the_first_corrupted_word(corruptions, vstart):
+    """A verified pattern with a few bytes overwritten anywhere: the mismatch named is
+    the first word that differs, with what it holds (what a guest's check reports)."""
+    from guestmem.model.content import Pattern
+
+    store, ref = PageStore(), bytearray(SIZE)
+    store.write_pattern(0, SIZE, 7, 1)
+    for i in range(SIZE // 8):
+        ref[8 * i: 8 * i + 8] = (7 + i).to_bytes(8, "little")
+    for offset, data in corruptions:
+        data = data[: SIZE - offset]
+        store.write_bytes(offset, data)
+        ref[offset:offset + len(data)] = data
+    off = vstart * 8
+    want = Pattern(7, 1, 0)
+    expected = next(((w, int.from_bytes(ref[w:w + 8], "little")) for w in range(off, SIZE, 8)
+                     if ref[w:w + 8] != want.word_at(w).to_bytes(8, "little")), None)
+    assert store.first_mismatch(off, SIZE - off, want) == expected

@@ -63,6 +63,9 @@ def test_interleaving_a_terabyte_is_one_extent():
         nodes = [g.inode.node_of(i) for i in (0, 1, 2, 3, 4, tib // PS - 1)]
         assert nodes[1] == 2
         assert nodes[2:5] == [(nodes[2] + k) % 3 for k in range(3)]  # the cycle goes on
+        assert [(r.first, r.last, r.nodes) for r in g.memory_map().runs] == [
+            (0, 1, str(nodes[0])), (1, 2, "2"), (2, tib // PS, "0,1,2 interleaved")], \
+            "a page of an interleaved range is on one node; a run of them, on all three"
         assert m.move_pages(0, 1) == [-errno.ENOENT]  # allocated, not mapped here
         m.read(0, PS)
         assert m.move_pages(0, 1) == [nodes[0]]

@@ -95,6 +95,28 @@ def test_madv_hwpoison_exists_only_where_the_profile_has_memory_failure():
         assert (g.inode.poisoned(0, 8) is not None) is works
 
 
+def test_madv_hwpoison_of_anonymous_memory_is_refused_by_the_model():
+    """A deliberate limit of the model: memory_failure() is modelled for guest_memfd
+    folios only, so MADV_HWPOISON of anonymous memory is EINVAL even in coco, and
+    changes nothing (the kernel would poison the page)."""
+    import errno
+
+    from guestmem.model.snapshot import snapshot
+
+    kvm = Kvm("coco")
+    m = kvm.mmap_anonymous(2 * PS)
+    m.write(0, b"x")
+    before = snapshot(kvm)
+    try:
+        m.madvise(0, PS, 100)
+    except OSError as e:
+        assert e.errno == errno.EINVAL
+    else:
+        raise AssertionError("MADV_HWPOISON of anonymous memory succeeded on the model")
+    assert snapshot(kvm) == before
+    assert m.read(0, 1) == b"x"
+
+
 def test_hwpoison_guest_gets_ehwpoison_host_sigbus_punch_recovers():
     kvm = Kvm("coco")
     with Vmm(kvm, cpl=0) as vmm:

@@ -334,7 +334,9 @@ class Mapping:
 
     def _inject_memory_error(self, offset: int, length: int) -> None:
         """madvise_inject_error (CAP_SYS_ADMIN): GUP each page, then memory_failure();
-        a page GUP cannot fault is EFAULT, and the pages before it stay poisoned."""
+        a page GUP cannot fault is EFAULT, and the pages before it stay poisoned.
+        Our choice: memory_failure() is modelled for guest_memfd folios only, so
+        anonymous memory answers EINVAL (the kernel would poison it)."""
         failure = getattr(self.backing, "memory_failure", None)
         if failure is None:
             raise oserror(errno.EINVAL, "madvise")
