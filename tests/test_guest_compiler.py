@@ -88,3 +88,12 @@ def test_page_tables_identity_map_64_gib_with_2m_pages():
     assert entry & ~0xFFF == 4 << 30 and entry & machine.PTE_HUGE and entry & machine.PTE_USER
     assert machine.PD_BASE + len(pds) <= machine.GDT
     assert machine.CODE >= machine.IDT + 0x1000
+
+
+@pytest.mark.parametrize("step", [p.WritePattern, p.VerifyPattern])
+@pytest.mark.parametrize("gpa, length", [(4, 8), (0, 12), (0, 0), (8, -8)])
+def test_a_pattern_range_must_be_whole_words(step, gpa, length):
+    """The guest code reads and writes whole 64-bit words, so both backends refuse a
+    pattern range that is not 8-byte aligned, when the step is made."""
+    with pytest.raises(ValueError, match="must be 8-byte aligned"):
+        step(gpa, length, 0)

@@ -165,3 +165,15 @@ class InterleavedAllocations(RuleBasedStateMachine):
 InterleavedAllocations.TestCase.settings = settings(max_examples=300, stateful_step_count=20,
                                                     deadline=None)
 TestInterleavedAllocations = InterleavedAllocations.TestCase
+
+
+@pytest.mark.parametrize("relative, node", [(0b1, 0), (0b10, 1), (0b100, 2), (0b1000, 0),
+                                            (0b10000, 1)])
+def test_relative_nodes_wrap_around_the_allowed_ones(relative, node):
+    """MPOL_F_RELATIVE_NODES (mpol_relative_nodemask): bit i names the (i mod n)-th of
+    the n allowed nodes, here all three."""
+    with Kvm("coco", numa_nodes=3) as kvm:
+        g = kvm.create_vm().create_guest_memfd(4 * PS, FLAGS)
+        g.mmap().mbind(0, PS, uapi.MPOL_BIND | uapi.MPOL_F_RELATIVE_NODES, relative, 0, 64)
+        g.allocate(0, PS)
+        assert g.inode.node_of(0) == node

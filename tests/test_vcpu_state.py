@@ -40,3 +40,13 @@ def test_pre_fault_range_wraps_in_64_bits(backend):
         with pytest.raises(OSError) as e:
             vcpu.pre_fault_memory((1 << 64) - PS, PS)
         assert e.value.errno == errno.EINVAL
+
+
+def test_the_model_has_no_port_in_to_complete():
+    """Model guest programs never read ports: completing an IN is a usage error that
+    says so, and the vCPU stays usable."""
+    with ModelKvm() as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        with pytest.raises(RuntimeError, match="no KVM_EXIT_IO IN is pending: model guests"):
+            vcpu.complete_io_in(b"\x01")
+        assert vcpu.get_regs().rip == vm.create_vcpu(1).get_regs().rip

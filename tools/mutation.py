@@ -112,15 +112,26 @@ def main() -> int:
     parser.add_argument("--sample", type=int, default=0, help="mutants to score; 0: all")
     parser.add_argument("--seed", type=int, default=1, help="fixes the sample")
     parser.add_argument("--workers", type=int, default=2, help="mutmut's --max-children")
+    parser.add_argument("--fail-under", type=float, default=90.0,
+                        help="exit 1 when the score (percent) is lower")
+    parser.add_argument("names", nargs="*",
+                        help="score these mutants (as `mutmut results` names them) instead")
     parser.add_argument("--report-only", action="store_true",
                         help="score what the last run left in mutants/, run nothing")
     args = parser.parse_args()
 
     names = generate(args.workers)
     total = len(names)
-    if 0 < args.sample < total:
-        names = sorted(random.Random(args.seed).sample(names, args.sample))
-    print(f"{len(names)} of {total} mutants (seed {args.seed})", flush=True)
+    if args.names:
+        unknown = set(args.names) - set(names)
+        if unknown:
+            parser.error(f"no such mutants: {', '.join(sorted(unknown))}")
+        names = sorted(args.names)
+        print(f"{len(names)} of {total} mutants, by name", flush=True)
+    else:
+        if 0 < args.sample < total:
+            names = sorted(random.Random(args.seed).sample(names, args.sample))
+        print(f"{len(names)} of {total} mutants (seed {args.seed})", flush=True)
     if not args.report_only:
         run(names, args.workers)
 
@@ -142,7 +153,10 @@ def main() -> int:
     print(f"\n{dict(counts)}")
     if scored:
         print(f"score: {detected}/{scored} = {detected / scored:.1%}  (details: {REPORT})")
-    return 0 if scored == len(names) else 1
+    if scored < len(names):
+        print(f"{len(names) - scored} mutants were not checked")
+        return 1
+    return 0 if scored and 100 * detected / scored >= args.fail_under else 1
 
 
 if __name__ == "__main__":

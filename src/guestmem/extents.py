@@ -81,13 +81,6 @@ class ExtentMap(Generic[V]):
         body = ", ".join(f"[{s:#x},{e:#x})={v!r}" for s, e, v in self.items())
         return f"ExtentMap({body})"
 
-    def copy(self) -> ExtentMap[V]:
-        new: ExtentMap[V] = ExtentMap()
-        new._keys = SortedList(self._keys)
-        new._palette = list(self._palette)
-        new._ids = dict(self._ids)
-        return new
-
     def boundaries(self) -> int:
         """Stored boundaries: what the map costs in memory."""
         return len(self._keys)

@@ -36,6 +36,14 @@ def pattern_word(value: int, step: int, index: int) -> int:
     return (value + index * step) & 0xFFFF_FFFF_FFFF_FFFF
 
 
+def pattern_words(gpa: int, length: int) -> int:
+    """The 64-bit words of a pattern range, which the guest code reads and writes
+    whole: ValueError unless the range is 8-byte aligned and not empty."""
+    if gpa % 8 or length % 8 or length <= 0:
+        raise ValueError(f"pattern range [{gpa:#x}, +{length:#x}) must be 8-byte aligned")
+    return length // 8
+
+
 @dataclass(frozen=True)
 class WritePattern:
     """Write word i = value + i*step (64-bit words) over [gpa, gpa+length)."""
@@ -44,6 +52,9 @@ class WritePattern:
     length: int
     value: int
     step: int = 0
+
+    def __post_init__(self) -> None:
+        pattern_words(self.gpa, self.length)  # both backends refuse what x86 code cannot do
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,9 @@ class VerifyPattern:
     length: int
     value: int
     step: int = 0
+
+    def __post_init__(self) -> None:
+        pattern_words(self.gpa, self.length)
 
 
 @dataclass(frozen=True)

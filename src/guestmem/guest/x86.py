@@ -143,16 +143,10 @@ class Compiler:
             case _:
                 raise TypeError(f"unknown step {step!r}")
 
-    @staticmethod
-    def _words(gpa: int, length: int) -> int:
-        if gpa % 8 or length % 8 or length <= 0:
-            raise ValueError(f"pattern range [{gpa:#x}, +{length:#x}) must be 8-byte aligned")
-        return length // 8
-
     def _pattern_registers(self, gpa: int, length: int, value: int, step: int) -> None:
         a = self.asm
         a.mov_imm(R.RDI, gpa)
-        a.mov_imm(R.RCX, self._words(gpa, length))
+        a.mov_imm(R.RCX, p.pattern_words(gpa, length))
         a.mov_imm(R.RAX, value)
         a.mov_imm(R.RDX, step)
 

@@ -161,7 +161,8 @@ class PageStore:
     def first_mismatch(self, offset: int, length: int,
                        want: Pattern | Fill) -> tuple[int, int] | None:
         """First 8-byte word in [offset, +length) that differs from `want`, as
-        (byte offset, word found), or None. Costs per extent, not per page."""
+        (byte offset, word found), or None. Costs per extent, not per page. The
+        range is 8-byte aligned, as every pattern range is (program.pattern_words)."""
         for lo, hi, c in self._pieces(offset, offset + length):
             if isinstance(c, Stale):
                 c = c.as_pattern()
@@ -187,7 +188,7 @@ class PageStore:
             if data != expect:
                 for w in range(0, n, 8):
                     if data[w:w + 8] != expect[w:w + 8]:
-                        return pos + w, int.from_bytes(data[w:w + 8].ljust(8, b"\0"), "little")
+                        return pos + w, int.from_bytes(data[w:w + 8], "little")
             if not isinstance(c, Bytes):
                 break  # two formulas linear in the word index that agree on a page agree
 
