@@ -33,18 +33,12 @@ EXAMPLES = int(os.environ.get("GUESTMEM_MODEL_EXAMPLES", "1000"))
 pages = st.integers(0, PAGES - 1)
 
 
-class PrivateMemory(RuleBasedStateMachine):
-    def __init__(self):
-        super().__init__()
-        self.kvm = Kvm("coco")
-        self.vmm = Vmm(self.kvm, uapi.KVM_X86_SW_PROTECTED_VM, cpl=0)
-        self.region = self.vmm.add_memory(BASE, PAGES * PS)
-        assert self.region.backing == "gmem+shared"
-        self.shared = [0] * PAGES  # oracle: word at WORD in the shared page
-        self.private_word = [0] * PAGES  # ... and in the private (guest_memfd) page
-        self.private = [False] * PAGES
-        self.has_folio = [False] * PAGES  # a guest_memfd folio exists for the page
-        self.poisoned: set[int] = set()
+class CocoGuestMachine(RuleBasedStateMachine):
+    """What both machines share: a coco model, a VMM with a CPL0 guest, the
+    invariants after every step, and nothing left behind."""
+
+    kvm: Kvm
+    vmm: Vmm
 
     def guest(self, *steps):
         self.vmm.load(compile_program(p.Program.of(*steps)))
@@ -58,6 +52,20 @@ class PrivateMemory(RuleBasedStateMachine):
     @invariant()
     def invariants_hold(self):
         assert violations(self.kvm) == []
+
+
+class PrivateMemory(CocoGuestMachine):
+    def __init__(self):
+        super().__init__()
+        self.kvm = Kvm("coco")
+        self.vmm = Vmm(self.kvm, uapi.KVM_X86_SW_PROTECTED_VM, cpl=0)
+        self.region = self.vmm.add_memory(BASE, PAGES * PS)
+        assert self.region.backing == "gmem+shared"
+        self.shared = [0] * PAGES  # oracle: word at WORD in the shared page
+        self.private_word = [0] * PAGES  # ... and in the private (guest_memfd) page
+        self.private = [False] * PAGES
+        self.has_folio = [False] * PAGES  # a guest_memfd folio exists for the page
+        self.poisoned: set[int] = set()
 
     @invariant()
     def tracker_matches_the_oracle(self):
@@ -178,7 +186,7 @@ PrivateMemory.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_
 TestPrivateMemory = PrivateMemory.TestCase
 
 
-class HardwarePrivateness(RuleBasedStateMachine):
+class HardwarePrivateness(CocoGuestMachine):
     """SNP/TDX guests, whose accesses are private or shared by their own C-bit /
     shared-bit view, while the host may change the attributes behind their back:
     an access whose privateness disagrees with the attributes, either way, is a
@@ -195,19 +203,6 @@ class HardwarePrivateness(RuleBasedStateMachine):
         self.attr = [False] * PAGES  # KVM_MEMORY_ATTRIBUTE_PRIVATE
         self.shared = [0] * PAGES
         self.private_word = [0] * PAGES
-
-    def guest(self, *steps):
-        self.vmm.load(compile_program(p.Program.of(*steps)))
-        return self.vmm.run()
-
-    def teardown(self):
-        self.vmm.close()
-        assert leaks_after_close(self.kvm) == []
-        self.kvm.close()
-
-    @invariant()
-    def invariants_hold(self):
-        assert violations(self.kvm) == []
 
     @rule(page=pages, to_private=st.booleans())
     def guest_converts(self, page, to_private):
