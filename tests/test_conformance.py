@@ -96,3 +96,19 @@ def test_host_profile_round_trips_every_probed_answer(host_kvm, host_profile):
                 mine.memory_failure, mine.implementation) == \
             (host.shadow_paging, host.gmem_bind_overlap_errno, host.gmem_shared_policy,
              host.memory_failure, host.implementation)
+
+
+def test_the_mode_off_case_skips_on_a_kernel_with_in_place_conversion():
+    """A kernel that reports KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES (a CI build may
+    carry the series) skips gmem.attributes2_without_in_place, naming the value."""
+    import dataclasses
+
+    from guestmem import uapi
+    from guestmem.check.suite import needs_no_gmem_attributes
+
+    caps = ModelKvm("mainline").capabilities
+    assert needs_no_gmem_attributes(caps, uapi.KVM_X86_DEFAULT_VM, 0) is None
+    cap = uapi.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES
+    with_series = dataclasses.replace(caps, vm_numbers={uapi.KVM_X86_DEFAULT_VM: {cap: 8}})
+    reason = needs_no_gmem_attributes(with_series, uapi.KVM_X86_DEFAULT_VM, 0)
+    assert reason is not None and "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES=0x8" in reason

@@ -209,6 +209,8 @@ SPEC: dict[str, dict[str, Kind]] = {
     "GuestMemfd.allocate": {"offset": S64, "length": S64},
     "GuestMemfd.punch_hole": {"offset": S64, "length": S64},
     "GuestMemfd.ioctl": {"request": U32, "arg": U64},  # ioctl(int, unsigned int, unsigned long)
+    "GuestMemfd.set_memory_attributes2": {"offset": U64, "size": U64, "attributes": U64,
+                                          "flags": U64},
     "GuestMemfd.ftruncate": {"length": S64},
     "GuestMemfd.read": {"n": BUFSIZE},
     "GuestMemfd.write": {"data": BYTES},

@@ -123,6 +123,12 @@ class GuestMemfd(Closable, Protocol):
     def ioctl(self, request: int, arg: int = 0) -> int:
         """ioctl(2) on the file."""
 
+    def set_memory_attributes2(self, offset: int, size: int, attributes: int,
+                               flags: int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd (in-place conversion series):
+        ENOTTY where the kernel has no in-place conversion. A failure carries the
+        struct's `error_offset` as OSError.error_offset."""
+
     def ftruncate(self, length: int) -> None:
         """ftruncate(2)."""
 

@@ -458,6 +458,7 @@ class kvm_memory_attributes2(_Struct):  # noqa: N801
 
 
 KVM_SET_MEMORY_ATTRIBUTES2: Final = _IOWR(KVMIO, 0xD2, kvm_memory_attributes2)  # series v8
+IOCTL_NAMES[KVM_SET_MEMORY_ATTRIBUTES2] = "KVM_SET_MEMORY_ATTRIBUTES2"
 KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: Final = 250  # series v8 numbering
 # Direct-map removal series (Patrick Roy / Nikita Kalyazin), upstream.md §7.3.
 GUEST_MEMFD_FLAG_NO_DIRECT_MAP: Final = 1 << 2  # series

@@ -14,7 +14,7 @@ import os
 import signal
 
 from guestmem import uapi
-from guestmem.check.suite import Ctx, case
+from guestmem.check.suite import Ctx, case, needs_no_gmem_attributes
 
 PS = uapi.PAGE_SIZE
 MMAP = uapi.GUEST_MEMFD_FLAG_MMAP
@@ -88,6 +88,23 @@ def file_ops(ctx: Ctx) -> None:
         ctx.fails("ftruncate to 8 pages", errno.EINVAL, g.ftruncate, 8 * PS)
         ctx.equal("size after failed truncates", 4 * PS, g.stat().st_size)
         ctx.fails("ioctl 0x1234", errno.ENOTTY, g.ioctl, 0x1234)
+
+
+@case("gmem.attributes2_without_in_place", "upstream-2026-11.md §1 (kvm_gmem_ioctl: ENOTTY "
+      "while in-place conversion is off; mainline has no unlocked_ioctl)",
+      "KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd is ENOTTY whatever it asks, and "
+      "changes nothing", needs=(needs_no_gmem_attributes,), flag_variants=ALL_VARIANTS)
+def attributes2_without_in_place(ctx: Ctx) -> None:
+    private = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+    with ctx.vm() as vm, ctx.gmem(vm, 4 * PS) as g:
+        g.allocate(0, PS)
+        before = g.memory_map()
+        ctx.fails("to private", errno.ENOTTY, g.set_memory_attributes2, 0, PS, private)
+        ctx.fails("to shared", errno.ENOTTY, g.set_memory_attributes2, 0, 4 * PS, 0)
+        ctx.fails("bad flags, unaligned", errno.ENOTTY, g.set_memory_attributes2, 1, 1,
+                  private, 1)
+        ctx.fails("the raw ioctl", errno.ENOTTY, g.ioctl, uapi.KVM_SET_MEMORY_ATTRIBUTES2, 0)
+        ctx.equal("the memory map after", before, g.memory_map())
 
 
 @case("gmem.file_size", f"{SRC} test_file_size",

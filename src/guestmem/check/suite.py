@@ -222,6 +222,16 @@ def needs_no_memory_attributes(caps: Capabilities, vm_type: int, gmem_flags: int
     return None
 
 
+def needs_no_gmem_attributes(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
+    """The in-place conversion series' capability (its number is the series')."""
+    numbers = caps.vm_numbers.get(vm_type, caps.system_numbers)
+    value = numbers.get(uapi.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES, 0)
+    if value:
+        return (f"KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES={value:#x} (case is for kernels "
+                f"without in-place conversion)")
+    return None
+
+
 def needs_exit_hypercall(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
     if not caps.exit_hypercall & (1 << uapi.KVM_HC_MAP_GPA_RANGE):
         return f"KVM_CAP_EXIT_HYPERCALL={caps.exit_hypercall:#x} lacks KVM_HC_MAP_GPA_RANGE"

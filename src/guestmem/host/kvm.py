@@ -398,6 +398,18 @@ class GuestMemfd(_Fd):
         """ioctl(2) on the file (mainline guest_memfd has none: ENOTTY)."""
         return self._ioctl(request, arg)
 
+    def set_memory_attributes2(self, offset: int, size: int, attributes: int,
+                               flags: int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd fd; the kernel writes
+        error_offset back on EAGAIN and ENOMEM, and it rides on the OSError."""
+        attrs = uapi.kvm_memory_attributes2(offset=offset, size=size, attributes=attributes,
+                                            flags=flags)
+        try:
+            self._ioctl(uapi.KVM_SET_MEMORY_ATTRIBUTES2, attrs)
+        except OSError as e:
+            e.error_offset = attrs.error_offset  # type: ignore[attr-defined]
+            raise
+
     def ftruncate(self, length: int) -> None:
         """ftruncate(2)."""
         self._call("ftruncate", os.ftruncate, length)

@@ -487,6 +487,15 @@ class GuestMemfd:
         self._live()
         raise oserror(errno.ENOTTY, "ioctl")  # ML: no unlocked_ioctl
 
+    def set_memory_attributes2(self, offset: int, size: int, attributes: int,
+                               flags: int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES2 (kernel: the in-place conversion series'
+        kvm_gmem_ioctl, upstream-2026-11.md §1): ENOTTY before the struct is read
+        while in-place conversion is off, and on mainline, which has no
+        unlocked_ioctl; no profile modelled yet turns it on (issue 9)."""
+        self._live()
+        raise oserror(errno.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES2")
+
     def mmap(self, length: int | None = None, offset: int = 0, prot: int = 3,
              shared: bool = True, align: int = 0) -> Mapping:
         """mmap(2) of the file, checks in the kernel's order: sys_mmap (offset),
