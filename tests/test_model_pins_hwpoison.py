@@ -63,20 +63,6 @@ def test_unpin_without_truncation_frees_nothing():
     assert violations(kvm) == []
 
 
-def test_pinning_pages_the_host_cannot_fault_is_sigbus():
-    kvm = Kvm()
-    vm = kvm.create_vm()
-    g = vm.create_guest_memfd(4 * PS, uapi.GUEST_MEMFD_FLAG_MMAP)  # private: no host faults
-    m = g.mmap(4 * PS)
-    try:
-        m.pin(0, PS)
-    except HostSigbus:
-        pass
-    else:
-        raise AssertionError("pinned private memory")
-    assert not g.inode.pinned(0, 4)
-
-
 def test_madv_hwpoison_exists_only_where_the_profile_has_memory_failure():
     """This host's kernel answers MADV_HWPOISON with EINVAL (no CONFIG_MEMORY_FAILURE):
     the mainline profile does too; coco models a host that has it."""

@@ -231,7 +231,7 @@ SPEC: dict[str, dict[str, Kind]] = {
                       "flags": U32, "maxnode": U64},
     "Mapping.get_mempolicy": {"offset": INT},
     "Mapping.move_pages": {"offset": INT, "count": INT},
-    "Mapping.pin": {"offset": INT, "length": INT},  # model only
+    "Mapping.pin": {"offset": INT, "length": INT},
     "Mapping.munmap": {},
     "Vcpu.get_regs": {},
     "Vcpu.set_regs": {"regs": _regs},

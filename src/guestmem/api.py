@@ -74,23 +74,19 @@ class Mapping(Closable, Protocol):
     def move_pages(self, offset: int, count: int) -> list[int]:
         """move_pages(2) query: each page's node, or -ENOENT."""
 
+    def pin(self, offset: int, length: int) -> Pin:
+        """pin_user_pages(FOLL_WRITE | FOLL_LONGTERM) on [offset, offset+length)
+        (kvm: an io_uring registered buffer); EFAULT where a fault would fail."""
+
     def munmap(self) -> None:
         """munmap(2)."""
 
 
 class Pin(Protocol):
-    """Model only: one pin_user_pages() on a guest_memfd mapping."""
+    """Pages pinned by Mapping.pin."""
 
     def unpin(self) -> None:
         """unpin_user_pages()."""
-
-
-@runtime_checkable
-class PinnableMapping(Mapping, Protocol):
-    """Model only: a mapping GUP can pin (there is no userspace GUP call on /dev/kvm)."""
-
-    def pin(self, offset: int, length: int) -> Pin:
-        """pin_user_pages(FOLL_PIN | FOLL_WRITE) on [offset, offset+length)."""
 
 
 class GuestMemfd(Closable, Protocol):

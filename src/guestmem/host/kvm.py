@@ -489,6 +489,23 @@ class GuestMemfd(_Fd):
             libc.munmap(addr, length)
 
 
+class RegisteredBuffer:
+    """Pages pinned by an io_uring registered buffer (Mapping.pin); unpin() drops
+    them (IORING_UNREGISTER_BUFFERS)."""
+
+    def __init__(self, ring: int) -> None:
+        self._ring: int | None = ring
+
+    def unpin(self) -> None:
+        """unpin_user_pages, through IORING_UNREGISTER_BUFFERS; again is a no-op."""
+        if self._ring is not None:
+            ring, self._ring = self._ring, None
+            libc.unpin_user_buffer(ring)
+
+    def __del__(self) -> None:
+        self.unpin()
+
+
 @_args.checked
 class Mapping:
     """A host userspace mapping. `read`/`write` go through /proc/self/mem so that
@@ -587,6 +604,14 @@ class Mapping:
                 os._exit(0)
         _, status = os.waitpid(pid, 0)
         return os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+
+    def pin(self, offset: int, length: int) -> RegisteredBuffer:
+        """pin_user_pages(FOLL_WRITE | FOLL_LONGTERM) on [offset, offset+length),
+        through an io_uring registered buffer: EFAULT where a fault would fail
+        (a private page, a mapping without PROT_WRITE)."""
+        self._check(offset, length)
+        self.populate_limit.check(length, "pin")
+        return RegisteredBuffer(libc.pin_user_buffer(self.addr + offset, length))
 
     def madvise(self, offset: int, length: int, advice: int) -> None:
         """madvise(2) on [offset, offset+length)."""

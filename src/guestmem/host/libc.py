@@ -183,6 +183,46 @@ def get_mempolicy(addr: int, flags: int, maxnode: int = _NODEMASK_BITS) -> tuple
     return mode.value, sum(int(w) << (64 * i) for i, w in enumerate(mask))
 
 
+# --- long-term pins: io_uring registered buffers ----------------------------------------------
+# IORING_REGISTER_BUFFERS pins every page of a buffer with pin_user_pages(FOLL_WRITE |
+# FOLL_LONGTERM) (io_uring/rsrc.c io_sqe_buffer_register, io_pin_pages) until it is
+# unregistered: the userspace way to hold what the in-place conversion selftest's
+# pin_pages holds through CONFIG_GUP_TEST.
+SYS_IO_URING_SETUP: Final = 425
+SYS_IO_URING_REGISTER: Final = 427
+IORING_REGISTER_BUFFERS: Final = 0
+IORING_UNREGISTER_BUFFERS: Final = 1
+_IO_URING_PARAMS_SIZE: Final = 120  # sizeof(struct io_uring_params)
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def pin_user_buffer(addr: int, length: int) -> int:
+    """A one-entry io_uring whose registered buffer [addr, addr+length) is pinned;
+    its fd. The ring is closed again when registration fails."""
+    params = (ctypes.c_uint8 * _IO_URING_PARAMS_SIZE)()
+    ring = _libc.syscall(ctypes.c_long(SYS_IO_URING_SETUP), ctypes.c_uint(1), params)
+    if ring < 0:
+        raise oserror(_errno(), "io_uring_setup")
+    iov = _Iovec(addr, length)
+    if _libc.syscall(ctypes.c_long(SYS_IO_URING_REGISTER), ctypes.c_uint(ring),
+                     ctypes.c_uint(IORING_REGISTER_BUFFERS), ctypes.byref(iov),
+                     ctypes.c_uint(1)) < 0:
+        err = _errno()
+        os.close(ring)
+        raise oserror(err, "io_uring_register(IORING_REGISTER_BUFFERS)")
+    return int(ring)
+
+
+def unpin_user_buffer(ring: int) -> None:
+    """Unregister (unpin) now, then close: closing alone unpins later, from a worker."""
+    _libc.syscall(ctypes.c_long(SYS_IO_URING_REGISTER), ctypes.c_uint(ring),
+                  ctypes.c_uint(IORING_UNREGISTER_BUFFERS), None, ctypes.c_uint(0))
+    os.close(ring)
+
+
 def move_pages_status(addrs: list[int]) -> list[int]:
     """move_pages(2) of this process with nodes=NULL: where each page is (a node
     id), or a negative errno per page (-ENOENT: no page mapped there)."""

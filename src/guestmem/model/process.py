@@ -161,6 +161,17 @@ class HostProcess:
         return pages <= self.total_ram_pages + TOTAL_SWAP_PAGES
 
 
+class AnonymousPin:
+    """A pin on anonymous memory (AnonymousMemory.pin)."""
+
+    def __init__(self) -> None:
+        self.active = True
+
+    def unpin(self) -> None:
+        """unpin_user_pages."""
+        self.active = False
+
+
 class AnonymousMemory:
     """MAP_SHARED|MAP_ANONYMOUS memory: pages appear zeroed on first touch."""
 
@@ -181,6 +192,12 @@ class AnonymousMemory:
             self.store.set(lo, hi, ZERO)
         self.present.set(index, index + count, True)
         return None
+
+    def pin(self, first: int, last: int) -> AnonymousPin:
+        """pin_user_pages on shmem pages. Our choice: the pin is recorded and
+        released, but nothing in the model depends on it (a removed pinned shmem
+        page is freed at once; the kernel would keep it until the unpin)."""
+        return AnonymousPin()
 
     def remove(self, first: int, last: int) -> None:
         """MADV_REMOVE: shmem punches the hole, freeing the pages (observed)."""
@@ -299,11 +316,17 @@ class Mapping:
         return None
 
     def pin(self, offset: int, length: int) -> Any:
-        """pin_user_pages(FOLL_PIN | FOLL_WRITE) on [offset, offset+length): faults the
-        pages in (SIGBUS where a fault would) and pins them; model only (there is no
-        userspace GUP call to make on the kernel backend)."""
+        """pin_user_pages(FOLL_WRITE | FOLL_LONGTERM) on [offset, offset+length), as an
+        io_uring registered buffer does (kernel: mm/gup.c check_vma_flags: FOLL_WRITE
+        on a mapping without VM_WRITE is EFAULT; faultin_page: a fault that would
+        SIGBUS is EFAULT, and the pages before it stay faulted in)."""
         self._check(offset, length)
-        self._fault(offset, length, True)
+        if not self.prot & PROT_WRITE:
+            raise oserror(errno.EFAULT, "pin")
+        try:
+            self._fault(offset, length, True)
+        except HostSigbus as e:
+            raise oserror(errno.EFAULT, "pin") from e
         first, last = offset // PAGE, -(-(offset + length) // PAGE)
         return self.backing.pin(self.pgoff + first, self.pgoff + last)
 
