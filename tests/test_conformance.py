@@ -21,7 +21,7 @@ def test_case_on_kvm(host_kvm, inst):
     check(host_kvm, inst)
 
 
-@pytest.fixture(scope="module", params=["mainline", "coco"])
+@pytest.fixture(scope="module", params=["mainline", "coco", "inplace"])
 def model_kvm(request):
     with ModelKvm(request.param) as kvm:
         yield kvm
@@ -99,8 +99,8 @@ def test_host_profile_round_trips_every_probed_answer(host_kvm, host_profile):
 
 
 def test_the_mode_off_case_skips_on_a_kernel_with_in_place_conversion():
-    """A kernel that reports KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES (a CI build may
-    carry the series) skips gmem.attributes2_without_in_place, naming the value."""
+    """A kernel whose guest_memfd takes KVM_SET_MEMORY_ATTRIBUTES2 (a CI build may
+    carry the series; the probe asks) skips gmem.attributes2_without_in_place."""
     import dataclasses
 
     from guestmem import uapi
@@ -108,7 +108,7 @@ def test_the_mode_off_case_skips_on_a_kernel_with_in_place_conversion():
 
     caps = ModelKvm("mainline").capabilities
     assert needs_no_gmem_attributes(caps, uapi.KVM_X86_DEFAULT_VM, 0) is None
-    cap = uapi.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES
-    with_series = dataclasses.replace(caps, vm_numbers={uapi.KVM_X86_DEFAULT_VM: {cap: 8}})
-    reason = needs_no_gmem_attributes(with_series, uapi.KVM_X86_DEFAULT_VM, 0)
-    assert reason is not None and "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES=0x8" in reason
+    with_series = dataclasses.replace(caps, gmem_in_place_conversion=True)
+    assert needs_no_gmem_attributes(with_series, uapi.KVM_X86_DEFAULT_VM, 0) == \
+        "in-place conversion is on (case is for kernels without it)"
+    assert ModelKvm("inplace").capabilities.gmem_in_place_conversion

@@ -111,6 +111,9 @@ class Capabilities:
     # no guest_memfd to ask
     gmem_bind_overlap_errno: int | None = errno.EINVAL
     memory_failure: bool = False  # CONFIG_MEMORY_FAILURE (MADV_HWPOISON)
+    # the in-place conversion series with kvm.gmem_in_place_conversion on: a guest_memfd
+    # answers KVM_SET_MEMORY_ATTRIBUTES2 (probed: anything but ENOTTY)
+    gmem_in_place_conversion: bool = False
     # Every nonzero KVM_CHECK_EXTENSION answer by number, named or not.
     system_numbers: dict[int, int] = field(default_factory=dict)
     vm_numbers: dict[int, dict[int, int]] = field(default_factory=dict)

@@ -216,6 +216,8 @@ def needs_no_pre_fault(caps: Capabilities, vm_type: int, gmem_flags: int) -> str
 
 
 def needs_no_memory_attributes(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
+    if caps.gmem_in_place_conversion:  # the VM ioctl exists, PRIVATE moved to the gmem
+        return "in-place conversion is on: KVM_SET_MEMORY_ATTRIBUTES exists without PRIVATE"
     if caps.memory_attributes:
         attrs = caps.memory_attributes
         return f"KVM_CAP_MEMORY_ATTRIBUTES={attrs:#x} (case is for hosts without)"
@@ -223,12 +225,15 @@ def needs_no_memory_attributes(caps: Capabilities, vm_type: int, gmem_flags: int
 
 
 def needs_no_gmem_attributes(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
-    """The in-place conversion series' capability (its number is the series')."""
-    numbers = caps.vm_numbers.get(vm_type, caps.system_numbers)
-    value = numbers.get(uapi.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES, 0)
-    if value:
-        return (f"KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES={value:#x} (case is for kernels "
-                f"without in-place conversion)")
+    """Kernels whose guest_memfd has no KVM_SET_MEMORY_ATTRIBUTES2 (probed)."""
+    if caps.gmem_in_place_conversion:
+        return "in-place conversion is on (case is for kernels without it)"
+    return None
+
+
+def needs_gmem_attributes(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
+    if not caps.gmem_in_place_conversion:
+        return "no in-place conversion (KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd: ENOTTY)"
     return None
 
 

@@ -206,6 +206,7 @@ class Kvm(_Fd):
             shadow_paging=probe.shadow_paging(self),
             gmem_bind_overlap_errno=probe.gmem_bind_overlap_errno(self),
             memory_failure=probe.memory_failure_built(),
+            gmem_in_place_conversion=probe.gmem_in_place_conversion(self),
         )
 
     def _probe_gmem_shared_policy(self, default_gmem_flags: int) -> bool:

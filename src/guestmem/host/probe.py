@@ -166,6 +166,21 @@ def guest_execution(kvm: Kvm) -> GuestExecution:
     )
 
 
+def gmem_in_place_conversion(kvm: Kvm) -> bool:
+    """Does a guest_memfd take KVM_SET_MEMORY_ATTRIBUTES2? ENOTTY says no (mainline:
+    no unlocked_ioctl; the series with the mode off). Asked with flags 1, which the
+    series refuses (EINVAL) before it changes anything. The capability alone cannot
+    say: it is 0 on a VM without private memory even where the mode is on."""
+    if not kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD):
+        return False
+    with kvm.create_vm() as vm, vm.create_guest_memfd(uapi.PAGE_SIZE) as gmem:
+        try:
+            gmem.set_memory_attributes2(0, uapi.PAGE_SIZE, 0, flags=1)
+        except OSError as e:
+            return e.errno != errno.ENOTTY
+        return True
+
+
 def gmem_bind_overlap_errno(kvm: Kvm) -> int | None:
     """The errno of binding a guest_memfd range that is already bound
     (kvm_gmem_bind: EINVAL on 6.18, EEXIST in kvm-x86/next); 0 if accepted;

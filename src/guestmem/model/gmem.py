@@ -92,6 +92,9 @@ class GmemInode:
         self.policy: ExtentMap[MemPolicy] | None = (
             ExtentMap() if vm.kvm.profile.gmem_shared_policy else None)
         self.live_pins: set[Pin] = set()
+        # In-place conversion: PRIVATE per index, set by KVM_SET_MEMORY_ATTRIBUTES2; an
+        # index without an entry is in the INIT state (private unless INIT_SHARED).
+        self.private: ExtentMap[bool] = ExtentMap()
         self.file_open = True  # the fd; mappings also hold the file (kvm_gmem_release)
         self.released = False
         process.backings.add(self)
@@ -188,6 +191,42 @@ class GmemInode:
     def pinned(self, first: int, last: int) -> bool:
         return not self.pins.all_equal(first, last, None)
 
+    # --- privateness (in-place conversion) -----------------------------------------------------
+    def is_private(self, index: int) -> bool:
+        """The series' kvm_gmem_is_private: the attribute at index, else the INIT
+        state (a missing maple-tree entry: shared iff INIT_SHARED; upstream-2026-11.md §1)."""
+        value = self.private.get(index)
+        return not self.init_shared if value is None else value
+
+    def private_ranges(self, first: int, last: int) -> list[tuple[int, int]]:
+        """The private runs of [first, last), INIT-state gaps included."""
+        runs = [(lo, hi) for lo, hi, private in self.private.overlapping(first, last) if private]
+        if not self.init_shared:
+            runs += list(self.private.gaps(first, last))
+        return sorted(runs)
+
+    def set_private(self, first: int, last: int, private: bool) -> None:
+        """kvm_gmem_set_attributes after its argument checks (upstream.md §7.1):
+        nothing to do when the range already is so; to private, zap every host
+        mapping, then fail with EAGAIN (error_offset: the first pinned page) if a
+        page has a reference beyond the file's, changing no attribute; then zap the
+        stage-2 mappings of every bound VM and store the attribute. Contents stay
+        (SW_PROTECTED; per VM type: issue 9 part 2)."""
+        covered = sum(hi - lo for lo, hi in self.private_ranges(first, last))
+        if covered == (last - first if private else 0):
+            return
+        if private:
+            for m in self.mappings:  # unmap_mapping_pages: in every process
+                m.zap(first, last)
+            for lo, _, _ in self.pins.overlapping(first, last):
+                error = oserror(errno.EAGAIN, "KVM_SET_MEMORY_ATTRIBUTES2")
+                error.error_offset = max(first, lo) * PAGE  # type: ignore[attr-defined]
+                raise error
+        vms = self._invalidate_begin(first, last)
+        self.private.set(first, last, private)
+        for vm in vms:
+            vm.mmu.invalidate_end()
+
     # --- memory errors (kvm_gmem_error_folio) ----------------------------------------------------
     def memory_failure(self, first: int, last: int) -> None:
         """Hardware memory errors in the folios of [first, last) (kvm_gmem_error_folio):
@@ -210,8 +249,9 @@ class GmemInode:
     def fault(self, index: int, count: int, write: bool) -> str | None:
         if index + count > self.npages:
             return "beyond EOF"  # pgoff << PAGE_SHIFT >= i_size
-        if not self.init_shared:
-            return "private memory (no GUEST_MEMFD_FLAG_INIT_SHARED)"  # ML: kvm_gmem_is_shared_mem
+        if self.private_ranges(index, index + count):  # ML: kvm_gmem_is_shared_mem
+            return "private memory (no GUEST_MEMFD_FLAG_INIT_SHARED)" if not self.init_shared \
+                and not self.private else "private memory (KVM_SET_MEMORY_ATTRIBUTES2)"
         if self.poisoned(index, index + count) is not None:
             return "hwpoison"  # __do_fault: VM_FAULT_HWPOISON
         self.get_pages(index, index + count)
@@ -490,11 +530,32 @@ class GuestMemfd:
     def set_memory_attributes2(self, offset: int, size: int, attributes: int,
                                flags: int = 0) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES2 (kernel: the in-place conversion series'
-        kvm_gmem_ioctl, upstream-2026-11.md §1): ENOTTY before the struct is read
-        while in-place conversion is off, and on mainline, which has no
-        unlocked_ioctl; no profile modelled yet turns it on (issue 9)."""
-        self._live()
-        raise oserror(errno.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES2")
+        kvm_gmem_ioctl and kvm_gmem_set_attributes, upstream.md §7.1): ENOTTY before
+        the struct is read while in-place conversion is off (and on mainline, which
+        has no unlocked_ioctl); then EINVAL checks in the kernel's order. A failure
+        carries error_offset (EAGAIN: the first pinned page; else 0, as passed)."""
+        inode = self._live()
+        name = "KVM_SET_MEMORY_ATTRIBUTES2"
+        if not self.vm.kvm.profile.gmem_in_place_conversion:
+            raise oserror(errno.ENOTTY, name)
+        if flags:
+            reason = "flags"
+        elif not self.vm.vm_type_info.has_private_mem:  # kvm_arch_has_private_mem(f->kvm)
+            reason = "VM without private memory"
+        elif attributes & ~uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            reason = "attributes"
+        elif size == 0 or offset + size >= 1 << 64:
+            reason = "range"
+        elif offset % PAGE or size % PAGE:
+            reason = "alignment"
+        elif offset >= inode.size or offset + size > inode.size:
+            reason = "beyond i_size"
+        else:
+            inode.set_private(offset // PAGE, (offset + size) // PAGE, bool(attributes))
+            return
+        error = oserror(errno.EINVAL, f"{name} {reason}")
+        error.error_offset = 0  # type: ignore[attr-defined]
+        raise error
 
     def mmap(self, length: int | None = None, offset: int = 0, prot: int = 3,
              shared: bool = True, align: int = 0) -> Mapping:

@@ -27,15 +27,17 @@ def _inodes(kvm: Any) -> Iterator[GmemInode]:
 
 
 def _confidentiality(kvm: Any) -> Iterator[str]:
-    """Host userspace never has private memory mapped: no host PTE on a guest_memfd
-    page of an inode without INIT_SHARED (ML: all private), nor on a page whose
-    gfn is private in a VM it is bound to."""
+    """Host userspace never has private memory mapped: no host PTE on a private
+    guest_memfd page (without INIT_SHARED all are, on mainline; with in-place
+    conversion, the inode's attributes say), nor on a page whose gfn is private in
+    a VM it is bound to."""
     for inode in _inodes(kvm):
         for mapping in inode.mappings:
             for lo, hi, _ in mapping.ptes.items():
                 first, last = mapping.pgoff + lo, mapping.pgoff + hi
-                if not inode.init_shared:
-                    yield f"inode {inode.ino}: host PTEs on private pages [{first}, {last})"
+                private = inode.private_ranges(first, last)
+                if private:
+                    yield f"inode {inode.ino}: host PTEs on private pages {private}"
                 for slot, g0, g1 in inode.bound_gfn_ranges(first, last):
                     if not slot.vm.attributes.all_equal(g0, g1, None):
                         private = [(s, e) for s, e, a in slot.vm.attributes.overlapping(g0, g1)

@@ -68,7 +68,11 @@ class Kvm:
             uapi.KVM_CAP_MEMORY_FAULT_INFO: 1,
             # kvm_supported_mem_attributes(NULL): PRIVATE at system scope when built
             uapi.KVM_CAP_MEMORY_ATTRIBUTES: (
-                uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if prof.memory_attributes else 0),
+                uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+                if prof.memory_attributes and not prof.gmem_in_place_conversion else 0),
+            # the series: PRIVATE iff in place (system scope: our choice, any VM type)
+            uapi.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: (
+                uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if prof.gmem_in_place_conversion else 0),
             uapi.KVM_CAP_GUEST_MEMFD: 1,
             uapi.KVM_CAP_VM_TYPES: sum(1 << t for t in prof.vm_types),
             uapi.KVM_CAP_PRE_FAULT_MEMORY: int(prof.pre_fault_memory),
@@ -80,11 +84,13 @@ class Kvm:
     def _derived_vm(self, vm_type: int, system: dict[int, int]) -> dict[int, int]:
         """KVM_CHECK_EXTENSION on a VM of this type (kvm_vm_ioctl_check_extension_generic):
         system values, except the guest_memfd flags and attributes the VM type decides."""
-        vt = self.profile.vm_type(vm_type)
-        attrs = (uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
-                 if self.profile.memory_attributes and vt.has_private_mem else 0)
-        return {**system, uapi.KVM_CAP_GUEST_MEMFD_FLAGS: vt.gmem_flags,
-                uapi.KVM_CAP_MEMORY_ATTRIBUTES: attrs}
+        prof = self.profile
+        vt = prof.vm_type(vm_type)
+        in_place = (uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+                    if prof.gmem_in_place_conversion and vt.has_private_mem else 0)
+        return {**system, uapi.KVM_CAP_GUEST_MEMFD_FLAGS: prof.gmem_flags_of(vt),
+                uapi.KVM_CAP_MEMORY_ATTRIBUTES: prof.vm_attributes(vt),
+                uapi.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: in_place}
 
     def _capabilities(self) -> Capabilities:
         prof = self.profile
@@ -102,6 +108,7 @@ class Kvm:
             shadow_paging=prof.shadow_paging,
             gmem_bind_overlap_errno=prof.bind_overlap_errno,
             memory_failure=prof.memory_failure,
+            gmem_in_place_conversion=prof.gmem_in_place_conversion,
         )
 
     def api_version(self) -> int:

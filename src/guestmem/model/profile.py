@@ -89,6 +89,11 @@ class Profile:
     # NUMA policy of guest_memfd pages: per inode (upstream 6.18, kvm_gmem_set_policy)
     # or per VMA only, never consulted by allocations (a build without it).
     gmem_shared_policy: bool = True
+    # The in-place conversion series (upstream-2026-11.md §1; kvm.gmem_in_place_conversion):
+    # PRIVATE is tracked per guest_memfd and set with KVM_SET_MEMORY_ATTRIBUTES2 on it;
+    # the VM-level ioctl no longer takes PRIVATE; INIT_SHARED is allowed for VM types
+    # with private memory.
+    gmem_in_place_conversion: bool = False
     implementation: str = "model"
     # How guest code runs: hypercall outcomes, emulated privilege levels (caps.py).
     execution: GuestExecution = UPSTREAM_EXECUTION
@@ -98,6 +103,20 @@ class Profile:
     # host profile); otherwise the model derives them (model/kvm.py).
     system_numbers: dict[int, int] | None = None
     vm_numbers: dict[int, dict[int, int]] | None = None
+
+    def gmem_flags_of(self, vt: VmType) -> int:
+        """kvm_gmem_get_supported_flags: the VM type's, plus INIT_SHARED for a VM
+        with private memory where conversion is in place (upstream.md §7.1)."""
+        if self.gmem_in_place_conversion and vt.has_private_mem:
+            return vt.gmem_flags | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+        return vt.gmem_flags
+
+    def vm_attributes(self, vt: VmType) -> int:
+        """kvm_supported_mem_attributes: PRIVATE iff the VM has private memory and
+        PRIVATE is still tracked per VM (not with in-place conversion)."""
+        if self.memory_attributes and vt.has_private_mem and not self.gmem_in_place_conversion:
+            return uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+        return 0
 
     def vm_type(self, number: int) -> VmType:
         """The VM type as this kernel has it."""
@@ -123,6 +142,7 @@ class Profile:
             bind_overlap_errno=caps.gmem_bind_overlap_errno or errno.EINVAL,
             shadow_paging=caps.shadow_paging,
             memory_failure=caps.memory_failure,
+            gmem_in_place_conversion=caps.gmem_in_place_conversion,
             gmem_shared_policy=caps.gmem_shared_policy,
             implementation=caps.implementation,
             execution=caps.execution,
@@ -140,6 +160,10 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             "private memory (an x86 host with SEV-SNP/TDX and CONFIG_KVM_SW_PROTECTED_VM)",
             frozenset(VM_TYPES), memory_attributes=True, pre_fault_memory=True,
             memory_failure=True),
+    Profile("inplace", "coco with the in-place conversion series (v13, reportedly applied "
+            "2026-09): PRIVATE kept per guest_memfd, converted with "
+            "KVM_SET_MEMORY_ATTRIBUTES2 on it", frozenset(VM_TYPES), memory_attributes=True,
+            pre_fault_memory=True, memory_failure=True, gmem_in_place_conversion=True),
 )}
 # `host` is not in PROFILES: it exists only once a probe of /dev/kvm has built it
 # (guestmem.Kvm(backend="model", profile="host")).

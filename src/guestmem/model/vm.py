@@ -171,10 +171,8 @@ class Vm:
 
     # --- capabilities ----------------------------------------------------------------------------
     def supported_attributes(self) -> int:
-        """kvm_supported_mem_attributes: PRIVATE iff the VM has private memory."""
-        if self.kvm.profile.memory_attributes and self.vm_type_info.has_private_mem:
-            return uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
-        return 0
+        """kvm_supported_mem_attributes (Profile.vm_attributes)."""
+        return self.kvm.profile.vm_attributes(self.vm_type_info)
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM (kvm_vm_ioctl_check_extension_generic)."""
@@ -195,7 +193,7 @@ class Vm:
     def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
         """kvm_gmem_create: unsupported flags, size <= 0, unaligned -> EINVAL."""
         self._live()
-        if flags & ~self.vm_type_info.gmem_flags:
+        if flags & ~self.kvm.profile.gmem_flags_of(self.vm_type_info):
             raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD flags")
         if size <= 0 or size >= 1 << 63 or size % PAGE:
             raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD size")
@@ -388,7 +386,15 @@ class Vm:
         complete(set_attributes_path(self, first, last, attributes))
 
     def is_private(self, gfn: int) -> bool:
-        """kvm_mem_is_private: KVM_MEMORY_ATTRIBUTE_PRIVATE at gfn."""
+        """kvm_mem_is_private: KVM_MEMORY_ATTRIBUTE_PRIVATE at gfn; with in-place
+        conversion, the guest_memfd's attribute at the gfn's index (the series'
+        kvm_gmem_is_private), and shared where no guest_memfd backs the gfn (a
+        deleted memslot: the access is MMIO, not a memory fault)."""
+        if self.kvm.profile.gmem_in_place_conversion:
+            slot = self.slot_for_gfn(gfn)
+            if slot is None or slot.gmem is None:
+                return False
+            return slot.gmem.is_private(slot.gmem_index(gfn))
         return bool((self.attributes.get(gfn) or 0) & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
 
     # --- vCPUs ---------------------------------------------------------------------------------

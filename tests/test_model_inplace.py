@@ -1,0 +1,236 @@
+"""The `inplace` profile: PRIVATE kept per guest_memfd, converted in place with
+KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd fd (upstream.md §7.1,
+upstream-2026-11.md §1), after guest_memfd_conversions_test.c.
+
+The kernel here has no in-place conversion (the probe: ENOTTY), so these run on
+the model; `gmem.attributes2_without_in_place` checks the kernel's side.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from guestmem import program as p
+from guestmem import uapi
+from guestmem.exits import HostSigbus
+from guestmem.guest import compile_program, default_hypercall_abi
+from guestmem.model import Kvm
+from guestmem.model.invariants import violations
+from guestmem.model.snapshot import snapshot
+from guestmem.vmm import Vmm
+
+PS = uapi.PAGE_SIZE
+PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+SW = uapi.KVM_X86_SW_PROTECTED_VM
+MMAP = uapi.GUEST_MEMFD_FLAG_MMAP
+SHARED = MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+GPA = 1 << 32
+
+
+def errno_of(fn, *args):
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno, getattr(e, "error_offset", None)
+    return None
+
+
+def host_reads(mapping, offset):
+    try:
+        return mapping.read(offset, 8)
+    except HostSigbus:
+        return "SIGBUS"
+
+
+def guest(vmm, *steps):
+    abi = default_hypercall_abi(vmm.kvm.capabilities, vmm.cpl)
+    vmm.load(compile_program(p.Program.of(*steps), abi))
+    return vmm.run()
+
+
+def test_the_profile_moves_private_from_the_vm_to_the_guest_memfd():
+    kvm = Kvm("inplace")
+    vm = kvm.create_vm(SW)
+    assert vm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES) == 0
+    assert vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES) == PRIVATE
+    assert vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS) == SHARED, "INIT_SHARED allowed"
+    assert errno_of(vm.set_memory_attributes, GPA, PS, PRIVATE) == (errno.EINVAL, None)
+    assert errno_of(vm.set_memory_attributes, GPA, PS, 0) is None, "RWX stay at VM level"
+    default = kvm.create_vm()
+    assert default.check_extension(uapi.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES) == 0
+
+
+def test_bad_input_is_einval_in_the_kernels_order_and_changes_nothing():
+    kvm = Kvm("inplace")
+    vm = kvm.create_vm(SW)
+    g = vm.create_guest_memfd(4 * PS, SHARED)
+    no_private = kvm.create_vm().create_guest_memfd(4 * PS, SHARED)
+    before = snapshot(kvm)
+    set2 = g.set_memory_attributes2
+    for call, args in [
+        (set2, (0, PS, PRIVATE, 1)),  # flags, before everything else
+        (no_private.set_memory_attributes2, (0, PS, PRIVATE)),  # VM without private memory
+        (set2, (0, PS, 1 << 4)),  # unknown attribute
+        (set2, (0, 0, PRIVATE)),  # size 0
+        (set2, (PS, (1 << 64) - PS, PRIVATE)),  # offset + size wraps
+        (set2, (1, PS, PRIVATE)),  # unaligned offset
+        (set2, (0, PS + 1, PRIVATE)),  # unaligned size
+        (set2, (4 * PS, PS, PRIVATE)),  # offset at i_size
+        (set2, (2 * PS, 4 * PS, PRIVATE)),  # end beyond i_size
+    ]:
+        assert errno_of(call, *args) == (errno.EINVAL, 0), args
+    assert snapshot(kvm) == before
+
+
+def test_init_shared_then_private_then_shared_keeps_the_contents():
+    """init_shared / init_private: the host sees a shared page and takes SIGBUS on a
+    private one; the guest's data survives both conversions (SW_PROTECTED preserves)."""
+    kvm = Kvm("inplace")
+    with Vmm(kvm, SW, cpl=0) as vmm:
+        region = vmm.add_memory(GPA, 4 * PS)
+        assert region.backing == "gmem", "one guest_memfd, shared with the host in place"
+        g, m = region.guest_memfd, region.mapping
+        assert guest(vmm, p.WritePattern(GPA, 4 * PS, 0x100, 1)).stop == "done"
+        g.set_memory_attributes2(0, PS, PRIVATE)
+        assert host_reads(m, 0) == "SIGBUS"
+        assert host_reads(m, PS) == (0x100 + PS // 8).to_bytes(8, "little"), "page 1 shared"
+        result = guest(vmm, p.VerifyPattern(GPA, PS, 0x100, 1),
+                       p.WritePattern(GPA, PS, 0xAA))
+        assert result.reports == [p.VERIFY_OK], "private now, and still the guest's data"
+        g.set_memory_attributes2(0, PS, 0)
+        assert host_reads(m, 0) == (0xAA).to_bytes(8, "little")
+        assert violations(kvm) == []
+
+
+def test_init_private_pages_sigbus_until_converted_and_conversions_are_per_page():
+    kvm = Kvm("inplace")
+    vm = kvm.create_vm(SW)
+    g = vm.create_guest_memfd(4 * PS, MMAP)
+    m = g.mmap()
+    assert [host_reads(m, i * PS) for i in range(4)] == ["SIGBUS"] * 4
+    g.set_memory_attributes2(2 * PS, PS, 0)  # indexing: only page 2
+    assert [host_reads(m, i * PS) for i in range(4)] == ["SIGBUS", "SIGBUS", bytes(8),
+                                                          "SIGBUS"]
+    m.write(2 * PS, b"host")
+    g.set_memory_attributes2(0, 4 * PS, 0)
+    assert host_reads(m, 2 * PS)[:4] == b"host"
+    assert host_reads(m, 0) == bytes(8), "converted before allocation: a zero page"
+    assert violations(kvm) == []
+
+
+def test_a_conversion_before_allocation_is_recorded_and_punch_keeps_it():
+    """before_allocation_*, truncate: attributes of pages never faulted are kept, and
+    PUNCH_HOLE does not change them; a punched private page reads zero to the guest."""
+    kvm = Kvm("inplace")
+    with Vmm(kvm, SW, cpl=0) as vmm:
+        region = vmm.add_memory(GPA, 2 * PS)
+        g, m = region.guest_memfd, region.mapping
+        g.set_memory_attributes2(0, PS, PRIVATE)
+        assert not g.inode.folios.boundaries(), "nothing allocated"
+        assert host_reads(m, 0) == "SIGBUS"
+        assert guest(vmm, p.WritePattern(GPA, PS, 7)).stop == "done"
+        g.punch_hole(0, PS)
+        assert host_reads(m, 0) == "SIGBUS", "still private after the punch"
+        assert guest(vmm, p.ReadValue(GPA)).reports == [0]
+        assert violations(kvm) == []
+
+
+def test_a_pinned_page_makes_the_conversion_eagain_at_its_offset():
+    """elevated_refcount: to-private unmaps the host, then finds the pin: EAGAIN,
+    error_offset = the pinned page, no attribute changed; other pages convert; after
+    the unpin the whole range converts and keeps its contents."""
+    kvm = Kvm("inplace")
+    vm = kvm.create_vm(SW)
+    g = vm.create_guest_memfd(4 * PS, SHARED)
+    m = g.mmap()
+    m.write(0, b"A" * 4 * PS)
+    pin = m.pin(2 * PS, PS)
+    for offset, size in ((0, 4 * PS), (2 * PS, PS)):
+        assert errno_of(g.set_memory_attributes2, offset, size, PRIVATE) == \
+            (errno.EAGAIN, 2 * PS)
+        assert g.inode.private_ranges(0, 4) == [], "nothing converted"
+        assert not m.ptes.boundaries(), "the host mappings were zapped first, as the kernel does"
+    g.set_memory_attributes2(0, 2 * PS, PRIVATE)
+    g.set_memory_attributes2(3 * PS, PS, PRIVATE)
+    pin.unpin()
+    g.set_memory_attributes2(0, 4 * PS, PRIVATE)
+    g.set_memory_attributes2(0, 4 * PS, 0)
+    assert m.read(0, 4 * PS) == b"A" * 4 * PS
+    assert violations(kvm) == []
+
+
+def test_a_conversion_zaps_the_stage2_mappings_of_the_range_once():
+    kvm = Kvm("inplace")
+    with Vmm(kvm, SW, cpl=0) as vmm:
+        region = vmm.add_memory(GPA, 4 * PS)
+        assert guest(vmm, p.WritePattern(GPA, 4 * PS, 1)).stop == "done"
+        mmu = vmm.vm.mmu
+        before = (mmu.invalidations, mmu.zapped_pages)
+        region.guest_memfd.set_memory_attributes2(PS, 2 * PS, PRIVATE)
+        assert (mmu.invalidations, mmu.zapped_pages) == (before[0] + 1, before[1] + 2)
+        region.guest_memfd.set_memory_attributes2(PS, 2 * PS, PRIVATE)  # already so
+        assert mmu.invalidations == before[0] + 1, "nothing to change: no invalidation"
+
+
+@pytest.mark.parametrize("profile, stop", [("coco", "memory_fault"), ("inplace", "mmio")])
+def test_after_its_memslot_is_deleted_a_private_gpa_is_mmio_in_place(profile, stop):
+    """v8 private_mem_kvm_exits_test: with PRIVATE in the guest_memfd, a deleted
+    memslot leaves nothing private at the GPA, so the access is MMIO; with VM-level
+    attributes it stays private: a MEMORY_FAULT exit."""
+    kvm = Kvm(profile)
+    with Vmm(kvm, SW, cpl=0) as vmm:
+        region = vmm.add_memory(GPA, PS)
+        if profile == "inplace":
+            region.guest_memfd.set_memory_attributes2(0, PS, PRIVATE)
+        else:
+            vmm.vm.set_memory_attributes(GPA, PS, PRIVATE)
+        vmm.vm.delete_memslot(region.slot)
+        vmm.regions.remove(region)
+        result = guest(vmm, p.ReadValue(GPA))
+        assert result.stop == stop, result
+        if stop == "mmio":
+            assert result.exit.phys_addr == GPA
+        else:
+            assert (result.memory_fault.gpa, result.memory_fault.flags) == (GPA, PRIVATE)
+
+
+def test_init_private_the_guest_writes_and_the_host_sees_it_once_shared():
+    """init_private: without INIT_SHARED every page starts private (the INIT state,
+    no attribute set): the guest reads zeros and writes; the host takes SIGBUS until
+    the page is converted, then reads what the guest wrote."""
+    kvm = Kvm("inplace")
+    with Vmm(kvm, SW, cpl=0) as vmm:
+        g = vmm.vm.create_guest_memfd(PS, MMAP)
+        m = g.mmap()
+        vmm.vm.set_user_memory_region2(9, uapi.KVM_MEM_GUEST_MEMFD, GPA, PS, m.addr, g, 0)
+        result = guest(vmm, p.ReadValue(GPA), p.WritePattern(GPA, PS, 0x55))
+        assert (result.stop, result.reports) == ("done", [0])
+        assert host_reads(m, 0) == "SIGBUS"
+        g.set_memory_attributes2(0, PS, 0)
+        assert host_reads(m, 0) == (0x55).to_bytes(8, "little")
+        assert violations(kvm) == []
+        vmm.vm.delete_memslot(9)
+        m.munmap()
+        g.close()
+
+
+def test_init_private_guest_accesses_go_to_the_guest_memfd_not_userspace_addr():
+    """A guest_memfd without MMAP behind a memslot whose userspace_addr is other
+    memory: a page in the INIT state is private, so the guest's write lands in the
+    guest_memfd and the shared memory stays zero; once converted to shared, the
+    guest's accesses go through userspace_addr."""
+    kvm = Kvm("inplace")
+    with Vmm(kvm, SW, cpl=0) as vmm:
+        g = vmm.vm.create_guest_memfd(PS, 0)
+        anon = kvm.mmap_anonymous(PS)
+        vmm.vm.set_user_memory_region2(9, uapi.KVM_MEM_GUEST_MEMFD, GPA, PS, anon.addr, g, 0)
+        assert guest(vmm, p.WritePattern(GPA, PS, 0x55)).stop == "done"
+        assert anon.read(0, 8) == bytes(8), "the private write went to the guest_memfd"
+        g.set_memory_attributes2(0, PS, 0)
+        assert guest(vmm, p.WritePattern(GPA, PS, 0x66)).stop == "done"
+        assert anon.read(0, 8) == (0x66).to_bytes(8, "little"), "shared: userspace_addr"
+        assert violations(kvm) == []
+        vmm.vm.delete_memslot(9)
+        g.close()
