@@ -64,6 +64,17 @@ def test_every_successful_step_changes_the_snapshot():
     step("a VM closed", sw.close)
 
 
+
+def test_the_snapshot_sees_in_place_attributes():
+    """With in-place conversion, PRIVATE lives in the guest_memfd: a conversion must
+    change the snapshot, or a failed one that changed it would pass unseen."""
+    kvm = Kvm("inplace")
+    g = kvm.create_vm(uapi.KVM_X86_SW_PROTECTED_VM).create_guest_memfd(4 * PS, FLAGS)
+    before = snapshot(kvm)
+    g.set_memory_attributes2(0, PS, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    assert snapshot(kvm) != before
+
+
 def _guest_write(vmm: Vmm, gpa: int) -> None:
     abi = default_hypercall_abi(vmm.kvm.capabilities, vmm.cpl)
     vmm.load(compile_program(p.Program.of(p.WritePattern(gpa, 8, 3)), abi))

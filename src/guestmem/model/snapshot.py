@@ -38,6 +38,7 @@ def snapshot(kvm: Any) -> dict[str, Any]:
                 tuple((s, e, slot.id) for s, e, slot in b.bindings.items()), b.file_open,
                 tuple(b.pins.items()), len(b.live_pins),
                 tuple(b.policy.items()) if b.policy is not None else None,
+                tuple(b.private.items()),
             )
         elif isinstance(b, AnonymousMemory):
             state[f"anon{id(b)}"] = (tuple(b.present.items()), tuple(b.store.extents.items()))
