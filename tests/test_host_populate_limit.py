@@ -38,6 +38,7 @@ def kernel_never_asked(monkeypatch):
     spy("fallocate", libc.fallocate, 3)
     spy("madvise", libc.madvise, 1)
     spy("memset", libc.memset, 2)
+    spy("pin_user_buffer", libc.pin_user_buffer, 1)
     monkeypatch.delenv(populate.ENV, raising=False)
     return calls
 
@@ -87,6 +88,7 @@ def test_populating_a_mapping_above_the_limit_is_enomem(kvm_small_limit, kernel_
         refused(m.fill, 0, 0x5A, 64 * MIB, source="populate_limit")
         refused(m.touch_in_child, 0, True, 64 * MIB, source="populate_limit")
         refused(m.read, 0, 64 * MIB, source="populate_limit")
+        refused(m.pin, 0, 64 * MIB, source="populate_limit")  # pinning faults every page in
         assert kernel_never_asked == []
         m.madvise(0, MIB, libc.MADV_DONTNEED)  # not populating: not limited
         assert kernel_never_asked == ["madvise"]

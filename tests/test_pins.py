@@ -111,3 +111,18 @@ def test_a_punched_page_lives_on_in_a_pipe_that_references_it(host_kvm):
             os.close(rfd)
             os.close(wfd)
             m.munmap()
+
+
+def test_a_dropped_pin_is_unpinned(host_kvm):
+    """A RegisteredBuffer nobody unpinned gives its pages back when it is collected,
+    as a closed io_uring would (but now, not from a kernel worker later)."""
+    import gc
+
+    vm = host_kvm.create_vm()
+    with vm, vm.create_guest_memfd(4 * PS, SHARED) as g:
+        m = g.mmap()
+        before = vm_pin_kib()
+        m.pin(0, 4 * PS)  # dropped at once
+        gc.collect()
+        assert vm_pin_kib() == before
+        m.munmap()
