@@ -229,3 +229,13 @@ def test_demo_that_raises_oserror_exits_one(monkeypatch):
     result = CliRunner().invoke(main, ["demo"])
     assert result.exit_code == 1
     assert "Error: the demo stopped: [Errno 9] Bad file descriptor" in result.stderr
+
+
+@pytest.mark.parametrize("profile", ["mainline", "coco", "inplace"])
+def test_info_names_the_profile_a_kernel_matches(profile):
+    """profile_of, on the capabilities each model profile reports."""
+    from guestmem.cli import profile_of
+    from guestmem.model import Kvm as ModelKvm
+
+    with ModelKvm(profile) as kvm:
+        assert profile_of(kvm.capabilities) == profile

@@ -60,3 +60,16 @@ def test_the_hypercall_case_fails_where_a_cpl3_call_reaches_userspace():
             (inst,) = [i for i in instances((0,))
                        if i.case.name == "hypercall.native_vmcall_cpl3"]
             assert run_instance(kvm, inst).status is Status.FAIL, outcome
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_a_profile_survives_the_round_trip_through_its_capabilities(name):
+    """What a model profile reports, a host profile built from it takes back: the
+    fields both records share, and the errno that differs between builds."""
+    from guestmem.model.profile import SHARED_WITH_CAPABILITIES, Profile
+
+    profile = PROFILES[name]
+    with Kvm(profile) as kvm:
+        again = Profile.from_capabilities(kvm.capabilities)
+    for field in (*SHARED_WITH_CAPABILITIES, "bind_overlap_errno"):
+        assert getattr(again, field) == getattr(profile, field), field

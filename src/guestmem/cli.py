@@ -102,6 +102,8 @@ def profile_of(caps: Capabilities) -> str:
     """Which spec profile (DESIGN.md "Kernel profiles") the host matches; where it
     differs beyond that is upstream_differences()."""
     mainline = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+    if caps.gmem_in_place_conversion:
+        return "inplace"
     if caps.memory_attributes & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE and len(caps.vm_types) > 1:
         return "coco"
     if caps.guest_memfd and caps.guest_memfd_flags & mainline == mainline:

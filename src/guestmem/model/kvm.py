@@ -13,7 +13,7 @@ from guestmem.exits import oserror
 from guestmem.model.addrspace import page_align
 from guestmem.model.content import PAGE
 from guestmem.model.process import PROT_READ, PROT_WRITE, AnonymousMemory, HostProcess, Mapping
-from guestmem.model.profile import PROFILES, Profile
+from guestmem.model.profile import PROFILES, SHARED_WITH_CAPABILITIES, Profile
 from guestmem.model.vm import Vm
 
 BACKEND = "model"
@@ -101,14 +101,9 @@ class Kvm:
         return Capabilities.from_numbers(
             numbers, vm_numbers,
             api_version=uapi.KVM_API_VERSION,
-            implementation=prof.implementation,
             numa_nodes=self.process.numa_nodes,
-            gmem_shared_policy=prof.gmem_shared_policy,
-            execution=prof.execution,
-            shadow_paging=prof.shadow_paging,
             gmem_bind_overlap_errno=prof.bind_overlap_errno,
-            memory_failure=prof.memory_failure,
-            gmem_in_place_conversion=prof.gmem_in_place_conversion,
+            **{name: getattr(prof, name) for name in SHARED_WITH_CAPABILITIES},
         )
 
     def api_version(self) -> int:

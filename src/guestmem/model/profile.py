@@ -140,16 +140,18 @@ class Profile:
             exit_hypercall=caps.exit_hypercall,
             nr_memslots=caps.nr_memslots,
             bind_overlap_errno=caps.gmem_bind_overlap_errno or errno.EINVAL,
-            shadow_paging=caps.shadow_paging,
-            memory_failure=caps.memory_failure,
-            gmem_in_place_conversion=caps.gmem_in_place_conversion,
-            gmem_shared_policy=caps.gmem_shared_policy,
-            implementation=caps.implementation,
-            execution=caps.execution,
+            **{name: getattr(caps, name) for name in SHARED_WITH_CAPABILITIES},
             gmem_flags=dict(caps.gmem_flags_by_vm_type),
             system_numbers=dict(caps.system_numbers),
             vm_numbers={t: dict(v) for t, v in caps.vm_numbers.items() if t not in unknown},
         )
+
+
+# Fields a Profile and a Capabilities record both have, under the same name: the
+# model reports them (model/kvm.py) and the host profile takes them (from_capabilities).
+SHARED_WITH_CAPABILITIES: tuple[str, ...] = (
+    "shadow_paging", "memory_failure", "gmem_in_place_conversion", "gmem_shared_policy",
+    "implementation", "execution")
 
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (
@@ -160,6 +162,9 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             "private memory (an x86 host with SEV-SNP/TDX and CONFIG_KVM_SW_PROTECTED_VM)",
             frozenset(VM_TYPES), memory_attributes=True, pre_fault_memory=True,
             memory_failure=True),
+    # Our choice: the VM-level ioctl stays (CONFIG_KVM_VM_MEMORY_ATTRIBUTES built, the
+    # mode turned on by kvm.gmem_in_place_conversion=1) and takes no PRIVATE; where the
+    # mode is on by default that config is off and the VM ioctl is ENOTTY instead.
     Profile("inplace", "coco with the in-place conversion series (v13, reportedly applied "
             "2026-09): PRIVATE kept per guest_memfd, converted with "
             "KVM_SET_MEMORY_ATTRIBUTES2 on it", frozenset(VM_TYPES), memory_attributes=True,
