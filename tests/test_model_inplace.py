@@ -234,3 +234,92 @@ def test_init_private_guest_accesses_go_to_the_guest_memfd_not_userspace_addr():
         assert violations(kvm) == []
         vmm.vm.delete_memslot(9)
         g.close()
+
+
+# --- content across a conversion, per VM type (profile.Conversion) -------------------------------
+def _host_written_and_round_tripped(vm_type, profile="inplace"):
+    """Host writes a word, the page goes private and back; what the host reads then."""
+    kvm = Kvm(profile)
+    vm = kvm.create_vm(vm_type)
+    gmem = vm.create_guest_memfd(4 * PS, SHARED)
+    view = gmem.mmap()
+    view.write(PS + 8, (0x1122334455667788).to_bytes(8, "little"))
+    gmem.set_memory_attributes2(0, 4 * PS, PRIVATE)
+    assert violations(kvm) == []
+    gmem.set_memory_attributes2(0, 4 * PS, 0)
+    assert violations(kvm) == []
+    return int.from_bytes(view.read(PS + 8, 8), "little"), view.read(3 * PS, 8)
+
+
+@pytest.mark.parametrize("vm_type", [SW, uapi.GUESTMEM_PKVM_VM])
+def test_sw_protected_and_pkvm_keep_the_bytes_across_conversions(vm_type):
+    assert _host_written_and_round_tripped(vm_type) == (0x1122334455667788, bytes(8))
+
+
+def test_tdx_gives_either_side_a_zeroed_page():
+    """TDH.MEM.PAGE.AUG + ACCEPT zero it for the guest, tdx_clear_page for the host."""
+    assert _host_written_and_round_tripped(uapi.KVM_X86_TDX_VM) == (0, bytes(8))
+
+
+def test_snp_leaves_noise_that_is_not_the_previous_owners_data():
+    """RMPUPDATE keeps the bytes; read through the other key they are noise. A page
+    never touched (page 3) has no folio to convert: it reads zero when first used."""
+    word, untouched = _host_written_and_round_tripped(uapi.KVM_X86_SNP_VM)
+    assert word not in (0x1122334455667788, 0)
+    assert word >> 32 == 0x43495048, "the model's ciphertext tag, \"CIPH\""
+    assert untouched == bytes(8)
+
+
+def test_seed_003s_option_zeroes_what_sw_protected_would_keep():
+    from dataclasses import replace
+
+    from guestmem.model import PROFILES
+    zeroing = replace(PROFILES["inplace"], gmem_zero_on_conversion=True)
+    assert _host_written_and_round_tripped(SW, zeroing) == (0, bytes(8))
+
+
+def test_each_snp_conversion_is_a_new_key_stream():
+    kvm = Kvm("inplace")
+    gmem = kvm.create_vm(uapi.KVM_X86_SNP_VM).create_guest_memfd(PS, SHARED)
+    view = gmem.mmap()
+    view.fill(0, 0xAB, PS)
+    seen = []
+    for _ in range(2):
+        gmem.set_memory_attributes2(0, PS, PRIVATE)
+        gmem.set_memory_attributes2(0, PS, 0)
+        seen.append(view.read(0, 8))
+    assert seen[0] != seen[1]
+
+
+def test_pkvm_hands_a_buffer_to_the_guest_without_a_copy():
+    """Seed 004: the host fills a buffer, converts it to private in place, and the
+    guest reads what the host wrote; the host can no longer touch it."""
+    kvm = Kvm("inplace")
+    vmm = Vmm(kvm, uapi.GUESTMEM_PKVM_VM, cpl=0)
+    region = vmm.add_memory(GPA, 64 * PS)
+    region.mapping.fill(0, 0x5A, 64 * PS)
+    region.guest_memfd.set_memory_attributes2(region.gmem_offset, 64 * PS, PRIVATE)
+    assert guest(vmm, p.VerifyPattern(GPA, 64 * PS, int.from_bytes(b"\x5a" * 8, "little"), 0),
+                 ).reports == [0]
+    assert host_reads(region.mapping, 0) == "SIGBUS"
+    assert violations(kvm) == []
+
+
+def test_the_host_fault_on_private_memory_names_what_hardware_would_do():
+    kvm = Kvm("inplace")
+    for vm_type, hardware in ((uapi.KVM_X86_SNP_VM, "RMP #PF"), (uapi.KVM_X86_TDX_VM, "#MC"),
+                              (uapi.GUESTMEM_PKVM_VM, "stage-2 abort"), (SW, None)):
+        gmem = kvm.create_vm(vm_type).create_guest_memfd(PS, MMAP)
+        try:
+            gmem.mmap().read(0, 8)
+        except HostSigbus as e:
+            assert (hardware in str(e)) if hardware else "hardware" not in str(e), str(e)
+        else:
+            pytest.fail("a private page was readable")
+
+
+@pytest.mark.parametrize("profile", ["mainline", "coco"])
+def test_pkvm_exists_only_with_in_place_conversion(profile):
+    kvm = Kvm(profile)
+    assert uapi.GUESTMEM_PKVM_VM not in kvm.supported_vm_types()
+    assert errno_of(kvm.create_vm, uapi.GUESTMEM_PKVM_VM) == (errno.EINVAL, None)

@@ -1,17 +1,23 @@
 """In-place conversion against a per-page oracle (issue 9, part 7).
 
-A SW_PROTECTED VM on the `inplace` profile runs on one guest_memfd that is also
-the host's mapping. Random conversions (any range, either way), pins and unpins,
-punches, and host and guest reads and writes are checked against what each page
-should be (private or shared, its word, pinned or not) and the model's invariants
-after every step. SW_PROTECTED preserves contents across conversions, so the
-guest and the host see the same word whenever each may look.
+A VM on the `inplace` profile runs on one guest_memfd that is also the host's
+mapping. Random conversions (any range, either way), pins and unpins, punches,
+and host and guest reads and writes are checked against what each page should
+be (private or shared, its word, pinned or not, initialised or not) and the
+model's invariants after every step. The machine runs once per content rule
+(profile.Conversion): SW_PROTECTED and pkvm preserve, so the guest and the host
+see the same word whenever each may look; TDX and seed 003's option zero an
+initialised page that changes owner; SNP leaves noise that is not the previous
+owner's word. On SNP and TDX the guest's accesses are shared ones (its C-bit /
+shared-bit view is never flipped here), so guest steps touch shared pages only.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+
+from dataclasses import replace
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -21,8 +27,9 @@ from guestmem import program as p
 from guestmem import uapi
 from guestmem.exits import HostSigbus
 from guestmem.guest import compile_program, default_hypercall_abi
-from guestmem.model import Kvm
+from guestmem.model import PROFILES, Kvm
 from guestmem.model.invariants import violations
+from guestmem.model.profile import Conversion
 from guestmem.vmm import Vmm
 
 PS = uapi.PAGE_SIZE
@@ -36,15 +43,22 @@ words = st.integers(1, 2**64 - 1)
 
 
 class InPlaceConversions(RuleBasedStateMachine):
+    VM_TYPE = uapi.KVM_X86_SW_PROTECTED_VM
+    ZERO_ON_CONVERSION = False
+
     def __init__(self):
         super().__init__()
-        self.kvm = Kvm("inplace")
-        self.vmm = Vmm(self.kvm, uapi.KVM_X86_SW_PROTECTED_VM, cpl=0)
+        self.kvm = Kvm(replace(PROFILES["inplace"], gmem_zero_on_conversion=self.ZERO_ON_CONVERSION))
+        self.vmm = Vmm(self.kvm, self.VM_TYPE, cpl=0)
+        self.rule = self.kvm.profile.conversion_of(self.kvm.profile.vm_type(self.VM_TYPE))
+        self.hardware_private = self.kvm.profile.vm_type(self.VM_TYPE).private_from_hardware
         region = self.vmm.add_memory(BASE, PAGES * PS)
-        assert region.backing == "gmem"
+        assert region.gmem is not None and region.gmem_offset == 0
         self.gmem, self.mapping = region.guest_memfd, region.mapping
         self.private = [False] * PAGES  # INIT_SHARED
-        self.word = [0] * PAGES
+        self.word: list[int | None] = [0] * PAGES  # None: noise (SNP ciphertext)
+        self.noise_over = [0] * PAGES  # the word the noise replaced
+        self.present = [False] * PAGES  # an initialised folio is in the file
         self.pins: dict[int, object] = {}  # page -> its pin, while the page is in the file
         self.stale_pins: list[object] = []  # pins of pages punched since
 
@@ -77,7 +91,23 @@ class InPlaceConversions(RuleBasedStateMachine):
             return
         assert noop or not to_private or not pinned, "converted a pinned page to private"
         for i in range(first, last):
+            if self.private[i] != to_private and self.present[i]:
+                self.change_owner(i)
             self.private[i] = to_private
+
+    def change_owner(self, page):
+        if self.rule is Conversion.ZERO:
+            self.word[page] = 0
+        elif self.rule is Conversion.CIPHERTEXT:
+            if self.word[page] is not None:
+                self.noise_over[page] = self.word[page]
+            self.word[page] = None
+
+    def check_word(self, page, seen):
+        if self.word[page] is None:
+            assert seen != self.noise_over[page] or seen == 0, "kept across an SNP conversion"
+        else:
+            assert seen == self.word[page]
 
     @rule(page=pages, value=words)
     def host_writes(self, page, value):
@@ -88,6 +118,7 @@ class InPlaceConversions(RuleBasedStateMachine):
             return
         assert not self.private[page]
         self.word[page] = value
+        self.present[page] = True
 
     @rule(page=pages)
     def host_reads(self, page):
@@ -97,17 +128,25 @@ class InPlaceConversions(RuleBasedStateMachine):
             assert self.private[page]
             return
         assert not self.private[page]
-        assert int.from_bytes(seen, "little") == self.word[page]
+        self.check_word(page, int.from_bytes(seen, "little"))
+        self.present[page] = True
 
     @rule(page=pages, value=words)
     def guest_writes(self, page, value):
+        if self.hardware_private and self.private[page]:
+            return  # a shared access to a private page: a memory fault (tests elsewhere)
         assert self.guest(p.WritePattern(BASE + page * PS + WORD, 8, value)).stop == "done"
         self.word[page] = value
+        self.present[page] = True
 
     @rule(page=pages)
     def guest_reads(self, page):
+        if self.hardware_private and self.private[page]:
+            return
         result = self.guest(p.ReadValue(BASE + page * PS + WORD))
-        assert result.reports == [self.word[page]]
+        assert len(result.reports) == 1
+        self.check_word(page, result.reports[0])
+        self.present[page] = True
 
     @rule(page=pages)
     def pin(self, page):
@@ -119,6 +158,7 @@ class InPlaceConversions(RuleBasedStateMachine):
             assert e.errno == errno.EFAULT and self.private[page]
             return
         assert not self.private[page]
+        self.present[page] = True
 
     @rule(page=pages)
     def unpin(self, page):
@@ -131,10 +171,37 @@ class InPlaceConversions(RuleBasedStateMachine):
         leaves the file, so it no longer stands in a conversion's way."""
         self.gmem.punch_hole(page * PS, PS)
         self.word[page] = 0
+        self.present[page] = False
         if page in self.pins:
             self.stale_pins.append(self.pins.pop(page))
 
 
-InPlaceConversions.TestCase.settings = settings(max_examples=max(EXAMPLES // 5, 20),
-                                                stateful_step_count=25, deadline=None)
+class PkvmConversions(InPlaceConversions):
+    VM_TYPE = uapi.GUESTMEM_PKVM_VM
+
+
+class ZeroOnConversion(InPlaceConversions):
+    ZERO_ON_CONVERSION = True
+
+
+class TdxConversions(InPlaceConversions):
+    VM_TYPE = uapi.KVM_X86_TDX_VM
+
+
+class SnpConversions(InPlaceConversions):
+    VM_TYPE = uapi.KVM_X86_SNP_VM
+
+
+def _settings(share: int) -> settings:
+    return settings(max_examples=max(EXAMPLES // share, 20), stateful_step_count=25,
+                    deadline=None)
+
+
+InPlaceConversions.TestCase.settings = _settings(5)
+for _machine in (PkvmConversions, ZeroOnConversion, TdxConversions, SnpConversions):
+    _machine.TestCase.settings = _settings(20)
 TestInPlaceConversions = InPlaceConversions.TestCase
+TestPkvmConversions = PkvmConversions.TestCase
+TestZeroOnConversion = ZeroOnConversion.TestCase
+TestTdxConversions = TdxConversions.TestCase
+TestSnpConversions = SnpConversions.TestCase

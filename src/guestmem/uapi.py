@@ -380,6 +380,10 @@ KVM_X86_SEV_VM: Final = 2
 KVM_X86_SEV_ES_VM: Final = 3
 KVM_X86_SNP_VM: Final = 4
 KVM_X86_TDX_VM: Final = 5
+# Not in any kernel header: guestmem's model of a pKVM-style protected VM (seed 004),
+# a documented model extension (model/profile.py VM_TYPES). Bit 31 of KVM_CAP_VM_TYPES,
+# far from x86's numbers, as arm64's KVM_VM_TYPE_ARM_PROTECTED is bit 31 of its type.
+GUESTMEM_PKVM_VM: Final = 31
 VM_TYPE_NAMES: Final[dict[int, str]] = {
     KVM_X86_DEFAULT_VM: "default",
     KVM_X86_SW_PROTECTED_VM: "sw-protected",
@@ -387,6 +391,7 @@ VM_TYPE_NAMES: Final[dict[int, str]] = {
     KVM_X86_SEV_ES_VM: "sev-es",
     KVM_X86_SNP_VM: "snp",
     KVM_X86_TDX_VM: "tdx",
+    GUESTMEM_PKVM_VM: "pkvm",
 }
 
 # --- hypercalls (include/uapi/linux/kvm_para.h, arch/x86/include/uapi/asm/kvm_para.h) ---

@@ -10,7 +10,9 @@ A page's bytes are one of:
   the data its previous owner left (mm/page_alloc.c hands pages out as they were
   freed; only __GFP_ZERO or the caller's clear_highpage zeroes them). It reads as
   a pattern naming the owner, never as zeros: a path that skips zeroing shows
-  another owner's data, as seed 000's shmem SGP_WRITE bug did.
+  another owner's data, as seed 000's shmem SGP_WRITE bug did;
+- Ciphertext(key): what the other side of an SNP conversion reads: the bytes
+  seen through the other key, noise that is neither owner's data.
 
 Offsets are byte offsets in the backing object (a guest_memfd inode or an
 anonymous mapping), so contents stay put when the object is mapped elsewhere.
@@ -60,7 +62,26 @@ class Stale:
 STALE_TAG = 0x5354414C << 32  # "STAL" in the top half of each stale word
 
 
-Content = Fill | Pattern | Bytes | Stale
+@dataclass(frozen=True)
+class Ciphertext:
+    key: int  # which conversion produced it (a new key stream each time)
+
+    def as_pattern(self) -> Pattern:
+        """Word i of the page range reads CIPHER_TAG | key << 24 | i."""
+        return Pattern((CIPHER_TAG | (self.key & 0xFFFFFF) << 24) & _MASK, 1, 0)
+
+
+CIPHER_TAG = 0x43495048 << 32  # "CIPH"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The bytes a Bytes page held when it was handed over (PageStore.convert)."""
+
+    data: bytes
+
+
+Content = Fill | Pattern | Bytes | Stale | Ciphertext
 ZERO = Fill(0)
 
 
@@ -70,9 +91,14 @@ class PageStore:
     def __init__(self) -> None:
         self.extents: ExtentMap[Content] = ExtentMap()
         self.pages: dict[int, bytearray] = {}
+        # Pages converted in place and not written since: what their previous owner
+        # had there (invariants._conversions_keep_data_only_where_preserved).
+        self.handed_over: ExtentMap[Content | Snapshot] = ExtentMap()
 
     def clear(self, first: int, last: int) -> None:
-        """Forget [first, last) (the pages were freed)."""
+        """Forget [first, last) (the pages were freed, or are being rewritten)."""
+        if self.handed_over.boundaries():
+            self.handed_over.clear(first, last)
         if not self.extents.boundaries():
             return  # never written: nothing to forget
         for start, end, c in list(self.extents.overlapping(first, last)):
@@ -80,6 +106,36 @@ class PageStore:
                 for i in range(start, end):
                     self.pages.pop(i, None)
         self.extents.clear(first, last)
+
+    # --- conversions in place -----------------------------------------------------------------
+    def convert(self, first: int, last: int, new: Content | None) -> None:
+        """Pages [first, last) change owner: they now hold `new` (None: they keep
+        their bytes), and what they held is remembered until they are written."""
+        before: list[tuple[int, int, Content | Snapshot]] = []
+        for lo, hi, c in self.extents.overlapping(first, last):
+            if isinstance(c, Bytes):
+                before += [(i, i + 1, Snapshot(bytes(self.pages[i]))) for i in range(lo, hi)]
+            else:
+                before.append((lo, hi, c))
+        if new is not None:
+            self.set(first, last, new)
+        for lo, hi, held in before:
+            self.handed_over.set(lo, hi, held)
+
+    def kept_across_conversion(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Pages of [first, last) that still hold, unwritten since, what their previous
+        owner had before a conversion (zeros excepted: nobody's data)."""
+        kept = []
+        for lo, hi, before in self.handed_over.overlapping(first, last):
+            if before == ZERO:
+                continue
+            if isinstance(before, Snapshot):
+                c = self.extents.get(lo)
+                if isinstance(c, Bytes) and bytes(self.pages[lo]) == before.data:
+                    kept.append((lo, hi))
+            else:
+                kept += [(a, b) for a, b, c in self.extents.overlapping(lo, hi) if c == before]
+        return kept
 
     def content(self, index: int) -> Content | None:
         return self.extents.get(index)
@@ -99,6 +155,8 @@ class PageStore:
             index, within = divmod(offset + pos, PAGE)
             n = min(PAGE - within, len(data) - pos)
             page = self._materialize(index)
+            if self.handed_over.boundaries():  # written by its new owner
+                self.handed_over.clear(index, index + 1)
             page[within:within + n] = data[pos:pos + n]
             pos += n
 
@@ -164,7 +222,7 @@ class PageStore:
         (byte offset, word found), or None. Costs per extent, not per page. The
         range is 8-byte aligned, as every pattern range is (program.pattern_words)."""
         for lo, hi, c in self._pieces(offset, offset + length):
-            if isinstance(c, Stale):
+            if isinstance(c, Stale | Ciphertext):
                 c = c.as_pattern()
             if c == want or (isinstance(c, Fill) and isinstance(want, Pattern)
                              and want.step == 0 and _fill_word(c.byte) == want.value) or (
@@ -202,7 +260,7 @@ def _fill_word(byte: int) -> int:
 
 def render(c: Content, offset: int, length: int) -> bytes:
     """The bytes of content c at [offset, offset+length) (for small ranges)."""
-    if isinstance(c, Stale):
+    if isinstance(c, Stale | Ciphertext):
         c = c.as_pattern()
     if isinstance(c, Fill):
         return bytes([c.byte]) * length

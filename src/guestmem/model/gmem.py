@@ -15,9 +15,10 @@ from guestmem.exits import oserror
 from guestmem.extents import ExtentMap
 from guestmem.memmap import MemoryMap
 from guestmem.model.addrspace import page_align
-from guestmem.model.content import PAGE, ZERO, PageStore
+from guestmem.model.content import PAGE, ZERO, Ciphertext, Content, PageStore
 from guestmem.model.mempolicy import LOCAL_NODE, MemPolicy, Placement
 from guestmem.model.process import PROT_EXEC, PROT_WRITE, HostProcess, Mapping
+from guestmem.model.profile import Conversion, HostPrivateAccess
 
 if TYPE_CHECKING:
     from guestmem.model.vm import Memslot, Vm
@@ -26,6 +27,7 @@ MAX_LFS_FILESIZE = (1 << 63) - 1  # s_maxbytes of the guest_memfd mount
 ANON_INODE_DEV = 16  # st_dev of "anon_inode:[kvm-gmem]" files on this project's host (0:16)
 SEEK_MAX = 4  # SEEK_HOLE (include/uapi/linux/fs.h)
 _inode_numbers = itertools.count(0x1000)
+_conversion_keys = itertools.count(1)  # a new SNP key stream per conversion (Ciphertext)
 
 
 @dataclass(frozen=True)
@@ -210,9 +212,10 @@ class GmemInode:
         nothing to do when the range already is so; to private, zap every host
         mapping, then fail with EAGAIN (error_offset: the first pinned page) if a
         page has a reference beyond the file's, changing no attribute; then zap the
-        stage-2 mappings of every bound VM and store the attribute. Contents stay
-        (SW_PROTECTED; per VM type: issue 9 part 2)."""
-        covered = sum(hi - lo for lo, hi in self.private_ranges(first, last))
+        stage-2 mappings of every bound VM, store the attribute and let the VM type
+        decide what the pages that changed owner hold (_make_private/_make_shared)."""
+        private_now = self.private_ranges(first, last)
+        covered = sum(hi - lo for lo, hi in private_now)
         if covered == (last - first if private else 0):
             return
         if private:
@@ -222,10 +225,29 @@ class GmemInode:
                 error = oserror(errno.EAGAIN, "KVM_SET_MEMORY_ATTRIBUTES2")
                 error.error_offset = max(first, lo) * PAGE  # type: ignore[attr-defined]
                 raise error
+        changing = _complement(private_now, first, last) if private else private_now
         vms = self._invalidate_begin(first, last)
         self.private.set(first, last, private)
+        for lo, hi in changing:
+            self._change_owner(lo, hi)
         for vm in vms:
             vm.mmu.invalidate_end()
+
+    def _change_owner(self, first: int, last: int) -> None:
+        """The series' arch callbacks kvm_arch_gmem_make_private / make_shared
+        (v12, upstream-2026-11.md §1) on pages that changed owner: what the new
+        owner reads is the VM type's Conversion (profile.py says what and why),
+        or zero everywhere with seed 003's option. Only initialised folios hold
+        anything; the rest are zeroed when first used (kvm_gmem_get_pfn)."""
+        conversion = self.vm.kvm.profile.conversion_of(self.vm.vm_type_info)
+        new: Content | None = None
+        if conversion is Conversion.ZERO:
+            new = ZERO
+        elif conversion is Conversion.CIPHERTEXT:
+            new = Ciphertext(next(_conversion_keys))
+        for lo, hi, state in list(self.folios.overlapping(first, last)):
+            if state.uptodate:
+                self.store.convert(lo, hi, new)
 
     # --- memory errors (kvm_gmem_error_folio) ----------------------------------------------------
     def memory_failure(self, first: int, last: int) -> None:
@@ -250,14 +272,23 @@ class GmemInode:
         if index + count > self.npages:
             return "beyond EOF"  # pgoff << PAGE_SHIFT >= i_size
         if self.private_ranges(index, index + count):  # ML: kvm_gmem_is_shared_mem
-            return "private memory (no GUEST_MEMFD_FLAG_INIT_SHARED)" if not self.init_shared \
-                and not self.private else "private memory (KVM_SET_MEMORY_ATTRIBUTES2)"
+            return self._private_fault_reason()
         if self.poisoned(index, index + count) is not None:
             return "hwpoison"  # __do_fault: VM_FAULT_HWPOISON
         self.get_pages(index, index + count)
         if write:
             self.modified()
         return None
+
+    def _private_fault_reason(self) -> str:
+        """Why a host fault on private memory is SIGBUS, and what the VM type's
+        hardware would have done had guest_memfd mapped the page (seed 001: on
+        TDX "the guest could induce a #MC in the host")."""
+        why = "KVM_SET_MEMORY_ATTRIBUTES2" if self.private or self.init_shared \
+            else "no GUEST_MEMFD_FLAG_INIT_SHARED"
+        access = self.vm.vm_type_info.host_private_access
+        hardware = "" if access is HostPrivateAccess.SIGBUS else f"; in hardware: {access.value}"
+        return f"private memory ({why}{hardware})"
 
     def modified(self) -> None:
         """file_update_time: mtime and ctime become now. kernel: guest_memfd.c
@@ -376,6 +407,18 @@ def _file_mmap_ok(pgoff: int, length: int) -> bool:
     if length > MAX_LFS_FILESIZE:
         return False
     return pgoff <= (MAX_LFS_FILESIZE - length) // PAGE
+
+
+def _complement(runs: list[tuple[int, int]], first: int, last: int) -> list[tuple[int, int]]:
+    """[first, last) minus the sorted, disjoint runs."""
+    out, pos = [], first
+    for lo, hi in runs:
+        if lo > pos:
+            out.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < last:
+        out.append((pos, last))
+    return out
 
 
 def _with_gaps(items: Iterator[tuple[int, int, MemPolicy]], first: int,

@@ -12,12 +12,13 @@ from typing import Any
 
 from guestmem.model.gmem import GmemInode
 from guestmem.model.process import AnonymousMemory
+from guestmem.model.profile import Conversion
 
 
 def violations(kvm: Any) -> list[str]:
     out: list[str] = []
     for check in (_confidentiality, _mapped_pages_are_live, _nothing_stale_is_reachable,
-                  _counters_add_up):
+                  _conversions_keep_data_only_where_preserved, _counters_add_up):
         out.extend(check(kvm))
     return out
 
@@ -109,6 +110,21 @@ def _stale_through_hva(kvm: Any, vm: Any, first: int, last: int) -> Iterator[str
         stale = mapping.backing.store.stale(index, index + hi - lo)
         if stale:
             yield f"VM {vm._fd}: SPTEs through userspace_addr on another owner's data {stale}"
+
+
+def _conversions_keep_data_only_where_preserved(kvm: Any) -> Iterator[str]:
+    """No page that changed owner in an in-place conversion still holds what its
+    previous owner left there, unless the VM type (and the profile's seed-003
+    option) says conversion preserves (profile.Conversion)."""
+    for inode in _inodes(kvm):
+        if not inode.store.handed_over.boundaries():
+            continue
+        if kvm.profile.conversion_of(inode.vm.vm_type_info) is Conversion.PRESERVE:
+            continue
+        kept = inode.store.kept_across_conversion(0, inode.npages)
+        if kept:
+            yield (f"inode {inode.ino} ({inode.vm.vm_type_info.name}): pages {kept} kept "
+                   "the previous owner's data across a conversion")
 
 
 def _counters_add_up(kvm: Any) -> Iterator[str]:

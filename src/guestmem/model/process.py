@@ -64,6 +64,7 @@ class FOREIGN:
 class Stats:
     pages_allocated: int = 0  # pages with a folio behind them, all backings
     orphaned: int = 0  # of those, truncated from their file but still pinned
+    ptes_zapped: int = 0  # host userspace PTEs removed by unmap_mapping_range (Mapping.zap)
 
     def allocate(self, n: int) -> None:
         self.pages_allocated += n
@@ -375,7 +376,8 @@ class Mapping:
     def zap(self, first: int, last: int) -> None:
         """unmap_mapping_range for backing indexes [first, last)."""
         lo, hi = max(first - self.pgoff, 0), last - self.pgoff
-        if lo < hi:
+        if lo < hi and self.ptes.boundaries():
+            self.process.stats.ptes_zapped += self.ptes.covered(lo, hi)
             self.ptes.clear(lo, hi)
 
     # --- NUMA memory policy (mm/mempolicy.c) ------------------------------------------------

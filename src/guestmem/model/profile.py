@@ -23,11 +23,31 @@ class Prepare(Enum):
 
 
 class HostPrivateAccess(Enum):
-    """What host userspace touching private memory gets (seed 000)."""
+    """What a host access to private memory would meet in hardware, had guest_memfd
+    mapped it (seed 000, seed 001 "the guest could induce a #MC in the host").
+    guest_memfd never maps it: the access is SIGBUS, and the reason names this."""
 
-    SIGBUS = "SIGBUS"  # guest_memfd refuses the fault (kvm_gmem_fault_user_mapping)
+    SIGBUS = "SIGBUS"  # nothing beyond guest_memfd stops it (SW_PROTECTED: software only)
     RMP_FAULT = "RMP #PF"  # SNP: the RMP check fails; the host process dies
     MACHINE_CHECK = "#MC"  # TDX: poisoned cache line
+    STAGE2_ABORT = "stage-2 abort"  # pKVM: the hypervisor's host stage-2 (pkvm.rst)
+
+
+class Conversion(Enum):
+    """What a page converted in place holds for its new owner (the series' arch
+    callbacks kvm_arch_gmem_make_shared / make_private, upstream-2026-11.md §1)."""
+
+    # The bytes stay: software-only protection (SW_PROTECTED), and pKVM's "conversion =
+    # preserve" (Fuad Tabba on v8; seed 004: hand a large buffer over without a copy).
+    PRESERVE = "preserved"
+    # TDX: to private, TDH.MEM.PAGE.AUG adds a page the guest's TDG.MEM.PAGE.ACCEPT
+    # zeroes; to shared, KVM removes the page and clears it (tdx_clear_page, MOVDIR64B)
+    # before the host gets it back. Either side reads zeros.
+    ZERO = "zeroed"
+    # SNP: RMPUPDATE reassigns the page but its bytes stay, encrypted or not under
+    # the VM's key: the guest reads the host's plaintext decrypted (noise), the host
+    # the guest's ciphertext (noise). Neither reads the other's data.
+    CIPHERTEXT = "ciphertext"
 
 
 @dataclass(frozen=True)
@@ -37,36 +57,51 @@ class VmType:
     has_private_mem: bool  # kvm_arch_has_private_mem
     gmem_flags: int  # kvm_gmem_get_supported_flags for this VM (upstream.md §1.4)
     prepare: Prepare
-    conversion_preserves: bool  # contents survive shared<->private (SW VMs; HW scrambles)
+    conversion: Conversion  # contents across an in-place conversion (Conversion)
     host_private_access: HostPrivateAccess
     conversion_trusted: bool  # the guest's MAP_GPA_RANGE is authoritative (TDX: a hint, seed 001)
     private_from_hardware: bool  # fault privateness comes from the C-bit/shared bit, not attrs
     pre_fault_allowed: bool = True  # x86 kvm->arch.pre_fault_allowed (SNP/TDX: after finalize)
+
+    @property
+    def conversion_preserves(self) -> bool:
+        """Contents survive shared<->private in place (SW_PROTECTED, pKVM)."""
+        return self.conversion is Conversion.PRESERVE
 
 
 _MMAP_SHARED = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
 _MMAP = uapi.GUEST_MEMFD_FLAG_MMAP
 
 VM_TYPES: dict[int, VmType] = {t.number: t for t in (
-    VmType(uapi.KVM_X86_DEFAULT_VM, "default", False, _MMAP_SHARED, Prepare.ZERO, True,
-           HostPrivateAccess.SIGBUS, True, False),
+    VmType(uapi.KVM_X86_DEFAULT_VM, "default", False, _MMAP_SHARED, Prepare.ZERO,
+           Conversion.PRESERVE, HostPrivateAccess.SIGBUS, True, False),
     # x86.c: SW_PROTECTED takes privateness from the attributes (kvm_mem_is_private).
-    VmType(uapi.KVM_X86_SW_PROTECTED_VM, "sw-protected", True, _MMAP, Prepare.ZERO, True,
-           HostPrivateAccess.SIGBUS, True, False),
+    # Conversion preserves: the selftest's unallocated_folios reads 'A' back after a
+    # bulk convert (upstream.md §7.1).
+    VmType(uapi.KVM_X86_SW_PROTECTED_VM, "sw-protected", True, _MMAP, Prepare.ZERO,
+           Conversion.PRESERVE, HostPrivateAccess.SIGBUS, True, False),
     # SEV/SEV-ES: encryption is invisible to KVM (no private memory, no private
     # faults: upstream.md §2.10 takes privateness from hardware only for SNP/TDX).
-    VmType(uapi.KVM_X86_SEV_VM, "sev", False, _MMAP_SHARED, Prepare.ZERO, False,
-           HostPrivateAccess.SIGBUS, True, False),
-    VmType(uapi.KVM_X86_SEV_ES_VM, "sev-es", False, _MMAP_SHARED, Prepare.ZERO, False,
-           HostPrivateAccess.SIGBUS, True, False),
+    VmType(uapi.KVM_X86_SEV_VM, "sev", False, _MMAP_SHARED, Prepare.ZERO,
+           Conversion.CIPHERTEXT, HostPrivateAccess.SIGBUS, True, False),
+    VmType(uapi.KVM_X86_SEV_ES_VM, "sev-es", False, _MMAP_SHARED, Prepare.ZERO,
+           Conversion.CIPHERTEXT, HostPrivateAccess.SIGBUS, True, False),
     # SNP/TDX: KVM_PRE_FAULT_MEMORY only after the VM is finalized, which the model
     # has no API for yet: EOPNOTSUPP (upstream.md §2.14).
-    VmType(uapi.KVM_X86_SNP_VM, "snp", True, _MMAP, Prepare.FIRMWARE, False,
+    VmType(uapi.KVM_X86_SNP_VM, "snp", True, _MMAP, Prepare.FIRMWARE, Conversion.CIPHERTEXT,
            HostPrivateAccess.RMP_FAULT, True, True, pre_fault_allowed=False),
     # Seed 001: "in the case of TDX, the hypercall can't be trusted, i.e. is just a hint".
-    VmType(uapi.KVM_X86_TDX_VM, "tdx", True, _MMAP, Prepare.FIRMWARE, False,
+    VmType(uapi.KVM_X86_TDX_VM, "tdx", True, _MMAP, Prepare.FIRMWARE, Conversion.ZERO,
            HostPrivateAccess.MACHINE_CHECK, False, True, pre_fault_allowed=False),
+    # A model extension (seed 004, upstream-2026-11.md §5): a pKVM-style protected VM on
+    # guest_memfd, which no kernel release has (pKVM uses pinned memory). It is
+    # SW_PROTECTED's behaviour plus what pKVM asked for: conversion preserves, so a
+    # buffer of hundreds of MiB is handed over without a copy. Only with in-place
+    # conversion (PROFILES["inplace"]), which its preserve mode depends on.
+    VmType(uapi.GUESTMEM_PKVM_VM, "pkvm", True, _MMAP, Prepare.ZERO, Conversion.PRESERVE,
+           HostPrivateAccess.STAGE2_ABORT, True, False),
 )}
+X86_VM_TYPES = frozenset(t for t in VM_TYPES if t != uapi.GUESTMEM_PKVM_VM)
 
 
 @dataclass(frozen=True)
@@ -94,6 +129,10 @@ class Profile:
     # the VM-level ioctl no longer takes PRIVATE; INIT_SHARED is allowed for VM types
     # with private memory.
     gmem_in_place_conversion: bool = False
+    # Seed 003 (RFC patch 30, "zero folios after conversions to avoid leaking
+    # initialized kernel memory") as an option: every page converted in place reads
+    # zero for its new owner, whatever the VM type would keep. A model extension.
+    gmem_zero_on_conversion: bool = False
     implementation: str = "model"
     # How guest code runs: hypercall outcomes, emulated privilege levels (caps.py).
     execution: GuestExecution = UPSTREAM_EXECUTION
@@ -117,6 +156,10 @@ class Profile:
         if self.memory_attributes and vt.has_private_mem and not self.gmem_in_place_conversion:
             return uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
         return 0
+
+    def conversion_of(self, vt: VmType) -> Conversion:
+        """What a page converted in place holds for its new owner on this kernel."""
+        return Conversion.ZERO if self.gmem_zero_on_conversion else vt.conversion
 
     def vm_type(self, number: int) -> VmType:
         """The VM type as this kernel has it."""
@@ -160,14 +203,15 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             memory_attributes=False, pre_fault_memory=True),
     Profile("coco", "mainline plus the CoCo VM types with KVM_SET_MEMORY_ATTRIBUTES and "
             "private memory (an x86 host with SEV-SNP/TDX and CONFIG_KVM_SW_PROTECTED_VM)",
-            frozenset(VM_TYPES), memory_attributes=True, pre_fault_memory=True,
+            X86_VM_TYPES, memory_attributes=True, pre_fault_memory=True,
             memory_failure=True),
     # Our choice: the VM-level ioctl stays (CONFIG_KVM_VM_MEMORY_ATTRIBUTES built, the
     # mode turned on by kvm.gmem_in_place_conversion=1) and takes no PRIVATE; where the
     # mode is on by default that config is off and the VM ioctl is ENOTTY instead.
     Profile("inplace", "coco with the in-place conversion series (v13, reportedly applied "
             "2026-09): PRIVATE kept per guest_memfd, converted with "
-            "KVM_SET_MEMORY_ATTRIBUTES2 on it", frozenset(VM_TYPES), memory_attributes=True,
+            "KVM_SET_MEMORY_ATTRIBUTES2 on it; adds the pkvm VM type (a model extension)",
+            frozenset(VM_TYPES), memory_attributes=True,
             pre_fault_memory=True, memory_failure=True, gmem_in_place_conversion=True),
 )}
 # `host` is not in PROFILES: it exists only once a probe of /dev/kvm has built it
