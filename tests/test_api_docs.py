@@ -9,18 +9,20 @@ import re
 import pytest
 
 from guestmem import api
+from guestmem.host import fork
 from guestmem.host import kvm as host
 from guestmem.model import gmem, process, vcpu, vm
 from guestmem.model import kvm as model_kvm
 
 CLASSES = [host.Kvm, host.Vm, host.GuestMemfd, host.Mapping, host.Vcpu, model_kvm.Kvm, vm.Vm,
            gmem.GuestMemfd, process.Mapping, vcpu.Vcpu, api.Kvm, api.Vm, api.GuestMemfd,
-           api.Mapping, api.Vcpu]
+           api.Mapping, api.Vcpu, fork.ChildProcess, api.ChildProcess]
 # guestmem's helpers around the kernel calls: no one kernel call to name
 HELPERS = {"open_fd_count", "touch_in_child", "memory_map", "load_program", "fill", "read",
            "write", "zap", "pin", "mark_dirty", "complete_io_in", "supported_attributes",
            "slot_for_gfn", "vm_extension", "system_extension", "is_private", "get_ref",
-           "put_ref", "gmem_index", "memory_failure"}
+           "put_ref", "gmem_index", "memory_failure", "touch", "inherit", "copy_to",
+           "all_mappings"}
 KERNEL_CALL = re.compile(r"KVM_\w+|\b[a-z_0-9]+\(\d?\)|\b_*kvm_\w+|\b(fstat|fallocate|mmap|"
                          r"munmap|mprotect|madvise|mbind|ioctl|close|ksys_\w+|vcpu_run)\b")
 

@@ -323,3 +323,21 @@ def test_pkvm_exists_only_with_in_place_conversion(profile):
     kvm = Kvm(profile)
     assert uapi.GUESTMEM_PKVM_VM not in kvm.supported_vm_types()
     assert errno_of(kvm.create_vm, uapi.GUESTMEM_PKVM_VM) == (errno.EINVAL, None)
+
+
+def test_a_fault_over_a_shared_and_a_private_run_takes_each_from_its_source():
+    """Without MMAP the memslot's shared pages come through userspace_addr and its
+    private ones from the guest_memfd: a pre-fault over both splits where the
+    guest_memfd's attributes change (found by bench/conversion.py's author)."""
+    kvm = Kvm("inplace")
+    vm = kvm.create_vm(SW)
+    gmem = vm.create_guest_memfd(4 * PS, uapi.GUEST_MEMFD_FLAG_INIT_SHARED)
+    anon = kvm.mmap_anonymous(4 * PS)
+    vm.set_user_memory_region2(1, uapi.KVM_MEM_GUEST_MEMFD, GPA, 4 * PS, anon.addr, gmem, 0)
+    gmem.set_memory_attributes2(PS, 3 * PS, PRIVATE)
+    assert vm.create_vcpu().pre_fault_memory(GPA, 4 * PS) == (GPA + 4 * PS, 0)
+    gfn = GPA // PS
+    sources = [(lo - gfn, hi - gfn, "hva" if s == "hva" else "gmem")
+               for lo, hi, s in vm.mmu.mapped.items()]
+    assert sources == [(0, 1, "hva"), (1, 4, "gmem")]
+    assert violations(kvm) == []

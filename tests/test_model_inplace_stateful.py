@@ -2,7 +2,8 @@
 
 A VM on the `inplace` profile runs on one guest_memfd that is also the host's
 mapping. Random conversions (any range, either way), pins and unpins, punches,
-and host and guest reads and writes are checked against what each page should
+forks of the VMM process and the child's exit, and host (parent and child) and
+guest reads and writes are checked against what each page should
 be (private or shared, its word, pinned or not, initialised or not) and the
 model's invariants after every step. The machine runs once per content rule
 (profile.Conversion): SW_PROTECTED and pkvm preserve, so the guest and the host
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import os
-
 from dataclasses import replace
 
 from hypothesis import settings
@@ -48,7 +48,8 @@ class InPlaceConversions(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.kvm = Kvm(replace(PROFILES["inplace"], gmem_zero_on_conversion=self.ZERO_ON_CONVERSION))
+        zeroing = self.ZERO_ON_CONVERSION
+        self.kvm = Kvm(replace(PROFILES["inplace"], gmem_zero_on_conversion=zeroing))
         self.vmm = Vmm(self.kvm, self.VM_TYPE, cpl=0)
         self.rule = self.kvm.profile.conversion_of(self.kvm.profile.vm_type(self.VM_TYPE))
         self.hardware_private = self.kvm.profile.vm_type(self.VM_TYPE).private_from_hardware
@@ -59,10 +60,13 @@ class InPlaceConversions(RuleBasedStateMachine):
         self.word: list[int | None] = [0] * PAGES  # None: noise (SNP ciphertext)
         self.noise_over = [0] * PAGES  # the word the noise replaced
         self.present = [False] * PAGES  # an initialised folio is in the file
+        self.child = None  # a forked VMM process with the mapping, while alive
         self.pins: dict[int, object] = {}  # page -> its pin, while the page is in the file
         self.stale_pins: list[object] = []  # pins of pages punched since
 
     def teardown(self):
+        if self.child is not None:
+            self.child.exit()
         for pin in [*self.pins.values(), *self.stale_pins]:
             pin.unpin()
         self.vmm.close()
@@ -146,6 +150,41 @@ class InPlaceConversions(RuleBasedStateMachine):
         result = self.guest(p.ReadValue(BASE + page * PS + WORD))
         assert len(result.reports) == 1
         self.check_word(page, result.reports[0])
+        self.present[page] = True
+
+    @rule()
+    def fork_or_exit(self):
+        """A child with the mapping comes and goes; conversions zap its PTEs too."""
+        if self.child is None:
+            self.child = self.kvm.fork()
+        else:
+            self.child.exit()
+            self.child = None
+
+    @rule(page=pages, value=words)
+    def child_writes(self, page, value):
+        if self.child is None:
+            return
+        try:
+            self.child.write(self.mapping, page * PS + WORD, value.to_bytes(8, "little"))
+        except HostSigbus:
+            assert self.private[page]
+            return
+        assert not self.private[page]
+        self.word[page] = value
+        self.present[page] = True
+
+    @rule(page=pages)
+    def child_reads(self, page):
+        if self.child is None:
+            return
+        try:
+            seen = self.child.read(self.mapping, page * PS + WORD, 8)
+        except HostSigbus:
+            assert self.private[page]
+            return
+        assert not self.private[page]
+        self.check_word(page, int.from_bytes(seen, "little"))
         self.present[page] = True
 
     @rule(page=pages)

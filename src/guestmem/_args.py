@@ -167,6 +167,13 @@ def at_most(count: int, kind: Kind) -> Kind:
     return check
 
 
+def MAPPING(name: str, value: Any) -> Any:  # noqa: N802 (a kind, named like the others)
+    """A Mapping of either backend (anything with an int `addr`)."""
+    if not isinstance(getattr(value, "addr", None), int):
+        raise TypeError(f"{name} must be a Mapping, not {type(value).__name__}")
+    return value
+
+
 def _regs(name: str, value: Any) -> Any:
     from guestmem import uapi
 
@@ -189,6 +196,7 @@ SPEC: dict[str, dict[str, Kind]] = {
     "Kvm.create_vm": {"vm_type": U64},
     "Kvm.mmap_anonymous": {"length": U64, "align": ALIGN},  # size_t
     "Kvm.open_fd_count": {},
+    "Kvm.fork": {},
     "Kvm.close": {},
     "Vm.check_extension": {"cap": U64},
     "Vm.create_guest_memfd": {"size": U64, "flags": U64},
@@ -233,6 +241,10 @@ SPEC: dict[str, dict[str, Kind]] = {
     "Mapping.move_pages": {"offset": INT, "count": INT},
     "Mapping.pin": {"offset": INT, "length": INT},
     "Mapping.munmap": {},
+    "ChildProcess.read": {"mapping": MAPPING, "offset": INT, "length": INT},
+    "ChildProcess.write": {"mapping": MAPPING, "offset": INT, "data": BYTES},
+    "ChildProcess.touch": {"mapping": MAPPING, "offset": INT, "write": BOOL, "length": INT},
+    "ChildProcess.exit": {},
     "Vcpu.get_regs": {},
     "Vcpu.set_regs": {"regs": _regs},
     "Vcpu.get_sregs": {},

@@ -89,6 +89,31 @@ class Pin(Protocol):
         """unpin_user_pages()."""
 
 
+class ChildProcess(Closable, Protocol):
+    """A fork(2) of this process (the VMM's): it has every mapping the parent had
+    at the fork but those marked MADV_DONTFORK, at the same addresses, and holds
+    every file the parent had open until it exits. Accesses happen in the child,
+    through its own page tables; `mapping` names the parent's mapping whose
+    address is meant."""
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+
+    def read(self, mapping: Mapping, offset: int, length: int) -> bytes:
+        """A load in the child; HostSigbus/HostSigsegv where the child would be signalled."""
+
+    def write(self, mapping: Mapping, offset: int, data: bytes) -> None:
+        """A store in the child; HostSigbus/HostSigsegv as read."""
+
+    def touch(self, mapping: Mapping, offset: int, write: bool = False,
+              length: int = 1) -> int | None:
+        """The signal a load (store) in the child gets (SIGBUS, SIGSEGV), or None."""
+
+    def exit(self) -> None:
+        """exit(2) of the child, reaped: its mappings and fds go. close() is exit()."""
+
+
 class GuestMemfd(Closable, Protocol):
     """A guest_memfd file (KVM_CREATE_GUEST_MEMFD)."""
 
@@ -282,6 +307,9 @@ class Kvm(Closable, Protocol):
     def mmap_anonymous(self, length: int, align: int = 0) -> Mapping:
         """mmap(2) of MAP_SHARED|MAP_ANONYMOUS memory, e.g. for a userspace_addr;
         `align` as for GuestMemfd.mmap (kvm_util aligns THP-backed memory so)."""
+
+    def fork(self) -> ChildProcess:
+        """fork(2) of this process: a child with its mappings and files (ChildProcess)."""
 
     def open_fd_count(self) -> int:
         """Open fds of this process (leak checks)."""

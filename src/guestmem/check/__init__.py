@@ -4,6 +4,7 @@ from guestmem.check import (  # noqa: F401 - registers the cases
     cases_coco,
     cases_conversions,
     cases_gmem,
+    cases_gmem_conversions,
     cases_guest,
     cases_memslot,
     cases_prefault,

@@ -147,6 +147,11 @@ class Ctx:
             observed = e.signal_name
         self._record(what, want, observed)
 
+    def signal_in_child(self, what: str, child: api.ChildProcess, mapping: api.Mapping,
+                        offset: int, write: bool, expected: int | None) -> None:
+        """An access in a forked child (Kvm.fork) must get signal `expected` (None: none)."""
+        self._record(what, _signame(expected), _signame(child.touch(mapping, offset, write)))
+
     def bytes_equal(self, what: str, mapping: api.Mapping, offset: int, expected: bytes) -> None:
         try:
             data = mapping.read(offset, len(expected))

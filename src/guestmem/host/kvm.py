@@ -41,6 +41,7 @@ from guestmem.exits import (
     oserror,
 )
 from guestmem.host import libc, procfs
+from guestmem.host.fork import ChildProcess
 from guestmem.host.populate import PopulateLimit
 from guestmem.memmap import MemoryMap
 
@@ -227,6 +228,10 @@ class Kvm(_Fd):
     def open_fd_count(self) -> int:
         """Open fds of this process (leak checks)."""
         return libc.fd_count()
+
+    def fork(self) -> ChildProcess:
+        """fork(2) of this process: a child that serves loads and stores (host/fork.py)."""
+        return ChildProcess()
 
     def create_vm(self, vm_type: int = uapi.KVM_X86_DEFAULT_VM) -> Vm:
         """KVM_CREATE_VM."""

@@ -6,7 +6,7 @@ import errno
 import itertools
 import os
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Self
 
@@ -98,6 +98,7 @@ class GmemInode:
         # index without an entry is in the INIT state (private unless INIT_SHARED).
         self.private: ExtentMap[bool] = ExtentMap()
         self.file_open = True  # the fd; mappings also hold the file (kvm_gmem_release)
+        self.forked_refs = 0  # the same file, inherited by forked children still alive
         self.released = False
         process.backings.add(self)
 
@@ -379,7 +380,7 @@ class GmemInode:
         """The last file reference is gone: unbind every memslot (they stay, dead),
         zap their stage-2 mappings, drop the VM reference; the inode dies with it
         and its folios are freed."""
-        if self.released or self.file_open or self.mappings:
+        if self.released or self.file_open or self.forked_refs or self.mappings:
             return
         self.released = True
         vms = self._invalidate_begin(0, self.npages)
@@ -622,9 +623,7 @@ class GuestMemfd:
             raise oserror(errno.ENODEV, "mmap")  # kvm_gmem_mmap
         if not shared:
             raise oserror(errno.EINVAL, "mmap")  # "Copy-on-write not allowed"
-        mapping = process.map(addr, length, inode, offset, prot)
-        inode.mappings.add(mapping)
-        return mapping
+        return process.map(addr, length, inode, offset, prot)
 
     def memory_map(self, offset: int = 0, length: int | None = None) -> MemoryMap:
         """What the pages of [offset, offset+length) look like (guestmem's view;
@@ -636,6 +635,17 @@ class GuestMemfd:
             raise ValueError(f"[{offset:#x}, +{length:#x}) is not a page-aligned range of "
                              f"the {inode.size:#x}-byte file")
         return inode.memory_map(offset // PAGE, (offset + length) // PAGE)
+
+    def inherit(self) -> Callable[[], None]:
+        """fork(2) gives the child this fd (dup_fd: get_file); the returned call is
+        the child's fput when it exits."""
+        inode = self.inode
+        inode.forked_refs += 1
+
+        def fput() -> None:
+            inode.forked_refs -= 1
+            inode._maybe_release()
+        return fput
 
     def close(self) -> None:
         """close(2) of the file (kvm_gmem_release once its mappings are gone too)."""

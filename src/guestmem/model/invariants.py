@@ -32,19 +32,21 @@ def _confidentiality(kvm: Any) -> Iterator[str]:
     guest_memfd page (without INIT_SHARED all are, on mainline; with in-place
     conversion, the inode's attributes say), nor on a page whose gfn is private in
     a VM it is bound to."""
-    for inode in _inodes(kvm):
-        for mapping in inode.mappings:
-            for lo, hi, _ in mapping.ptes.items():
-                first, last = mapping.pgoff + lo, mapping.pgoff + hi
-                private = inode.private_ranges(first, last)
-                if private:
-                    yield f"inode {inode.ino}: host PTEs on private pages {private}"
-                for slot, g0, g1 in inode.bound_gfn_ranges(first, last):
-                    if not slot.vm.attributes.all_equal(g0, g1, None):
-                        private = [(s, e) for s, e, a in slot.vm.attributes.overlapping(g0, g1)
-                                   if a & 8]
-                        if private:
-                            yield f"inode {inode.ino}: host maps private gfns {private}"
+    for mapping in kvm.process.all_mappings():  # every process's page tables
+        inode = mapping.backing
+        if not isinstance(inode, GmemInode):
+            continue
+        for lo, hi, _ in mapping.ptes.items():
+            first, last = mapping.pgoff + lo, mapping.pgoff + hi
+            private = inode.private_ranges(first, last)
+            if private:
+                yield f"inode {inode.ino}: host PTEs on private pages {private}"
+            for slot, g0, g1 in inode.bound_gfn_ranges(first, last):
+                if not slot.vm.attributes.all_equal(g0, g1, None):
+                    private = [(s, e) for s, e, a in slot.vm.attributes.overlapping(g0, g1)
+                               if a & 8]
+                    if private:
+                        yield f"inode {inode.ino}: host maps private gfns {private}"
 
 
 def _mapped_pages_are_live(kvm: Any) -> Iterator[str]:
@@ -80,7 +82,7 @@ def _nothing_stale_is_reachable(kvm: Any) -> Iterator[str]:
     read through a PTE or an SPTE still holds a previous owner's data (Stale). A
     path that skips zeroing (kvm_gmem_get_pfn, kvm_gmem_fault_user_mapping,
     shmem_fault) leaves exactly that; seed 000's SGP_WRITE bug was one."""
-    for mapping in kvm.process.mappings.values():
+    for mapping in kvm.process.all_mappings():  # the VMM's and its forked children's
         for lo, hi, _ in mapping.ptes.items():
             stale = mapping.backing.store.stale(mapping.pgoff + lo, mapping.pgoff + hi)
             if stale:

@@ -12,7 +12,14 @@ from guestmem.caps import Capabilities
 from guestmem.exits import oserror
 from guestmem.model.addrspace import page_align
 from guestmem.model.content import PAGE
-from guestmem.model.process import PROT_READ, PROT_WRITE, AnonymousMemory, HostProcess, Mapping
+from guestmem.model.process import (
+    PROT_READ,
+    PROT_WRITE,
+    AnonymousMemory,
+    ChildProcess,
+    HostProcess,
+    Mapping,
+)
 from guestmem.model.profile import PROFILES, SHARED_WITH_CAPABILITIES, Profile
 from guestmem.model.vm import Vm
 
@@ -150,6 +157,11 @@ class Kvm:
         addr = self.process.get_unmapped_area(length, align)
         memory = AnonymousMemory(self.process, page_align(length) // PAGE)
         return self.process.map(addr, length, memory, 0, PROT_READ | PROT_WRITE)
+
+    def fork(self) -> ChildProcess:
+        """fork(2) of this process (HostProcess.fork): a child that shares its
+        mappings (but MADV_DONTFORK ones) and holds its files until exit()."""
+        return self.process.fork()
 
     def open_fd_count(self) -> int:
         """Open fds of this process: model objects hold real fds, so this counts them."""

@@ -34,6 +34,7 @@ TASK_SIZE_MAX = TASK_SIZE  # x86-64 4-level user address space (access_ok)
 PROT_READ, PROT_WRITE, PROT_EXEC, PROT_SEM = 1, 2, 4, 8
 MADV_DONTNEED, MADV_REMOVE, MADV_HUGEPAGE, MADV_COLLAPSE, MADV_HWPOISON = 4, 9, 14, 25, 100
 MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED = 22, 23, 24
+MADV_DONTFORK, MADV_DOFORK = 10, 11
 # Advice a shared guest_memfd mapping accepts with nothing observable changing
 # (observed on 6.18: NORMAL, RANDOM, SEQUENTIAL, WILLNEED, DONTFORK, DOFORK,
 # MERGEABLE, UNMERGEABLE, HUGEPAGE, NOHUGEPAGE, DONTDUMP, DODUMP, KEEPONFORK,
@@ -43,7 +44,7 @@ MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED = 22, 23, 24
 # no swap), for the overcommit check. vm.overcommit_memory = 0 (OVERCOMMIT_GUESS) there.
 TOTAL_RAM_PAGES = 24731708 * 1024 // PAGE
 TOTAL_SWAP_PAGES = 0
-_MADV_NO_EFFECT = frozenset({0, 1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 17, 19, 20, 21})
+_MADV_NO_EFFECT = frozenset({0, 1, 2, 3, 12, 13, 14, 15, 16, 17, 19, 20, 21})
 
 
 class Backing(Protocol):
@@ -54,6 +55,7 @@ class Backing(Protocol):
         the reason for SIGBUS."""
 
     store: PageStore
+    mappings: set[Mapping]  # every VMA on it, in every process (i_mmap)
 
 
 class FOREIGN:
@@ -87,6 +89,7 @@ class HostProcess:
         self.stats = Stats()
         self.backings: set[Any] = set()  # live guest_memfd inodes and anonymous memory
         self._owners = 0  # allocations so far: whose data a new page holds (Stale)
+        self.children: set[ChildProcess] = set()  # fork()ed and not yet exited
 
     # --- physical memory --------------------------------------------------------------------
     def new_pages(self, n: int) -> Stale:
@@ -150,16 +153,110 @@ class HostProcess:
         """Install a mapping at addr, from get_unmapped_area (mmap_region)."""
         mapping = Mapping(self, addr, length, backing, offset // PAGE, prot)
         self.mappings.insert(addr, length, mapping)
+        backing.mappings.add(mapping)
         return mapping
 
     def mapping_at(self, addr: int) -> tuple[Mapping, int] | None:
         return self.mappings.find(addr)
+
+    def all_mappings(self) -> list[Mapping]:
+        """Every mapping of this process and of its live children."""
+        out = list(self.mappings.values())
+        for child in self.children:
+            out += child.mappings.values()
+        return out
+
+    def fork(self) -> ChildProcess:
+        """fork(2): the child gets every mapping but those marked MADV_DONTFORK,
+        without PTEs (kernel: mm/memory.c vma_needs_copy is false for shared file
+        and shmem mappings: they fault in again), and a reference to every open
+        file (dup_fd): a guest_memfd and its VM live until the child exits too."""
+        child = ChildProcess(self)
+        for mapping in list(self.mappings.values()):
+            mapping.copy_to(child)
+        for obj in list(self.fds.values()):
+            inherit = getattr(obj, "inherit", None)
+            if inherit is not None:
+                child.files.append(inherit())
+        self.children.add(child)
+        return child
 
     def vm_enough_memory(self, pages: int) -> bool:
         """kernel: mm/util.c __vm_enough_memory under OVERCOMMIT_GUESS, which
         mmap_region asks for an accountable (private, writable) mapping: only one
         larger than all RAM and swap is refused."""
         return pages <= self.total_ram_pages + TOTAL_SWAP_PAGES
+
+
+@_args.checked
+class ChildProcess(HostProcess):
+    """A fork()ed child of the model's process: its own address space, the same
+    physical memory; model code cannot issue ioctls from it, only touch memory."""
+
+    _pids = 1000
+
+    def __init__(self, parent: HostProcess) -> None:
+        super().__init__(parent.numa_nodes)
+        self.parent = parent
+        self.stats = parent.stats  # one machine's memory
+        self.node_chooser = parent.node_chooser
+        self.memory_failure = parent.memory_failure
+        self.files: list[Callable[[], None]] = []  # what dropping each inherited fd does
+        ChildProcess._pids += 1
+        self.pid = ChildProcess._pids
+        self.exited = False
+
+    def _mapping(self, mapping: Any, offset: int, length: int) -> Mapping:
+        """The child's VMA at the parent mapping's address: none (MADV_DONTFORK,
+        or unmapped in the child) is SIGSEGV, as is an address in a DONTFORK hole."""
+        if offset < 0 or length < 0 or offset + length > mapping.length:
+            raise ValueError(f"[{offset:#x}, +{length:#x}) outside a {mapping.length:#x} "
+                             "mapping")
+        if self.exited:
+            raise oserror(errno.ESRCH, f"child {self.pid} has exited")
+        found = self.mappings.find(mapping.addr + offset)
+        if found is None:
+            raise HostSigsegv(mapping.addr + offset, "no VMA in the child (MADV_DONTFORK)")
+        mine: Mapping = found[0]
+        return mine
+
+    def read(self, mapping: Any, offset: int, length: int) -> bytes:
+        """A load in the child at the address `mapping` has in the parent."""
+        mine = self._mapping(mapping, offset, length)
+        return mine.read(mapping.addr + offset - mine.addr, length)
+
+    def write(self, mapping: Any, offset: int, data: bytes) -> None:
+        """A store in the child at the address `mapping` has in the parent."""
+        mine = self._mapping(mapping, offset, len(data))
+        mine.write(mapping.addr + offset - mine.addr, data)
+
+    def touch(self, mapping: Any, offset: int, write: bool = False, length: int = 1) -> int | None:
+        """The signal a load (or store) in the child gets, or None."""
+        try:
+            mine = self._mapping(mapping, offset, length)
+        except HostSigsegv:
+            return signal.SIGSEGV
+        return mine.touch_in_child(mapping.addr + offset - mine.addr, write, length)
+
+    def exit(self) -> None:
+        """exit(2): the child's mappings go (exit_mmap) and its fds close (exit_files)."""
+        if self.exited:
+            return
+        self.exited = True
+        for mapping in list(self.mappings.values()):
+            mapping.munmap()
+        for drop in self.files:
+            drop()
+        self.files = []
+        self.parent.children.discard(self)
+
+    close = exit
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.exit()
 
 
 class AnonymousPin:
@@ -181,6 +278,7 @@ class AnonymousMemory:
         self.npages = npages
         self.store = PageStore()
         self.present: ExtentMap[bool] = ExtentMap()
+        self.mappings: set[Mapping] = set()  # the parent's and forked children's
         process.backings.add(self)
 
     def fault(self, index: int, count: int, write: bool) -> str | None:
@@ -208,7 +306,10 @@ class AnonymousMemory:
             self.store.clear(first, last)
 
     def unmapped(self, mapping: Mapping) -> None:
-        """The only mapping is gone: the memory is freed."""
+        """A mapping is gone; with the last one the memory is freed."""
+        self.mappings.discard(mapping)
+        if self.mappings:
+            return
         self.process.stats.free(self.present.covered(0, self.npages))
         self.present = ExtentMap()
         self.store = PageStore()
@@ -231,12 +332,35 @@ class Mapping:
     # vma->vm_policy by page of the mapping (mbind_range splits the VMA; we keep
     # ranges): used where the backing keeps no shared policy of its own.
     policy: ExtentMap[MemPolicy] = field(default_factory=ExtentMap)
+    # Pages marked MADV_DONTFORK (VM_DONTCOPY: a fork leaves them out of the child).
+    dontfork: ExtentMap[bool] = field(default_factory=ExtentMap)
+    # In a forked child: the pages its parent had marked DONTFORK, which the child
+    # does not have (an access there is SIGSEGV).
+    holes: ExtentMap[bool] = field(default_factory=ExtentMap)
 
     def _check(self, offset: int, length: int) -> None:
         if not self.mapped:
             raise OSError(errno.EBADF, "mapping was unmapped")
         if offset < 0 or length < 0 or offset + length > self.length:
             raise ValueError(f"[{offset:#x}, +{length:#x}) outside a {self.length:#x} mapping")
+        if self.holes.boundaries():
+            first, last = offset // PAGE, -(-(offset + length) // PAGE)
+            for lo, _, _ in self.holes.overlapping(first, max(last, first + 1)):
+                raise HostSigsegv(self.addr + max(lo * PAGE, offset), "no VMA (MADV_DONTFORK)")
+
+    def copy_to(self, child: ChildProcess) -> None:
+        """dup_mmap for this VMA: skipped where VM_DONTCOPY, without PTEs (shared
+        mappings fault in again: vma_needs_copy), with its policy."""
+        pages = -(-self.length // PAGE)
+        if self.dontfork.covered(0, pages) == pages:
+            return
+        copy = Mapping(child, self.addr, self.length, self.backing, self.pgoff, self.prot)
+        for lo, hi, policy in self.policy.items():
+            copy.policy.set(lo, hi, policy)
+        for lo, hi, _ in self.dontfork.items():
+            copy.holes.set(lo, hi, True)
+        child.mappings.insert(self.addr, self.length, copy)
+        self.backing.mappings.add(copy)
 
     def _fault(self, offset: int, length: int, write: bool) -> None:
         """The host page fault for [offset, offset+length): SIGBUS or present PTEs."""
@@ -306,8 +430,8 @@ class Mapping:
 
     def touch_in_child(self, offset: int, write: bool = False, length: int = 1) -> int | None:
         """The signal a real access would get (the model has no child to kill)."""
-        self._check(offset, 0)
         try:
+            self._check(offset, length)
             self._allowed(offset, write)
             self._fault(offset, length, write)
         except HostSigbus:
@@ -336,6 +460,9 @@ class Mapping:
         self._check(offset, length)
         first, last = offset // PAGE, -(-(offset + length) // PAGE)
         if advice in _MADV_NO_EFFECT:
+            return
+        if advice in (MADV_DONTFORK, MADV_DOFORK):  # madvise_vma_behavior: VM_DONTCOPY
+            self.dontfork.set(first, last, True if advice == MADV_DONTFORK else None)
             return
         if advice in (MADV_DONTNEED, MADV_DONTNEED_LOCKED):  # drops PTEs; the shared
             self.ptes.clear(first, last)  # file keeps its pages

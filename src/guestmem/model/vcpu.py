@@ -593,6 +593,10 @@ class Vcpu:
                 for point in (s, e):
                     if gfn < point < end:
                         end = point
+        for s, e in self.vm.gmem_private_runs(gfn, end):  # in-place: the inode's attributes
+            for point in (s, e):
+                if gfn < point < end:
+                    end = point
         return end
 
     def _access_is_private(self, gfn: int) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
@@ -155,6 +156,11 @@ class Vm:
         for slot in list(self.memslots.values()):
             self._delete_slot(slot)
         self.kvm.vms.discard(self)
+
+    def inherit(self) -> Callable[[], None]:
+        """fork(2) gives the child the VM fd (dup_fd): a reference until it exits."""
+        self.get_ref()
+        return self.put_ref
 
     def close(self) -> None:
         """close(2) of the VM fd (kvm_vm_release: kvm_put_kvm)."""
@@ -396,6 +402,19 @@ class Vm:
                 return False
             return slot.gmem.is_private(slot.gmem_index(gfn))
         return bool((self.attributes.get(gfn) or 0) & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+    def gmem_private_runs(self, first: int, last: int) -> list[tuple[int, int]]:
+        """With in-place conversion, the private gfn runs of [first, last) within one
+        memslot, from its guest_memfd's attributes (INIT state included); else none."""
+        if not self.kvm.profile.gmem_in_place_conversion:
+            return []
+        slot = self.slot_for_gfn(first)
+        if slot is None or slot.gmem is None:
+            return []
+        last = min(last, slot.end_gfn)
+        to_gfn = slot.base_gfn - slot.gmem_pgoff
+        return [(lo + to_gfn, hi + to_gfn) for lo, hi in
+                slot.gmem.private_ranges(slot.gmem_index(first), slot.gmem_index(last))]
 
     # --- vCPUs ---------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
