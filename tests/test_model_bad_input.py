@@ -42,6 +42,7 @@ def populated(profile="coco"):
     else:
         vm.set_memory_attributes(1 << 32, PS, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
     vcpu = vm.create_vcpu(0)
+    kvm.fork()  # a child with the mapping, for ChildProcess's entry points
     return kvm, vm, g, m, vcpu
 
 
@@ -67,7 +68,8 @@ calls = st.one_of(
 # Every entry point of the API (guestmem._args.SPEC), with arguments of any kind:
 # valid-looking ints, bad ints, wrong Python types, bytes.
 ENTRY_POINTS = sorted(q for q in _args.SPEC
-                      if q.split(".")[1] not in ("close", "munmap", "kick", "touch_in_child"))
+                      if q.split(".")[1] not in ("close", "munmap", "kick", "touch_in_child",
+                                                 "exit"))
 anything = st.one_of(ints, st.sampled_from([None, 1.5, "x", b"\x01" * 9, True, -1, 0]))
 calls = st.one_of(calls, st.tuples(st.just("entry"), st.sampled_from(ENTRY_POINTS),
                                    st.lists(anything, max_size=7)))
@@ -84,7 +86,8 @@ def apply_entry(objects, qualname, values):
 def apply(kvm, vm, g, m, vcpu, call):
     kind, *a = call
     if kind == "entry":
-        objects = {"Kvm": kvm, "Vm": vm, "GuestMemfd": g, "Mapping": m, "Vcpu": vcpu}
+        objects = {"Kvm": kvm, "Vm": vm, "GuestMemfd": g, "Mapping": m, "Vcpu": vcpu,
+                   "ChildProcess": next(iter(kvm.process.children))}
         apply_entry(objects, *a)
     elif kind == "bind":
         slot, flags, gpa, size, hva, offset = a

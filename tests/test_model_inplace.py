@@ -90,7 +90,7 @@ def test_init_shared_then_private_then_shared_keeps_the_contents():
     kvm = Kvm("inplace")
     with Vmm(kvm, SW, cpl=0) as vmm:
         region = vmm.add_memory(GPA, 4 * PS)
-        assert region.backing == "gmem", "one guest_memfd, shared with the host in place"
+        assert region.backing == "gmem-inplace", "one guest_memfd, shared with the host in place"
         g, m = region.guest_memfd, region.mapping
         assert guest(vmm, p.WritePattern(GPA, 4 * PS, 0x100, 1)).stop == "done"
         g.set_memory_attributes2(0, PS, PRIVATE)

@@ -19,6 +19,15 @@ after vCPU 0's phase k, so each vCPU's conversions, punches and syncs land betwe
 another vCPU's writes and its checks. Every run must end with the program done
 and every report 0 (a MAP_GPA_RANGE that returned 0, a verify that held): the
 guest's GUEST_ASSERTs.
+
+The same phases run on a VMM that converts in place (cases_inplace_vmm: one
+guest_memfd, MMAP|INIT_SHARED, holds shared and private pages), with the two
+changes the in-place series makes to this test (upstream-2026-11.md §1, v3
+patches 29 and 34, "Reset shared memory after hole-punching" and "Update
+private_mem_conversions_test to mmap() guest_memfd"): at SYNC_PRIVATE the host's
+access to the private range takes SIGBUS (TEST_EXPECT_SIGBUS) instead of seeing
+the old shared data, and the end of each range punches first and then resets the
+whole per-vCPU data to init_p (a punch zeroes the very page the reset wrote).
 """
 
 from __future__ import annotations
@@ -38,7 +47,12 @@ from guestmem.check.suite import (
 )
 from guestmem.guest import compile_program, default_hypercall_abi
 from guestmem.vmm import RunResult, Vmm
-from guestmem.vmm.vmm import MAP_GPA_DO_FALLOCATE, MAP_GPA_SET_ATTRIBUTES, MAP_GPA_SHARED
+from guestmem.vmm.vmm import (
+    IN_PLACE,
+    MAP_GPA_DO_FALLOCATE,
+    MAP_GPA_SET_ATTRIBUTES,
+    MAP_GPA_SHARED,
+)
 
 PS = uapi.PAGE_SIZE
 MB2 = 2 << 20
@@ -100,6 +114,7 @@ class Host:
 
     def __init__(self, ctx: Ctx, vmm: Vmm) -> None:
         self.ctx, self.vmm = ctx, vmm
+        self.in_place = vmm.in_place  # shared and private pages in one guest_memfd
 
     def _pieces(self, gpa: int, size: int) -> Iterator[tuple[api.Mapping, int, int]]:
         for region in self.vmm.regions:
@@ -123,11 +138,20 @@ class Host:
         return sync
 
     def sync_private(self, gpa: int, size: int, shared: int) -> HostSync:
-        """SYNC_PRIVATE: the host still sees the shared data, not the guest's private data."""
+        """SYNC_PRIVATE: the host still sees the shared data, not the guest's private
+        data; in place there is no other copy: its access takes SIGBUS."""
         def sync() -> None:
+            if self.in_place:
+                self.faults(f"host access to private [{gpa:#x}, +{size:#x})", gpa, size)
+                return
             self.sees(f"host sees the shared {shared:#x}, not private data, at [{gpa:#x}, "
                       f"+{size:#x})", gpa, size, shared)
         return sync
+
+    def faults(self, what: str, gpa: int, size: int) -> None:
+        """TEST_EXPECT_SIGBUS(memcmp_h(...)): the first byte of each memslot's piece."""
+        for mapping, offset, _ in self._pieces(gpa, size):
+            self.ctx.sigbus(what, mapping, offset)
 
 
 def explicit_conversion(host: Host, base: int, do_fallocate: bool) -> Iterator[Phase]:
@@ -156,9 +180,17 @@ def explicit_conversion(host: Host, base: int, do_fallocate: bool) -> Iterator[P
         steps += [map_mem(gpa, size, True, do_fallocate), fill(gpa, size, P3)]
         yield Phase(f"{tag} shared again: guest writes p3", tuple(steps),
                     host.sync_shared(gpa, size, P3, P4))
-        steps = [expect(gpa, size, P4), fill(gpa, size, INIT_P),
-                 map_mem(base, PER_CPU_DATA_SIZE, True, True)]  # free all private memory
+        steps = [expect(gpa, size, P4), *_reset(host, base, gpa, size)]
     yield Phase("last range reset", tuple(steps))
+
+
+def _reset(host: Host, base: int, gpa: int, size: int) -> tuple[p.Step, ...]:
+    """Reset the range to init_p and free all private memory (PUNCH_HOLE); in place
+    the punch first, then init_p over all the vCPU's data (the series' v3 29/43)."""
+    punch = map_mem(base, PER_CPU_DATA_SIZE, True, True)
+    if host.in_place:
+        return punch, fill(base, PER_CPU_DATA_SIZE, INIT_P)
+    return fill(gpa, size, INIT_P), punch
 
 
 def _odd_pages_shared(host: Host, gpa: int, size: int, do_fallocate: bool, tag: str,
@@ -206,12 +238,15 @@ Guest = Callable[[Host, int], Iterator[Phase]]
 
 
 def run_conversions(ctx: Ctx, guest: Guest, nr_vcpus: int = 1, nr_memslots: int = 1,
-                    shared: str = "anon") -> None:
+                    shared: str = "anon", in_place: bool = False) -> None:
     """test_mem_conversions(src_type, nr_vcpus, nr_memslots), then the guest_memfd
-    outliving the VM: PUNCH_HOLE and allocate over all of it still succeed."""
+    outliving the VM: PUNCH_HOLE and allocate over all of it still succeed.
+    `in_place`: the VMM must convert in place (else it must not)."""
     with Vmm(ctx.kvm, ctx.vm_type, conversion="guest-flags") as vmm:
         regions = vmm.add_private_memory(BASE_DATA_GPA, PER_CPU_SIZE * nr_vcpus, nr_memslots,
                                          shared)
+        ctx.equal("memslot backing", [IN_PLACE if in_place else "gmem+shared"] * nr_memslots,
+                  [r.backing for r in regions])
         ctx.equal("memslots on one guest_memfd, at offsets slot_size*i",
                   [(BASE_DATA_GPA + i * r.size, i * r.size) for i, r in enumerate(regions)],
                   [(r.gpa, r.gmem_offset) for r in regions])

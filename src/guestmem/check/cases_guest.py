@@ -514,6 +514,7 @@ def needs_hypercall_exits(caps: Capabilities, vm_type: int, gmem_flags: int) -> 
 def kvm_exit(ctx: Ctx) -> None:
     abi = ctx.caps.execution.native_hypercall
     with Vmm(ctx.kvm, ctx.vm_type, cpl=0) as vmm:
+        vmm.add_memory(HIGH, MB2)  # memory to convert (a VMM refuses a range with none)
         seen = _record_hypercall_exits(vmm)
         vmm.load(compile_program(p.Program.of(
             p.MapGpaRange(HIGH, 512, MB2, encrypted=True),

@@ -8,13 +8,19 @@ from guestmem.model.gmem import GmemInode
 from guestmem.model.process import AnonymousMemory
 
 
+def _mappings(proc: Any) -> list[Any]:
+    return sorted((m.addr, m.length, m.pgoff, m.prot, m.mapped, tuple(m.ptes.items()),
+                   tuple(m.policy.items()), tuple(m.dontfork.items()), tuple(m.holes.items()))
+                  for m in proc.mappings.values())
+
+
 def snapshot(kvm: Any) -> dict[str, Any]:
     proc = kvm.process
     state: dict[str, Any] = {
         "fds": sorted(proc.fds),
         "pages": (proc.stats.pages_allocated, proc.stats.orphaned),
-        "mappings": sorted((m.addr, m.length, m.pgoff, m.prot, m.mapped, tuple(m.ptes.items()),
-                            tuple(m.policy.items())) for m in proc.mappings.values()),
+        "mappings": _mappings(proc),
+        "children": sorted((c.pid, _mappings(c), len(c.files)) for c in proc.children),
         "interleave": proc.node_chooser.il_prev,
     }
     for vm in sorted(kvm.vms, key=lambda v: v._fd):
@@ -36,6 +42,7 @@ def snapshot(kvm: Any) -> dict[str, Any]:
                 tuple(b.folios.items()), tuple(b.store.extents.items()),
                 {i: bytes(p) for i, p in b.store.pages.items()},
                 tuple((s, e, slot.id) for s, e, slot in b.bindings.items()), b.file_open,
+                b.forked_refs,
                 tuple(b.pins.items()), len(b.live_pins),
                 tuple(b.policy.items()) if b.policy is not None else None,
                 tuple(b.private.items()),

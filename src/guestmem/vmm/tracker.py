@@ -33,6 +33,9 @@ class MapGpaRequest:
     npages: int  # always in 4 KiB pages, whatever the page-size hint
     attrs: int
     ret: int
+    # a failed in-place conversion: the GPA of KVM_SET_MEMORY_ATTRIBUTES2's
+    # error_offset (the first page with an elevated refcount), where known
+    failed_gpa: int | None = None
 
     @property
     def page_size(self) -> int | None:
@@ -63,10 +66,12 @@ class SharedRegionTracker:
         RAX. A rejected request is logged but changes no state."""
         return self.apply(gpa, npages, attrs, validate_map_gpa_range(gpa, npages, attrs))
 
-    def apply(self, gpa: int, npages: int, attrs: int, ret: int) -> int:
-        """Log a request with the answer it got; only a successful one (ret 0)
-        changes the shared/private state."""
-        self.requests.append(MapGpaRequest(gpa, npages, attrs, ret))
+    def apply(self, gpa: int, npages: int, attrs: int, ret: int,
+              failed_gpa: int | None = None) -> int:
+        """Log a request with the answer it got (and, for a failed conversion, the
+        page that stopped it); only a successful one (ret 0) changes the
+        shared/private state."""
+        self.requests.append(MapGpaRequest(gpa, npages, attrs, ret, failed_gpa))
         if ret == 0:
             gfn = gpa >> uapi.PAGE_SHIFT
             state = Sharing.PRIVATE if attrs & _ENC_MASK else Sharing.SHARED

@@ -4,6 +4,15 @@ It creates a VM with guest_memfd-backed (MMAP|INIT_SHARED) or anonymous memory,
 loads a guest image, runs the vCPU and dispatches exits: port I/O reports from
 the guest program, KVM_HC_MAP_GPA_RANGE into the shared/private tracker, memory
 faults. It never touches /dev/kvm itself, only `Kvm`/`Vm`/`Vcpu` methods.
+
+Two conversion strategies (DESIGN.md, layer 4). Without in-place conversion a
+private VM has two backings per memslot, private pages in a guest_memfd and
+shared ones in anonymous memory at userspace_addr ("gmem+shared"), and a
+conversion is KVM_SET_MEMORY_ATTRIBUTES on the VM. With it (the in-place series,
+upstream-2026-11.md §1) one guest_memfd holds both: created MMAP|INIT_SHARED and
+mapped at userspace_addr ("gmem-inplace"), as QEMU's convert-in-place backend
+does (`-object memory-backend-guest-memfd,share=on` with `convert-in-place=on`),
+and a conversion is KVM_SET_MEMORY_ATTRIBUTES2 on that guest_memfd.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Self
+from typing import Final, Self
 
 from guestmem import api, machine, uapi
 from guestmem import program as p
@@ -31,6 +40,12 @@ from guestmem.hypercall import kvm_check
 from guestmem.vmm.tracker import SharedRegionTracker, Sharing, validate_map_gpa_range
 
 GMEM_BACKING_FLAGS = uapi.GUEST_MEMFD_FLAG_MMAP | uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+IN_PLACE = "gmem-inplace"  # the backing of a memslot whose guest_memfd converts in place
+# How often the VMM retries a to-private KVM_SET_MEMORY_ATTRIBUTES2 that failed with
+# EAGAIN, after dropping its own pins on the range. Our choice: the series leaves
+# the policy to userspace; a reference that is not the VMM's own (a transient GUP,
+# a page in a per-CPU LRU batch) may be gone on the next try, a long-term pin is not.
+CONVERSION_RETRIES: Final = 3
 
 
 class GuestTimeout(Exception):
@@ -50,7 +65,9 @@ class MemoryRegion:
     slot: int
     gpa: int
     size: int
-    backing: str  # "gmem", "gmem+shared" (private in gmem, shared at userspace_addr) or "anon"
+    # "gmem", "gmem+shared" (private in gmem, shared at userspace_addr), "gmem-inplace"
+    # (private and shared in one guest_memfd, mapped at userspace_addr) or "anon"
+    backing: str
     mapping: api.Mapping
     gmem: api.GuestMemfd | None = None
     gmem_offset: int = 0  # where the slot starts in the guest_memfd (guest_memfd_offset)
@@ -64,6 +81,39 @@ class MemoryRegion:
 
     def contains(self, gpa: int) -> bool:
         return self.gpa <= gpa < self.gpa + self.size
+
+    def gpa_of(self, offset: int) -> int:
+        """The GPA of guest_memfd offset `offset` within this memslot."""
+        return self.gpa + offset - self.gmem_offset
+
+
+@dataclass(frozen=True)
+class HeldPin:
+    """Pages the VMM itself keeps pinned at [gpa, gpa+size): a buffer it registered
+    (an io_uring fixed buffer, a VFIO DMA mapping). It drops them when they stop a
+    conversion to private (EAGAIN)."""
+
+    gpa: int
+    size: int
+    pin: api.Pin
+
+
+@dataclass(frozen=True)
+class Converted:
+    """How the userspace side of a conversion went: the guest's RAX, and on an
+    in-place failure the GPA of the guest_memfd's error_offset (the first pinned page)."""
+
+    ret: int
+    failed_gpa: int | None = None
+
+
+class _ConversionFailed(Exception):
+    """KVM_SET_MEMORY_ATTRIBUTES2 failed on one piece; the pieces before it are undone."""
+
+    def __init__(self, error: OSError, gpa: int | None) -> None:
+        super().__init__(str(error))
+        self.errno = error.errno
+        self.gpa = gpa
 
 
 @dataclass
@@ -94,6 +144,12 @@ Handler = Callable[[Exit, RunResult], bool]  # True: the program is done
 #   bits in the attrs argument (KVM passes it through unchecked): BIT0 set the
 #   attributes, BIT1 shared (else private), BIT2 fallocate (punch if shared,
 #   allocate if private), in that test's handle_exit_hypercall order.
+# With in-place conversion the attributes are KVM_SET_MEMORY_ATTRIBUTES2 on the
+# guest_memfd, and "attributes+fallocate" does no fallocate: the page that becomes
+# shared is the one the guest shares its data in, and there is no second backing to
+# free (our reading of QEMU's kvm_convert_memory, which discards the other backing
+# only where there are two). "guest-flags" still punches and allocates as the guest
+# asks, in the same guest_memfd.
 CONVERSIONS = ("attributes+fallocate", "attributes", "guest-flags")
 MAP_GPA_SET_ATTRIBUTES, MAP_GPA_SHARED, MAP_GPA_DO_FALLOCATE = 1 << 0, 1 << 1, 1 << 2
 # Shared-memory sources of add_private_memory (kvm_util's vm_mem_backing_src_type).
@@ -121,11 +177,14 @@ class Vmm:
         self.cpl = kvm.capabilities.execution.default_cpl if cpl is None else cpl
         self.vm = kvm.create_vm(vm_type)
         self.regions: list[MemoryRegion] = []
+        self.pins: list[HeldPin] = []  # pins the VMM holds itself (Vmm.pin)
         self.exit_hypercall = self._enable_exit_hypercall()
         self.tracker = SharedRegionTracker(Sharing.SHARED)
-        # Perform the userspace side of conversions when the VM has private memory.
+        # Perform the userspace side of conversions when the VM has private memory:
+        # PRIVATE in the VM's attributes, or in its guest_memfds (in place).
+        self.in_place = self._in_place_conversion()
         attrs = self.vm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES)
-        self.converts = bool(attrs & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        self.converts = bool(attrs & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE) or self.in_place
         self._next_slot = 0
         self.log: list[str] = []
         self.low = self.add_memory(0, low_memory_size, backing)
@@ -148,15 +207,26 @@ class Vmm:
         self.vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, want)
         return True
 
+    def _in_place_conversion(self) -> bool:
+        """Does this VM keep PRIVATE in its guest_memfds? The series' per-VM
+        KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: PRIVATE iff the mode is on and the VM
+        has private memory (upstream.md §7.1). Asked only where the probe found the
+        mode: the capability's number has moved with every revision."""
+        if not self.kvm.capabilities.gmem_in_place_conversion:
+            return False
+        cap = self.vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES)
+        return bool(cap & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
     def add_memory(self, gpa: int, size: int, backing: str = "gmem") -> MemoryRegion:
         """A new memslot at gpa.
 
         "gmem" on a VM that allows MMAP|INIT_SHARED: one guest_memfd whose own mmap
         is the slot's userspace_addr, so KVM's two memory paths (MMU faults through
-        guest_memfd, emulator through userspace_addr) see the same pages. On a VM
-        with private memory (INIT_SHARED not allowed, upstream.md §1.4) the
-        selftests' layout instead: a guest_memfd (flags 0) for private pages and
-        anonymous memory at userspace_addr for shared ones ("gmem+shared")."""
+        guest_memfd, emulator through userspace_addr) see the same pages; on a VM
+        that converts in place the region is "gmem-inplace". On a VM with private
+        memory and no in-place conversion (INIT_SHARED not allowed, upstream.md
+        §1.4) the selftests' layout instead: a guest_memfd (flags 0) for private
+        pages and anonymous memory at userspace_addr for shared ones ("gmem+shared")."""
         slot = self._next_slot
         if backing not in ("gmem", "anon"):
             raise ValueError(f"backing must be 'gmem' or 'anon', not {backing!r}")
@@ -169,7 +239,8 @@ class Vmm:
                 gmem = self.vm.create_guest_memfd(size, GMEM_BACKING_FLAGS if in_place else 0)
                 made.append(gmem)
                 mapping = gmem.mmap(size) if in_place else self.kvm.mmap_anonymous(size)
-                backing = "gmem" if in_place else "gmem+shared"
+                backing = ((IN_PLACE if self.in_place else "gmem") if in_place
+                           else "gmem+shared")
             else:
                 mapping = self.kvm.mmap_anonymous(size)
             made.append(mapping)
@@ -203,19 +274,26 @@ class Vmm:
     def add_private_memory(self, gpa: int, size: int, nr_memslots: int = 1,
                            shared: str = "anon") -> list[MemoryRegion]:
         """private_mem_conversions_test's layout (kvm_util vm_mem_add with
-        KVM_MEM_GUEST_MEMFD): one guest_memfd (flags 0) for private pages, bound by
+        KVM_MEM_GUEST_MEMFD): one guest_memfd for private pages, bound by
         `nr_memslots` memslots of size/nr_memslots at guest_memfd offsets
-        slot_size*i (the test's -m), each with its own anonymous memory at
-        userspace_addr for shared pages. `shared` is the test's -s source: "anon",
-        or "thp" (VM_MEM_SRC_ANONYMOUS_THP: 2 MiB-aligned, MADV_HUGEPAGE). A failure
-        undoes every step before it."""
+        slot_size*i (the test's -m). Without in-place conversion the guest_memfd has
+        flags 0 and each memslot its own anonymous memory at userspace_addr for
+        shared pages; `shared` is the test's -s source: "anon", or "thp"
+        (VM_MEM_SRC_ANONYMOUS_THP: 2 MiB-aligned, MADV_HUGEPAGE). With it the
+        guest_memfd is MMAP|INIT_SHARED and each memslot's userspace_addr is its own
+        piece of the guest_memfd's mmap (the series' v8 selftest: shared memory is
+        the guest_memfd), so `shared` must be "anon" (there is no other source).
+        A failure undoes every step before it."""
         slot_size = size // max(nr_memslots, 1)
         if shared not in SHARED_SOURCES:
             raise ValueError(f"shared must be one of {', '.join(SHARED_SOURCES)}, not {shared!r}")
+        if self.in_place and shared != "anon":
+            raise ValueError("with in-place conversion shared pages are the guest_memfd's: "
+                             f"no {shared!r} source")
         if nr_memslots < 1 or slot_size * nr_memslots != size or slot_size % uapi.PAGE_SIZE:
             raise ValueError(f"{size:#x} bytes do not split into {nr_memslots} page-aligned "
                              "memslots")
-        gmem = self.vm.create_guest_memfd(size, 0)
+        gmem = self.vm.create_guest_memfd(size, GMEM_BACKING_FLAGS if self.in_place else 0)
         regions: list[MemoryRegion] = []
         try:
             for i in range(nr_memslots):
@@ -229,24 +307,56 @@ class Vmm:
             raise
         self._next_slot += nr_memslots
         self.regions += regions
-        self.log += [f"memslot {r.slot}: [{r.gpa:#x}, {r.gpa + r.size:#x}) gmem+shared "
-                     f"@{r.gmem_offset:#x} ({shared})" for r in regions]
+        source = "" if self.in_place else f" ({shared})"
+        self.log += [f"memslot {r.slot}: [{r.gpa:#x}, {r.gpa + r.size:#x}) {r.backing} "
+                     f"@{r.gmem_offset:#x}{source}" for r in regions]
         return regions
 
     def _private_slot(self, slot: int, gpa: int, gmem: api.GuestMemfd, offset: int, size: int,
                       shared: str) -> MemoryRegion:
         """One memslot of add_private_memory; on failure its mapping is gone again."""
-        thp = shared == "thp"
-        mapping = self.kvm.mmap_anonymous(size, align=THP_SIZE if thp else 0)
+        mapping = self._shared_mapping(gmem, offset, size, shared)
         try:
-            if thp:
+            if shared == "thp":
                 mapping.madvise(0, size, mmap.MADV_HUGEPAGE)
             self.vm.set_user_memory_region2(slot, uapi.KVM_MEM_GUEST_MEMFD, gpa, size,
                                             mapping.addr, gmem, offset)
         except BaseException:
             mapping.munmap()
             raise
-        return MemoryRegion(slot, gpa, size, "gmem+shared", mapping, gmem, offset)
+        backing = IN_PLACE if self.in_place else "gmem+shared"
+        return MemoryRegion(slot, gpa, size, backing, mapping, gmem, offset)
+
+    def _shared_mapping(self, gmem: api.GuestMemfd, offset: int, size: int,
+                        shared: str) -> api.Mapping:
+        """Where a private memslot's shared pages live: its piece of the guest_memfd
+        (in place), else anonymous memory of the -s source."""
+        if self.in_place:
+            return gmem.mmap(size, offset=offset)
+        return self.kvm.mmap_anonymous(size, align=THP_SIZE if shared == "thp" else 0)
+
+    # --- pins the VMM holds -------------------------------------------------------------------
+    def pin(self, gpa: int, size: int) -> HeldPin:
+        """Pin [gpa, gpa+size) of one memslot's host memory for the VMM's own use (a
+        registered buffer: Mapping.pin, FOLL_LONGTERM); Vmm.unpin or an EAGAIN
+        conversion drops it."""
+        region = self.region_of(gpa)
+        if gpa + size > region.gpa + region.size:
+            raise ValueError(f"[{gpa:#x}, +{size:#x}) is not within memslot {region.slot}")
+        held = HeldPin(gpa, size, region.mapping.pin(gpa - region.gpa, size))
+        self.pins.append(held)
+        return held
+
+    def unpin(self, held: HeldPin) -> None:
+        held.pin.unpin()
+        self.pins.remove(held)
+
+    def _drop_pins(self, gpa: int, size: int, log: list[str]) -> None:
+        """Drop the VMM's own pins on [gpa, gpa+size): they keep KVM from making
+        those pages private (the series' refcount check, upstream.md §7.1)."""
+        for held in [h for h in self.pins if h.gpa < gpa + size and gpa < h.gpa + h.size]:
+            self.unpin(held)
+            log.append(f"dropped the VMM's pin on [{held.gpa:#x}, +{held.size:#x})")
 
     # --- loading and running ------------------------------------------------------------------
     def load(self, image: machine.GuestImage, vcpu: api.Vcpu | None = None) -> None:
@@ -397,18 +507,31 @@ class Vmm:
             return -uapi.KVM_ENOSYS
         gpa, npages, attrs = args[:3]
         if self.conversion == "guest-flags":
-            ret = self._convert_as_flagged(gpa, npages, attrs)
+            done = self._convert_as_flagged(gpa, npages, attrs, result.log)
         else:
-            ret = validate_map_gpa_range(gpa, npages, attrs)
-            if ret == 0 and self.converts:  # convert first: the list records only what happened
-                ret = self.convert(gpa, npages * uapi.PAGE_SIZE,
-                                   bool(attrs & uapi.KVM_MAP_GPA_RANGE_ENCRYPTED))
-            self.tracker.apply(gpa, npages, attrs, ret)
-        result.log.append(f"MAP_GPA_RANGE gpa={gpa:#x} npages={npages} attrs={attrs:#x} -> {ret}")
-        return ret
+            done = Converted(validate_map_gpa_range(gpa, npages, attrs))
+            # convert first: the list records only what happened
+            if done.ret == 0 and self.converts:
+                done = self._convert(gpa, npages * uapi.PAGE_SIZE,
+                                     bool(attrs & uapi.KVM_MAP_GPA_RANGE_ENCRYPTED), result.log)
+            self.tracker.apply(gpa, npages, attrs, done.ret, done.failed_gpa)
+        where = "" if done.failed_gpa is None else f" (failed at gpa {done.failed_gpa:#x})"
+        result.log.append(f"MAP_GPA_RANGE gpa={gpa:#x} npages={npages} attrs={attrs:#x} -> "
+                          f"{done.ret}{where}")
+        return done.ret
 
     def convert(self, gpa: int, size: int, private: bool) -> int:
-        """The userspace side of a conversion: KVM_SET_MEMORY_ATTRIBUTES, then (unless
+        """The userspace side of a conversion; returns the guest's RAX (0, or
+        -KVM_EINVAL if it failed and changed nothing). Its log goes to Vmm.log."""
+        return self._convert(gpa, size, private, self.log).ret
+
+    def _convert(self, gpa: int, size: int, private: bool, log: list[str]) -> Converted:
+        if self.in_place:
+            return self._convert_in_place(gpa, size, private, log)
+        return Converted(self._convert_vm_attributes(gpa, size, private))
+
+    def _convert_vm_attributes(self, gpa: int, size: int, private: bool) -> int:
+        """Without in-place conversion: KVM_SET_MEMORY_ATTRIBUTES, then (unless
         the VMM's conversion is "attributes") PUNCH_HOLE the guest_memfd pages that
         just became shared (private contents are discarded) or allocate the ones
         that became private. Returns the guest's RAX: -KVM_EINVAL if either step
@@ -434,13 +557,101 @@ class Vmm:
         for start, length in private:
             self.vm.set_memory_attributes(start, length, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
 
+    # --- in-place conversion ------------------------------------------------------------------
+    def _convert_in_place(self, gpa: int, size: int, private: bool, log: list[str]) -> Converted:
+        """KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd behind every memslot the
+        range spans, all or nothing. A to-private conversion fails with EAGAIN while
+        a page has references beyond guest_memfd's own (kvm_gmem_set_attributes,
+        upstream.md §7.1): the VMM drops its own pins there and tries again, at most
+        CONVERSION_RETRIES times. A failure answers the guest -KVM_EINVAL, what
+        this VMM answers any conversion it could not do (kvm_para.h's error codes;
+        x86.c complete_hypercall_exit puts hypercall.ret into the guest's RAX,
+        and the TDX and SNP completions, tdx_complete_vmcall_map_gpa and
+        snp_complete_psc, turn any nonzero ret into a failure for the guest), and
+        the GPA of the error_offset goes to the log and the tracker."""
+        pieces = self._gmem_pieces(gpa, size, private)
+        if pieces is None:
+            log.append(f"[{gpa:#x}, +{size:#x}) has memory without a guest_memfd: it "
+                       "cannot become private")
+            return Converted(-uapi.KVM_EINVAL)
+        failed: _ConversionFailed | None = None
+        for attempt in range(1 + CONVERSION_RETRIES):
+            try:
+                self._set_pieces(pieces, private)
+                return Converted(0)
+            except _ConversionFailed as e:
+                failed = e
+            where = "" if failed.gpa is None else f" at gpa {failed.gpa:#x}"
+            log.append(f"KVM_SET_MEMORY_ATTRIBUTES2 [{gpa:#x}, +{size:#x}) "
+                       f"{'private' if private else 'shared'}: "
+                       f"{errno.errorcode.get(failed.errno or 0, failed.errno)}{where} "
+                       f"(attempt {attempt + 1})")
+            if failed.errno != errno.EAGAIN or attempt == CONVERSION_RETRIES:
+                break
+            self._drop_pins(gpa, size, log)
+        assert failed is not None  # the loop returns on success
+        return Converted(-uapi.KVM_EINVAL, failed.gpa)
+
+    def _gmem_pieces(self, gpa: int, size: int,
+                     private: bool) -> list[tuple[MemoryRegion, int, int]] | None:
+        """The (memslot, gpa, size) pieces of [gpa, gpa+size) that an in-place
+        guest_memfd backs. None if a to-private range has other memory, or none:
+        only a guest_memfd has private pages. To shared, such memory is left alone
+        (it is shared anyway). Both as QEMU's kvm_convert_memory does: to-private of
+        memory without a guest_memfd fails, to-shared of unassigned memory (a TDX
+        guest's MMIO window) is ignored."""
+        pieces = []
+        for region in self.regions:
+            lo, hi = max(gpa, region.gpa), min(gpa + size, region.gpa + region.size)
+            if lo < hi and region.backing == IN_PLACE:
+                pieces.append((region, lo, hi - lo))
+        if private and sum(length for _, _, length in pieces) != size:
+            return None
+        return pieces
+
+    def _set_pieces(self, pieces: list[tuple[MemoryRegion, int, int]], private: bool) -> None:
+        """Convert piece by piece; if one fails, put the ones before it back as the
+        tracker had them and raise _ConversionFailed (a failed call leaves no
+        partial state; each KVM_SET_MEMORY_ATTRIBUTES2 is all-or-nothing itself).
+        The tracker is the VMM's record of what it converted: the host converting
+        behind its back is not undone correctly."""
+        other = Sharing.SHARED if private else Sharing.PRIVATE
+        done: list[tuple[MemoryRegion, list[tuple[int, int]]]] = []
+        for region, gpa, size in pieces:
+            before = self.tracker.ranges(other, gpa, gpa + size)
+            try:
+                self._set_attributes2(region, gpa, size, private)
+            except OSError as e:
+                self._undo_pieces(done, private)
+                offset = getattr(e, "error_offset", None)
+                raise _ConversionFailed(e, None if e.errno != errno.EAGAIN or offset is None
+                                        else region.gpa_of(offset)) from e
+            done.append((region, before))
+
+    def _undo_pieces(self, done: list[tuple[MemoryRegion, list[tuple[int, int]]]],
+                     private: bool) -> None:
+        """Put back the ranges that were in the other state, newest piece first. To
+        shared never meets EAGAIN; back to private only pages that were private
+        before this request, which nothing can have pinned since."""
+        for region, ranges in reversed(done):
+            for gpa, size in ranges:
+                self._set_attributes2(region, gpa, size, not private)
+
+    @staticmethod
+    def _set_attributes2(region: MemoryRegion, gpa: int, size: int, private: bool) -> None:
+        region.guest_memfd.set_memory_attributes2(
+            region.gmem_offset + gpa - region.gpa, size,
+            uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
+
     def fallocate(self, gpa: int, size: int, punch_hole: bool, in_place: bool = True) -> None:
         """PUNCH_HOLE (or allocate) the guest_memfd behind [gpa, gpa+size), memslot by
         memslot, as the selftests' vm_guest_mem_fallocate does. `in_place` False
-        leaves guest_memfd slots that also hold shared memory (MMAP) alone."""
+        touches only the guest_memfds that hold private pages alone ("gmem+shared"):
+        a guest_memfd that also holds the shared pages (MMAP) is left alone."""
         for region in self.regions:
             lo, hi = max(gpa, region.gpa), min(gpa + size, region.gpa + region.size)
-            if lo >= hi or region.gmem is None or (not in_place and region.backing == "gmem"):
+            if lo >= hi or region.gmem is None or (not in_place
+                                                   and region.backing != "gmem+shared"):
                 continue
             offset = region.gmem_offset + lo - region.gpa
             if punch_hole:
@@ -448,30 +659,46 @@ class Vmm:
             else:
                 region.gmem.allocate(offset, hi - lo)
 
-    def _convert_as_flagged(self, gpa: int, npages: int, flags: int) -> int:
+    def _convert_as_flagged(self, gpa: int, npages: int, flags: int,
+                            log: list[str]) -> Converted:
         """private_mem_conversions_test handle_exit_hypercall: fallocate if
-        MAP_GPA_DO_FALLOCATE (punch when MAP_GPA_SHARED, else allocate), then
-        KVM_SET_MEMORY_ATTRIBUTES if MAP_GPA_SET_ATTRIBUTES; 0 to the guest. KVM's
-        own checks of gpa/npages come first (the doorbell path has not had them);
-        the tracker records the attribute changes only."""
+        MAP_GPA_DO_FALLOCATE (punch when MAP_GPA_SHARED, else allocate), then set
+        the attributes if MAP_GPA_SET_ATTRIBUTES (KVM_SET_MEMORY_ATTRIBUTES, or in
+        place KVM_SET_MEMORY_ATTRIBUTES2 with the retries of _convert_in_place);
+        0 to the guest. KVM's own checks of gpa/npages come first (the doorbell
+        path has not had them); the tracker records the attribute changes only."""
         ret = kvm_check(gpa, npages)
         if ret:
-            return ret
+            return Converted(ret)
         size, shared = npages * uapi.PAGE_SIZE, bool(flags & MAP_GPA_SHARED)
+        done = Converted(0)
         try:
             if flags & MAP_GPA_DO_FALLOCATE:
                 self.fallocate(gpa, size, punch_hole=shared)
-            if flags & MAP_GPA_SET_ATTRIBUTES:
-                self.vm.set_memory_attributes(gpa, size, 0 if shared
-                                              else uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
         except OSError:
-            ret = -uapi.KVM_EINVAL
+            done = Converted(-uapi.KVM_EINVAL)
         if flags & MAP_GPA_SET_ATTRIBUTES:
-            self.tracker.apply(gpa, npages, 0 if shared else uapi.KVM_MAP_GPA_RANGE_ENCRYPTED, ret)
-        return ret
+            if done.ret == 0:
+                done = self._set_flagged_attributes(gpa, size, not shared, log)
+            attrs = 0 if shared else uapi.KVM_MAP_GPA_RANGE_ENCRYPTED
+            self.tracker.apply(gpa, npages, attrs, done.ret, done.failed_gpa)
+        return done
+
+    def _set_flagged_attributes(self, gpa: int, size: int, private: bool,
+                                log: list[str]) -> Converted:
+        if self.in_place:
+            return self._convert_in_place(gpa, size, private, log)
+        try:
+            self.vm.set_memory_attributes(gpa, size,
+                                          uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
+        except OSError:
+            return Converted(-uapi.KVM_EINVAL)
+        return Converted(0)
 
     # --- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
+        for held in list(self.pins):
+            self.unpin(held)
         self.vcpu.close()
         for vcpu in self.vcpus[1:]:
             vcpu.close()
