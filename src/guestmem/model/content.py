@@ -110,7 +110,8 @@ class PageStore:
     # --- conversions in place -----------------------------------------------------------------
     def convert(self, first: int, last: int, new: Content | None) -> None:
         """Pages [first, last) change owner: they now hold `new` (None: they keep
-        their bytes), and what they held is remembered until they are written."""
+        their bytes, a conversion that should not), and what they held is
+        remembered until they are written."""
         before: list[tuple[int, int, Content | Snapshot]] = []
         for lo, hi, c in self.extents.overlapping(first, last):
             if isinstance(c, Bytes):

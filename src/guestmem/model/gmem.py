@@ -15,7 +15,7 @@ from guestmem.exits import oserror
 from guestmem.extents import ExtentMap
 from guestmem.memmap import MemoryMap
 from guestmem.model.addrspace import page_align
-from guestmem.model.content import PAGE, ZERO, Ciphertext, Content, PageStore
+from guestmem.model.content import PAGE, ZERO, Ciphertext, PageStore
 from guestmem.model.mempolicy import LOCAL_NODE, MemPolicy, Placement
 from guestmem.model.process import PROT_EXEC, PROT_WRITE, HostProcess, Mapping
 from guestmem.model.profile import Conversion, HostPrivateAccess
@@ -241,11 +241,9 @@ class GmemInode:
         or zero everywhere with seed 003's option. Only initialised folios hold
         anything; the rest are zeroed when first used (kvm_gmem_get_pfn)."""
         conversion = self.vm.kvm.profile.conversion_of(self.vm.vm_type_info)
-        new: Content | None = None
-        if conversion is Conversion.ZERO:
-            new = ZERO
-        elif conversion is Conversion.CIPHERTEXT:
-            new = Ciphertext(next(_conversion_keys))
+        if conversion is Conversion.PRESERVE:
+            return  # the bytes stay; nothing for the invariant to compare
+        new = ZERO if conversion is Conversion.ZERO else Ciphertext(next(_conversion_keys))
         for lo, hi, state in list(self.folios.overlapping(first, last)):
             if state.uptodate:
                 self.store.convert(lo, hi, new)
