@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Self
 
 from guestmem import _args, memmap, uapi
@@ -28,6 +29,27 @@ ANON_INODE_DEV = 16  # st_dev of "anon_inode:[kvm-gmem]" files on this project's
 SEEK_MAX = 4  # SEEK_HOLE (include/uapi/linux/fs.h)
 _inode_numbers = itertools.count(0x1000)
 _conversion_keys = itertools.count(1)  # a new SNP key stream per conversion (Ciphertext)
+
+
+class ConversionPolicy(Enum):
+    """What a guest_memfd lets host userspace do around in-place conversion: the
+    upstream series' rule and seed 004's three designs, selectable per file (a
+    model extension, GuestMemfd.set_conversion_policy) to compare what each allows."""
+
+    # The series (upstream-2026-11.md §1): any mappings; to private unmaps them in
+    # every process and fails with EAGAIN on a page with an extra reference.
+    PER_PAGE = "per-page"
+    # Seed 004 items 1, 4, 5: "the entire memfd must be mapped, and at most one mapping
+    # is allowed", "disallow splitting VMAs", "require that there are no outstanding
+    # references at munmap()". So a conversion to private waits for the munmap.
+    WHOLE_FILE = "whole-file"
+    # Seed 004 item 2: "acquiring a reference via get_pfn() is disallowed if there's a
+    # mapping": the guest cannot fault pages in while the host has the file mapped.
+    NO_GET_PFN_WHILE_MAPPED = "no-get-pfn-while-mapped"
+    # Seed 004, the reply: ordinary mappings "but don't allow any form of GUP or
+    # pinning"; the switch to private blocks new faults and unmaps through the rmap
+    # (unmap_mapping_range), so no reference can stand in its way.
+    RMAP_SWITCH = "rmap-switch"
 
 
 @dataclass(frozen=True)
@@ -97,6 +119,7 @@ class GmemInode:
         # In-place conversion: PRIVATE per index, set by KVM_SET_MEMORY_ATTRIBUTES2; an
         # index without an entry is in the INIT state (private unless INIT_SHARED).
         self.private: ExtentMap[bool] = ExtentMap()
+        self.conversion_policy = ConversionPolicy.PER_PAGE
         self.file_open = True  # the fd; mappings also hold the file (kvm_gmem_release)
         self.forked_refs = 0  # the same file, inherited by forked children still alive
         self.released = False
@@ -194,6 +217,31 @@ class GmemInode:
     def pinned(self, first: int, last: int) -> bool:
         return not self.pins.all_equal(first, last, None)
 
+    # --- conversion policies (ConversionPolicy) -------------------------------------------------
+    @property
+    def whole_file(self) -> bool:
+        """One mapping of the whole file, never split, not inherited by fork
+        (our choice for "at most one mapping": the VMA is VM_DONTCOPY)."""
+        return self.conversion_policy is ConversionPolicy.WHOLE_FILE
+
+    @property
+    def gup_refused(self) -> bool:
+        """rmap-switch: GUP and pins on the file's mappings fail (EFAULT, as
+        check_vma_flags refuses a VMA GUP may not touch)."""
+        return self.conversion_policy is ConversionPolicy.RMAP_SWITCH
+
+    def get_pfn_refused(self) -> bool:
+        """no-get-pfn-while-mapped: kvm_gmem_get_pfn fails while any process maps
+        the file (EBUSY: our choice of errno; the seed names none)."""
+        return (self.conversion_policy is ConversionPolicy.NO_GET_PFN_WHILE_MAPPED
+                and bool(self.mappings))
+
+    def may_unmap(self, mapping: Mapping) -> None:
+        """whole-file: munmap with pages still referenced (pinned) is EBUSY, the
+        mapping stays (seed 004 item 5; the errno is our choice)."""
+        if self.whole_file and self.pins.boundaries():
+            raise oserror(errno.EBUSY, "munmap: whole-file guest_memfd has pinned pages")
+
     # --- privateness (in-place conversion) -----------------------------------------------------
     def is_private(self, index: int) -> bool:
         """The series' kvm_gmem_is_private: the attribute at index, else the INIT
@@ -219,6 +267,10 @@ class GmemInode:
         covered = sum(hi - lo for lo, hi in private_now)
         if covered == (last - first if private else 0):
             return
+        if private and self.whole_file and self.mappings:
+            error = oserror(errno.EBUSY, "KVM_SET_MEMORY_ATTRIBUTES2: whole-file mapping")
+            error.error_offset = first * PAGE  # type: ignore[attr-defined]
+            raise error  # seed 004: conversion waits for the one mapping's munmap
         if private:
             for m in self.mappings:  # unmap_mapping_pages: in every process
                 m.zap(first, last)
@@ -599,6 +651,19 @@ class GuestMemfd:
         error.error_offset = 0  # type: ignore[attr-defined]
         raise error
 
+    def set_conversion_policy(self, policy: str) -> None:
+        """Select seed 004's design for this file (ConversionPolicy: "per-page",
+        "whole-file", "no-get-pfn-while-mapped", "rmap-switch"); a model extension,
+        with no kernel call. Only while nothing maps or pins it (EBUSY), and only
+        where conversion is in place (ENOTTY, as KVM_SET_MEMORY_ATTRIBUTES2)."""
+        inode = self._live()
+        chosen = ConversionPolicy(policy)  # ValueError names an unknown one
+        if not self.vm.kvm.profile.gmem_in_place_conversion:
+            raise oserror(errno.ENOTTY, "conversion policy without in-place conversion")
+        if inode.mappings or inode.pins.boundaries():
+            raise oserror(errno.EBUSY, "conversion policy of a mapped or pinned guest_memfd")
+        inode.conversion_policy = chosen
+
     def mmap(self, length: int | None = None, offset: int = 0, prot: int = 3,
              shared: bool = True, align: int = 0) -> Mapping:
         """mmap(2) of the file, checks in the kernel's order: sys_mmap (offset),
@@ -621,6 +686,11 @@ class GuestMemfd:
             raise oserror(errno.ENODEV, "mmap")  # kvm_gmem_mmap
         if not shared:
             raise oserror(errno.EINVAL, "mmap")  # "Copy-on-write not allowed"
+        if inode.whole_file:  # seed 004 item 1: all or nothing, at most one mapping
+            if offset or page_align(length) != inode.size:
+                raise oserror(errno.EINVAL, "mmap: whole-file guest_memfd")
+            if inode.mappings:
+                raise oserror(errno.EBUSY, "mmap: whole-file guest_memfd is mapped")
         return process.map(addr, length, inode, offset, prot)
 
     def memory_map(self, offset: int = 0, length: int | None = None) -> MemoryMap:

@@ -45,6 +45,8 @@ MADV_DONTFORK, MADV_DOFORK = 10, 11
 TOTAL_RAM_PAGES = 24731708 * 1024 // PAGE
 TOTAL_SWAP_PAGES = 0
 _MADV_NO_EFFECT = frozenset({0, 1, 2, 3, 12, 13, 14, 15, 16, 17, 19, 20, 21})
+# Advice that changes vm_flags, so a range of part of a VMA splits it (madvise_update_vma).
+_MADV_SPLITS = frozenset({0, 1, 2, 10, 11, 12, 13, 14, 15, 16, 17, 19})
 
 
 class Backing(Protocol):
@@ -348,11 +350,18 @@ class Mapping:
             for lo, _, _ in self.holes.overlapping(first, max(last, first + 1)):
                 raise HostSigsegv(self.addr + max(lo * PAGE, offset), "no VMA (MADV_DONTFORK)")
 
+    def _may_split(self, first: int, last: int) -> None:
+        """vm_ops->may_split: a whole-file guest_memfd refuses to split its VMA
+        (seed 004 item 4), so an operation on part of it is EINVAL."""
+        if getattr(self.backing, "whole_file", False) and (
+                first > 0 or last < -(-self.length // PAGE)):
+            raise oserror(errno.EINVAL, "VMA split refused (whole-file guest_memfd)")
+
     def copy_to(self, child: ChildProcess) -> None:
         """dup_mmap for this VMA: skipped where VM_DONTCOPY, without PTEs (shared
         mappings fault in again: vma_needs_copy), with its policy."""
         pages = -(-self.length // PAGE)
-        if self.dontfork.covered(0, pages) == pages:
+        if self.dontfork.covered(0, pages) == pages or getattr(self.backing, "whole_file", False):
             return
         copy = Mapping(child, self.addr, self.length, self.backing, self.pgoff, self.prot)
         for lo, hi, policy in self.policy.items():
@@ -446,7 +455,7 @@ class Mapping:
         on a mapping without VM_WRITE is EFAULT; faultin_page: a fault that would
         SIGBUS is EFAULT, and the pages before it stay faulted in)."""
         self._check(offset, length)
-        if not self.prot & PROT_WRITE:
+        if not self.prot & PROT_WRITE or getattr(self.backing, "gup_refused", False):
             raise oserror(errno.EFAULT, "pin")
         try:
             self._fault(offset, length, True)
@@ -459,6 +468,8 @@ class Mapping:
         """madvise(2) (madvise_behavior_valid; DONTNEED, REMOVE, POPULATE_*, HWPOISON act)."""
         self._check(offset, length)
         first, last = offset // PAGE, -(-(offset + length) // PAGE)
+        if advice in _MADV_SPLITS:
+            self._may_split(first, last)
         if advice in _MADV_NO_EFFECT:
             return
         if advice in (MADV_DONTFORK, MADV_DOFORK):  # madvise_vma_behavior: VM_DONTCOPY
@@ -522,6 +533,7 @@ class Mapping:
         if policy is False:
             return
         first, last = offset // PAGE, -(-(offset + length) // PAGE)  # len = PAGE_ALIGN(len)
+        self._may_split(first, last)  # mbind_range: vma_modify_policy splits the VMA
         if flags & uapi.MPOL_MF_STRICT and policy is not None:
             self._strict(first, last, policy)
         shared = self._shared_policy()
@@ -565,6 +577,9 @@ class Mapping:
 
     def munmap(self) -> None:
         """munmap(2): the VMA and its PTEs go; the last mapping of a closed file releases it."""
+        may_unmap = getattr(self.backing, "may_unmap", None)
+        if self.mapped and may_unmap is not None:
+            may_unmap(self)
         if self.mapped:
             self.mapped = False
             self.ptes = ExtentMap()

@@ -624,6 +624,8 @@ class Vcpu:
             inode = slot.gmem
             if not slot.is_gmem_slot or inode is None:
                 return memory_fault(errno.EFAULT, first)  # no guest_memfd / file released
+            if inode.get_pfn_refused():  # seed 004 item 2 (ConversionPolicy)
+                return memory_fault(errno.EBUSY, first)
             lo, hi = slot.gmem_index(first), slot.gmem_index(last)
             poisoned = inode.poisoned(lo, hi)
             if poisoned == lo:
