@@ -56,3 +56,18 @@ def test_switching_backends_names_the_option_that_belongs_to_the_other():
         guestmem.Kvm("model", populate_limit=1 << 30)
     with pytest.raises(ValueError, match="host"):
         guestmem.Kvm("model", profile="nope")
+
+
+def test_inplace_demo_hands_a_buffer_over_and_shows_pins_and_forks():
+    with guestmem.Kvm("model", profile="inplace") as kvm:
+        seen = titles(kvm)
+    assert seen[1:] == ["pkvm: 256 MiB shared -> private", "snp: 256 MiB shared -> private",
+                        "a pinned page holds the conversion back", "after the unpin",
+                        "a forked child"]
+
+
+def test_cli_demo_inplace_exits_zero_and_names_the_errno():
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(main, ["demo", "--profile", "inplace"])
+    assert result.exit_code == 0, result.output
+    assert "EAGAIN" in result.output and "SIGBUS" in result.output
+    assert "FAILED" not in result.output

@@ -341,3 +341,11 @@ def test_a_fault_over_a_shared_and_a_private_run_takes_each_from_its_source():
                for lo, hi, s in vm.mmu.mapped.items()]
     assert sources == [(0, 1, "hva"), (1, 4, "gmem")]
     assert violations(kvm) == []
+
+
+def test_the_memory_map_shows_the_files_own_privateness_bound_or_not():
+    kvm = Kvm("inplace")
+    gmem = kvm.create_vm(SW).create_guest_memfd(4 * PS, SHARED)
+    gmem.set_memory_attributes2(PS, 2 * PS, PRIVATE)
+    runs = [(r.first, r.last, "private" in r.state) for r in gmem.memory_map().runs]
+    assert runs == [(0, 1, False), (1, 3, True), (3, 4, False)]

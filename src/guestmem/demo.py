@@ -61,7 +61,12 @@ def run(kvm: api.Kvm) -> Iterator[Step]:
     yield Step("host", f"{kvm.backend} backend, {what} on "
                        f"{execution.cpu_vendor}, guest_memfd flags {caps.guest_memfd_flags:#x}, "
                        f"guest at CPL{execution.default_cpl}, hypercall ABI '{abi}'")
-    yield from (_private(kvm, abi) if has_private_memory(caps) else _shared(kvm, abi))
+    if caps.gmem_in_place_conversion:
+        yield from _in_place(kvm, abi)
+    elif has_private_memory(caps):
+        yield from _private(kvm, abi)
+    else:
+        yield from _shared(kvm, abi)
 
 
 def _shared(kvm: api.Kvm, abi: str) -> Iterator[Step]:
@@ -176,3 +181,88 @@ def _host_cannot_map_private(vmm: Vmm) -> Iterator[Step]:
                f"a second guest_memfd, MMAP without INIT_SHARED: {outcome}; a real load in a child "
                f"process is killed by {killed}", outcome.startswith("SIGBUS") and
                killed == "SIGBUS")
+
+
+BUFFER = 256 << 20  # seed 004: "hand off a large buffer (hundreds of MiB)"
+FILL = 0x42  # the byte the host fills the buffer with
+PINNED_PAGE = 210  # any page of the 2 MiB but the first: error_offset must name it
+
+
+def _fill_word(byte: int) -> int:
+    return int.from_bytes(bytes([byte]) * 8, "little")
+
+
+def _in_place(kvm: api.Kvm, abi: str) -> Iterator[Step]:
+    """In-place conversion (KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd): a 256 MiB
+    buffer handed to the guest without a copy on the pkvm VM type, re-initialised
+    on SNP; a pinned page holding a conversion back; a forked VMM child."""
+    yield from _hand_over(kvm, abi, uapi.GUESTMEM_PKVM_VM)
+    yield from _hand_over(kvm, abi, uapi.KVM_X86_SNP_VM)
+    yield from _pinned_and_forked(kvm)
+
+
+def _hand_over(kvm: api.Kvm, abi: str, vm_type: int) -> Iterator[Step]:
+    """The host fills the buffer through the VMM's mapping of the guest_memfd; the
+    guest asks for it private (MAP_GPA_RANGE; the VMM converts in place) and reads it."""
+    name = uapi.VM_TYPE_NAMES[vm_type]
+    with Vmm(kvm, vm_type) as vmm:
+        region = vmm.add_memory(HIGH, BUFFER)
+        region.mapping.fill(0, FILL, BUFFER)
+        r = _guest(vmm, abi, p.MapGpaRange(HIGH, BUFFER // PS, PS, encrypted=True),
+                   p.VerifyPattern(HIGH, BUFFER, _fill_word(FILL)))
+        converted = bool(r.reports) and r.reports[0] == 0
+        found = r.reports[3] if len(r.reports) >= 4 and r.reports[1] == p.MISMATCH_TAG else None
+        try:
+            region.mapping.read(0, 1)
+            host = "the host still reads it"
+        except HostSigbus:
+            host = "the host's access is SIGBUS"
+        preserves = vm_type != uapi.KVM_X86_SNP_VM
+        if preserves:
+            seen = "reads the host's bytes, all 256 MiB" if r.reports[1:] == [p.VERIFY_OK] \
+                else f"reports {r.reports[1:]}"
+            ok = converted and r.reports[1:] == [p.VERIFY_OK]
+        else:
+            seen = (f"reads {found:#x}, not the host's {_fill_word(FILL):#x}: the firmware's "
+                    "RMPUPDATE left ciphertext" if found is not None else f"reports {r.reports}")
+            ok = converted and found is not None and found != _fill_word(FILL)
+        yield Step(f"{name}: 256 MiB shared -> private",
+                   f"in {region.backing} memory, the host filled the buffer with {FILL:#04x}; "
+                   f"MAP_GPA_RANGE returned {_ret(r.reports[0]) if r.reports else r.stop}; "
+                   f"the guest {seen}; {host}", ok and host.endswith("SIGBUS"))
+
+
+def _pinned_and_forked(kvm: api.Kvm) -> Iterator[Step]:
+    """elevated_refcount and forked_accesses of guest_memfd_conversions_test, on a
+    2 MiB guest_memfd the host maps (INIT_SHARED)."""
+    with kvm.create_vm(uapi.GUESTMEM_PKVM_VM) as vm, \
+            vm.create_guest_memfd(SIZE, uapi.GUEST_MEMFD_FLAG_MMAP
+                                  | uapi.GUEST_MEMFD_FLAG_INIT_SHARED) as gmem, \
+            gmem.mmap() as view, kvm.fork() as child:
+        view.fill(0, 0x11, SIZE)
+        page = PINNED_PAGE
+        pin = view.pin(page * PS, PS)
+        try:
+            gmem.set_memory_attributes2(0, SIZE, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            outcome, offset = "success", None
+        except OSError as e:
+            outcome = errno.errorcode.get(e.errno or 0, str(e.errno))
+            offset = getattr(e, "error_offset", None)
+        still = view.read(0, 1) == b"\x11"
+        yield Step("a pinned page holds the conversion back",
+                   f"page {page} pinned (FOLL_LONGTERM); to private of the 2 MiB: {outcome}, "
+                   f"error_offset {offset if offset is None else hex(offset)} "
+                   f"(= page {page} * 4096); nothing changed, the host still reads the buffer",
+                   outcome == "EAGAIN" and offset == page * PS and still)
+        before = child.read(view, 0, 1)  # the child maps page 0 in its own page tables
+        pin.unpin()
+        gmem.set_memory_attributes2(0, SIZE, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        private = gmem.memory_map().pages_with(memmap.PRIVATE)
+        yield Step("after the unpin", f"the same conversion succeeds: {private} of "
+                   f"{SIZE // PS} pages private", private == SIZE // PS)
+        sig = child.touch(view, 0)
+        killed = signal_module.Signals(sig).name if sig else "nothing"
+        yield Step("a forked child", f"child {child.pid} read {before.hex()} from page 0 "
+                   f"before the conversion; its load now gets {killed} (the conversion "
+                   "zapped every process's page tables)",
+                   before == b"\x11" and killed == "SIGBUS")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 ALLOCATED = "allocated"  # a folio is in the file
 UPTODATE = "uptodate"  # ... and initialised, zeroed or written (PG_uptodate)
-PRIVATE = "private"  # KVM_MEMORY_ATTRIBUTE_PRIVATE where the page is bound
+PRIVATE = "private"  # KVM_MEMORY_ATTRIBUTE_PRIVATE where bound; in place, the file's own
 HOST_MAPPED = "host-mapped"  # a userspace PTE maps it
 STAGE2_MAPPED = "stage2-mapped"  # an SPTE maps its gfn
 PINNED = "pinned"  # GUP pins hold it

@@ -409,10 +409,13 @@ class GmemInode:
         for m in self.mappings:
             flags[memmap.HOST_MAPPED] += [(m.pgoff + lo, m.pgoff + hi)
                                           for lo, hi, _ in m.ptes.items()]
+        in_place = self.vm.kvm.profile.gmem_in_place_conversion
+        if in_place:  # the file's own attributes, bound or not (kvm_gmem_is_private)
+            flags[memmap.PRIVATE] = self.private_ranges(first, last)
         for slot, gfn_lo, gfn_hi in self.bound_gfn_ranges(first, last):
             to_index = slot.gmem_pgoff - slot.base_gfn
             vm = slot.vm
-            for lo, hi, attrs in vm.attributes.overlapping(gfn_lo, gfn_hi):
+            for lo, hi, attrs in ([] if in_place else vm.attributes.overlapping(gfn_lo, gfn_hi)):
                 if attrs & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE:
                     flags[memmap.PRIVATE].append((lo + to_index, hi + to_index))
             for lo, hi, source in vm.mmu.mapped.overlapping(gfn_lo, gfn_hi):
