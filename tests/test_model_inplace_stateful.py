@@ -113,10 +113,10 @@ class InPlaceConversions(RuleBasedStateMachine):
         else:
             assert seen == self.word[page]
 
-    @rule(page=pages, value=words)
-    def host_writes(self, page, value):
+    def store(self, write, page, value):
+        """A host store by `write` (the VMM's or its child's): SIGBUS iff private."""
         try:
-            self.mapping.write(page * PS + WORD, value.to_bytes(8, "little"))
+            write(page * PS + WORD, value.to_bytes(8, "little"))
         except HostSigbus:
             assert self.private[page]
             return
@@ -124,16 +124,24 @@ class InPlaceConversions(RuleBasedStateMachine):
         self.word[page] = value
         self.present[page] = True
 
-    @rule(page=pages)
-    def host_reads(self, page):
+    def load(self, read, page):
+        """A host load by `read`: SIGBUS iff private, else the page's word."""
         try:
-            seen = self.mapping.read(page * PS + WORD, 8)
+            seen = read(page * PS + WORD, 8)
         except HostSigbus:
             assert self.private[page]
             return
         assert not self.private[page]
         self.check_word(page, int.from_bytes(seen, "little"))
         self.present[page] = True
+
+    @rule(page=pages, value=words)
+    def host_writes(self, page, value):
+        self.store(self.mapping.write, page, value)
+
+    @rule(page=pages)
+    def host_reads(self, page):
+        self.load(self.mapping.read, page)
 
     @rule(page=pages, value=words)
     def guest_writes(self, page, value):
@@ -163,29 +171,14 @@ class InPlaceConversions(RuleBasedStateMachine):
 
     @rule(page=pages, value=words)
     def child_writes(self, page, value):
-        if self.child is None:
-            return
-        try:
-            self.child.write(self.mapping, page * PS + WORD, value.to_bytes(8, "little"))
-        except HostSigbus:
-            assert self.private[page]
-            return
-        assert not self.private[page]
-        self.word[page] = value
-        self.present[page] = True
+        if self.child is not None:
+            self.store(lambda offset, data: self.child.write(self.mapping, offset, data),
+                       page, value)
 
     @rule(page=pages)
     def child_reads(self, page):
-        if self.child is None:
-            return
-        try:
-            seen = self.child.read(self.mapping, page * PS + WORD, 8)
-        except HostSigbus:
-            assert self.private[page]
-            return
-        assert not self.private[page]
-        self.check_word(page, int.from_bytes(seen, "little"))
-        self.present[page] = True
+        if self.child is not None:
+            self.load(lambda offset, n: self.child.read(self.mapping, offset, n), page)
 
     @rule(page=pages)
     def pin(self, page):

@@ -308,6 +308,18 @@ def _outcome(steps: tuple[p.Step, ...], result: RunResult) -> str:
         f"{result.stop}, extra reports {result.reports}"
 
 
+def explicit_both(host: Host, base: int) -> Iterator[Phase]:
+    """guest_test_explicit_conversion without, then with, fallocate (guest_code)."""
+    yield from explicit_conversion(host, base, do_fallocate=False)
+    yield from explicit_conversion(host, base, do_fallocate=True)
+
+
+def punch_hole_both(host: Host, base: int) -> Iterator[Phase]:
+    """guest_test_punch_hole imprecise, then precise (guest_code)."""
+    yield from punch_hole(base, precise=False)
+    yield from punch_hole(base, precise=True)
+
+
 @case("coco.conversions.explicit", f"{SRC} guest_test_explicit_conversion",
       "memory starts shared (guest writes 0xaa, the host sees it and writes 0xcc, the guest "
       "sees that); for (0,4K) (0,2M) (4K,4K) (4K,2M) (2M,4K) of 2 MiB + 4 KiB: to private, "
@@ -316,10 +328,7 @@ def _outcome(steps: tuple[p.Step, ...], result: RunResult) -> str:
       "attributes only (do_fallocate = false), once with fallocate; every hypercall 0",
       needs=NEEDS)
 def explicit(ctx: Ctx) -> None:
-    def both(host: Host, base: int) -> Iterator[Phase]:
-        yield from explicit_conversion(host, base, do_fallocate=False)
-        yield from explicit_conversion(host, base, do_fallocate=True)
-    run_conversions(ctx, both)
+    run_conversions(ctx, explicit_both)
 
 
 @case("coco.conversions.punch_hole", f"{SRC} guest_test_punch_hole",
@@ -328,10 +337,7 @@ def explicit(ctx: Ctx) -> None:
       "precise), punch the range: the guest reads zeros there",
       needs=NEEDS)
 def punch_holes(ctx: Ctx) -> None:
-    def both(host: Host, base: int) -> Iterator[Phase]:
-        yield from punch_hole(base, precise=False)
-        yield from punch_hole(base, precise=True)
-    run_conversions(ctx, both)
+    run_conversions(ctx, punch_hole_both)
 
 
 @case("coco.conversions.vcpus", f"{SRC} -n 2 (test_mem_conversions with nr_vcpus 2)",

@@ -25,8 +25,6 @@ Every case needs the in-place capability first, so a kernel without it says so.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from guestmem import program as p
 from guestmem import uapi
 from guestmem.check.cases_coco import _delete_at_first_tick, _run
@@ -39,15 +37,14 @@ from guestmem.check.cases_conversions import (
     PS,
     Guest,
     Host,
-    Phase,
     _outcome,
     expect,
-    explicit_conversion,
+    explicit_both,
     fill,
     guest_code,
     map_mem,
     needs_sw_protected,
-    punch_hole,
+    punch_hole_both,
     run_conversions,
     word,
 )
@@ -79,20 +76,14 @@ def run_in_place(ctx: Ctx, guest: Guest, nr_vcpus: int = 1, nr_memslots: int = 1
       "every guest check holds; at each private sync the host's access takes SIGBUS",
       needs=NEEDS)
 def explicit(ctx: Ctx) -> None:
-    def both(host: Host, base: int) -> Iterator[Phase]:
-        yield from explicit_conversion(host, base, do_fallocate=False)
-        yield from explicit_conversion(host, base, do_fallocate=True)
-    run_in_place(ctx, both)
+    run_in_place(ctx, explicit_both)
 
 
 @case("inplace.conversions.punch_hole", f"{CONVERSIONS} guest_test_punch_hole",
       "coco.conversions.punch_hole on one guest_memfd converted in place: a punched "
       "private range reads zeros", needs=NEEDS)
 def punch_holes(ctx: Ctx) -> None:
-    def both(host: Host, base: int) -> Iterator[Phase]:
-        yield from punch_hole(base, precise=False)
-        yield from punch_hole(base, precise=True)
-    run_in_place(ctx, both)
+    run_in_place(ctx, punch_hole_both)
 
 
 @case("inplace.conversions.vcpus", f"{CONVERSIONS} -n 2",
