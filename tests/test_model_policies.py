@@ -140,6 +140,23 @@ def test_no_get_pfn_while_mapped_stops_the_guest_while_the_host_maps_the_file():
     vmm.close()
 
 
+def test_no_get_pfn_while_mapped_leaves_pages_the_guest_already_has():
+    """Only a new fault asks kvm_gmem_get_pfn: an SPTE made before the host mapped
+    the file keeps working; the next page needs a pfn and fails."""
+    kvm, vmm, gmem = _vmm_on("no-get-pfn-while-mapped")
+    anon = kvm.mmap_anonymous(PAGES * PS)
+    vmm.vm.set_user_memory_region2(5, uapi.KVM_MEM_GUEST_MEMFD, GPA, PAGES * PS, anon.addr,
+                                   gmem, 0)
+    gmem.set_memory_attributes2(0, PAGES * PS, PRIVATE)
+    assert _guest_writes(vmm, GPA).stop == "done"
+    view = gmem.mmap()
+    assert _guest_writes(vmm, GPA).stop == "done", "its SPTE is still there"
+    result = _guest_writes(vmm, GPA + PS)
+    assert (result.stop, result.errno) == ("memory_fault", errno.EBUSY)
+    view.munmap()
+    vmm.close()
+
+
 # --- rmap-switch (seed 004, the reply) ----------------------------------------------------------
 def test_rmap_switch_maps_freely_but_never_pins_so_conversion_never_waits():
     kvm, gmem = gmem_with("rmap-switch")

@@ -269,7 +269,7 @@ class GmemInode:
             return
         if private and self.whole_file and self.mappings:
             error = oserror(errno.EBUSY, "KVM_SET_MEMORY_ATTRIBUTES2: whole-file mapping")
-            error.error_offset = first * PAGE  # type: ignore[attr-defined]
+            error.error_offset = 0  # type: ignore[attr-defined]  # not written back: as passed
             raise error  # seed 004: conversion waits for the one mapping's munmap
         if private:
             for m in self.mappings:  # unmap_mapping_pages: in every process

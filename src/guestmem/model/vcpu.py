@@ -625,7 +625,14 @@ class Vcpu:
             if not slot.is_gmem_slot or inode is None:
                 return memory_fault(errno.EFAULT, first)  # no guest_memfd / file released
             if inode.get_pfn_refused():  # seed 004 item 2 (ConversionPolicy)
-                return memory_fault(errno.EBUSY, first)
+                # Only a new fault asks for a pfn: SPTEs already there keep working.
+                unmapped = next(iter(self.vm.mmu.mapped.gaps(first, last)), None)
+                if unmapped is not None and unmapped[0] == first:
+                    return memory_fault(errno.EBUSY, first)
+                if unmapped is not None:
+                    last = unmapped[0]
+                else:
+                    return _Faulted(inode.store, slot.gmem_index(first) * PAGE, last)
             lo, hi = slot.gmem_index(first), slot.gmem_index(last)
             poisoned = inode.poisoned(lo, hi)
             if poisoned == lo:
