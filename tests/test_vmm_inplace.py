@@ -111,10 +111,10 @@ def test_default_conversion_does_not_punch_in_place(inplace):
         assert vmm.read(BASE, 8) == words(GUEST_WORD, 8)
 
 
-def pinned_vmm(kvm):
+def pinned_vmm(kvm, vm_type=SW):
     """Two memslots of 2 MiB on one guest_memfd, the host's pattern in the three
     pages around the slot boundary, the last of them pinned by someone else."""
-    vmm = Vmm(kvm, SW)
+    vmm = Vmm(kvm, vm_type)
     regions = vmm.add_private_memory(BASE, 2 * MB2, nr_memslots=2)
     for i in range(3):  # Vmm.write stays within one memslot
         vmm.write(BASE + MB2 + (i - 1) * PS, words(HOST_WORD))
@@ -147,6 +147,21 @@ def test_a_failed_multi_region_request_leaves_the_attributes_unchanged(inplace):
             [words(HOST_WORD, 8)] * 3, "every page still shared, with its data"
         result = run(vmm, p.VerifyPattern(gpa, 3 * PS, HOST_WORD))
         assert result.reports == [p.VERIFY_OK]
+        pin.unpin()
+
+
+@pytest.mark.parametrize("vm_type", [uapi.KVM_X86_SNP_VM, uapi.KVM_X86_TDX_VM])
+def test_a_failed_request_keeps_the_hosts_data_where_conversion_reinitialises(
+        inplace, vm_type):
+    """Memslots contiguous in one guest_memfd are one KVM_SET_MEMORY_ATTRIBUTES2,
+    all or nothing: the first memslot's piece is never converted and undone, which
+    on SNP and TDX would have re-initialised it (found in review)."""
+    vmm, pin = pinned_vmm(inplace, vm_type)
+    with vmm:
+        gpa = BASE + MB2 - PS
+        assert run(vmm, p.MapGpaRange(gpa, 3)).reports == [EINVAL_RAX]
+        assert [host_reads(vmm, gpa + i * PS) for i in range(3)] == \
+            [words(HOST_WORD, 8)] * 3, "every page still shared, with the host's data"
         pin.unpin()
 
 

@@ -107,6 +107,15 @@ class Converted:
     failed_gpa: int | None = None
 
 
+def _continues(piece: tuple[MemoryRegion, int, int], region: MemoryRegion, gpa: int) -> bool:
+    """Does `region` at `gpa` go on where `piece` ends, in the same guest_memfd at
+    the next offset? Then one KVM_SET_MEMORY_ATTRIBUTES2 covers both, atomically."""
+    first, start, length = piece
+    return (region.gmem is first.gmem and start + length == gpa
+            and first.gmem_offset + start + length - first.gpa
+            == region.gmem_offset + gpa - region.gpa)
+
+
 class _ConversionFailed(Exception):
     """KVM_SET_MEMORY_ATTRIBUTES2 failed on one piece; the pieces before it are undone."""
 
@@ -600,10 +609,15 @@ class Vmm:
         (it is shared anyway). Both as QEMU's kvm_convert_memory does: to-private of
         memory without a guest_memfd fails, to-shared of unassigned memory (a TDX
         guest's MMIO window) is ignored."""
-        pieces = []
-        for region in self.regions:
+        pieces: list[tuple[MemoryRegion, int, int]] = []
+        for region in sorted(self.regions, key=lambda r: r.gpa):
             lo, hi = max(gpa, region.gpa), min(gpa + size, region.gpa + region.size)
-            if lo < hi and region.backing == IN_PLACE:
+            if lo >= hi or region.backing != IN_PLACE:
+                continue
+            if pieces and _continues(pieces[-1], region, lo):
+                first, start, length = pieces[-1]
+                pieces[-1] = (first, start, length + hi - lo)
+            else:
                 pieces.append((region, lo, hi - lo))
         if private and sum(length for _, _, length in pieces) != size:
             return None
@@ -612,9 +626,12 @@ class Vmm:
     def _set_pieces(self, pieces: list[tuple[MemoryRegion, int, int]], private: bool) -> None:
         """Convert piece by piece; if one fails, put the ones before it back as the
         tracker had them and raise _ConversionFailed (a failed call leaves no
-        partial state; each KVM_SET_MEMORY_ATTRIBUTES2 is all-or-nothing itself).
-        The tracker is the VMM's record of what it converted: the host converting
-        behind its back is not undone correctly."""
+        partial state; each KVM_SET_MEMORY_ATTRIBUTES2 is all-or-nothing itself,
+        and memslots that are contiguous in one guest_memfd are one piece). Only
+        pieces in different guest_memfds can be undone, and an undo restores the
+        attributes, not the contents a re-initialising VM type (SNP, TDX) gave
+        the converted piece. The tracker is the VMM's record of what it converted:
+        the host converting behind its back is not undone correctly."""
         other = Sharing.SHARED if private else Sharing.PRIVATE
         done: list[tuple[MemoryRegion, list[tuple[int, int]]]] = []
         for region, gpa, size in pieces:
