@@ -159,7 +159,8 @@ def test_forked_accesses_on_in_place_conversion(backend):
         kvm = HostKvm()
         if not kvm.capabilities.gmem_in_place_conversion:
             kvm.close()
-            pytest.skip("no in-place conversion (KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd)")
+            pytest.skip("no in-place conversion (KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES; "
+                        "KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd: ENOTTY)")
         vm_type = uapi.KVM_X86_SW_PROTECTED_VM
     else:
         kvm, vm_type = ModelKvm("inplace"), uapi.KVM_X86_SW_PROTECTED_VM

@@ -60,6 +60,7 @@ class InPlaceConversions(RuleBasedStateMachine):
         self.word: list[int | None] = [0] * PAGES  # None: noise (SNP ciphertext)
         self.noise_over = [0] * PAGES  # the word the noise replaced
         self.present = [False] * PAGES  # an initialised folio is in the file
+        self.view = [False] * PAGES  # the guest's C-bit / shared-bit view (SNP, TDX)
         self.child = None  # a forked VMM process with the mapping, while alive
         self.pins: dict[int, object] = {}  # page -> its pin, while the page is in the file
         self.stale_pins: list[object] = []  # pins of pages punched since
@@ -143,22 +144,46 @@ class InPlaceConversions(RuleBasedStateMachine):
     def host_reads(self, page):
         self.load(self.mapping.read, page)
 
+    def guest_mismatch(self, page, steps):
+        """SNP/TDX: an access whose view differs from the attribute is a memory
+        fault at that page (kvm_mmu_faultin_pfn: fault->is_private mismatch)."""
+        if not (self.hardware_private and self.view[page] != self.private[page]):
+            return False
+        result = self.guest(*steps)
+        assert result.stop == "memory_fault" and result.memory_fault.gpa == BASE + page * PS
+        return True
+
     @rule(page=pages, value=words)
     def guest_writes(self, page, value):
-        if self.hardware_private and self.private[page]:
-            return  # a shared access to a private page: a memory fault (tests elsewhere)
-        assert self.guest(p.WritePattern(BASE + page * PS + WORD, 8, value)).stop == "done"
+        steps = (p.WritePattern(BASE + page * PS + WORD, 8, value),)
+        if self.guest_mismatch(page, steps):
+            return
+        assert self.guest(*steps).stop == "done"
         self.word[page] = value
         self.present[page] = True
 
     @rule(page=pages)
     def guest_reads(self, page):
-        if self.hardware_private and self.private[page]:
+        steps = (p.ReadValue(BASE + page * PS + WORD),)
+        if self.guest_mismatch(page, steps):
             return
-        result = self.guest(p.ReadValue(BASE + page * PS + WORD))
+        result = self.guest(*steps)
         assert len(result.reports) == 1
         self.check_word(page, result.reports[0])
         self.present[page] = True
+
+    @rule(page=pages, to_private=st.booleans())
+    def guest_maps(self, page, to_private):
+        """MAP_GPA_RANGE: the VMM converts in place (KVM_SET_MEMORY_ATTRIBUTES2); a page
+        pinned by someone else fails it after the VMM's retries, changing nothing."""
+        result = self.guest(p.MapGpaRange(BASE + page * PS, 1, PS, encrypted=to_private))
+        refused = to_private and not self.private[page] and page in self.pins
+        assert result.reports == [(1 << 64) - uapi.KVM_EINVAL if refused else 0]
+        if refused:
+            return
+        if self.private[page] != to_private and self.present[page]:
+            self.change_owner(page)
+        self.private[page] = self.view[page] = to_private
 
     @rule()
     def fork_or_exit(self):

@@ -16,7 +16,9 @@ from guestmem import program as p
 from guestmem.caps import Capabilities
 from guestmem.exits import HostSigbus
 from guestmem.guest import compile_program, default_hypercall_abi
+from guestmem.model import PROFILES
 from guestmem.model import Kvm as ModelKvm
+from guestmem.model.profile import Conversion
 from guestmem.vmm import RunResult, Sharing, Vmm
 
 HIGH = 1 << 32
@@ -217,7 +219,8 @@ def _hand_over(kvm: api.Kvm, abi: str, vm_type: int) -> Iterator[Step]:
             host = "the host still reads it"
         except HostSigbus:
             host = "the host's access is SIGBUS"
-        preserves = vm_type != uapi.KVM_X86_SNP_VM
+        profile = kvm.profile if isinstance(kvm, ModelKvm) else PROFILES["inplace"]
+        preserves = profile.conversion_of(profile.vm_type(vm_type)) is Conversion.PRESERVE
         if preserves:
             seen = "reads the host's bytes, all 256 MiB" if r.reports[1:] == [p.VERIFY_OK] \
                 else f"reports {r.reports[1:]}"

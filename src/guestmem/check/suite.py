@@ -238,7 +238,8 @@ def needs_no_gmem_attributes(caps: Capabilities, vm_type: int, gmem_flags: int) 
 
 def needs_gmem_attributes(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:
     if not caps.gmem_in_place_conversion:
-        return "no in-place conversion (KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd: ENOTTY)"
+        return ("no in-place conversion (KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES; "
+                "KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd: ENOTTY)")
     return None
 
 

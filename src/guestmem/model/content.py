@@ -108,20 +108,21 @@ class PageStore:
         self.extents.clear(first, last)
 
     # --- conversions in place -----------------------------------------------------------------
-    def convert(self, first: int, last: int, new: Content | None) -> None:
-        """Pages [first, last) change owner: they now hold `new` (None: they keep
-        their bytes, a conversion that should not), and what they held is
-        remembered until they are written."""
-        before: list[tuple[int, int, Content | Snapshot]] = []
-        for lo, hi, c in self.extents.overlapping(first, last):
-            if isinstance(c, Bytes):
-                before += [(i, i + 1, Snapshot(bytes(self.pages[i]))) for i in range(lo, hi)]
-            else:
-                before.append((lo, hi, c))
-        if new is not None:
-            self.set(first, last, new)
-        for lo, hi, held in before:
-            self.handed_over.set(lo, hi, held)
+    def contents(self, runs: list[tuple[int, int]]) -> list[tuple[int, int, Content | Snapshot]]:
+        """What the pages of `runs` hold now, real bytes copied (for remember())."""
+        held: list[tuple[int, int, Content | Snapshot]] = []
+        for first, last in runs:
+            for lo, hi, c in self.extents.overlapping(first, last):
+                if isinstance(c, Bytes):
+                    held += [(i, i + 1, Snapshot(bytes(self.pages[i]))) for i in range(lo, hi)]
+                else:
+                    held.append((lo, hi, c))
+        return held
+
+    def remember(self, held: list[tuple[int, int, Content | Snapshot]]) -> None:
+        """Those pages changed owner: keep what they held until they are written."""
+        for lo, hi, c in held:
+            self.handed_over.set(lo, hi, c)
 
     def kept_across_conversion(self, first: int, last: int) -> list[tuple[int, int]]:
         """Pages of [first, last) that still hold, unwritten since, what their previous

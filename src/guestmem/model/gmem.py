@@ -281,10 +281,22 @@ class GmemInode:
         changing = _complement(private_now, first, last) if private else private_now
         vms = self._invalidate_begin(first, last)
         self.private.set(first, last, private)
+        preserves = self.vm.kvm.profile.conversion_of(
+            self.vm.vm_type_info) is Conversion.PRESERVE
         for lo, hi in changing:
+            # What the old owner left, for the invariant to compare with, taken
+            # apart from the hook it checks (where the VM type preserves, the bytes
+            # stay and there is nothing to compare).
+            before = [] if preserves else self.store.contents(self._initialised(lo, hi))
             self._change_owner(lo, hi)
+            self.store.remember(before)
         for vm in vms:
             vm.mmu.invalidate_end()
+
+    def _initialised(self, first: int, last: int) -> list[tuple[int, int]]:
+        """The runs of [first, last) whose folios are uptodate (hold anything)."""
+        return [(lo, hi) for lo, hi, state in self.folios.overlapping(first, last)
+                if state.uptodate]
 
     def _change_owner(self, first: int, last: int) -> None:
         """The series' arch callbacks kvm_arch_gmem_make_private / make_shared
@@ -294,11 +306,10 @@ class GmemInode:
         anything; the rest are zeroed when first used (kvm_gmem_get_pfn)."""
         conversion = self.vm.kvm.profile.conversion_of(self.vm.vm_type_info)
         if conversion is Conversion.PRESERVE:
-            return  # the bytes stay; nothing for the invariant to compare
+            return
         new = ZERO if conversion is Conversion.ZERO else Ciphertext(next(_conversion_keys))
-        for lo, hi, state in list(self.folios.overlapping(first, last)):
-            if state.uptodate:
-                self.store.convert(lo, hi, new)
+        for lo, hi in self._initialised(first, last):
+            self.store.set(lo, hi, new)
 
     # --- memory errors (kvm_gmem_error_folio) ----------------------------------------------------
     def memory_failure(self, first: int, last: int) -> None:
@@ -620,9 +631,15 @@ class GuestMemfd:
         raise oserror(errno.EINVAL, "ftruncate")  # kvm_gmem_setattr: size is immutable
 
     def ioctl(self, request: int, arg: int = 0) -> int:
-        """ioctl(2) on the file: ENOTTY (mainline kvm_gmem_fops has no unlocked_ioctl)."""
+        """ioctl(2) on the file: ENOTTY (mainline kvm_gmem_fops has no unlocked_ioctl;
+        the series' kvm_gmem_ioctl knows only KVM_SET_MEMORY_ATTRIBUTES2). That one,
+        by number, reads its struct from `arg`, which the model has no user memory
+        behind: EFAULT (copy_from_user); set_memory_attributes2 is the way in."""
         self._live()
-        raise oserror(errno.ENOTTY, "ioctl")  # ML: no unlocked_ioctl
+        if request == uapi.KVM_SET_MEMORY_ATTRIBUTES2 and \
+                self.vm.kvm.profile.gmem_in_place_conversion:
+            raise oserror(errno.EFAULT, "KVM_SET_MEMORY_ATTRIBUTES2")
+        raise oserror(errno.ENOTTY, "ioctl")
 
     def set_memory_attributes2(self, offset: int, size: int, attributes: int,
                                flags: int = 0) -> None:

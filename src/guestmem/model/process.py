@@ -162,10 +162,10 @@ class HostProcess:
         return self.mappings.find(addr)
 
     def all_mappings(self) -> list[Mapping]:
-        """Every mapping of this process and of its live children."""
+        """Every mapping of this process and of its live descendants."""
         out = list(self.mappings.values())
         for child in self.children:
-            out += child.mappings.values()
+            out += child.all_mappings()
         return out
 
     def fork(self) -> ChildProcess:
