@@ -95,3 +95,21 @@ def test_first_mismatch_finds_the_first_corrupted_word(corruptions, vstart):
     expected = next(((w, int.from_bytes(ref[w:w + 8], "little")) for w in range(off, SIZE, 8)
                      if ref[w:w + 8] != want.word_at(w).to_bytes(8, "little")), None)
     assert store.first_mismatch(off, SIZE - off, want) == expected
+
+
+def test_kept_across_conversion_names_every_page_that_still_holds_the_old_owners_data():
+    """PageStore.remember / kept_across_conversion (the invariant behind in-place
+    conversion): every run and every byte page still as it was is reported, in
+    order; zeros, and pages written since, are not."""
+    from guestmem.model.content import Fill, PageStore
+
+    store = PageStore()
+    store.fill(0, 2 * PAGE, 0x11)  # pages 0-1
+    store.fill(2 * PAGE, PAGE, 0)  # page 2: zeros, nobody's data
+    store.write_bytes(3 * PAGE + 5, b"old bytes")  # page 3: real bytes
+    store.fill(4 * PAGE, 2 * PAGE, 0x22)  # pages 4-5
+    store.remember(store.contents([(0, 6)]))
+    assert store.kept_across_conversion(0, 6) == [(0, 2), (3, 4), (4, 6)]
+    store.write_bytes(3 * PAGE, b"\x01")  # the new owner writes page 3
+    store.set(5, 6, Fill(0x33))  # and page 5
+    assert store.kept_across_conversion(0, 6) == [(0, 2), (4, 5)]
