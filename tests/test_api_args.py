@@ -17,8 +17,10 @@ import pytest
 
 from guestmem import _args, uapi
 from guestmem.host import fork as host_fork
+from guestmem.host import hugetlb as host_hugetlb
 from guestmem.host import kvm as host
 from guestmem.model import gmem as model_gmem
+from guestmem.model import hugetlb as model_hugetlb
 from guestmem.model import kvm as model_kvm
 from guestmem.model import process as model_process
 from guestmem.model import vcpu as model_vcpu
@@ -36,6 +38,10 @@ CLASSES = {
     "Mapping": (host.Mapping, model_process.Mapping),
     "Vcpu": (host.Vcpu, model_vcpu.Vcpu),
     "ChildProcess": (host_fork.ChildProcess, model_process.ChildProcess),
+    "Hugetlb": (host_hugetlb.Hugetlb, model_hugetlb.Hugetlb),
+    "HugetlbMount": (host_hugetlb.HugetlbMount, model_hugetlb.HugetlbMount),
+    "HugetlbFile": (host_hugetlb.HugetlbFile, model_hugetlb.HugetlbFile),
+    "HugetlbMapping": (host_hugetlb.HugetlbMapping, model_hugetlb.HugetlbMapping),
 }
 # One valid call per method; each test call replaces one argument by a wrong one.
 SAMPLES = {

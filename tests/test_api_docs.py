@@ -9,14 +9,15 @@ import re
 import pytest
 
 from guestmem import api
-from guestmem.host import fork
+from guestmem.host import fork, hugetlb
 from guestmem.host import kvm as host
 from guestmem.model import gmem, process, vcpu, vm
 from guestmem.model import kvm as model_kvm
 
 CLASSES = [host.Kvm, host.Vm, host.GuestMemfd, host.Mapping, host.Vcpu, model_kvm.Kvm, vm.Vm,
            gmem.GuestMemfd, process.Mapping, vcpu.Vcpu, api.Kvm, api.Vm, api.GuestMemfd,
-           api.Mapping, api.Vcpu, fork.ChildProcess, api.ChildProcess]
+           api.Mapping, api.Vcpu, fork.ChildProcess, api.ChildProcess, hugetlb.Hugetlb,
+           hugetlb.HugetlbFile, hugetlb.HugetlbMount, hugetlb.HugetlbMapping]
 # guestmem's helpers around the kernel calls: no one kernel call to name
 HELPERS = {"open_fd_count", "touch_in_child", "memory_map", "load_program", "fill", "read",
            "write", "zap", "pin", "mark_dirty", "complete_io_in", "supported_attributes",

@@ -12,8 +12,13 @@ from guestmem import api
 
 if TYPE_CHECKING:
     from guestmem.host import Kvm as HostKvm
+    from guestmem.host.hugetlb import Hugetlb as HostHugetlb
+    from guestmem.host.hugetlb import HugetlbFile as HostHugetlbFile
+    from guestmem.host.hugetlb import HugetlbMapping as HostHugetlbMapping
+    from guestmem.host.hugetlb import HugetlbMount as HostHugetlbMount
     from guestmem.model import Kvm as ModelKvm
     from guestmem.model import Profile
+    from guestmem.model import hugetlb as model_hugetlb
 
 __version__ = "0.1.0"
 
@@ -68,3 +73,18 @@ if TYPE_CHECKING:  # mypy holds both backends to the declared API
 
     def _host_is_an_api_kvm(kvm: HostKvm) -> api.Kvm:
         return kvm
+
+    def _host_hugetlb_is_an_api_hugetlb(hugetlb: HostHugetlb, file: HostHugetlbFile,
+                                        mount: HostHugetlbMount,
+                                        mapping: HostHugetlbMapping,
+                                        ) -> tuple[api.Hugetlb, api.HugetlbFile,
+                                                   api.HugetlbMount, api.HugetlbMapping]:
+        return hugetlb, file, mount, mapping
+
+    def _model_hugetlb_is_an_api_hugetlb(hugetlb: model_hugetlb.Hugetlb,
+                                         file: model_hugetlb.HugetlbFile,
+                                         mount: model_hugetlb.HugetlbMount,
+                                         mapping: model_hugetlb.HugetlbMapping,
+                                         ) -> tuple[api.Hugetlb, api.HugetlbFile,
+                                                    api.HugetlbMount, api.HugetlbMapping]:
+        return hugetlb, file, mount, mapping

@@ -15,6 +15,7 @@ are separate Protocols, narrowed to with isinstance().
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
@@ -313,3 +314,88 @@ class Kvm(Closable, Protocol):
 
     def open_fd_count(self) -> int:
         """Open fds of this process (leak checks)."""
+
+
+# --- HugeTLB: the host's huge page pools and hugetlbfs (issue 10) ------------------------------
+@dataclass(frozen=True)
+class HugetlbCounters:
+    """/sys/kernel/mm/hugepages/hugepages-<size>kB/: one hstate's pool."""
+
+    nr: int  # nr_hugepages: the pool, surplus included
+    free: int  # free_hugepages: in the pool, not allocated
+    resv: int  # resv_hugepages: committed to reservations, not yet faulted
+    surplus: int  # surplus_hugepages: above the persistent pool, from overcommit
+    overcommit: int  # nr_overcommit_hugepages: how many surplus pages may exist
+
+
+class HugetlbMapping(Closable, Protocol):
+    """A MAP_SHARED, PROT_READ|PROT_WRITE mapping of a hugetlbfs file."""
+
+    @property
+    def addr(self) -> int:
+        """Its start address."""
+
+    @property
+    def length(self) -> int:
+        """Its length in bytes."""
+
+    def touch(self, offset: int) -> None:
+        """A store at offset (a fault if no page is mapped there); HostSigbus where
+        hugetlb_fault fails (no page to allocate, beyond EOF)."""
+
+    def madvise(self, offset: int, length: int, advice: int) -> None:
+        """madvise(2) on [offset, offset+length) (MADV_DONTNEED, MADV_REMOVE, ...)."""
+
+    def munmap(self) -> None:
+        """munmap(2)."""
+
+
+class HugetlbFile(Closable, Protocol):
+    """A file on hugetlbfs: memfd_create(MFD_HUGETLB) or one created on a mount."""
+
+    @property
+    def size(self) -> int:
+        """st_size."""
+
+    def ftruncate(self, length: int) -> None:
+        """ftruncate(2) (hugetlbfs_setattr: sizes are whole huge pages, else EINVAL)."""
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) (hugetlbfs_fallocate: KEEP_SIZE and PUNCH_HOLE only)."""
+
+    def mmap(self, length: int, offset: int = 0) -> HugetlbMapping:
+        """mmap(2) MAP_SHARED, PROT_READ|PROT_WRITE (hugetlbfs_file_mmap reserves)."""
+
+
+class HugetlbMount(Closable, Protocol):
+    """A hugetlbfs mount of one page size with size=/min_size= (its subpool);
+    close() unmounts it."""
+
+    def create(self) -> HugetlbFile:
+        """open(2) O_CREAT|O_RDWR of a new file on the mount, unlinked at once (so
+        its pages go when it is closed and unmapped)."""
+
+
+class Hugetlb(Protocol):
+    """The HugeTLB pools and hugetlbfs of one machine (the host, or the model's)."""
+
+    @property
+    def page_sizes(self) -> tuple[int, ...]:
+        """The huge page sizes there are pools for, in bytes."""
+
+    def counters(self, page_size: int) -> HugetlbCounters:
+        """The pool's counters (sysfs hugepages-<size>kB)."""
+
+    def set_nr_hugepages(self, page_size: int, count: int) -> int:
+        """Write nr_hugepages (set_max_huge_pages); returns the pool size reached,
+        which is smaller where memory could not be found."""
+
+    def set_nr_overcommit_hugepages(self, page_size: int, count: int) -> None:
+        """Write nr_overcommit_hugepages."""
+
+    def memfd_create(self, page_size: int) -> HugetlbFile:
+        """memfd_create(2) with MFD_HUGETLB and the size's MFD_HUGE_* bits."""
+
+    def mount(self, page_size: int, size: int | None = None,
+              min_size: int | None = None) -> HugetlbMount:
+        """mount(2) of hugetlbfs with pagesize=, size= and min_size= (in bytes)."""

@@ -34,6 +34,9 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_
 _libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 _libc.memset.restype = ctypes.c_void_p
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 PROT_NONE: Final = 0
 PROT_READ: Final = 1
@@ -47,6 +50,7 @@ MAP_NORESERVE: Final = 0x4000
 MAP_FAILED: Final = ctypes.c_void_p(-1).value
 
 MADV_DONTNEED: Final = 4
+MADV_REMOVE: Final = 9
 MADV_HUGEPAGE: Final = 14
 MADV_COLLAPSE: Final = 25
 MADV_POPULATE_READ: Final = 22
@@ -131,6 +135,22 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with any mode bits (os.posix_fallocate cannot pass a mode)."""
     if _libc.fallocate(fd, mode, offset, length) != 0:
         raise oserror(_errno(), "fallocate")
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:
+    """mount(2); `data` is the filesystem's option string (hugetlbfs: pagesize=, size=, ...)."""
+    if _libc.mount(os.fsencode(source), os.fsencode(target), os.fsencode(fstype), flags,
+                   None if data is None else os.fsencode(data)) != 0:
+        raise oserror(_errno(), "mount")
+
+
+MNT_DETACH: Final = 2
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """umount2(2): EBUSY while a file on the mount is open or mapped (flags=0)."""
+    if _libc.umount2(os.fsencode(target), flags) != 0:
+        raise oserror(_errno(), "umount2")
 
 
 def memset(addr: int, byte: int, length: int) -> None:

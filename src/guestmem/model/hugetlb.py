@@ -1,0 +1,604 @@
+"""HugeTLB pools and hugetlbfs, as the kernel keeps them (mm/hugetlb.c, fs/hugetlbfs/inode.c).
+
+Physical memory below guest_memfd (issue 10): per page size an hstate with the
+counters of /sys/kernel/mm/hugepages/hugepages-<size>kB/, subpools of hugetlbfs
+mounts (size=, min_size=), and files whose reservations live in a resv_map per
+inode. Everything is kept per range of huge page indexes (ExtentMap), never per
+page. Only MAP_SHARED mappings exist here (what guest memory uses); MAP_PRIVATE's
+per-VMA reservations and COW are not modelled.
+
+Where the kernel's counters move, the function that moves them is named; the
+differential test (tests/test_hugetlb_differential.py) holds the model to this
+host's kernel, step by step.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import signal
+from dataclasses import dataclass, field
+from typing import Self
+
+from guestmem import _args, uapi
+from guestmem.api import HugetlbCounters
+from guestmem.exits import HostSigbus, oserror
+from guestmem.extents import ExtentMap
+
+PAGE = 4096
+SIZE_2M, SIZE_1G = 2 << 20, 1 << 30
+STRUCT_PAGE = 64  # sizeof(struct page): what vmemmap holds per base page
+MADV_DONTNEED, MADV_REMOVE = 4, 9
+PROT_RW = 3
+_ULONG = (1 << 64) - 1
+_END = 1 << 62  # "to the end of the file" (LLONG_MAX in huge pages, for extent maps)
+_addresses = itertools.count(0x7F00_0000_0000, SIZE_1G)  # each mapping its own 1 GiB slot
+
+
+@dataclass
+class Hstate:
+    """One huge page size's pool (struct hstate): its counters, and how many more
+    pages the buddy allocator could still give it (None: as many as memory allows)."""
+
+    page_size: int
+    nr: int = 0
+    free: int = 0
+    resv: int = 0
+    surplus: int = 0
+    overcommit: int = 0
+
+    @property
+    def gigantic(self) -> bool:
+        """hstate_is_gigantic: above MAX_PAGE_ORDER, no surplus pages at runtime."""
+        return self.page_size > SIZE_2M
+
+    @property
+    def persistent(self) -> int:
+        """persistent_huge_pages: the pool without its surplus."""
+        return self.nr - self.surplus
+
+    def available(self) -> int:
+        """available_huge_pages: free pages no reservation has claimed."""
+        return self.free - self.resv
+
+    def counters(self) -> HugetlbCounters:
+        return HugetlbCounters(self.nr, self.free, self.resv, self.surplus, self.overcommit)
+
+
+@dataclass
+class Subpool:
+    """struct hugepage_subpool of a hugetlbfs mount: max_hpages (size=), min_hpages
+    (min_size=), -1 where not given; used_hpages, rsv_hpages."""
+
+    hstate: Hstate
+    max: int
+    min: int
+    used: int = 0
+    rsv: int = 0
+
+    def get_pages(self, delta: int) -> int | None:
+        """hugepage_subpool_get_pages: charge delta pages; how many of them need a
+        global reservation (the subpool's own minimum covers the rest); None when
+        max_hpages would be exceeded (-ENOMEM)."""
+        if self.max != -1:
+            if self.used + delta > self.max:
+                return None
+            self.used += delta
+        if self.min != -1 and self.rsv:
+            if delta > self.rsv:
+                need, self.rsv = delta - self.rsv, 0
+                return need
+            self.rsv -= delta
+            return 0
+        return delta
+
+    def put_pages(self, delta: int) -> int:
+        """hugepage_subpool_put_pages: uncharge delta pages; how many global
+        reservations to drop (those the subpool's minimum does not keep)."""
+        ret = delta
+        if self.max != -1:
+            self.used -= delta
+        if self.min != -1 and self.used < self.min:
+            ret = 0 if self.rsv + delta <= self.min else self.rsv + delta - self.min
+            self.rsv = min(self.rsv + delta, self.min)
+        return ret
+
+
+class PhysicalMemory:
+    """The buddy allocator as HugeTLB sees it: bytes free to become huge pages, and
+    per size how many pages fragmentation still lets it assemble (this host: no
+    1 GiB page at all)."""
+
+    def __init__(self, free_bytes: int, obtainable: dict[int, int | None] | None = None) -> None:
+        self.free_bytes = free_bytes
+        self.obtainable = dict(obtainable or {})
+
+    def take(self, page_size: int) -> bool:
+        """alloc_fresh_hugetlb_folio / alloc_surplus_hugetlb_folio's buddy allocation."""
+        left = self.obtainable.get(page_size)
+        if self.free_bytes < page_size or left == 0:
+            return False
+        self.free_bytes -= page_size
+        if left is not None:
+            self.obtainable[page_size] = left - 1
+        return True
+
+    def give(self, page_size: int) -> None:
+        """update_and_free_hugetlb_folio: the page goes back to the buddy allocator."""
+        self.free_bytes += page_size
+        left = self.obtainable.get(page_size)
+        if left is not None:
+            self.obtainable[page_size] = left + 1
+
+
+@_args.checked
+class Hugetlb:
+    """The model's HugeTLB (api.Hugetlb): pools of 2 MiB and 1 GiB pages over
+    `memory`. By default: 24 GiB free, 1 GiB pages as obtainable as any."""
+
+    def __init__(self, memory: PhysicalMemory | None = None) -> None:
+        self.memory = memory or PhysicalMemory(24 << 30)
+        self.hstates = {size: Hstate(size) for size in (SIZE_2M, SIZE_1G)}
+        self.hvo = False  # vm.hugetlb_optimize_vmemmap
+
+    @property
+    def page_sizes(self) -> tuple[int, ...]:
+        """The sizes with a pool (hugetlb_add_hstate at boot)."""
+        return tuple(self.hstates)
+
+    def hstate(self, page_size: int) -> Hstate:
+        h = self.hstates.get(page_size)
+        if h is None:
+            raise oserror(errno.EINVAL, f"no hstate of {page_size:#x} bytes")
+        return h
+
+    def counters(self, page_size: int) -> HugetlbCounters:
+        """The sysfs counters of one size (hugepages-<size>kB)."""
+        return self.hstate(page_size).counters()
+
+    def adopt(self, page_size: int, counters: HugetlbCounters) -> None:
+        """Start the pool from another machine's counters (the differential test
+        begins where the host's pool is): free pages are taken from memory."""
+        h = self.hstate(page_size)
+        for _ in range(counters.nr - h.nr):
+            if not self.memory.take(page_size):
+                raise oserror(errno.ENOMEM, "adopt: not enough model memory")
+        h.nr, h.free, h.resv = counters.nr, counters.free, counters.resv
+        h.surplus, h.overcommit = counters.surplus, counters.overcommit
+
+    # --- the pool ---------------------------------------------------------------------------
+    def set_nr_hugepages(self, page_size: int, count: int) -> int:
+        """set_max_huge_pages: grow by turning surplus pages persistent, then from the
+        buddy allocator while it gives; shrink by freeing free pages (never the ones
+        in use or reserved), and turn what must stay into surplus."""
+        h = self.hstate(page_size)
+        if count < 0:
+            raise oserror(errno.EINVAL, "nr_hugepages")
+        while h.surplus and count > h.persistent:
+            h.surplus -= 1  # adjust_pool_surplus(h, nodes, -1)
+        while count > h.persistent and self.memory.take(page_size):
+            h.nr += 1
+            h.free += 1
+        # unsigned long arithmetic: a resv an accounting slip took below zero makes
+        # this huge, and the pool cannot shrink (seen on this host).
+        min_count = max(count, (h.resv + h.nr - h.free) & _ULONG)
+        while min_count < h.persistent and h.free > 0:
+            self._remove_free_page(h)
+        while count < h.persistent:
+            h.surplus += 1  # adjust_pool_surplus(h, nodes, +1): in use, freed later
+        return h.nr
+
+    def set_nr_overcommit_hugepages(self, page_size: int, count: int) -> None:
+        """nr_overcommit_hugepages_store: EINVAL for a gigantic size (no surplus
+        there, even a 0 is refused: observed) or a negative count."""
+        h = self.hstate(page_size)
+        if count < 0 or h.gigantic:
+            raise oserror(errno.EINVAL, "nr_overcommit_hugepages")
+        h.overcommit = count
+
+    def _remove_free_page(self, h: Hstate) -> None:
+        """remove_pool_hugetlb_folio + update_and_free_hugetlb_folio."""
+        h.nr -= 1
+        h.free -= 1
+        self.memory.give(h.page_size)
+
+    def _alloc_surplus(self, h: Hstate) -> bool:
+        """alloc_surplus_hugetlb_folio: never gigantic, never beyond the overcommit."""
+        if h.gigantic or h.surplus >= h.overcommit or not self.memory.take(h.page_size):
+            return False
+        h.nr += 1
+        h.surplus += 1
+        return True
+
+    def acct_memory(self, h: Hstate, delta: int) -> bool:
+        """hugetlb_acct_memory: reserve delta pages (gather_surplus_pages: surplus
+        pages from the buddy for what the free pages lack, all or none), or release
+        -delta (return_unused_surplus_pages: free surplus pages go back)."""
+        if delta > 0:
+            needed = h.resv + delta - h.free
+            gathered = 0
+            while gathered < needed and self._alloc_surplus(h):
+                gathered += 1
+                h.free += 1  # enqueued in the pool
+            if gathered < needed:
+                for _ in range(gathered):
+                    h.surplus -= 1
+                    self._remove_free_page(h)
+                return False
+            h.resv += delta
+        elif delta < 0:
+            h.resv += delta
+            for _ in range(min(-delta, h.surplus)):
+                if h.free == 0:
+                    break
+                h.surplus -= 1
+                self._remove_free_page(h)
+        return True
+
+    def alloc_page(self, h: Hstate, reserved: bool) -> bool:
+        """alloc_hugetlb_folio's pool side: a reserved page takes a free one and its
+        reservation (resv--); an unreserved one needs a free page no reservation
+        claims, else a surplus page straight from the buddy allocator."""
+        if reserved:
+            h.resv -= 1
+            h.free -= 1
+            return True
+        if h.available() > 0 and h.free > 0:  # dequeue_hugetlb_folio_vma finds one
+            h.free -= 1
+            return True
+        return self._alloc_surplus(h)
+
+    def free_page(self, h: Hstate, spool: Subpool | None) -> None:
+        """free_huge_folio of a page-cache page: the subpool gets it back (its
+        minimum may turn it into a reservation again), and a surplus page leaves the
+        pool, else it is free in it."""
+        if spool is not None and spool.put_pages(1) == 0:
+            h.resv += 1  # restore_reserve
+        if h.surplus:
+            h.surplus -= 1
+            h.nr -= 1
+            self.memory.give(h.page_size)
+        else:
+            h.free += 1
+
+    # --- files ----------------------------------------------------------------------------------
+    def memfd_create(self, page_size: int) -> HugetlbFile:
+        """memfd_create(MFD_HUGETLB | MFD_HUGE_*): a file on the size's internal
+        hugetlbfs mount, which has no subpool (hugetlb_file_setup)."""
+        return HugetlbFile(self, self.hstate(page_size), None)
+
+    def mount(self, page_size: int, size: int | None = None,
+              min_size: int | None = None) -> HugetlbMount:
+        """mount -t hugetlbfs -o pagesize=,size=,min_size= (hugetlbfs_fill_super):
+        min above max is EINVAL; a subpool with a minimum reserves it now, ENOMEM
+        when the pool cannot (hugepage_new_subpool)."""
+        h = self.hstate(page_size)
+        max_pages = -1 if size is None else size // page_size  # hugetlbfs_size_to_hpages
+        min_pages = -1 if min_size is None else min_size // page_size
+        if max_pages != -1 and min_pages > max_pages:
+            raise oserror(errno.EINVAL, "mount hugetlbfs: min_size > size")
+        spool = None
+        if max_pages != -1 or min_pages != -1:
+            if min_pages != -1 and not self.acct_memory(h, min_pages):
+                raise oserror(errno.ENOMEM, "mount hugetlbfs: min_size")
+            spool = Subpool(h, max_pages, min_pages, rsv=max(min_pages, 0))
+        return HugetlbMount(self, h, spool)
+
+    def report(self) -> dict[str, dict[str, int]]:
+        """The counters by sysfs directory name, and /proc/meminfo's HugeTLB lines."""
+        out = {f"hugepages-{size // 1024}kB": vars(h.counters()) for size, h in
+               self.hstates.items()}
+        h2m = self.hstates[SIZE_2M]
+        out["meminfo"] = {"HugePages_Total": h2m.nr, "HugePages_Free": h2m.free,
+                          "HugePages_Rsvd": h2m.resv, "HugePages_Surp": h2m.surplus,
+                          "Hugepagesize": SIZE_2M // 1024,
+                          "Hugetlb": sum(h.nr * h.page_size for h in self.hstates.values())
+                          // 1024}
+        return out
+
+    def vmemmap_bytes(self, page_size: int) -> int:
+        """The struct pages behind the pool's pages: page_size/4096 * 64 bytes each;
+        with HVO (hugetlb_optimize_vmemmap) all but one vmemmap page per huge page
+        are freed: 7 of 8 for 2 MiB, 4095 of 4096 for 1 GiB (vmemmap_dedup.rst)."""
+        h = self.hstate(page_size)
+        per_page = page_size // PAGE * STRUCT_PAGE
+        return h.nr * (PAGE if self.hvo else per_page)
+
+
+@_args.checked
+class HugetlbMount:
+    """A hugetlbfs mount (api.HugetlbMount): its subpool; close() unmounts."""
+
+    def __init__(self, hugetlb: Hugetlb, h: Hstate, spool: Subpool | None) -> None:
+        self.hugetlb, self.h, self.spool = hugetlb, h, spool
+        self.files: set[HugetlbFile] = set()
+        self.mounted = True
+
+    def create(self) -> HugetlbFile:
+        """open(O_CREAT) of a new file on the mount (unlinked at once)."""
+        if not self.mounted:
+            raise oserror(errno.ENOENT, "open: not mounted")
+        file = HugetlbFile(self.hugetlb, self.h, self.spool, self)
+        self.files.add(file)
+        return file
+
+    def close(self) -> None:
+        """umount(2): EBUSY while a file on it is open or mapped; then the subpool
+        goes and its minimum's reservation with it (unlock_or_release_subpool)."""
+        if not self.mounted:
+            return
+        if any(not f.evicted for f in self.files):
+            raise oserror(errno.EBUSY, "umount hugetlbfs")
+        self.mounted = False
+        if self.spool is not None and self.spool.min != -1:
+            self.hugetlb.acct_memory(self.h, -self.spool.min)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@_args.checked
+class HugetlbFile:
+    """A hugetlbfs inode and its one fd (api.HugetlbFile). `pages`: huge page
+    indexes in the page cache; `resv_map`: indexes with a reservation, used or not
+    (the inode's resv_map regions)."""
+
+    def __init__(self, hugetlb: Hugetlb, h: Hstate, spool: Subpool | None,
+                 mount: HugetlbMount | None = None) -> None:
+        self.hugetlb, self.h, self.spool, self.mount = hugetlb, h, spool, mount
+        self.i_size = 0
+        self.pages: ExtentMap[bool] = ExtentMap()
+        self.resv_map: ExtentMap[bool] = ExtentMap()
+        self.mappings: set[HugetlbMapping] = set()
+        self.fd_open = True
+        self.evicted = False
+
+    @property
+    def size(self) -> int:
+        """st_size (i_size)."""
+        return self.i_size
+
+    def _live(self, what: str) -> None:
+        if not self.fd_open:
+            raise oserror(errno.EBADF, what)
+
+    @property
+    def npages(self) -> int:
+        """Whole huge pages below i_size: what a fault may reach (hugetlb_fault)."""
+        return self.i_size // self.h.page_size
+
+    # --- reservations and pages ------------------------------------------------------------
+    def reserve(self, first: int, last: int) -> bool:
+        """hugetlb_reserve_pages for a shared mapping: what [first, last) lacks in the
+        resv_map is charged to the subpool and reserved globally, or nothing is."""
+        chg = (last - first) - self.resv_map.covered(first, last)
+        gbl = chg if self.spool is None else self.spool.get_pages(chg)
+        if gbl is None:
+            return False
+        if not self.hugetlb.acct_memory(self.h, gbl):
+            if self.spool is not None:
+                self._put_back(self.spool, chg, gbl)
+            return False
+        self.resv_map.set(first, last, True)  # region_add
+        return True
+
+    def _put_back(self, spool: Subpool, chg: int, gbl: int) -> None:
+        """hugetlb_reserve_pages' out_put_pages: the pages the subpool's minimum
+        covered go back to it (a833a693a490, "fix incorrect fallback for
+        subpool"), and used_hpages forgets the ones the global reservation refused
+        ("restore failed global reservations to subpool", a stable fix)."""
+        if chg - gbl:
+            self.hugetlb.acct_memory(self.h, -spool.put_pages(chg - gbl))
+        if gbl and spool.max != -1:
+            spool.used -= gbl
+
+    def allocate(self, index: int) -> bool:
+        """alloc_hugetlb_folio for page index, then hugetlb_add_to_page_cache: a
+        reservation in the resv_map is consumed; else the subpool is charged and
+        an unclaimed free or surplus page taken, the region committed. On failure
+        only a page the subpool's minimum covered goes back to it (out_subpool_put)."""
+        map_chg = not self.resv_map.get(index)
+        gbl_chg = int(map_chg)
+        if map_chg and self.spool is not None:
+            got = self.spool.get_pages(1)
+            if got is None:
+                return False  # -ENOSPC
+            gbl_chg = got  # 0: the subpool's minimum had it reserved
+        if not self.hugetlb.alloc_page(self.h, gbl_chg == 0):
+            if map_chg and not gbl_chg and self.spool is not None:  # out_subpool_put
+                self.hugetlb.acct_memory(self.h, -self.spool.put_pages(1))
+            return False
+        self.pages.set(index, index + 1, True)
+        self.resv_map.set(index, index + 1, True)  # vma_commit_reservation: region_add
+        return True
+
+    def _free_pages(self, first: int, last: int) -> int:
+        """Free the page-cache pages of [first, last) (after unmapping them)."""
+        for m in self.mappings:
+            m.zap(first, last)
+        freed = self.pages.take(first, last)
+        for _ in range(freed):
+            self.hugetlb.free_page(self.h, self.spool)
+        return freed
+
+    def remove_pages(self, first: int, last: int | None) -> None:
+        """remove_inode_hugepages: a hole (last given) drops each present page and its
+        region, leaving the reservations of pages never faulted; a truncation (last
+        None) drops every page and region from first on and returns the unused
+        reservations (hugetlb_unreserve_pages)."""
+        if last is not None:
+            for lo, hi, _ in list(self.pages.overlapping(first, last)):
+                self._free_pages(lo, hi)
+                self.resv_map.clear(lo, hi)  # per page: hugetlb_unreserve_pages(i, i+1, 1)
+            return
+        freed = self._free_pages(first, _END)
+        unused = self.resv_map.take(first, _END) - freed
+        gbl = unused if self.spool is None else self.spool.put_pages(unused)
+        self.hugetlb.acct_memory(self.h, -gbl)
+
+    # --- file operations ----------------------------------------------------------------------
+    def ftruncate(self, length: int) -> None:
+        """hugetlbfs_setattr: a size that is not whole huge pages is EINVAL; any other
+        size, larger, smaller or the same, goes through hugetlb_vmtruncate, which
+        sets i_size and removes every page and reservation beyond it (pages a
+        KEEP_SIZE fallocate put there included)."""
+        self._live("ftruncate")
+        if length < 0:
+            raise oserror(errno.EINVAL, "ftruncate")
+        if length % self.h.page_size:
+            raise oserror(errno.EINVAL, "ftruncate: not a multiple of the huge page size")
+        self.i_size = length
+        self.remove_pages(length // self.h.page_size, None)
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on the fd."""
+        self._live("fallocate")
+        self.vfs_fallocate(mode, offset, length)
+
+    def vfs_fallocate(self, mode: int, offset: int, length: int) -> None:
+        """vfs_fallocate + hugetlbfs_fallocate (also reached by MADV_REMOVE through a
+        mapping, with no fd): KEEP_SIZE and PUNCH_HOLE only (EOPNOTSUPP); a hole is
+        rounded inward to whole pages (hugetlbfs_punch_hole), an allocation outward;
+        a page that cannot be had is ENOSPC, the pages before it stay; i_size grows
+        to offset+length without KEEP_SIZE."""
+        keep, punch = uapi.FALLOC_FL_KEEP_SIZE, uapi.FALLOC_FL_PUNCH_HOLE
+        if offset < 0 or length <= 0:
+            raise oserror(errno.EINVAL, "fallocate")  # vfs_fallocate
+        if mode & ~(keep | punch) or (mode & punch and not mode & keep):
+            raise oserror(errno.EOPNOTSUPP, "fallocate")
+        ps = self.h.page_size
+        if mode & punch:
+            first, last = -(-offset // ps), (offset + length) // ps
+            if first < last:
+                self.remove_pages(first, last)
+            return
+        for index in range(offset // ps, -(-(offset + length) // ps)):
+            if not self.pages.get(index) and not self.allocate(index):
+                raise oserror(errno.ENOSPC, "fallocate")
+        if not mode & keep and offset + length > self.i_size:
+            self.i_size = offset + length
+
+    def mmap(self, length: int, offset: int = 0) -> HugetlbMapping:
+        """ksys_mmap_pgoff rounds the length up to whole huge pages; hugetlbfs_file_mmap
+        refuses an offset that is not (EINVAL), reserves the range (ENOMEM if it
+        cannot be) and extends i_size to it (a writable mapping)."""
+        self._live("mmap")
+        ps = self.h.page_size
+        if length <= 0 or offset % ps or offset < 0:
+            raise oserror(errno.EINVAL, "mmap")
+        length = -(-length // ps) * ps
+        first, last = offset // ps, (offset + length) // ps
+        if not self.reserve(first, last):
+            raise oserror(errno.ENOMEM, "mmap: hugetlb_reserve_pages")
+        if self.i_size < offset + length:
+            self.i_size = offset + length
+        mapping = HugetlbMapping(self, next(_addresses), length, first)
+        self.mappings.add(mapping)
+        return mapping
+
+    def close(self) -> None:
+        """close(2); the last reference (no fd, no mapping) evicts the inode
+        (hugetlbfs_evict_inode: every page and reservation goes)."""
+        if self.fd_open:
+            self.fd_open = False
+            self._maybe_evict()
+
+    def _maybe_evict(self) -> None:
+        if self.evicted or self.fd_open or self.mappings:
+            return
+        self.evicted = True
+        self.remove_pages(0, None)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@_args.checked
+@dataclass(eq=False)
+class HugetlbMapping:
+    """A MAP_SHARED mapping of a hugetlbfs file (api.HugetlbMapping); `ptes`: huge
+    page indexes of the mapping with a PTE."""
+
+    file: HugetlbFile
+    addr: int
+    length: int
+    pgoff: int  # in huge pages
+    ptes: ExtentMap[bool] = field(default_factory=ExtentMap)
+    mapped: bool = True
+
+    def _index(self, offset: int) -> int:
+        if not self.mapped:
+            raise OSError(errno.EBADF, "mapping was unmapped")
+        if offset < 0 or offset >= self.length:
+            raise ValueError(f"{offset:#x} outside a {self.length:#x} mapping")
+        return offset // self.file.h.page_size
+
+    def touch(self, offset: int) -> None:
+        """A store: hugetlb_fault -> hugetlb_no_page for a page not in the page cache:
+        beyond EOF or no page to allocate is SIGBUS."""
+        index = self._index(offset)
+        if self.ptes.get(index):
+            return
+        file_index = self.pgoff + index
+        if file_index >= self.file.npages:
+            raise HostSigbus(self.addr + offset, "beyond EOF")
+        if not self.file.pages.get(file_index) and not self.file.allocate(file_index):
+            raise HostSigbus(self.addr + offset, "no huge page (hugetlb_no_page: -ENOSPC)")
+        self.ptes.set(index, index + 1, True)
+
+    def touch_in_child(self, offset: int) -> int | None:
+        """The signal a store in a child process would get (the model has no child
+        to kill): SIGBUS where touch() raises HostSigbus."""
+        try:
+            self.touch(offset)
+        except HostSigbus:
+            return signal.SIGBUS
+        return None
+
+    def madvise(self, offset: int, length: int, advice: int) -> None:
+        """madvise(2): DONTNEED needs a huge-aligned start and drops whole pages'
+        PTEs (madvise_dontneed_free_valid_vma rounds the end down); REMOVE punches
+        the file (vfs_fallocate PUNCH_HOLE|KEEP_SIZE)."""
+        if not self.mapped:
+            raise OSError(errno.EBADF, "mapping was unmapped")
+        if offset < 0 or length < 0 or offset + length > self.length:
+            raise ValueError(f"[{offset:#x}, +{length:#x}) outside a {self.length:#x} mapping")
+        ps = self.file.h.page_size
+        if advice == MADV_DONTNEED:
+            if offset % ps:
+                raise oserror(errno.EINVAL, "madvise")
+            end = (offset + length) // ps * ps
+            self.ptes.clear(offset // ps, end // ps)
+        elif advice == MADV_REMOVE:
+            self.file.vfs_fallocate(uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE,
+                                    self.pgoff * ps + offset, length)
+        else:
+            raise oserror(errno.EINVAL, "madvise")
+
+    def zap(self, first: int, last: int) -> None:
+        """unmap the file's pages [first, last) here (hugetlb_vmdelete_list)."""
+        lo, hi = max(first - self.pgoff, 0), last - self.pgoff
+        if lo < hi:
+            self.ptes.clear(lo, hi)
+
+    def munmap(self) -> None:
+        """munmap(2): a shared mapping's reservations stay with the inode."""
+        if self.mapped:
+            self.mapped = False
+            self.ptes = ExtentMap()
+            self.file.mappings.discard(self)
+            self.file._maybe_evict()
+
+    close = munmap
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.munmap()

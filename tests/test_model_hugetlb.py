@@ -1,0 +1,169 @@
+"""The model's HugeTLB pools and hugetlbfs (guestmem.model.hugetlb), on their own:
+what the differential test cannot reach on this host (1 GiB pages, finite
+memory, HVO, terabyte files)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from guestmem import uapi
+from guestmem.api import HugetlbCounters
+from guestmem.exits import HostSigbus
+from guestmem.model.hugetlb import SIZE_1G, SIZE_2M, Hugetlb, PhysicalMemory
+
+S = SIZE_2M
+
+
+def errno_of(fn, *args):
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def test_the_pool_grows_only_as_far_as_memory_goes():
+    hugetlb = Hugetlb(PhysicalMemory(5 * S))
+    assert hugetlb.set_nr_hugepages(S, 8) == 5
+    assert hugetlb.counters(S) == HugetlbCounters(5, 5, 0, 0, 0)
+    assert hugetlb.set_nr_hugepages(S, 2) == 2
+    assert hugetlb.memory.free_bytes == 3 * S, "freed pages go back to the buddy allocator"
+
+
+def test_a_gigantic_pool_gets_what_fragmentation_allows_and_never_surplus():
+    hugetlb = Hugetlb(PhysicalMemory(64 << 30, {SIZE_1G: 1}))
+    assert hugetlb.set_nr_hugepages(SIZE_1G, 4) == 1
+    assert errno_of(hugetlb.set_nr_overcommit_hugepages, SIZE_1G, 0) == errno.EINVAL
+    f = hugetlb.memfd_create(SIZE_1G)
+    assert errno_of(f.mmap, 2 * SIZE_1G) == errno.ENOMEM, "alloc_surplus: never gigantic"
+    assert hugetlb.counters(SIZE_1G) == HugetlbCounters(1, 1, 0, 0, 0), "nothing kept"
+
+
+def test_shrinking_below_what_is_in_use_makes_surplus_that_leaves_when_freed():
+    hugetlb = Hugetlb()
+    hugetlb.set_nr_hugepages(S, 3)
+    f = hugetlb.memfd_create(S)
+    f.fallocate(0, 0, 2 * S)
+    assert hugetlb.set_nr_hugepages(S, 0) == 2
+    assert hugetlb.counters(S) == HugetlbCounters(2, 0, 0, 2, 0)
+    f.close()
+    assert hugetlb.counters(S) == HugetlbCounters(0, 0, 0, 0, 0)
+
+
+def test_a_reservation_beyond_the_pool_takes_surplus_pages_all_or_none():
+    hugetlb = Hugetlb()
+    hugetlb.set_nr_hugepages(S, 1)
+    hugetlb.set_nr_overcommit_hugepages(S, 1)
+    f = hugetlb.memfd_create(S)
+    assert errno_of(f.mmap, 3 * S) == errno.ENOMEM
+    assert hugetlb.counters(S) == HugetlbCounters(1, 1, 0, 0, 1)
+    m = f.mmap(2 * S)
+    assert hugetlb.counters(S) == HugetlbCounters(2, 2, 2, 1, 1)
+    m.munmap()
+    f.close()
+    assert hugetlb.counters(S) == HugetlbCounters(1, 1, 0, 0, 1)
+
+
+def test_a_subpool_minimum_is_reserved_at_mount_and_returned_at_unmount():
+    hugetlb = Hugetlb()
+    hugetlb.set_nr_hugepages(S, 4)
+    assert errno_of(hugetlb.mount, S, S, 2 * S) == errno.EINVAL, "min_size > size"
+    assert errno_of(hugetlb.mount, S, None, 5 * S) == errno.ENOMEM
+    mount = hugetlb.mount(S, 3 * S, 2 * S)
+    assert hugetlb.counters(S).resv == 2
+    f = mount.create()
+    m = f.mmap(2 * S)
+    assert hugetlb.counters(S).resv == 2, "the subpool's minimum covers the mapping"
+    m.touch(0)
+    m.touch(S)
+    try:
+        f.mmap(2 * S, 2 * S)
+    except OSError as e:
+        assert e.errno == errno.ENOMEM, "size=: three pages at most"
+    else:
+        pytest.fail("the subpool's maximum was exceeded")
+    assert errno_of(mount.close) == errno.EBUSY
+    m.munmap()
+    f.close()
+    assert hugetlb.counters(S).resv == 2, "the minimum stays while mounted"
+    mount.close()
+    assert hugetlb.counters(S) == HugetlbCounters(4, 4, 0, 0, 0)
+
+
+def test_a_fault_with_no_reservation_and_no_page_is_sigbus_and_changes_nothing():
+    """A punched page loses its region; once another file has the pool's last page,
+    faulting it again finds neither a reservation nor a free page."""
+    hugetlb = Hugetlb()
+    hugetlb.set_nr_hugepages(S, 1)
+    f = hugetlb.memfd_create(S)
+    m = f.mmap(S)
+    m.touch(0)
+    f.fallocate(uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE, 0, S)
+    g = hugetlb.memfd_create(S)
+    g.fallocate(0, 0, S)
+    before = hugetlb.counters(S)
+    assert before == HugetlbCounters(1, 0, 0, 0, 0)
+    try:
+        m.touch(0)
+    except HostSigbus:
+        pass
+    else:
+        pytest.fail("faulted a page the pool does not have")
+    assert hugetlb.counters(S) == before
+    assert errno_of(hugetlb.memfd_create(S).fallocate, 0, 0, S) == errno.ENOSPC
+
+
+def test_punch_hole_frees_faulted_pages_but_keeps_unused_reservations():
+    """remove_inode_hugepages for a hole drops present pages only; the reservations
+    of pages never faulted stay until truncation or eviction."""
+    hugetlb = Hugetlb()
+    hugetlb.set_nr_hugepages(S, 4)
+    f = hugetlb.memfd_create(S)
+    m = f.mmap(2 * S)
+    m.touch(0)
+    assert hugetlb.counters(S) == HugetlbCounters(4, 3, 1, 0, 0)
+    f.fallocate(uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE, 0, 2 * S)
+    assert hugetlb.counters(S) == HugetlbCounters(4, 4, 1, 0, 0)
+    f.ftruncate(0)
+    assert hugetlb.counters(S) == HugetlbCounters(4, 4, 0, 0, 0)
+    try:
+        m.touch(0)
+    except HostSigbus:
+        pass
+    else:
+        pytest.fail("a fault beyond EOF succeeded")
+
+
+def test_hvo_frees_all_but_one_vmemmap_page_per_huge_page():
+    hugetlb = Hugetlb()
+    hugetlb.set_nr_hugepages(S, 2)
+    hugetlb.set_nr_hugepages(SIZE_1G, 1)
+    assert hugetlb.vmemmap_bytes(S) == 2 * 8 * 4096
+    assert hugetlb.vmemmap_bytes(SIZE_1G) == 4096 * 4096
+    hugetlb.hvo = True
+    assert hugetlb.vmemmap_bytes(S) == 2 * 4096, "7 of 8 pages freed per 2 MiB page"
+    assert hugetlb.vmemmap_bytes(SIZE_1G) == 4096, "4095 of 4096 per 1 GiB page"
+
+
+def test_a_terabyte_file_is_reserved_and_faulted_per_range():
+    hugetlb = Hugetlb(PhysicalMemory(2 << 40))
+    hugetlb.set_nr_hugepages(SIZE_1G, 1024)
+    f = hugetlb.memfd_create(SIZE_1G)
+    m = f.mmap(1 << 40)
+    f.fallocate(uapi.FALLOC_FL_KEEP_SIZE, 0, 512 * SIZE_1G)
+    assert hugetlb.counters(SIZE_1G) == HugetlbCounters(1024, 512, 512, 0, 0)
+    m.munmap()
+    f.close()
+    assert hugetlb.counters(SIZE_1G) == HugetlbCounters(1024, 1024, 0, 0, 0)
+
+
+def test_the_report_is_shaped_like_sysfs_and_meminfo():
+    hugetlb = Hugetlb()
+    hugetlb.set_nr_hugepages(S, 3)
+    report = hugetlb.report()
+    assert report["hugepages-2048kB"] == {"nr": 3, "free": 3, "resv": 0, "surplus": 0,
+                                          "overcommit": 0}
+    assert report["meminfo"]["HugePages_Total"] == 3
+    assert report["meminfo"]["Hugetlb"] == 3 * 2048
