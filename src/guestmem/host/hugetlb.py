@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import faulthandler
 import os
-import signal
 import tempfile
 from collections.abc import Iterator
 from types import TracebackType
@@ -71,8 +69,6 @@ def memfd_flags(page_size: int) -> int:
 class HugetlbMapping:
     """A MAP_SHARED, PROT_READ|PROT_WRITE mapping of a hugetlbfs file."""
 
-    _mem_fd: int | None = None
-
     def __init__(self, addr: int, length: int) -> None:
         self._addr = addr
         self._length = length
@@ -88,12 +84,6 @@ class HugetlbMapping:
         """Its length in bytes."""
         return self._length
 
-    @classmethod
-    def _mem(cls) -> int:
-        if cls._mem_fd is None:
-            cls._mem_fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
-        return cls._mem_fd
-
     def _check(self, offset: int, length: int) -> None:
         if not self._mapped:
             raise oserror(errno.EBADF, "mapping was unmapped")
@@ -106,7 +96,7 @@ class HugetlbMapping:
         (EIO on this host: no page in the pool, beyond EOF)."""
         self._check(offset, 1)
         try:
-            done = os.pwrite(self._mem(), b"\x5a", self._addr + offset)
+            done = os.pwrite(libc.proc_self_mem(), b"\x5a", self._addr + offset)
         except OSError as e:
             if e.errno in (errno.EIO, errno.EFAULT):
                 raise HostSigbus(self._addr + offset, os.strerror(e.errno)) from None
@@ -118,16 +108,7 @@ class HugetlbMapping:
         """A real one-byte store at offset in a forked child (fork(2), then a
         plain store): the signal that killed it (SIGBUS) or None."""
         self._check(offset, 1)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            faulthandler.disable()  # the expected SIGBUS is no crash to report
-            signal.signal(signal.SIGBUS, signal.SIG_DFL)
-            try:
-                libc.memset(self._addr + offset, 0x5A, 1)
-            finally:
-                os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        return os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        return libc.touch_in_child(self._addr + offset, 1, write=True)
 
     def madvise(self, offset: int, length: int, advice: int) -> None:
         """madvise(2) on [offset, offset+length) (MADV_DONTNEED, MADV_REMOVE, ...)."""

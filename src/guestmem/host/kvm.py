@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import faulthandler
 import fcntl
 import os
 import signal
@@ -519,8 +518,6 @@ class Mapping:
     behind /proc/self/mem fails with EIO exactly there) instead of killing the
     interpreter; `touch_in_child` observes the real signal."""
 
-    _mem_fd: int | None = None
-
     def __init__(self, addr: int, length: int, prot: int = libc.PROT_READ | libc.PROT_WRITE,
                  offset: int = 0, populate_limit: PopulateLimit | None = None) -> None:
         self.addr = addr
@@ -530,12 +527,6 @@ class Mapping:
         self.populate_limit = populate_limit or PopulateLimit()
         self._mapped = True
 
-
-    @classmethod
-    def _mem(cls) -> int:
-        if cls._mem_fd is None:
-            cls._mem_fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
-        return cls._mem_fd
 
     def _check(self, offset: int, length: int) -> None:
         if not self._mapped:
@@ -561,7 +552,7 @@ class Mapping:
         self._allowed(offset, False)
         self.populate_limit.check(length, "read")
         try:
-            data = os.pread(self._mem(), length, self.addr + offset)
+            data = os.pread(libc.proc_self_mem(), length, self.addr + offset)
         except OSError as e:
             if e.errno in (errno.EIO, errno.EFAULT):
                 raise HostSigbus(self.addr + offset) from e
@@ -576,7 +567,7 @@ class Mapping:
         self._allowed(offset, True)
         self.populate_limit.check(len(data), "write")
         try:
-            done = os.pwrite(self._mem(), data, self.addr + offset)
+            done = os.pwrite(libc.proc_self_mem(), data, self.addr + offset)
         except OSError as e:
             if e.errno in (errno.EIO, errno.EFAULT):
                 raise HostSigbus(self.addr + offset) from e
@@ -596,20 +587,7 @@ class Mapping:
         killed it (e.g. SIGBUS) or None. The authoritative SIGBUS check."""
         self._check(offset, 0)
         self.populate_limit.check(length, "touch_in_child")  # shared pages stay populated
-        pid = os.fork()
-        if pid == 0:  # child: touch with plain loads/stores, like a C program would
-            faulthandler.disable()  # the expected SIGBUS is not a crash to report
-            signal.signal(signal.SIGBUS, signal.SIG_DFL)
-            try:
-                addr = self.addr + offset
-                if write:
-                    libc.memset(addr, 0x5A, length)
-                else:
-                    ctypes.string_at(addr, length)
-            finally:
-                os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        return os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        return libc.touch_in_child(self.addr + offset, length, write)
 
     def pin(self, offset: int, length: int) -> RegisteredBuffer:
         """pin_user_pages(FOLL_WRITE | FOLL_LONGTERM) on [offset, offset+length),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import faulthandler
 import os
 import signal
 import threading
@@ -344,3 +345,36 @@ def eat_kick_signals() -> None:
 def kick_thread(thread_id: int) -> None:
     """Interrupt whatever blocking call thread `thread_id` is in (EINTR)."""
     signal.pthread_kill(thread_id, KICK_SIGNAL)
+
+
+# --- touching memory without dying of it -------------------------------------------------------
+_proc_self_mem: int | None = None
+
+
+def proc_self_mem() -> int:
+    """This process's /proc/self/mem, opened once: loads and stores through it fault
+    as real ones do, and a fault the kernel would answer with SIGBUS fails the
+    pread/pwrite (EIO) instead. A forked child must open its own (this fd names
+    the parent's mm)."""
+    global _proc_self_mem
+    if _proc_self_mem is None:
+        _proc_self_mem = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+    return _proc_self_mem
+
+
+def touch_in_child(addr: int, length: int, write: bool) -> int | None:
+    """Load (or store 0x5A into) [addr, addr+length) with plain instructions in a
+    fork(2)ed child; the signal that killed it, or None."""
+    pid = os.fork()
+    if pid == 0:  # the child: like a C program would
+        faulthandler.disable()  # the expected SIGBUS is no crash to report
+        signal.signal(signal.SIGBUS, signal.SIG_DFL)
+        try:
+            if write:
+                memset(addr, 0x5A, length)
+            else:
+                ctypes.string_at(addr, length)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
