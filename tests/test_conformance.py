@@ -50,7 +50,8 @@ HOST_LACKS = ("KVM_CAP_MEMORY_ATTRIBUTES=0x0", "KVM_CAP_PRE_FAULT_MEMORY=0",
               "case is for hosts without", "KVM_EXIT_HYPERCALL cannot reach userspace",
               "case is for sw-protected VMs", "case is for SNP/TDX VMs",
               "needs 2 NUMA nodes, the host has 1",
-              "no per-inode guest_memfd mempolicy", "no in-place conversion")
+              "no per-inode guest_memfd mempolicy", "no in-place conversion",
+              "lacks GUEST_MEMFD_FLAG_HUGETLB")
 
 
 def test_no_case_skips_for_a_capability_this_host_has(host_kvm):

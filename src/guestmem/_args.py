@@ -75,6 +75,7 @@ def signed(bits: int) -> Kind:
 
 
 U64, U32, S64, S32 = unsigned(64), unsigned(32), signed(64), signed(32)
+U8 = unsigned(8)
 
 
 def INT(name: str, value: Any) -> int:  # noqa: N802 - a kind, named like U64
@@ -199,7 +200,7 @@ SPEC: dict[str, dict[str, Kind]] = {
     "Kvm.fork": {},
     "Kvm.close": {},
     "Vm.check_extension": {"cap": U64},
-    "Vm.create_guest_memfd": {"size": U64, "flags": U64},
+    "Vm.create_guest_memfd": {"size": U64, "flags": U64, "page_order": U8},
     "Vm.set_user_memory_region": {"slot": U32, "flags": U32, "guest_phys_addr": U64,
                                   "memory_size": U64, "userspace_addr": U64},
     "Vm.set_user_memory_region2": {"slot": U32, "flags": U32, "guest_phys_addr": U64,

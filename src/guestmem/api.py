@@ -248,8 +248,9 @@ class Vm(Closable, Protocol):
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP."""
 
-    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
-        """KVM_CREATE_GUEST_MEMFD."""
+    def create_guest_memfd(self, size: int, flags: int = 0, page_order: int = 0) -> GuestMemfd:
+        """KVM_CREATE_GUEST_MEMFD; page_order (log2 of base pages per folio) goes with
+        GUEST_MEMFD_FLAG_HUGETLB, the HugeTLB series' field (0 elsewhere)."""
 
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
                                memory_size: int, userspace_addr: int) -> None:
@@ -311,6 +312,10 @@ class Kvm(Closable, Protocol):
 
     def fork(self) -> ChildProcess:
         """fork(2) of this process: a child with its mappings and files (ChildProcess)."""
+
+    @property
+    def hugetlb(self) -> Hugetlb:
+        """The machine's HugeTLB pools and hugetlbfs (the model's own, or the host's)."""
 
     def open_fd_count(self) -> int:
         """Open fds of this process (leak checks)."""

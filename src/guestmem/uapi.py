@@ -105,8 +105,12 @@ KVM_MEM_GUEST_MEMFD: Final = 1 << 2
 
 # --- guest_memfd -----------------------------------------------------------------------
 class kvm_create_guest_memfd(_Struct):  # noqa: N801
+    """6.18: size, flags, reserved[6]. page_order..reserve32 are the HugeTLB WIP
+    branch's layout (upstream-2026-11.md §2), in what 6.18 has as reserved[0]."""
+
     EXPECTED_SIZE = 64
-    _fields_ = [("size", u64), ("flags", u64), ("reserved", u64 * 6)]
+    _fields_ = [("size", u64), ("flags", u64), ("page_order", u8), ("reserve8", u8),
+                ("reserve16", u16), ("reserve32", u32), ("reserved", u64 * 5)]
 
 
 GUEST_MEMFD_FLAG_MMAP: Final = 1 << 0  # v6.18
@@ -469,6 +473,11 @@ KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: Final = 250  # series v8 numbering
 GUEST_MEMFD_FLAG_NO_DIRECT_MAP: Final = 1 << 2  # series
 # "1G page support for guest_memfd" RFC v2 (2025-05-14), upstream.md §7.2: obsolete numbering.
 GUEST_MEMFD_FLAG_HUGETLB_RFC: Final = 1 << 2  # RFC, collides with NO_DIRECT_MAP
+# The HugeTLB WIP branch (googleprodkernel wip-gmem-conversions-hugetlb-restructuring,
+# Dec 2025; upstream-2026-11.md §2): series, unstable; bit 2 again, as NO_DIRECT_MAP.
+GUEST_MEMFD_FLAG_HUGETLB: Final = 1 << 2  # series
+HUGETLB_PAGE_ORDER_2M: Final = 9  # kvm_create_guest_memfd.page_order: log2(base pages)
+HUGETLB_PAGE_ORDER_1G: Final = 18
 GUESTMEM_HUGETLB_FLAG_SHIFT: Final = 58
 GUESTMEM_HUGETLB_FLAG_MASK: Final = 0x3F
 GUESTMEM_HUGETLB_FLAG_2MB: Final = 21 << GUESTMEM_HUGETLB_FLAG_SHIFT

@@ -6,6 +6,7 @@ from guestmem.check import (  # noqa: F401 - registers the cases
     cases_gmem,
     cases_gmem_conversions,
     cases_guest,
+    cases_hugetlb,
     cases_inplace_vmm,
     cases_memslot,
     cases_prefault,

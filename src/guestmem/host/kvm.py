@@ -41,6 +41,7 @@ from guestmem.exits import (
 )
 from guestmem.host import libc, procfs
 from guestmem.host.fork import ChildProcess
+from guestmem.host.hugetlb import Hugetlb
 from guestmem.host.populate import PopulateLimit
 from guestmem.memmap import MemoryMap
 
@@ -138,6 +139,7 @@ class Kvm(_Fd):
     """/dev/kvm."""
 
     backend = BACKEND
+    _hugetlb: Hugetlb | None = None
 
     def __init__(self, path: str = "/dev/kvm", populate_limit: int | None = None) -> None:
         """Open /dev/kvm. populate_limit bounds the memory one call may populate
@@ -228,6 +230,13 @@ class Kvm(_Fd):
         """Open fds of this process (leak checks)."""
         return libc.fd_count()
 
+    @property
+    def hugetlb(self) -> Hugetlb:
+        """This machine's HugeTLB pools (sysfs) and hugetlbfs."""
+        if self._hugetlb is None:
+            self._hugetlb = Hugetlb()
+        return self._hugetlb
+
     def fork(self) -> ChildProcess:
         """fork(2) of this process: a child that serves loads and stores (host/fork.py)."""
         return ChildProcess()
@@ -277,9 +286,9 @@ class Vm(_Fd):
         """KVM_CHECK_EXTENSION on the VM."""
         return self._ioctl(uapi.KVM_CHECK_EXTENSION, cap)
 
-    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
-        """KVM_CREATE_GUEST_MEMFD."""
-        args = uapi.kvm_create_guest_memfd(size=size, flags=flags)
+    def create_guest_memfd(self, size: int, flags: int = 0, page_order: int = 0) -> GuestMemfd:
+        """KVM_CREATE_GUEST_MEMFD (page_order in the HugeTLB series' byte of the struct)."""
+        args = uapi.kvm_create_guest_memfd(size=size, flags=flags, page_order=page_order)
         return GuestMemfd(self, self._ioctl(uapi.KVM_CREATE_GUEST_MEMFD, args))
 
     def set_user_memory_region(

@@ -17,6 +17,7 @@ from guestmem.extents import ExtentMap
 from guestmem.memmap import MemoryMap
 from guestmem.model.addrspace import page_align
 from guestmem.model.content import PAGE, ZERO, Ciphertext, PageStore
+from guestmem.model.hugetlb import Subpool
 from guestmem.model.mempolicy import LOCAL_NODE, MemPolicy, Placement
 from guestmem.model.process import PROT_EXEC, PROT_WRITE, HostProcess, Mapping
 from guestmem.model.profile import Conversion, HostPrivateAccess
@@ -93,12 +94,20 @@ class Pin:
             if orphan.refs == 0:
                 inode.process.stats.orphaned -= orphan.pages
                 inode.process.stats.free(orphan.pages)
+                if inode.spool is not None:  # the last reference: free_huge_folio
+                    inode.vm.kvm.hugetlb.gmem_free(inode.spool,
+                                                   orphan.pages // inode.huge_pages)
         inode.live_pins.discard(self)
 
 
 class GmemInode:
-    def __init__(self, process: HostProcess, vm: Vm, size: int, flags: int) -> None:
+    def __init__(self, process: HostProcess, vm: Vm, size: int, flags: int,
+                 spool: Subpool | None = None) -> None:
         self.process = process
+        # HugeTLB backing (the WIP branch): the inode's subpool, min = max = its huge
+        # pages, all reserved at creation; folios are whole huge pages.
+        self.spool = spool
+        self.huge_pages = 1 if spool is None else spool.hstate.page_size // PAGE
         self.vm = vm
         self.size = size
         self.npages = size // PAGE
@@ -142,12 +151,24 @@ class GmemInode:
         the node the inode's policy for the index picks (the task's policy, i.e.
         the local node, where there is none), in ascending index order."""
         chooser = self.process.node_chooser
+        first, last = self._huge_round_out(first, last)
         for lo, hi in list(self.folios.gaps(first, last)):
+            if self.spool is not None:  # whole huge folios, from the reserved subpool
+                self.vm.kvm.hugetlb.gmem_alloc(self.spool, (hi - lo) // self.huge_pages)
             self.store.set(lo, hi, self.process.new_pages(hi - lo))  # not zeroed yet
             policies = ([(lo, hi, None)] if self.policy is None
                         else _with_gaps(self.policy.overlapping(lo, hi), lo, hi))
             for a, b, policy in policies:
                 self.folios.set(a, b, FolioState(placement=chooser.place(policy, a, b)))
+
+    def _huge_round_out(self, first: int, last: int) -> tuple[int, int]:
+        """[first, last) widened to whole folios (a huge folio is allocated whole)."""
+        hp = self.huge_pages
+        return first // hp * hp, min(-(-last // hp) * hp, self.npages)
+
+    def huge_aligned(self, first: int, last: int) -> bool:
+        """Do [first, last) start and end on huge folio boundaries?"""
+        return first % self.huge_pages == 0 and last % self.huge_pages == 0
 
     def nodes_in(self, first: int, last: int) -> int:
         """The nodemask of the folios in [first, last), per extent."""
@@ -199,7 +220,10 @@ class GmemInode:
         if pinned:
             self.pins.clear(first, last)
         self.process.stats.orphaned += orphaned
-        self.process.stats.free(self.folios.take(first, last) - orphaned)
+        taken = self.folios.take(first, last)
+        self.process.stats.free(taken - orphaned)
+        if self.spool is not None and taken > orphaned:  # free_huge_folio, per folio
+            self.vm.kvm.hugetlb.gmem_free(self.spool, (taken - orphaned) // self.huge_pages)
         self.store.clear(first, last)
 
     # --- GUP pins (pin_user_pages on a guest_memfd mapping) ------------------------------------
@@ -362,7 +386,10 @@ class GmemInode:
         self.mtime_ns = time.time_ns()
 
     def remove(self, first: int, last: int) -> None:
-        """MADV_REMOVE on a mapping: vfs_fallocate(PUNCH_HOLE|KEEP_SIZE) of the range."""
+        """MADV_REMOVE on a mapping: vfs_fallocate(PUNCH_HOLE|KEEP_SIZE) of the range
+        (kvm_gmem_fallocate's checks: whole huge pages on HugeTLB, else EINVAL)."""
+        if not self.huge_aligned(first, min(last, self.npages)):
+            raise oserror(errno.EINVAL, "madvise(MADV_REMOVE): not whole huge pages")
         for _ in self.punch_hole_path(first, last):
             pass
         self.modified()
@@ -454,6 +481,8 @@ class GmemInode:
         for vm in vms:
             vm.mmu.invalidate_end()
         self._free(0, self.npages)
+        if self.spool is not None:
+            self.vm.kvm.hugetlb.gmem_release(self.spool)
         self.process.backings.discard(self)
         self.vm.put_ref()
 
@@ -580,6 +609,8 @@ class GuestMemfd:
         if offset % PAGE or length % PAGE:
             raise oserror(errno.EINVAL, "fallocate")  # kvm_gmem_fallocate: PAGE_ALIGNED
         first, last = offset // PAGE, (offset + length) // PAGE
+        if not inode.huge_aligned(first, last):
+            raise oserror(errno.EINVAL, "fallocate: not whole huge pages")  # the WIP branch
         if mode & punch:
             for _ in inode.punch_hole_path(first, last):  # run to completion
                 pass

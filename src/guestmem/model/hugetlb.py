@@ -261,6 +261,41 @@ class Hugetlb:
         else:
             h.free += 1
 
+    # --- guest_memfd's subpools (the HugeTLB WIP branch, upstream-2026-11.md §2) ------------
+    def hstate_of_order(self, order: int) -> Hstate | None:
+        """gmem_hugetlb_valid_order: the hstate of 2**order base pages, if any."""
+        return self.hstates.get(PAGE << order)
+
+    def gmem_subpool(self, h: Hstate, pages: int) -> Subpool:
+        """kvm_gmem_create: a subpool with min = max = the file's huge pages, all
+        reserved now, never from surplus (RFC patch 10: "create new subpool without
+        using surplus"); ENOMEM, nothing reserved, if the pool lacks them."""
+        if h.available() < pages:
+            raise oserror(errno.ENOMEM, "KVM_CREATE_GUEST_MEMFD: HugeTLB pool")
+        h.resv += pages
+        return Subpool(h, pages, pages, rsv=pages)
+
+    def gmem_alloc(self, spool: Subpool, pages: int) -> None:
+        """alloc_hugetlb_folio from a guest_memfd's subpool, `pages` at once: its
+        minimum covers every one (gbl_chg 0), so each takes a reserved free page."""
+        assert spool.get_pages(pages) == 0, "a guest_memfd's subpool reserves every page"
+        h = spool.hstate
+        h.resv -= pages
+        h.free -= pages
+
+    def gmem_free(self, spool: Subpool, pages: int) -> None:
+        """free_huge_folio of `pages` of a guest_memfd's folios: the subpool's minimum
+        takes each back as a reservation (restore_reserve), the page is free again."""
+        h = spool.hstate
+        restore = pages - spool.put_pages(pages)
+        h.resv += restore
+        h.free += pages
+
+    def gmem_release(self, spool: Subpool) -> None:
+        """The inode's subpool goes (hugepage_put_subpool -> unlock_or_release_subpool):
+        the reservations its minimum held are dropped."""
+        self.acct_memory(spool.hstate, -spool.min)
+
     # --- files ----------------------------------------------------------------------------------
     def memfd_create(self, page_size: int) -> HugetlbFile:
         """memfd_create(MFD_HUGETLB | MFD_HUGE_*): a file on the size's internal

@@ -12,6 +12,7 @@ from guestmem.caps import Capabilities
 from guestmem.exits import oserror
 from guestmem.model.addrspace import page_align
 from guestmem.model.content import PAGE
+from guestmem.model.hugetlb import Hugetlb
 from guestmem.model.process import (
     PROT_READ,
     PROT_WRITE,
@@ -44,6 +45,9 @@ class Kvm:
         if not 1 <= numa_nodes <= 64:
             raise ValueError("numa_nodes must be 1..64")
         self.process = HostProcess(numa_nodes)
+        # The machine's HugeTLB pools (empty, as a booted host's; size them with
+        # hugetlb.set_nr_hugepages): guest_memfd's on the hugetlb profile come from them.
+        self.hugetlb = Hugetlb()
         self.process.memory_failure = profile.memory_failure
         self.vms: weakref.WeakSet[Vm] = weakref.WeakSet()  # live VMs (fd or references)
         self.closed = False

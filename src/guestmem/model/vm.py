@@ -15,6 +15,7 @@ from guestmem.exits import oserror
 from guestmem.extents import ExtentMap
 from guestmem.model.content import PAGE
 from guestmem.model.gmem import GmemInode, GuestMemfd
+from guestmem.model.hugetlb import Hstate
 from guestmem.model.paths import complete, set_attributes_path
 from guestmem.model.process import FOREIGN, TASK_SIZE_MAX
 from guestmem.model.profile import VmType
@@ -196,16 +197,41 @@ class Vm:
         self.exit_hypercall_mask = mask
 
     # --- guest_memfd ------------------------------------------------------------------------------
-    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
-        """kvm_gmem_create: unsupported flags, size <= 0, unaligned -> EINVAL."""
+    def create_guest_memfd(self, size: int, flags: int = 0, page_order: int = 0) -> GuestMemfd:
+        """kvm_gmem_create: unsupported flags, size <= 0, unaligned -> EINVAL; with
+        HugeTLB (the WIP branch), the page order's rules and the reservation of
+        every huge page (_hugetlb_backing)."""
         self._live()
         if flags & ~self.kvm.profile.gmem_flags_of(self.vm_type_info):
             raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD flags")
+        hstate = self._hugetlb_hstate(flags, page_order)
         if size <= 0 or size >= 1 << 63 or size % PAGE:
             raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD size")
-        inode = GmemInode(self.kvm.process, self, size, flags)
+        if hstate is not None and size % hstate.page_size:
+            raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD size: not whole huge pages")
+        spool = None if hstate is None else self.kvm.hugetlb.gmem_subpool(
+            hstate, size // hstate.page_size)
+        inode = GmemInode(self.kvm.process, self, size, flags, spool)
         self.get_ref()  # "the file pins KVM"
         return GuestMemfd(self, inode)
+
+    def _hugetlb_hstate(self, flags: int, page_order: int) -> Hstate | None:
+        """The WIP branch's kvm_gmem_create checks (upstream-2026-11.md §2): a page
+        order without HUGETLB, HUGETLB with INIT_SHARED, or an order no hstate has:
+        EINVAL. Order 0 is the default hstate (2 MiB). A kernel without the branch
+        never reads the byte (observed here: any value is accepted)."""
+        if not self.kvm.profile.gmem_hugetlb:
+            return None
+        if not flags & uapi.GUEST_MEMFD_FLAG_HUGETLB:
+            if page_order:
+                raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD page_order without HUGETLB")
+            return None
+        if flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED:
+            raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD: HUGETLB with INIT_SHARED")
+        hstate = self.kvm.hugetlb.hstate_of_order(page_order or uapi.HUGETLB_PAGE_ORDER_2M)
+        if hstate is None:
+            raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD page_order: no such hstate")
+        return hstate
 
     # --- memslots (kvm_set_memory_region, checks in the kernel's order) ------------------------
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
