@@ -99,3 +99,133 @@ def test_a_terabyte_of_huge_pages_is_per_range():
     gmem.close()
     vm.close()
     assert kvm.hugetlb.counters(S) == HugetlbCounters(1 << 19, 1 << 19, 0, 0, 0)
+
+
+# --- split and merge on conversion (the WIP's restructuring) -----------------------------
+def one_gig_file(hvo=True, free_bytes=None):
+    kvm = kvm_with_pool(2, G)
+    kvm.hugetlb.hvo = hvo
+    vm = kvm.create_vm(SW)
+    gmem = vm.create_guest_memfd(2 * G, HUGETLB | uapi.GUEST_MEMFD_FLAG_MMAP,
+                                 uapi.HUGETLB_PAGE_ORDER_1G)
+    gmem.allocate(0, 2 * G)
+    if free_bytes is not None:
+        kvm.hugetlb.memory.free_bytes = free_bytes
+    return kvm, gmem
+
+
+def test_sharing_one_4k_page_splits_its_1g_folio_and_restores_16_mib_of_vmemmap():
+    """Issue 10's walk-through: one 4 KiB page to shared splits the whole 1 GiB
+    folio (to order 0, no intermediate order) and HVO's 4095 vmemmap pages come
+    back; converting it back merges the folio and frees them again."""
+    kvm, gmem = one_gig_file()
+    free = kvm.hugetlb.memory.free_bytes
+    gmem.set_memory_attributes2(G + 4096, 4096, 0)
+    r = gmem.inode.restructure
+    assert (r.splits, r.merges, r.vmemmap_restored) == (1, 0, 4095 * 4096)
+    assert free - kvm.hugetlb.memory.free_bytes == 4095 * 4096
+    assert list(gmem.inode.split.items()) == [(G // 4096, 2 * G // 4096, True)]
+    assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 0, 0, 0, 0), "the pool sees no change"
+    gmem.set_memory_attributes2(G + 4096, 4096, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    assert (r.splits, r.merges, r.vmemmap_freed) == (1, 1, 4095 * 4096)
+    assert kvm.hugetlb.memory.free_bytes == free and not gmem.inode.split.boundaries()
+    assert violations(kvm) == []
+
+
+def test_a_folio_with_a_shared_piece_stays_split_until_the_last_goes_private():
+    kvm, gmem = one_gig_file()
+    gmem.set_memory_attributes2(0, 2 * 4096, 0)
+    gmem.set_memory_attributes2(0, 4096, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    assert gmem.inode.restructure.merges == 0 and gmem.inode.split.boundaries()
+    gmem.set_memory_attributes2(4096, 4096, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    assert gmem.inode.restructure.merges == 1
+
+
+def test_without_hvo_a_split_costs_no_vmemmap():
+    kvm, gmem = one_gig_file(hvo=False)
+    free = kvm.hugetlb.memory.free_bytes
+    gmem.set_memory_attributes2(0, 4096, 0)
+    assert gmem.inode.restructure.splits == 1 and kvm.hugetlb.memory.free_bytes == free
+
+
+def test_a_split_memory_cannot_pay_for_is_enomem_and_changes_nothing():
+    from guestmem.model.snapshot import snapshot
+    kvm, gmem = one_gig_file(free_bytes=4095 * 4096 - 1)
+    before = snapshot(kvm)
+    try:
+        gmem.set_memory_attributes2(G, 4096, 0)
+    except OSError as e:
+        assert (e.errno, e.error_offset) == (errno.ENOMEM, G)
+    else:
+        pytest.fail("split a folio without the memory for its vmemmap")
+    assert snapshot(kvm) == before and gmem.inode.restructure.splits == 0
+
+
+def test_punching_a_split_folio_with_a_pinned_piece_is_eagain_until_the_unpin():
+    """merge_truncate_range(require_merge=true): a referenced piece blocks the merge."""
+    from guestmem.model.snapshot import snapshot
+    kvm, gmem = one_gig_file()
+    gmem.set_memory_attributes2(0, 4096, 0)
+    view = gmem.mmap(G)
+    pin = view.pin(0, 4096)
+    before = snapshot(kvm)
+    for punch in (lambda: gmem.punch_hole(0, G),
+                  lambda: view.madvise(0, G, 9)):  # MADV_REMOVE
+        try:
+            punch()
+        except OSError as e:
+            assert e.errno == errno.EAGAIN
+        else:
+            pytest.fail("punched a folio that could not merge")
+        assert snapshot(kvm) == before
+    pin.unpin()
+    gmem.punch_hole(0, G)
+    r = gmem.inode.restructure
+    assert (r.splits, r.merges) == (1, 1)
+    assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 1, 1, 0, 0)
+    view.munmap()
+
+
+def test_close_merges_every_split_folio_and_the_pool_gets_them_back():
+    kvm, gmem = one_gig_file()
+    gmem.set_memory_attributes2(0, 2 * G, 0)
+    assert gmem.inode.restructure.splits == 2
+    vm = gmem.vm
+    gmem.close()
+    vm.close()
+    assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 2, 0, 0, 0)
+    assert leaks_after_close(kvm) == []
+
+
+def test_a_terabyte_converted_to_shared_and_back_is_per_range():
+    kvm = Kvm(HUGETLB_PROFILE)
+    kvm.hugetlb.memory.free_bytes = 4 << 40
+    kvm.hugetlb.hvo = True
+    kvm.hugetlb.set_nr_hugepages(S, 1 << 19)
+    vm = kvm.create_vm(SW)
+    gmem = vm.create_guest_memfd(1 << 40, HUGETLB, uapi.HUGETLB_PAGE_ORDER_2M)
+    gmem.allocate(0, 1 << 40)
+    gmem.set_memory_attributes2(0, 1 << 40, 0)
+    gmem.set_memory_attributes2(0, 1 << 40, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    r = gmem.inode.restructure
+    assert (r.splits, r.merges) == (1 << 19, 1 << 19)
+    assert r.vmemmap_restored == r.vmemmap_freed == (1 << 19) * 7 * 4096
+
+
+def test_a_host_fault_splits_the_fresh_folio_of_a_range_that_is_not_all_private():
+    """The WIP's kvm_gmem_fault_user_mapping: a huge folio allocated for a shared
+    page is split at once, so no whole huge folio holds a shared page."""
+    kvm = kvm_with_pool(2, G)
+    kvm.hugetlb.hvo = True
+    vm = kvm.create_vm(SW)
+    gmem = vm.create_guest_memfd(2 * G, HUGETLB | uapi.GUEST_MEMFD_FLAG_MMAP,
+                                 uapi.HUGETLB_PAGE_ORDER_1G)
+    gmem.set_memory_attributes2(G, 4096, 0)  # nothing allocated: nothing to split yet
+    assert gmem.inode.restructure.splits == 0
+    view = gmem.mmap()
+    view.write(G, b"host")
+    assert gmem.inode.restructure.splits == 1
+    assert list(gmem.inode.split.items()) == [(G // 4096, 2 * G // 4096, True)]
+    assert violations(kvm) == []
+    gmem.inode.split.clear(0, 2 * G // 4096)  # what a fault that forgot to split leaves
+    assert any("hold shared pages" in v for v in violations(kvm))

@@ -70,6 +70,16 @@ class Orphan:
     refs: int
 
 
+@dataclass
+class Restructure:
+    """What a HugeTLB guest_memfd's splits and merges did (mm/hugetlb_restructuring.c)."""
+
+    splits: int = 0
+    merges: int = 0
+    vmemmap_restored: int = 0  # bytes of vmemmap HVO had freed, allocated again to split
+    vmemmap_freed: int = 0  # bytes freed again by merges (hugetlb_vmemmap_optimize_folio)
+
+
 class Pin:
     """One pin_user_pages() on a guest_memfd; unpin() drops it."""
 
@@ -108,6 +118,10 @@ class GmemInode:
         # pages, all reserved at creation; folios are whole huge pages.
         self.spool = spool
         self.huge_pages = 1 if spool is None else spool.hstate.page_size // PAGE
+        # Huge folios split to 4 KiB pages (the WIP's restructuring), by base index,
+        # whole huge pages at a time; and what splitting and merging cost so far.
+        self.split: ExtentMap[bool] = ExtentMap()
+        self.restructure = Restructure()
         self.vm = vm
         self.size = size
         self.npages = size // PAGE
@@ -303,8 +317,13 @@ class GmemInode:
                 error.error_offset = max(first, lo) * PAGE  # type: ignore[attr-defined]
                 raise error
         changing = _complement(private_now, first, last) if private else private_now
-        vms = self._invalidate_begin(first, last)
+        to_split = [] if private else self._unsplit_huge(changing)
+        self._can_restructure(sum(hi - lo for lo, hi in to_split), first)
+        vms = self._invalidate_begin(*self._huge_round_out(first, last))
+        self._split(to_split)
         self.private.set(first, last, private)
+        if private:
+            self._merge_private(first, last)
         preserves = self.vm.kvm.profile.conversion_of(
             self.vm.vm_type_info) is Conversion.PRESERVE
         for lo, hi in changing:
@@ -316,6 +335,98 @@ class GmemInode:
             self.store.remember(before)
         for vm in vms:
             vm.mmu.invalidate_end()
+
+    # --- HugeTLB restructuring (the WIP branch, upstream-2026-11.md §2) -----------------------
+    def _vmemmap_per_split(self) -> int:
+        """Bytes of vmemmap a split must allocate again: all HVO freed, 7 pages of a
+        2 MiB folio, 4095 of a 1 GiB one (hugetlb_vmemmap_restore_folio); none
+        without HVO."""
+        if self.spool is None or not self.vm.kvm.hugetlb.hvo:
+            return 0
+        return (self.huge_pages * 64 // PAGE - 1) * PAGE
+
+    def _huge_pages_of(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The whole huge pages the runs touch, merged into ranges."""
+        out: list[tuple[int, int]] = []
+        for lo, hi in runs:
+            a, b = self._huge_round_out(lo, hi)
+            if out and a <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], b))
+            else:
+                out.append((a, b))
+        return out
+
+    def _unsplit_huge(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Allocated, unsplit huge folios a to-shared conversion of `runs` cuts: the
+        WIP splits them to order 0 (there is no intermediate order)."""
+        if self.spool is None:
+            return []
+        out = []
+        for lo, hi in self._huge_pages_of(runs):
+            for a, b, _ in self.folios.overlapping(lo, hi):
+                out += [(x, y) for x, y in self.split.gaps(a, b)]
+        return out
+
+    def _can_restructure(self, pages: int, first: int) -> None:
+        """Splitting must restore the vmemmap HVO freed; if memory cannot give it,
+        the call fails with ENOMEM before anything changed (our choice: all or
+        nothing, as the ioctl's documentation says of failures; the WIP converts
+        one huge page per batch and "a failed split can't be undone")."""
+        need = pages // self.huge_pages * self._vmemmap_per_split()
+        if need > self.vm.kvm.hugetlb.memory.free_bytes:
+            error = oserror(errno.ENOMEM, "KVM_SET_MEMORY_ATTRIBUTES2: vmemmap for a split")
+            error.error_offset = first * PAGE  # type: ignore[attr-defined]
+            raise error
+
+    def _split(self, ranges: list[tuple[int, int]]) -> None:
+        """__split_folio_to_order(0) of each huge folio in ranges, vmemmap first."""
+        count = sum(hi - lo for lo, hi in ranges) // self.huge_pages
+        if not count:
+            return
+        cost = count * self._vmemmap_per_split()
+        self.vm.kvm.hugetlb.memory.free_bytes -= cost
+        self.restructure.splits += count
+        self.restructure.vmemmap_restored += cost
+        for lo, hi in ranges:
+            self.split.set(lo, hi, True)
+
+    def _merge(self, ranges: list[tuple[int, int]]) -> None:
+        """Merge split huge folios back (prep_compound_page, then HVO frees the
+        vmemmap again: hugetlb_vmemmap_optimize_folio)."""
+        count = sum(hi - lo for lo, hi in ranges) // self.huge_pages
+        if not count:
+            return
+        gain = count * self._vmemmap_per_split()
+        self.vm.kvm.hugetlb.memory.free_bytes += gain
+        self.restructure.merges += count
+        self.restructure.vmemmap_freed += gain
+        for lo, hi in ranges:
+            self.split.clear(lo, hi)
+
+    def _merge_private(self, first: int, last: int) -> None:
+        """After a to-private conversion: merge each split huge folio of the range
+        that is now private whole (the WIP merges only then)."""
+        if self.spool is None or not self.split.boundaries():
+            return
+        lo, hi = self._huge_round_out(first, last)
+        mergeable: ExtentMap[bool] = ExtentMap()
+        for a, b, _ in self.split.overlapping(lo, hi):
+            mergeable.set(a, b, True)
+        shared = _complement(self.private_ranges(lo, hi), lo, hi)
+        for a, b in self._huge_pages_of(shared):  # a huge page with a shared piece stays split
+            mergeable.clear(a, b)
+        self._merge([(a, b) for a, b, _ in mergeable.items()])
+
+    def merge_for_truncate(self, first: int, last: int) -> None:
+        """merge_truncate_range(require_merge=true) before PUNCH_HOLE: a split folio
+        with a piece still referenced (pinned) cannot merge: EAGAIN, nothing done."""
+        if self.spool is None or not self.split.boundaries():
+            return
+        ranges = [(a, b) for a, b, _ in self.split.overlapping(first, last)]
+        for a, b in ranges:
+            if self.pinned(a, b):
+                raise oserror(errno.EAGAIN, "fallocate(PUNCH_HOLE): a piece is pinned")
+        self._merge(ranges)
 
     def _initialised(self, first: int, last: int) -> list[tuple[int, int]]:
         """The runs of [first, last) whose folios are uptodate (hold anything)."""
@@ -361,7 +472,15 @@ class GmemInode:
             return self._private_fault_reason()
         if self.poisoned(index, index + count) is not None:
             return "hwpoison"  # __do_fault: VM_FAULT_HWPOISON
+        fresh = [] if self.spool is None else [  # huge folios this fault allocates
+            r for r in self._huge_pages_of([(index, index + count)])
+            if self.folios.covered(*r) == 0]
+        pages = sum(hi - lo for lo, hi in fresh)
+        if pages // self.huge_pages * self._vmemmap_per_split() > \
+                self.vm.kvm.hugetlb.memory.free_bytes:
+            return "no memory for the vmemmap of a split (our choice: SIGBUS)"
         self.get_pages(index, index + count)
+        self._split(fresh)  # a fresh huge folio in a range that is not all private
         if write:
             self.modified()
         return None
@@ -390,6 +509,7 @@ class GmemInode:
         (kvm_gmem_fallocate's checks: whole huge pages on HugeTLB, else EINVAL)."""
         if not self.huge_aligned(first, min(last, self.npages)):
             raise oserror(errno.EINVAL, "madvise(MADV_REMOVE): not whole huge pages")
+        self.merge_for_truncate(first, last)
         for _ in self.punch_hole_path(first, last):
             pass
         self.modified()
@@ -480,6 +600,7 @@ class GmemInode:
         self.bindings = ExtentMap()
         for vm in vms:
             vm.mmu.invalidate_end()
+        self._merge([(a, b) for a, b, _ in self.split.items()])  # require_merge=false
         self._free(0, self.npages)
         if self.spool is not None:
             self.vm.kvm.hugetlb.gmem_release(self.spool)
@@ -612,6 +733,7 @@ class GuestMemfd:
         if not inode.huge_aligned(first, last):
             raise oserror(errno.EINVAL, "fallocate: not whole huge pages")  # the WIP branch
         if mode & punch:
+            inode.merge_for_truncate(first, last)
             for _ in inode.punch_hole_path(first, last):  # run to completion
                 pass
         elif offset + length > inode.size:  # kvm_gmem_allocate: "immutable by default"

@@ -42,7 +42,7 @@ def snapshot(kvm: Any) -> dict[str, Any]:
                 tuple(b.folios.items()), tuple(b.store.extents.items()),
                 {i: bytes(p) for i, p in b.store.pages.items()},
                 tuple((s, e, slot.id) for s, e, slot in b.bindings.items()), b.file_open,
-                b.forked_refs, b.conversion_policy,
+                b.forked_refs, b.conversion_policy, tuple(b.split.items()),
                 tuple(b.pins.items()), len(b.live_pins),
                 tuple(b.policy.items()) if b.policy is not None else None,
                 tuple(b.private.items()),
