@@ -167,3 +167,40 @@ def test_the_report_is_shaped_like_sysfs_and_meminfo():
                                           "overcommit": 0}
     assert report["meminfo"]["HugePages_Total"] == 3
     assert report["meminfo"]["Hugetlb"] == 3 * 2048
+
+
+def test_half_a_million_2m_pages_are_sized_reserved_and_freed_per_range():
+    """No per-page loop anywhere: pool sizing, reservation, allocation, freeing."""
+    hugetlb = Hugetlb(PhysicalMemory(2 << 40))
+    assert hugetlb.set_nr_hugepages(S, 1 << 19) == 1 << 19
+    f = hugetlb.memfd_create(S)
+    m = f.mmap(1 << 40)
+    f.fallocate(uapi.FALLOC_FL_KEEP_SIZE, 0, 1 << 40)
+    assert hugetlb.counters(S) == HugetlbCounters(1 << 19, 0, 0, 0, 0)
+    hugetlb.set_nr_hugepages(S, 0)
+    assert hugetlb.counters(S) == HugetlbCounters(1 << 19, 0, 0, 1 << 19, 0), "all in use"
+    m.munmap()
+    f.close()
+    assert hugetlb.counters(S) == HugetlbCounters(0, 0, 0, 0, 0)
+    assert hugetlb.memory.free_bytes == 2 << 40
+
+
+def test_adopt_starts_the_model_where_another_pool_is():
+    """The differential test's starting point: the host's counters, pages taken
+    from the model's memory."""
+    hugetlb = Hugetlb(PhysicalMemory(4 * S))
+    hugetlb.adopt(S, HugetlbCounters(3, 2, 1, 1, 2))
+    assert hugetlb.counters(S) == HugetlbCounters(3, 2, 1, 1, 2)
+    assert hugetlb.memory.free_bytes == S
+    assert errno_of(Hugetlb(PhysicalMemory(S)).adopt, S,
+                    HugetlbCounters(2, 2, 0, 0, 0)) == errno.ENOMEM
+
+
+def test_the_models_child_touch_reports_the_signal_touch_raises():
+    hugetlb = Hugetlb()
+    hugetlb.set_nr_hugepages(S, 2)
+    f = hugetlb.memfd_create(S)
+    m = f.mmap(2 * S)
+    f.ftruncate(S)  # page 1 is beyond EOF now
+    assert m.touch_in_child(0) is None
+    assert m.touch_in_child(S) == 7  # SIGBUS

@@ -92,6 +92,15 @@ class Subpool:
             return 0
         return delta
 
+    def put_pages_each(self, pages: int) -> int:
+        """put_pages(1) `pages` times, in closed form (free_huge_folio's per page):
+        the ones freed while used stays at or above the minimum drop their global
+        reservation each; the rest go back to the minimum as put_pages(n) does."""
+        above = 0
+        if self.max != -1 and self.min != -1:
+            above = max(0, min(pages, self.used - self.min))
+        return (self.put_pages(above) if above else 0) + self.put_pages(pages - above)
+
     def put_pages(self, delta: int) -> int:
         """hugepage_subpool_put_pages: uncharge delta pages; how many global
         reservations to drop (those the subpool's minimum does not keep)."""
@@ -113,22 +122,23 @@ class PhysicalMemory:
         self.free_bytes = free_bytes
         self.obtainable = dict(obtainable or {})
 
-    def take(self, page_size: int) -> bool:
-        """alloc_fresh_hugetlb_folio / alloc_surplus_hugetlb_folio's buddy allocation."""
+    def take(self, page_size: int, pages: int = 1) -> int:
+        """alloc_fresh_hugetlb_folio / alloc_surplus_hugetlb_folio's buddy allocation,
+        up to `pages` of them: how many it could have."""
+        got = max(0, min(pages, self.free_bytes // page_size))
         left = self.obtainable.get(page_size)
-        if self.free_bytes < page_size or left == 0:
-            return False
-        self.free_bytes -= page_size
         if left is not None:
-            self.obtainable[page_size] = left - 1
-        return True
+            got = min(got, left)
+            self.obtainable[page_size] = left - got
+        self.free_bytes -= got * page_size
+        return got
 
-    def give(self, page_size: int) -> None:
-        """update_and_free_hugetlb_folio: the page goes back to the buddy allocator."""
-        self.free_bytes += page_size
+    def give(self, page_size: int, pages: int = 1) -> None:
+        """update_and_free_hugetlb_folio: the pages go back to the buddy allocator."""
+        self.free_bytes += pages * page_size
         left = self.obtainable.get(page_size)
         if left is not None:
-            self.obtainable[page_size] = left + 1
+            self.obtainable[page_size] = left + pages
 
 
 @_args.checked
@@ -160,9 +170,9 @@ class Hugetlb:
         """Start the pool from another machine's counters (the differential test
         begins where the host's pool is): free pages are taken from memory."""
         h = self.hstate(page_size)
-        for _ in range(counters.nr - h.nr):
-            if not self.memory.take(page_size):
-                raise oserror(errno.ENOMEM, "adopt: not enough model memory")
+        need = counters.nr - h.nr
+        if need > 0 and self.memory.take(page_size, need) < need:
+            raise oserror(errno.ENOMEM, "adopt: not enough model memory")
         h.nr, h.free, h.resv = counters.nr, counters.free, counters.resv
         h.surplus, h.overcommit = counters.surplus, counters.overcommit
 
@@ -174,18 +184,19 @@ class Hugetlb:
         h = self.hstate(page_size)
         if count < 0:
             raise oserror(errno.EINVAL, "nr_hugepages")
-        while h.surplus and count > h.persistent:
-            h.surplus -= 1  # adjust_pool_surplus(h, nodes, -1)
-        while count > h.persistent and self.memory.take(page_size):
-            h.nr += 1
-            h.free += 1
+        if count > h.persistent:  # adjust_pool_surplus(h, nodes, -1), page by page
+            h.surplus -= min(h.surplus, count - h.persistent)
+        if count > h.persistent:  # alloc_pool_huge_folio while the buddy gives
+            got = self.memory.take(page_size, count - h.persistent)
+            h.nr += got
+            h.free += got
         # unsigned long arithmetic: a resv an accounting slip took below zero makes
         # this huge, and the pool cannot shrink (seen on this host).
         min_count = max(count, (h.resv + h.nr - h.free) & _ULONG)
-        while min_count < h.persistent and h.free > 0:
-            self._remove_free_page(h)
-        while count < h.persistent:
-            h.surplus += 1  # adjust_pool_surplus(h, nodes, +1): in use, freed later
+        if min_count < h.persistent:  # remove_pool_hugetlb_folio while one is free
+            self._remove_free_pages(h, min(h.persistent - min_count, h.free))
+        if count < h.persistent:  # adjust_pool_surplus(h, nodes, +1): freed later
+            h.surplus += h.persistent - count
         return h.nr
 
     def set_nr_overcommit_hugepages(self, page_size: int, count: int) -> None:
@@ -196,19 +207,21 @@ class Hugetlb:
             raise oserror(errno.EINVAL, "nr_overcommit_hugepages")
         h.overcommit = count
 
-    def _remove_free_page(self, h: Hstate) -> None:
-        """remove_pool_hugetlb_folio + update_and_free_hugetlb_folio."""
-        h.nr -= 1
-        h.free -= 1
-        self.memory.give(h.page_size)
+    def _remove_free_pages(self, h: Hstate, pages: int) -> None:
+        """remove_pool_hugetlb_folio + update_and_free_hugetlb_folio, `pages` times."""
+        h.nr -= pages
+        h.free -= pages
+        self.memory.give(h.page_size, pages)
 
-    def _alloc_surplus(self, h: Hstate) -> bool:
-        """alloc_surplus_hugetlb_folio: never gigantic, never beyond the overcommit."""
-        if h.gigantic or h.surplus >= h.overcommit or not self.memory.take(h.page_size):
-            return False
-        h.nr += 1
-        h.surplus += 1
-        return True
+    def _alloc_surplus(self, h: Hstate, pages: int = 1) -> int:
+        """alloc_surplus_hugetlb_folio up to `pages` times: never gigantic, never beyond
+        the overcommit, only while the buddy gives; how many it made."""
+        if h.gigantic or h.surplus >= h.overcommit:
+            return 0
+        got = self.memory.take(h.page_size, min(pages, h.overcommit - h.surplus))
+        h.nr += got
+        h.surplus += got
+        return got
 
     def acct_memory(self, h: Hstate, delta: int) -> bool:
         """hugetlb_acct_memory: reserve delta pages (gather_surplus_pages: surplus
@@ -216,23 +229,19 @@ class Hugetlb:
         -delta (return_unused_surplus_pages: free surplus pages go back)."""
         if delta > 0:
             needed = h.resv + delta - h.free
-            gathered = 0
-            while gathered < needed and self._alloc_surplus(h):
-                gathered += 1
-                h.free += 1  # enqueued in the pool
-            if gathered < needed:
-                for _ in range(gathered):
-                    h.surplus -= 1
-                    self._remove_free_page(h)
-                return False
+            if needed > 0:
+                gathered = self._alloc_surplus(h, needed)
+                h.free += gathered  # enqueued in the pool
+                if gathered < needed:  # all or none: they go back
+                    h.surplus -= gathered
+                    self._remove_free_pages(h, gathered)
+                    return False
             h.resv += delta
         elif delta < 0:
             h.resv += delta
-            for _ in range(min(-delta, h.surplus)):
-                if h.free == 0:
-                    break
-                h.surplus -= 1
-                self._remove_free_page(h)
+            back = min(-delta, h.surplus, h.free)
+            h.surplus -= back
+            self._remove_free_pages(h, back)
         return True
 
     def alloc_page(self, h: Hstate, reserved: bool) -> bool:
@@ -246,20 +255,19 @@ class Hugetlb:
         if h.available() > 0 and h.free > 0:  # dequeue_hugetlb_folio_vma finds one
             h.free -= 1
             return True
-        return self._alloc_surplus(h)
+        return self._alloc_surplus(h) == 1
 
-    def free_page(self, h: Hstate, spool: Subpool | None) -> None:
-        """free_huge_folio of a page-cache page: the subpool gets it back (its
-        minimum may turn it into a reservation again), and a surplus page leaves the
-        pool, else it is free in it."""
-        if spool is not None and spool.put_pages(1) == 0:
-            h.resv += 1  # restore_reserve
-        if h.surplus:
-            h.surplus -= 1
-            h.nr -= 1
-            self.memory.give(h.page_size)
-        else:
-            h.free += 1
+    def free_pages(self, h: Hstate, spool: Subpool | None, pages: int) -> None:
+        """free_huge_folio of `pages` page-cache pages: the subpool gets each back (its
+        minimum may turn it into a reservation again: restore_reserve), and a
+        surplus page leaves the pool, the rest are free in it."""
+        if spool is not None:
+            h.resv += pages - spool.put_pages_each(pages)
+        gone = min(pages, h.surplus)
+        h.surplus -= gone
+        h.nr -= gone
+        self.memory.give(h.page_size, gone)
+        h.free += pages - gone
 
     # --- guest_memfd's subpools (the HugeTLB WIP branch, upstream-2026-11.md §2) ------------
     def hstate_of_order(self, order: int) -> Hstate | None:
@@ -287,8 +295,7 @@ class Hugetlb:
         """free_huge_folio of `pages` of a guest_memfd's folios: the subpool's minimum
         takes each back as a reservation (restore_reserve), the page is free again."""
         h = spool.hstate
-        restore = pages - spool.put_pages(pages)
-        h.resv += restore
+        h.resv += pages - spool.put_pages_each(pages)
         h.free += pages
 
     def gmem_release(self, spool: Subpool) -> None:
@@ -431,32 +438,56 @@ class HugetlbFile:
             spool.used -= gbl
 
     def allocate(self, index: int) -> bool:
-        """alloc_hugetlb_folio for page index, then hugetlb_add_to_page_cache: a
-        reservation in the resv_map is consumed; else the subpool is charged and
-        an unclaimed free or surplus page taken, the region committed. On failure
-        only a page the subpool's minimum covered goes back to it (out_subpool_put)."""
-        map_chg = not self.resv_map.get(index)
-        gbl_chg = int(map_chg)
-        if map_chg and self.spool is not None:
-            got = self.spool.get_pages(1)
-            if got is None:
-                return False  # -ENOSPC
-            gbl_chg = got  # 0: the subpool's minimum had it reserved
-        if not self.hugetlb.alloc_page(self.h, gbl_chg == 0):
-            if map_chg and not gbl_chg and self.spool is not None:  # out_subpool_put
-                self.hugetlb.acct_memory(self.h, -self.spool.put_pages(1))
-            return False
-        self.pages.set(index, index + 1, True)
-        self.resv_map.set(index, index + 1, True)  # vma_commit_reservation: region_add
-        return True
+        """alloc_hugetlb_folio for page index, then hugetlb_add_to_page_cache."""
+        return self.allocate_run(index, index + 1) == 1
 
+    def allocate_run(self, first: int, last: int) -> int:
+        """alloc_hugetlb_folio for each missing page of [first, last) in order, as
+        hugetlbfs_fallocate does, in closed form per run: how many pages from
+        `first` on are in the page cache afterwards (it stops at the first failure).
+        A reservation in the resv_map is consumed; else the subpool is charged and
+        an unclaimed free or surplus page taken, the region committed."""
+        runs = sorted([(lo, hi, True) for lo, hi, _ in self.resv_map.overlapping(first, last)]
+                      + [(lo, hi, False) for lo, hi in self.resv_map.gaps(first, last)])
+        for lo, hi, reserved in runs:
+            for a, b in list(self.pages.gaps(lo, hi)):
+                done = b - a if reserved else self._allocate_unreserved(b - a)
+                if reserved:
+                    self.h.resv -= done
+                    self.h.free -= done
+                self.pages.set(a, a + done, True)
+                self.resv_map.set(a, a + done, True)  # vma_commit_reservation: region_add
+                if done < b - a:
+                    return a + done - first
+        return last - first
+
+    def _allocate_unreserved(self, pages: int) -> int:
+        """`pages` allocations with no reservation in the resv_map, one after another
+        (alloc_hugetlb_folio with map_chg): the subpool is charged per page; what
+        its minimum covers takes a reserved page, the rest an unclaimed free page,
+        then a surplus one. How many succeed; the page that fails stays charged to
+        the subpool unless its minimum had covered it (out_subpool_put)."""
+        h, spool = self.h, self.spool
+        room = pages if spool is None or spool.max == -1 else min(pages, spool.max - spool.used)
+        covered = 0
+        if spool is not None and spool.min != -1:
+            covered = min(room, spool.rsv)  # gbl_chg 0: reserved by the minimum
+            spool.get_pages(covered)
+            h.resv -= covered
+            h.free -= covered
+        want = room - covered
+        from_free = min(want, max(0, min(h.available(), h.free)))
+        h.free -= from_free
+        done = from_free + self.hugetlb._alloc_surplus(h, want - from_free)
+        if spool is not None:  # charged for each page tried (the failing one too)
+            spool.get_pages(min(done + 1, want))
+        return covered + done
     def _free_pages(self, first: int, last: int) -> int:
         """Free the page-cache pages of [first, last) (after unmapping them)."""
         for m in self.mappings:
             m.zap(first, last)
         freed = self.pages.take(first, last)
-        for _ in range(freed):
-            self.hugetlb.free_page(self.h, self.spool)
+        self.hugetlb.free_pages(self.h, self.spool, freed)
         return freed
 
     def remove_pages(self, first: int, last: int | None) -> None:
@@ -510,9 +541,9 @@ class HugetlbFile:
             if first < last:
                 self.remove_pages(first, last)
             return
-        for index in range(offset // ps, -(-(offset + length) // ps)):
-            if not self.pages.get(index) and not self.allocate(index):
-                raise oserror(errno.ENOSPC, "fallocate")
+        first, last = offset // ps, -(-(offset + length) // ps)
+        if self.allocate_run(first, last) < last - first:
+            raise oserror(errno.ENOSPC, "fallocate")
         if not mode & keep and offset + length > self.i_size:
             self.i_size = offset + length
 
