@@ -22,6 +22,7 @@ from typing import Final, Self
 from guestmem import _args, api
 from guestmem.exits import HostSigbus, oserror
 from guestmem.host import libc
+from guestmem.host.owned import OwnedFd
 
 SYSFS: Final = "/sys/kernel/mm/hugepages"
 MFD_HUGE_SHIFT: Final = 26  # include/uapi/linux/memfd.h: log2(page size) << 26
@@ -134,21 +135,9 @@ class HugetlbMapping:
 
 
 @_args.checked
-class HugetlbFile:
+class HugetlbFile(OwnedFd):
     """A file on hugetlbfs, owned fd: a MFD_HUGETLB memfd or a file on a mount.
     Its mappings keep it alive after close(), as vma->vm_file does."""
-
-    _fd: int | None = None
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    @property
-    def fd(self) -> int:
-        """The file descriptor; EBADF once closed."""
-        if self._fd is None:
-            raise oserror(errno.EBADF, "closed")
-        return self._fd
 
     @property
     def size(self) -> int:
@@ -173,23 +162,6 @@ class HugetlbFile:
                          offset)
         huge = os.fstat(self.fd).st_blksize
         return HugetlbMapping(addr, -(-length // huge) * huge)
-
-    def close(self) -> None:
-        """close(2), once."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(OSError):
-            self.close()
 
 
 @_args.checked

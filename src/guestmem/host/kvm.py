@@ -8,16 +8,12 @@ closes it on `close()` / context exit.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
-import fcntl
 import os
 import signal
 import threading
-from collections.abc import Callable
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Self, TypeVar
 
 from guestmem import _args, api, memmap, uapi
 from guestmem.caps import Capabilities
@@ -42,6 +38,7 @@ from guestmem.exits import (
 from guestmem.host import libc, procfs
 from guestmem.host.fork import ChildProcess
 from guestmem.host.hugetlb import Hugetlb
+from guestmem.host.owned import OwnedFd
 from guestmem.host.populate import PopulateLimit
 from guestmem.memmap import MemoryMap
 
@@ -54,68 +51,7 @@ CAPABILITY_SCAN = 512  # KVM_CAP_* numbers probed (6.18's highest is in the 240s
 _PROBED: dict[int, Capabilities] = {}  # by the device number of /dev/kvm
 
 
-class _Fd:
-    """An owned file descriptor, closed once."""
-
-    # Set before __init__ runs: an object whose open failed (or whose call had a
-    # wrong keyword) is still deleted, and __del__ must find "no fd" then.
-    _fd: int | None = None
-
-    def __init__(self, fd: int) -> None:
-        self._fd: int | None = fd
-
-    @property
-    def fd(self) -> int:
-        """The file descriptor; EBADF once closed."""
-        if self._fd is None:
-            raise oserror(errno.EBADF, "closed")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        """close() was called."""
-        return self._fd is None
-
-    def close(self) -> None:
-        """close(2), once."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(OSError):
-            self.close()
-
-    def _ioctl(self, request: int, arg: int | ctypes.Structure = 0) -> int:
-        name = uapi.IOCTL_NAMES.get(request, f"ioctl {request:#x}")
-        if self._fd is None:
-            raise oserror(errno.EBADF, name)
-        if isinstance(arg, int):
-            return libc.ioctl(self._fd, request, arg, name)
-        try:
-            return int(fcntl.ioctl(self._fd, request, arg, True))
-        except OSError as e:
-            raise oserror(e.errno, name) from None
-
-    def _call(self, name: str, fn: Callable[..., T], *args: Any) -> T:
-        """fn(fd, *args), an os-module syscall; its OSError names the syscall."""
-        if self._fd is None:
-            raise oserror(errno.EBADF, name)
-        try:
-            return fn(self._fd, *args)
-        except OSError as e:
-            raise oserror(e.errno, name) from None
+_Fd = OwnedFd  # the file-descriptor base of every kvm object here
 
 
 def kvm_implementation() -> str:
