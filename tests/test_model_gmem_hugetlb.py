@@ -229,3 +229,23 @@ def test_a_host_fault_splits_the_fresh_folio_of_a_range_that_is_not_all_private(
     assert violations(kvm) == []
     gmem.inode.split.clear(0, 2 * G // 4096)  # what a fault that forgot to split leaves
     assert any("hold shared pages" in v for v in violations(kvm))
+
+
+def test_a_host_fault_whose_split_memory_cannot_pay_for_is_sigbus_and_allocates_nothing():
+    from guestmem.exits import HostSigbus
+    kvm = kvm_with_pool(2, G)
+    kvm.hugetlb.hvo = True
+    vm = kvm.create_vm(SW)
+    gmem = vm.create_guest_memfd(2 * G, HUGETLB | uapi.GUEST_MEMFD_FLAG_MMAP,
+                                 uapi.HUGETLB_PAGE_ORDER_1G)
+    gmem.set_memory_attributes2(0, 4096, 0)
+    kvm.hugetlb.memory.free_bytes = 0
+    view = gmem.mmap()
+    try:
+        view.write(0, b"host")
+    except HostSigbus as e:
+        assert "vmemmap" in e.reason
+    else:
+        pytest.fail("split a fresh folio without memory for its vmemmap")
+    assert gmem.inode.allocated_pages() == 0 and gmem.inode.restructure.splits == 0
+    assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 2, 2, 0, 0)
