@@ -249,3 +249,106 @@ def test_a_host_fault_whose_split_memory_cannot_pay_for_is_sigbus_and_allocates_
         pytest.fail("split a fresh folio without memory for its vmemmap")
     assert gmem.inode.allocated_pages() == 0 and gmem.inode.restructure.splits == 0
     assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 2, 2, 0, 0)
+
+
+# --- stage-2 leaf sizes (kvm_gmem_mapping_order, kvm_mmu_max_mapping_level) ----------------
+GFN_4G = (4 << 30) >> 12
+L2M, L1G = 512, 512 * 512
+
+
+def bound_file(page_order, vm_type=SW, slot_gpa=4 << 30, slot_size=2 * G, offset=0,
+               file_size=2 * G):
+    """A HugeTLB guest_memfd (private: no INIT_SHARED) bound by one memslot."""
+    size = 4096 << page_order
+    kvm = kvm_with_pool(file_size // size, size)
+    vm = kvm.create_vm(vm_type)
+    gmem = vm.create_guest_memfd(file_size, HUGETLB | uapi.GUEST_MEMFD_FLAG_MMAP, page_order)
+    vm.set_user_memory_region2(1, uapi.KVM_MEM_GUEST_MEMFD, slot_gpa, slot_size, 0, gmem,
+                               offset)
+    return kvm, vm, gmem, vm.memslots[(0, 1)]
+
+
+def guest_fault(vm, slot, gfn, pages=1):
+    from guestmem.model.paths import complete, gmem_fault_path
+    assert complete(gmem_fault_path(vm, slot, gfn, gfn + pages))
+
+
+def test_a_private_1g_folio_is_mapped_with_one_1g_leaf():
+    kvm, vm, gmem, slot = bound_file(uapi.HUGETLB_PAGE_ORDER_1G)
+    guest_fault(vm, slot, GFN_4G + 5)
+    assert list(vm.mmu.levels.items()) == [(GFN_4G, GFN_4G + L1G, L1G)]
+    assert vm.mmu.pages_by_level() == {1: 0, L2M: 0, L1G: L1G}
+    assert violations(kvm) == []
+
+
+def test_sharing_a_4k_page_splits_the_leaf_and_merging_maps_it_huge_again():
+    """To shared: kvm_split_cross_boundary_leafs, then zap only the page, so the
+    rest of the 1 GiB stays mapped at 4 KiB (no larger than the split folio);
+    to private: the invalidation is rounded out to the huge page, and the next
+    fault maps the merged folio with one 1 GiB leaf again."""
+    kvm, vm, gmem, slot = bound_file(uapi.HUGETLB_PAGE_ORDER_1G)
+    guest_fault(vm, slot, GFN_4G)
+    gmem.set_memory_attributes2(7 * 4096, 4096, 0)
+    assert vm.mmu.leaf_splits == 1 and not vm.mmu.levels.boundaries()
+    assert vm.mmu.pages_by_level() == {1: L1G - 1, L2M: 0, L1G: 0}
+    assert violations(kvm) == []
+    gmem.set_memory_attributes2(7 * 4096, 4096, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    assert vm.mmu.mapped.covered(0, 1 << 40) == 0, "the whole huge page was zapped"
+    guest_fault(vm, slot, GFN_4G + 7)
+    assert vm.mmu.pages_by_level() == {1: 0, L2M: 0, L1G: L1G}
+    assert violations(kvm) == []
+
+
+def test_a_split_folio_is_mapped_at_4k():
+    kvm, vm, gmem, slot = bound_file(uapi.HUGETLB_PAGE_ORDER_1G)
+    gmem.allocate(0, G)
+    gmem.set_memory_attributes2(0, 4096, 0)
+    guest_fault(vm, slot, GFN_4G + 1, 3)
+    assert vm.mmu.pages_by_level() == {1: 3, L2M: 0, L1G: 0}
+
+
+@pytest.mark.parametrize("slot_gpa, offset, slot_size, expected", [
+    # base_gfn and the file offset agree modulo 2 MiB only: 2 MiB leaves
+    ((4 << 30) + S, 0, G, L2M),
+    ((4 << 30), S, G, L2M),
+    # agree modulo 1 GiB, but the memslot is smaller than a 1 GiB leaf
+    ((4 << 30), 0, 512 << 20, L2M),
+    # agree modulo neither: 4 KiB
+    ((4 << 30) + 4096, 0, G, 1),
+])
+def test_the_leaf_is_as_large_as_memslot_alignment_allows(slot_gpa, offset, slot_size,
+                                                          expected):
+    kvm, vm, gmem, slot = bound_file(uapi.HUGETLB_PAGE_ORDER_1G, slot_gpa=slot_gpa,
+                                     slot_size=slot_size, offset=offset)
+    gfn = slot.base_gfn + 600  # inside the memslot's first 2 MiB-aligned leaf or after
+    guest_fault(vm, slot, gfn)
+    by_level = vm.mmu.pages_by_level()
+    assert by_level[expected] == (expected if expected > 1 else 1)
+    assert sum(by_level.values()) == by_level[expected]
+    assert violations(kvm) == []
+
+
+def test_tdx_maps_private_memory_with_2m_leaves_at_most():
+    kvm, vm, gmem, slot = bound_file(uapi.HUGETLB_PAGE_ORDER_1G, vm_type=uapi.KVM_X86_TDX_VM)
+    guest_fault(vm, slot, GFN_4G + L2M + 3)
+    assert list(vm.mmu.levels.items()) == [(GFN_4G + L2M, GFN_4G + 2 * L2M, L2M)]
+
+
+def test_a_2m_file_is_mapped_with_2m_leaves_and_a_plain_one_at_4k():
+    kvm, vm, gmem, slot = bound_file(uapi.HUGETLB_PAGE_ORDER_2M, file_size=4 * S,
+                                     slot_size=4 * S)
+    guest_fault(vm, slot, GFN_4G, 3 * L2M)
+    assert vm.mmu.pages_by_level() == {1: 0, L2M: 3 * L2M, L1G: 0}
+    plain = Kvm(HUGETLB_PROFILE)
+    vm2 = plain.create_vm(SW)
+    g = vm2.create_guest_memfd(4 * S, uapi.GUEST_MEMFD_FLAG_MMAP)
+    vm2.set_user_memory_region2(1, uapi.KVM_MEM_GUEST_MEMFD, 4 << 30, 4 * S, 0, g, 0)
+    guest_fault(vm2, vm2.memslots[(0, 1)], GFN_4G, L2M)
+    assert vm2.mmu.pages_by_level() == {1: L2M, L2M: 0, L1G: 0}
+
+
+def test_the_invariant_sees_a_leaf_larger_than_its_folio():
+    kvm, vm, gmem, slot = bound_file(uapi.HUGETLB_PAGE_ORDER_1G)
+    guest_fault(vm, slot, GFN_4G)
+    gmem.inode.split.set(0, L1G, True)  # what splitting before zapping would leave
+    assert any("exceed the folios" in v for v in violations(kvm))

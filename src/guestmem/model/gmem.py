@@ -319,7 +319,12 @@ class GmemInode:
         changing = _complement(private_now, first, last) if private else private_now
         to_split = [] if private else self._unsplit_huge(changing)
         self._can_restructure(sum(hi - lo for lo, hi in to_split), first)
-        vms = self._invalidate_begin(*self._huge_round_out(first, last))
+        if private:  # the invalidation is rounded out to huge pages (the WIP)
+            vms = self._invalidate_begin(*self._huge_round_out(first, last))
+        else:  # to shared: split the stage-2 leaves crossing the range, then zap it
+            for slot, gfn_lo, gfn_hi in self.bound_gfn_ranges(first, last):
+                slot.vm.mmu.split_cross_boundary_leaves([(gfn_lo, gfn_hi)])
+            vms = self._invalidate_begin(first, last)
         self._split(to_split)
         self.private.set(first, last, private)
         if private:
@@ -366,6 +371,23 @@ class GmemInode:
             for a, b, _ in self.folios.overlapping(lo, hi):
                 out += [(x, y) for x, y in self.split.gaps(a, b)]
         return out
+
+    def huge_mappable(self, first: int, last: int) -> list[tuple[int, int]]:
+        """kvm_gmem_mapping_order over the huge folios [first, last) touches: those
+        that may be mapped whole at stage 2, being allocated, not split and
+        private whole (the WIP maps a huge order only then; otherwise order 0)."""
+        if self.spool is None:
+            return []
+        lo, hi = self._huge_round_out(first, last)
+        mappable: ExtentMap[bool] = ExtentMap()
+        mappable.set(lo, hi, True)
+        for a, b in self.folios.gaps(lo, hi):
+            mappable.clear(*self._huge_round_out(a, b))
+        for a, b, _ in self.split.overlapping(lo, hi):  # split whole huge pages at a time
+            mappable.clear(a, b)
+        for a, b in self._huge_pages_of(_complement(self.private_ranges(lo, hi), lo, hi)):
+            mappable.clear(a, b)
+        return [(a, b) for a, b, _ in mappable.items()]
 
     def _can_restructure(self, pages: int, first: int) -> None:
         """Splitting must restore the vmemmap HVO freed; if memory cannot give it,

@@ -19,7 +19,7 @@ def violations(kvm: Any) -> list[str]:
     out: list[str] = []
     for check in (_confidentiality, _mapped_pages_are_live, _nothing_stale_is_reachable,
                   _conversions_keep_data_only_where_preserved, _huge_folios_are_uniform,
-                  _counters_add_up):
+                  _stage2_leaves_fit_folios, _counters_add_up):
         out.extend(check(kvm))
     return out
 
@@ -142,6 +142,28 @@ def _huge_folios_are_uniform(kvm: Any) -> Iterator[str]:
                 private = sum(y - x for x, y in inode.private_ranges(a, b))
                 if private != b - a:
                     yield f"inode {inode.ino}: whole huge folios in [{a}, {b}) hold shared pages"
+
+
+def _stage2_leaves_fit_folios(kvm: Any) -> Iterator[str]:
+    """Mapping size <= folio size (the rule Yan Zhao's review holds the WIP to): a
+    huge stage-2 leaf maps guest_memfd pages of one whole, unsplit, private huge
+    folio, aligned, no larger than the VM type allows (TDX: 2 MiB)."""
+    for vm in list(kvm.vms):
+        for g0, g1, level in vm.mmu.levels.items():
+            slot = vm.mmu.mapped.get(g0)
+            if g0 % level or g1 % level or not vm.mmu.mapped.all_equal(g0, g1, slot):
+                yield f"VM {vm._fd}: huge leaves [{g0}, {g1}) unaligned or not one memslot's"
+                continue
+            if slot == "hva" or slot.gmem is None:
+                yield f"VM {vm._fd}: huge leaves [{g0}, {g1}) not on guest_memfd pages"
+                continue
+            inode, lo = slot.gmem, slot.gmem_index(g0)
+            hi = lo + g1 - g0
+            fits = level <= inode.huge_pages and any(
+                a <= lo and hi <= b for a, b in inode.huge_mappable(lo, hi))
+            if not fits or level > vm.vm_type_info.max_private_leaf:
+                yield (f"VM {vm._fd}: leaves of {level} pages on gfns [{g0}, {g1}) exceed "
+                       f"the folios of inode {inode.ino} or the VM type")
 
 
 def _counters_add_up(kvm: Any) -> Iterator[str]:

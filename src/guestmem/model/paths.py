@@ -40,10 +40,15 @@ def gmem_fault_path(vm: Vm, slot: Memslot, first: int, last: int) -> Path[bool]:
         return False
     lo, hi = slot.gmem_index(first), slot.gmem_index(last)
     inode.get_pages(lo, hi)
+    huge = vm.huge_leaves(slot, first, last)
+    for g0, g1, _ in huge:  # kvm_gmem_get_pfn prepares the whole folio it maps
+        inode.get_pages(slot.gmem_index(g0), slot.gmem_index(g1))
     yield "pfn taken"
     if vm.mmu.in_progress or vm.mmu.sequence != seq or slot.gmem is not inode:
         return False
     vm.mmu.map(first, last, slot)
+    for g0, g1, level in huge:
+        vm.mmu.map(g0, g1, slot, level)
     return True
 
 

@@ -62,6 +62,10 @@ class VmType:
     conversion_trusted: bool  # the guest's MAP_GPA_RANGE is authoritative (TDX: a hint, seed 001)
     private_from_hardware: bool  # fault privateness comes from the C-bit/shared bit, not attrs
     pre_fault_allowed: bool = True  # x86 kvm->arch.pre_fault_allowed (SNP/TDX: after finalize)
+    # Base pages of the largest private stage-2 leaf: TDX caps private mappings at
+    # 2 MiB, with no promotion (the TDX module wants all 512 4 KiB leaves alike:
+    # upstream-2026-11.md §2, TDX huge page v3); others allow 1 GiB.
+    max_private_leaf: int = 1 << 18
 
     @property
     def conversion_preserves(self) -> bool:
@@ -92,7 +96,8 @@ VM_TYPES: dict[int, VmType] = {t.number: t for t in (
            HostPrivateAccess.RMP_FAULT, True, True, pre_fault_allowed=False),
     # Seed 001: "in the case of TDX, the hypercall can't be trusted, i.e. is just a hint".
     VmType(uapi.KVM_X86_TDX_VM, "tdx", True, _MMAP, Prepare.FIRMWARE, Conversion.ZERO,
-           HostPrivateAccess.MACHINE_CHECK, False, True, pre_fault_allowed=False),
+           HostPrivateAccess.MACHINE_CHECK, False, True, pre_fault_allowed=False,
+           max_private_leaf=1 << 9),
     # A model extension (seed 004, upstream-2026-11.md §5): a pKVM-style protected VM on
     # guest_memfd, which no kernel release has (pKVM uses pinned memory). It is
     # SW_PROTECTED's behaviour plus what pKVM asked for: conversion preserves, so a

@@ -23,6 +23,7 @@ def snapshot(kvm: Any) -> dict[str, Any]:
         "children": sorted((c.pid, _mappings(c), len(c.files)) for c in proc.children),
         "interleave": proc.node_chooser.il_prev,
     }
+    state["hugetlb"] = (kvm.hugetlb.report(), kvm.hugetlb.memory.free_bytes)
     for vm in sorted(kvm.vms, key=lambda v: v._fd):
         state[f"vm{vm._fd}"] = (
             sorted((k, s.base_gfn, s.npages, s.flags, s.userspace_addr, s.gmem_pgoff,
@@ -31,7 +32,7 @@ def snapshot(kvm: Any) -> dict[str, Any]:
             tuple(vm.attributes.items()),
             tuple((a, b, v if v == "hva" else v.id) for a, b, v in vm.mmu.mapped.items()),
             (vm.mmu.invalidations, vm.mmu.tlb_flushes, vm.mmu.zapped_pages, vm.mmu.sequence,
-             vm.mmu.in_progress),
+             vm.mmu.in_progress, vm.mmu.leaf_splits), tuple(vm.mmu.levels.items()),
             tuple(vm.guest_pte_dirty.items()), vm.exit_hypercall_mask, vm.refs, vm.fd_open,
             sorted((i, bytes(v.regs), bytes(v.sregs), tuple(v.encrypted_view.items()), v.closed)
                    for i, v in vm.vcpus.items()),
@@ -45,7 +46,7 @@ def snapshot(kvm: Any) -> dict[str, Any]:
                 b.forked_refs, b.conversion_policy, tuple(b.split.items()),
                 tuple(b.pins.items()), len(b.live_pins),
                 tuple(b.policy.items()) if b.policy is not None else None,
-                tuple(b.private.items()),
+                tuple(b.private.items()), vars(b.restructure).copy(),
             )
         elif isinstance(b, AnonymousMemory):
             state[f"anon{id(b)}"] = (tuple(b.present.items()), tuple(b.store.extents.items()))

@@ -61,21 +61,39 @@ class Memslot:
         return gfn - self.base_gfn + self.gmem_pgoff  # kvm_gmem_get_index
 
 
+LEVEL_2M, LEVEL_1G = 512, 512 * 512  # base pages per PMD / PUD leaf (PG_LEVEL_2M, PG_LEVEL_1G)
+
+
 @dataclass
 class Stage2Mmu:
-    """Which gfns have a stage-2 (SPTE) mapping, and what invalidating them cost."""
+    """Which gfns have a stage-2 (SPTE) mapping, at what leaf size, and what
+    invalidating them cost."""
 
     mapped: ExtentMap[Any] = field(default_factory=ExtentMap)  # gfn -> memslot or "hva"
+    # gfn -> base pages per leaf, where the leaf is huge (LEVEL_2M, LEVEL_1G); a mapped
+    # gfn not here is a 4 KiB leaf. Leaves are aligned to their size in gfn space.
+    levels: ExtentMap[int] = field(default_factory=ExtentMap)
     invalidations: int = 0
     tlb_flushes: int = 0
     zapped_pages: int = 0
+    leaf_splits: int = 0  # huge leaves demoted (kvm_split_cross_boundary_leafs)
     in_progress: int = 0  # mmu_invalidate_in_progress: faults retry while > 0
     sequence: int = 0  # mmu_invalidate_seq: bumped when an invalidation ends
 
-    def map(self, first: int, last: int, source: Any) -> None:
-        """Install SPTEs for [first, last); `source` is the memslot for guest_memfd
-        pages, "hva" for pages reached through userspace_addr."""
+    def map(self, first: int, last: int, source: Any, level: int = 1) -> None:
+        """Install SPTEs for [first, last), leaves of `level` base pages (the range
+        is aligned to it); `source` is the memslot for guest_memfd pages, "hva"
+        for pages reached through userspace_addr."""
         self.mapped.set(first, last, source)
+        self.levels.set(first, last, level if level > 1 else None)
+
+    def _leaf_bounds(self, first: int, last: int) -> tuple[int, int]:
+        """[first, last) widened to the huge leaves it cuts: zapping part of a leaf
+        zaps the leaf (the TDP MMU removes whole leaf SPTEs)."""
+        for lo, hi, level in self.levels.overlapping(first, last):
+            first = min(first, max(lo, first // level * level))
+            last = max(last, min(hi, -(-last // level) * level))
+        return first, last
 
     def invalidate_begin(self, ranges: list[tuple[int, int]]) -> None:
         """kvm_mmu_invalidate_begin + unmap of every range, then one TLB flush."""
@@ -85,6 +103,9 @@ class Stage2Mmu:
         if not self.mapped.boundaries():
             return  # nothing mapped: nothing to zap or flush
         for first, last in ranges:
+            if self.levels.boundaries():
+                first, last = self._leaf_bounds(first, last)
+                self.levels.clear(first, last)
             zapped += self.mapped.covered(first, last)
             self.mapped.clear(first, last)
         if zapped:
@@ -98,6 +119,27 @@ class Stage2Mmu:
     def zap(self, ranges: list[tuple[int, int]]) -> None:
         self.invalidate_begin(ranges)
         self.invalidate_end()
+
+    def split_cross_boundary_leaves(self, ranges: list[tuple[int, int]]) -> None:
+        """kvm_split_cross_boundary_leafs (the HugeTLB WIP, before a to-shared zap):
+        a huge leaf that crosses an end of a range is demoted to 4 KiB leaves (as
+        small as the folio the conversion splits it to), so that zapping the range
+        leaves the rest of the leaf mapped."""
+        for first, last in ranges:
+            for point in (first, last):
+                level = self.levels.get(point)
+                if level is not None and point % level and self.levels.get(point - 1):
+                    start = point // level * level  # the leaf around the boundary
+                    self.levels.clear(start, start + level)
+                    self.leaf_splits += 1
+
+    def pages_by_level(self) -> dict[int, int]:
+        """Mapped base pages by leaf size (1, LEVEL_2M, LEVEL_1G): the TLB reach."""
+        out = {1: 0, LEVEL_2M: 0, LEVEL_1G: 0}
+        for lo, hi, level in self.levels.items():
+            out[level] += hi - lo
+        out[1] = self.mapped.covered(0, 1 << 62) - out[LEVEL_2M] - out[LEVEL_1G]
+        return out
 
 
 @_args.checked
@@ -441,6 +483,43 @@ class Vm:
         to_gfn = slot.base_gfn - slot.gmem_pgoff
         return [(lo + to_gfn, hi + to_gfn) for lo, hi in
                 slot.gmem.private_ranges(slot.gmem_index(first), slot.gmem_index(last))]
+
+    def huge_leaves(self, slot: Memslot, first: int, last: int) -> list[tuple[int, int, int]]:
+        """kvm_mmu_max_mapping_level for guest_memfd pages around [first, last): the
+        aligned gfn ranges a fault maps with huge leaves, and their size. A leaf
+        is as large as the folio's mapping order allows (GmemInode.huge_mappable),
+        no larger than the VM type allows private memory (TDX: 2 MiB), where the
+        memslot's base_gfn and file offset agree modulo the leaf and the leaf lies
+        inside the memslot (lpage_info's disallow_lpage), and, without in-place
+        conversion, where the VM's attributes are alike across it
+        (hugepage_has_attrs)."""
+        inode = slot.gmem
+        if inode is None or inode.spool is None:
+            return []
+        to_gfn = slot.base_gfn - slot.gmem_pgoff
+        leaves: ExtentMap[int] = ExtentMap()
+        for level in (LEVEL_1G, LEVEL_2M):
+            if level > min(inode.huge_pages, self.vm_type_info.max_private_leaf) or \
+                    to_gfn % level:
+                continue
+            lo = max(first // level * level, -(-slot.base_gfn // level) * level)
+            hi = min(-(-last // level) * level, slot.end_gfn // level * level)
+            for a, b in inode.huge_mappable(lo - to_gfn, hi - to_gfn) if lo < hi else []:
+                a, b = max(a + to_gfn, lo), min(b + to_gfn, hi)
+                for g0, g1 in list(leaves.gaps(a, b)):
+                    leaves.set(g0, g1, level)
+                if not self.kvm.profile.gmem_in_place_conversion:
+                    self._mixed_attributes_not_huge(leaves, a, b, level)
+        return list(leaves.items())
+
+    def _mixed_attributes_not_huge(self, leaves: ExtentMap[int], first: int, last: int,
+                                   level: int) -> None:
+        """Drop the leaves of [first, last) across which the attributes change."""
+        for lo, hi, _ in list(self.attributes.overlapping(first, last)):
+            for point in (lo, hi):
+                if first < point < last and point % level:
+                    start = point // level * level
+                    leaves.clear(start, start + level)
 
     # --- vCPUs ---------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
