@@ -14,9 +14,10 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 from rich.padding import Padding
@@ -25,12 +26,21 @@ from rich.table import Table
 import guestmem
 from guestmem import api, uapi
 from guestmem.caps import Capabilities
+from guestmem.hugetlb_pools import (
+    COUNTERS,
+    SYSFS_FILES,
+    Pool,
+    Pools,
+    gmem_hugetlb,
+    read_pools,
+    size_name,
+    sysfs_name,
+)
 from guestmem.memmap import MemoryMap
 from guestmem.model import Kvm as ModelKvm
 
 if TYPE_CHECKING:  # for annotations; the commands import these modules when they run
     from guestmem.check import Instance, Result
-    from guestmem.demo import Step
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}  # inherited by every command
 EXIT_FAILED = 1  # a case or a demo step did not behave as expected
@@ -147,6 +157,7 @@ def info_record(kvm: api.Kvm) -> dict[str, Any]:
         for name, bit in (
             ("MMAP", uapi.GUEST_MEMFD_FLAG_MMAP),
             ("INIT_SHARED", uapi.GUEST_MEMFD_FLAG_INIT_SHARED),
+            ("HUGETLB", uapi.GUEST_MEMFD_FLAG_HUGETLB),
         )
         if caps.guest_memfd_flags & bit
     ]
@@ -163,6 +174,7 @@ def info_record(kvm: api.Kvm) -> dict[str, Any]:
     model_profile = kvm.profile if isinstance(kvm, ModelKvm) else None
     record["profile"] = model_profile.name if model_profile else profile_of(caps)
     record["differences_from_mainline"] = upstream_differences(caps)
+    record["gmem_hugetlb"] = gmem_hugetlb(kvm).as_json()
     if model_profile:
         record["profile_description"] = model_profile.description
     return record
@@ -188,6 +200,7 @@ def _facts_table(record: dict[str, Any]) -> Table:
         ("NUMA nodes", str(record["numa_nodes"])),
         ("guest_memfd mempolicy",
          "per inode (shared)" if record["gmem_shared_policy"] else "per VMA only"),
+        *_hugetlb_rows(record["gmem_hugetlb"]),
     ]
     for label, value in rows:
         if label or value:
@@ -202,6 +215,12 @@ def _execution_rows(execution: dict[str, Any]) -> list[tuple[str, str]]:
             *((f"CPL3 {insn.upper()}", o) for insn, o in execution["cpl3_hypercall"].items()),
             (cpl0, execution["cpl0_hypercall"]),
             ("emulated CPLs", ", ".join(map(str, execution["emulated_cpls"])) or "none")]
+
+
+def _hugetlb_rows(offer: dict[str, Any]) -> list[tuple[str, str]]:
+    """Which HugeTLB sizes guest_memfd is offered (and why), and which have a pool."""
+    pools = ", ".join(map(size_name, offer["pool_sizes"])) or "none"
+    return [("guest_memfd on HugeTLB", offer["reason"]), ("HugeTLB pools", pools)]
 
 
 def _cap_value(value: int) -> str:
@@ -455,7 +474,20 @@ def check(backend: str, profile: str | None, all_vm_types: bool, selection: Sele
 
 
 # --- demo ------------------------------------------------------------------------------------
-def _step_line(step: Step) -> Table:
+class ShownStep(Protocol):
+    """What a step printed as a line has: demo's Step, the HugeTLB walk's WalkStep."""
+
+    @property
+    def title(self) -> str: ...
+
+    @property
+    def detail(self) -> str: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+
+def _step_line(step: ShownStep) -> Table:
     """A step as printed as it happens: its mark, and its text in a hanging indent."""
     line = Table.grid(padding=(0, 1))
     line.add_column(no_wrap=True)
@@ -484,6 +516,157 @@ def demo(backend: str, profile: str | None) -> None:
     if failed:
         raise click.ClickException(f"{failed} demo step(s) did not behave as expected")
 
+
+# --- hugetlb ---------------------------------------------------------------------------------
+UNDERFLOW = "[bold red]{value} underflow[/]"  # a counter the kernel took below zero
+UNDERFLOWED = "underflowed"
+
+
+def _bytes_text(n: int | None) -> str:
+    """8 KiB, 16 MiB: exact binary units where n is a whole number of one; else bytes."""
+    if n is None:
+        return "unknown"
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift:,} {unit}"
+    return f"{n:,} B"
+
+
+def _counter_cell(pool: Pool, name: str) -> str:
+    value = getattr(pool.counters, name)
+    return UNDERFLOW.format(value=value) if name in pool.underflowed else str(value)
+
+
+def _pools_table(title: str, pools: Pools) -> Table:
+    table = Table(title=escape(title))
+    table.add_column("size", no_wrap=True)
+    for name in (*COUNTERS, "vmemmap"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for pool in pools.pools:
+        table.add_row(size_name(pool.page_size), *(_counter_cell(pool, n) for n in COUNTERS),
+                      _bytes_text(pool.vmemmap_bytes))
+    return table
+
+
+def _meminfo_table(pools: Pools) -> Table:
+    whose = "the model's" if pools.backend == "model" else "this host's"
+    table = Table(title=f"{whose} /proc/meminfo", show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    for key, value in pools.meminfo.items():
+        text = f"{value} kB" if key in ("Hugepagesize", "Hugetlb") else str(value)
+        if key in pools.meminfo_underflowed:
+            text = UNDERFLOW.format(value=value)
+        table.add_row(escape(key), text)
+    return table
+
+
+def _pool_notes(pools: Pools) -> list[tuple[str, str]]:
+    """HVO's state, what vmemmap means here, and every underflowed counter spelled out."""
+    hvo = {True: "on: all but one vmemmap page of each huge page freed",
+           False: "off: every huge page keeps its vmemmap",
+           None: "not built (no vm.hugetlb_optimize_vmemmap)"}[pools.hvo]
+    notes = [("HVO", f"vm.hugetlb_optimize_vmemmap {hvo}")]
+    if any(p.vmemmap_bytes is None for p in pools.pools):
+        notes.append(("vmemmap", "unknown: the kernel reports none per pool (and HVO applies "
+                                 "only to pages allocated while it is on)"))
+    for pool in pools.pools:
+        for name in pool.underflowed:
+            value = getattr(pool.counters, name)
+            notes.append((UNDERFLOWED, f"{sysfs_name(pool.page_size)}/{SYSFS_FILES[name]} "
+                          f"reads {value + (1 << 64)} = 2**64 - {-value}: the kernel's "
+                          f"unsigned counter went below zero; shown as {value}"))
+    for key in pools.meminfo_underflowed:
+        value = pools.meminfo[key]
+        notes.append((UNDERFLOWED, f"/proc/meminfo {key} reads {value + (1 << 64)}; shown as "
+                                   f"{value}"))
+    return notes
+
+
+def _notes_grid(notes: list[tuple[str, str]]) -> Table:
+    """Label and text, the text in a hanging indent; underflows in red."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for label, text in notes:
+        style = "bold red" if label == UNDERFLOWED else "bold"
+        grid.add_row(f"[{style}]{escape(label)}[/]", escape(text))
+    return grid
+
+
+def _print_pools(console: Console, title: str, pools: Pools) -> None:
+    if pools.pools:
+        console.print(_pools_table(title, pools))
+    else:
+        console.print(escape(f"{title}: no HugeTLB pools (no hugepages-<size>kB directory in "
+                             "/sys/kernel/mm/hugepages)"), style="bold")
+    console.print(_notes_grid(_pool_notes(pools)))
+    if pools.meminfo:
+        console.print(_meminfo_table(pools))
+
+
+@main.group(invoke_without_command=True, subcommand_metavar="[walk [OPTIONS]]")
+@click.option("--backend", default="model", show_default=True,
+              type=click.Choice(guestmem.BACKENDS),
+              help="model: a fresh model's pools (empty, as a booted host's); kvm: this "
+                   "host's sysfs and /proc/meminfo.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON record.")
+@click.pass_context
+def hugetlb(ctx: click.Context, backend: str, as_json: bool) -> None:
+    """The HugeTLB pools per page size: nr, free, resv, surplus, overcommit, vmemmap,
+    HVO and /proc/meminfo's lines; `hugetlb walk`: guest_memfd on 1G pages, step
+    by step."""
+    if ctx.invoked_subcommand is not None:
+        given = [option for param, option in (("backend", "--backend"), ("as_json", "--json"))
+                 if ctx.get_parameter_source(param) is not ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} belongs to the pools table; the walk "
+                                   f"takes its own options: guestmem hugetlb walk --help")
+        return
+    with _open(backend, None) as kvm:
+        where = describe(kvm) if backend == "kvm" else "model backend"
+        try:
+            pools = read_pools(kvm)
+        except OSError as e:
+            raise click.ClickException(f"cannot read the HugeTLB pools: {e}") from e
+    if as_json:
+        click.echo(json.dumps(pools.as_json(), indent=2))
+        return
+    _print_pools(_console(), f"HugeTLB pools: {where}", pools)
+
+
+@hugetlb.command()
+@click.option("--page-size", type=click.Choice(["1G", "2M"]), default="1G", show_default=True,
+              help="The huge page size of the guest_memfd and its pool.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON record: the page size and each step with the pool's "
+                   "counters, the splits and merges, and any errno after it.")
+def walk(page_size: str, as_json: bool) -> None:
+    """On the model: a guest_memfd of two huge pages, one 4 KiB page to shared (its
+    folio splits, HVO's vmemmap comes back) and back (it merges), a pinned piece's
+    EAGAIN at its error_offset, the unpin, close; the pool's counters after each
+    step. Exit 1 if any step does not behave as expected."""
+    from guestmem import hugetlb_walk
+
+    size = _parse_size(page_size, "--page-size")
+    console = _console()
+    steps = []
+    if not as_json:
+        console.print(f"guestmem hugetlb walk: model backend, inplace+gmem_hugetlb profile, "
+                      f"{page_size} pages", style="bold")
+    try:
+        for step in hugetlb_walk.run(size):
+            steps.append(step)
+            if not as_json:
+                console.print(_step_line(step))
+    except OSError as e:
+        raise click.ClickException(f"the walk stopped: {e}") from e
+    failed = sum(not step.ok for step in steps)
+    if as_json:
+        click.echo(json.dumps({"page_size": size, "steps": [s.as_json() for s in steps],
+                               "failed": failed}, indent=2))
+    if failed:
+        raise click.ClickException(f"{failed} walk step(s) did not behave as expected")
 
 
 # --- memory ----------------------------------------------------------------------------------
