@@ -119,6 +119,13 @@ def test_an_underflowed_counter_is_shown_as_underflowed_not_as_a_number():
     assert pools.as_json()["meminfo_underflowed"] == ["HugePages_Rsvd"]
 
 
+def test_a_host_without_pools_or_hvo_says_so():
+    output = " ".join(render(Pools("kvm", (), None, {})).split())
+    assert "no HugeTLB pools (no hugepages-<size>kB directory in /sys/kernel/mm/hugepages)" \
+        in output
+    assert "vm.hugetlb_optimize_vmemmap not built" in output
+
+
 def test_the_host_driver_reads_an_underflowed_sysfs_counter_as_negative(tmp_path):
     pool = tmp_path / "hugepages-2048kB"
     pool.mkdir()
