@@ -352,3 +352,136 @@ def test_the_invariant_sees_a_leaf_larger_than_its_folio():
     guest_fault(vm, slot, GFN_4G)
     gmem.inode.split.set(0, L1G, True)  # what splitting before zapping would leave
     assert any("exceed the folios" in v for v in violations(kvm))
+
+
+# --- split and merge policies (issue 10 part 4) ----------------------------------------------
+PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+MIB, PAGE = 1 << 20, 4096
+
+
+def policy_file(policy, page_order=uapi.HUGETLB_PAGE_ORDER_1G):
+    """Two huge pages, HVO on, bound at GPA 4 GiB, under `policy`."""
+    kvm, vm, gmem, slot = bound_file(page_order, file_size=2 * (PAGE << page_order),
+                                     slot_size=2 * (PAGE << page_order))
+    kvm.hugetlb.hvo = True
+    gmem.set_hugetlb_policy(policy)
+    return kvm, vm, gmem, slot
+
+
+def test_the_policy_is_chosen_before_the_first_folio_and_only_with_hugetlb():
+    kvm, vm, gmem, slot = policy_file("dynamic")
+    gmem.allocate(0, G)
+    plain = vm.create_guest_memfd(S, uapi.GUEST_MEMFD_FLAG_MMAP)
+    for file, errno_ in ((gmem, errno.EBUSY), (plain, errno.EINVAL)):
+        try:
+            file.set_hugetlb_policy("eager-4k")
+        except OSError as e:
+            assert e.errno == errno_
+        else:
+            pytest.fail("chose a policy it should have refused")
+    assert gmem.inode.hugetlb_policy.value == "dynamic"
+    with pytest.raises(ValueError, match="sideways"):
+        policy_file("sideways")
+
+
+def test_eager_4k_splits_every_folio_when_allocated_and_maps_nothing_huge():
+    kvm, vm, gmem, slot = policy_file("eager-4k")
+    free = kvm.hugetlb.memory.free_bytes
+    gmem.allocate(0, 2 * G)
+    r = gmem.inode.restructure
+    assert (r.splits, r.vmemmap_restored) == (2, 2 * 4095 * PAGE)
+    assert free - kvm.hugetlb.memory.free_bytes == 2 * 4095 * PAGE
+    assert gmem.inode.memory_by_page_size() == {PAGE: 2 * G, S: 0, G: 0}
+    gmem.set_memory_attributes2(0, PAGE, 0)
+    gmem.set_memory_attributes2(0, PAGE, PRIVATE)
+    assert (r.splits, r.merges) == (2, 0), "conversions restructure nothing"
+    guest_fault(vm, slot, GFN_4G, 8)
+    assert vm.mmu.pages_by_level() == {1: 8, L2M: 0, L1G: 0}
+    gmem.punch_hole(0, G)  # the pool takes whole folios back: merged first
+    assert (r.merges, r.vmemmap_freed) == (1, 4095 * PAGE)
+    assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 1, 1, 0, 0)
+    assert violations(kvm) == []
+
+
+def test_eager_4k_without_memory_for_the_vmemmap_fails_allocation_and_guest_faults():
+    from guestmem.model.snapshot import snapshot
+    kvm, vm, gmem, slot = policy_file("eager-4k")
+    kvm.hugetlb.memory.free_bytes = 4095 * PAGE - 1
+    before = snapshot(kvm)
+    try:
+        gmem.allocate(0, G)
+    except OSError as e:
+        assert e.errno == errno.ENOMEM
+    else:
+        pytest.fail("split a new folio without memory for its vmemmap")
+    assert snapshot(kvm) == before
+    vcpu_fault = vm.create_vcpu(0)._fault_in(GFN_4G, GFN_4G + 1, False, True, slot)
+    assert vcpu_fault.err == errno.ENOMEM and gmem.inode.allocated_pages() == 0
+    assert vcpu_fault.exit.reason == uapi.KVM_EXIT_MEMORY_FAULT
+
+
+def test_stepwise_splits_1g_to_2m_and_only_the_cut_2m_piece_to_4k():
+    kvm, vm, gmem, slot = policy_file("stepwise")
+    gmem.allocate(0, 2 * G)
+    free = kvm.hugetlb.memory.free_bytes
+    gmem.set_memory_attributes2(3 * S + PAGE, PAGE, 0)
+    r = gmem.inode.restructure
+    # 1 GiB -> 512 x 2 MiB restores 4095 pages and HVO frees 7 of each piece again;
+    # the cut 2 MiB piece -> 4 KiB restores its 7.
+    assert (r.splits, r.vmemmap_restored) == (2, (4095 - 512 * 7 + 7) * PAGE)
+    assert free - kvm.hugetlb.memory.free_bytes == 518 * PAGE
+    assert gmem.inode.memory_by_page_size() == {PAGE: S, S: G - S, G: G}
+    guest_fault(vm, slot, GFN_4G + 5 * L2M)  # a private 2 MiB piece: one 2 MiB leaf
+    guest_fault(vm, slot, GFN_4G + 3 * L2M)  # the cut piece: 4 KiB
+    assert vm.mmu.pages_by_level() == {1: 1, L2M: L2M, L1G: 0}
+    assert violations(kvm) == []
+    gmem.set_memory_attributes2(3 * S + PAGE, PAGE, PRIVATE)
+    assert (r.merges, r.vmemmap_freed) == (2, 518 * PAGE), "back a step at a time"
+    assert kvm.hugetlb.memory.free_bytes == free and not gmem.inode.split.boundaries()
+    guest_fault(vm, slot, GFN_4G)
+    assert vm.mmu.pages_by_level() == {1: 0, L2M: 0, L1G: L1G}
+
+
+def test_stepwise_on_2m_pages_is_dynamic():
+    kvm, vm, gmem, slot = policy_file("stepwise", uapi.HUGETLB_PAGE_ORDER_2M)
+    gmem.allocate(0, 2 * S)
+    gmem.set_memory_attributes2(PAGE, PAGE, 0)
+    r = gmem.inode.restructure
+    assert (r.splits, r.vmemmap_restored) == (1, 7 * PAGE)
+
+
+def test_lazy_splits_at_the_host_fault_and_merges_at_the_guest_fault():
+    kvm, vm, gmem, slot = policy_file("lazy")
+    gmem.allocate(0, 2 * G)
+    gmem.set_memory_attributes2(PAGE, PAGE, 0)
+    r = gmem.inode.restructure
+    assert r.splits == 0 and violations(kvm) == [], "a shared page no one maps: no split"
+    view = gmem.mmap(G)
+    view.write(PAGE, b"host")
+    assert (r.splits, r.vmemmap_restored) == (1, 4095 * PAGE)
+    assert violations(kvm) == []
+    view.munmap()
+    gmem.set_memory_attributes2(PAGE, PAGE, PRIVATE)
+    assert r.merges == 0 and gmem.inode.split.boundaries(), "no merge at conversion"
+    guest_fault(vm, slot, GFN_4G)
+    assert (r.merges, r.vmemmap_freed) == (1, 4095 * PAGE)
+    assert vm.mmu.pages_by_level() == {1: 0, L2M: 0, L1G: L1G}
+    assert violations(kvm) == []
+
+
+def test_the_invariant_sees_a_host_mapping_into_a_whole_folio_with_private_pages():
+    kvm, vm, gmem, slot = policy_file("lazy")
+    gmem.allocate(0, G)
+    gmem.set_memory_attributes2(0, PAGE, 0)
+    view = gmem.mmap(G)
+    view.write(0, b"host")
+    gmem.inode.split.clear(0, L1G)  # what a lazy fault that forgot to split leaves
+    assert any("holding private pages" in v for v in violations(kvm))
+
+
+def test_dynamic_memory_by_page_size_follows_splits_and_merges():
+    kvm, vm, gmem, slot = policy_file("dynamic")
+    gmem.allocate(0, 2 * G)
+    assert gmem.inode.memory_by_page_size() == {PAGE: 0, S: 0, G: 2 * G}
+    gmem.set_memory_attributes2(G, PAGE, 0)
+    assert gmem.inode.memory_by_page_size() == {PAGE: G, S: 0, G: G}

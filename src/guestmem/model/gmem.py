@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 MAX_LFS_FILESIZE = (1 << 63) - 1  # s_maxbytes of the guest_memfd mount
 ANON_INODE_DEV = 16  # st_dev of "anon_inode:[kvm-gmem]" files on this project's host (0:16)
 SEEK_MAX = 4  # SEEK_HOLE (include/uapi/linux/fs.h)
+STRUCT_PAGE = 64  # sizeof(struct page): vmemmap bytes per base page
+LEVEL_2M_PAGES = 512  # base pages of a 2 MiB folio (stepwise's intermediate order)
 _inode_numbers = itertools.count(0x1000)
 _conversion_keys = itertools.count(1)  # a new SNP key stream per conversion (Ciphertext)
 
@@ -51,6 +53,31 @@ class ConversionPolicy(Enum):
     # pinning"; the switch to private blocks new faults and unmaps through the rmap
     # (unmap_mapping_range), so no reference can stand in its way.
     RMAP_SWITCH = "rmap-switch"
+
+
+class HugetlbPolicy(Enum):
+    """When a HugeTLB guest_memfd splits and merges its folios (issue 10 part 4; a
+    model extension, GuestMemfd.set_hugetlb_policy): the WIP's rule and the
+    alternatives seed 003 and the RFC leave open, to compare what each costs."""
+
+    # The WIP branch and RFC patch 39: a to-shared conversion splits the huge page
+    # it cuts to 4 KiB; a to-private one merges it when the whole page is private.
+    DYNAMIC = "dynamic"
+    # RFC patch 25: every folio is split to 4 KiB when allocated and never merged
+    # until it is freed (punch, close): no restructuring at conversion, no huge
+    # stage-2 leaves.
+    EAGER_4K = "eager-4k"
+    # Seed 003's TODO "intermediate splits": 1 GiB -> 2 MiB -> 4 KiB; only the 2 MiB
+    # pieces a conversion cuts go to 4 KiB, and merges go back a step at a time.
+    STEPWISE = "stepwise"
+    # Seed 003's TODO "lazy splitting": conversions restructure nothing; a host
+    # fault splits the folio it maps into, a guest fault merges a split folio
+    # that is private whole (our choice of where merging happens).
+    LAZY = "lazy"
+
+    @property
+    def restructures_on_conversion(self) -> bool:
+        return self in (HugetlbPolicy.DYNAMIC, HugetlbPolicy.STEPWISE)
 
 
 @dataclass(frozen=True)
@@ -120,8 +147,9 @@ class GmemInode:
         self.huge_pages = 1 if spool is None else spool.hstate.page_size // PAGE
         # Huge folios split to 4 KiB pages (the WIP's restructuring), by base index,
         # whole huge pages at a time; and what splitting and merging cost so far.
-        self.split: ExtentMap[bool] = ExtentMap()
+        self.split: ExtentMap[int] = ExtentMap()  # index -> base pages per piece
         self.restructure = Restructure()
+        self.hugetlb_policy = HugetlbPolicy.DYNAMIC
         self.vm = vm
         self.size = size
         self.npages = size // PAGE
@@ -169,6 +197,8 @@ class GmemInode:
         for lo, hi in list(self.folios.gaps(first, last)):
             if self.spool is not None:  # whole huge folios, from the reserved subpool
                 self.vm.kvm.hugetlb.gmem_alloc(self.spool, (hi - lo) // self.huge_pages)
+                if self.hugetlb_policy is HugetlbPolicy.EAGER_4K:
+                    self._restructure([(lo, hi, 1)])
             self.store.set(lo, hi, self.process.new_pages(hi - lo))  # not zeroed yet
             policies = ([(lo, hi, None)] if self.policy is None
                         else _with_gaps(self.policy.overlapping(lo, hi), lo, hi))
@@ -212,9 +242,30 @@ class GmemInode:
         return None
 
     def get_pages(self, first: int, last: int) -> None:
-        """Allocate and initialise [first, last) for a user (host fault or guest)."""
+        """Allocate and initialise [first, last) for a user (host fault or guest);
+        a folio is initialised whole (kvm_gmem_prepare_folio clears every page of
+        it), so a huge one from its first to its last page."""
         self._allocate(first, last)
-        self._make_uptodate(first, last)
+        if self.spool is not None:
+            first -= first % self._piece_at(first)
+            last += -last % self._piece_at(last - 1)
+        self._make_uptodate(first, min(last, self.npages))
+
+    def allocation_affordable(self, first: int, last: int, fault: bool = False) -> bool:
+        """Can memory pay the vmemmap of the splits allocating [first, last) brings
+        (eager-4k splits every new folio; a host fault splits the new folios of a
+        range not all private)?"""
+        if self.spool is None or not self.vm.kvm.hugetlb.hvo:
+            return True
+        fresh = [(a, b) for a, b in self._huge_pages_of([(first, last)])
+                 if self.folios.covered(a, b) == 0]
+        if self.hugetlb_policy is HugetlbPolicy.EAGER_4K:
+            plan = [(a, b, 1) for a, b in fresh]
+        elif fault:
+            plan = self._host_fault_plan(first, last, fresh)
+        else:
+            return True
+        return self._affordable(plan)
 
     def _free(self, first: int, last: int) -> None:
         """Remove folios [first, last) from the file and free them. A pinned folio
@@ -317,18 +368,25 @@ class GmemInode:
                 error.error_offset = max(first, lo) * PAGE  # type: ignore[attr-defined]
                 raise error
         changing = _complement(private_now, first, last) if private else private_now
-        to_split = [] if private else self._unsplit_huge(changing)
-        self._can_restructure(sum(hi - lo for lo, hi in to_split), first)
+        restructures = self.hugetlb_policy.restructures_on_conversion
+        to_split = [] if private or not restructures else self._unsplit_for_shared(changing)
+        if not self._affordable(to_split):
+            # Our choice: all or nothing, as the ioctl's documentation says of
+            # failures (the WIP converts one huge page per batch and "a failed
+            # split can't be undone").
+            error = oserror(errno.ENOMEM, "KVM_SET_MEMORY_ATTRIBUTES2: vmemmap for a split")
+            error.error_offset = first * PAGE  # type: ignore[attr-defined]
+            raise error
         if private:  # the invalidation is rounded out to huge pages (the WIP)
             vms = self._invalidate_begin(*self._huge_round_out(first, last))
         else:  # to shared: split the stage-2 leaves crossing the range, then zap it
             for slot, gfn_lo, gfn_hi in self.bound_gfn_ranges(first, last):
                 slot.vm.mmu.split_cross_boundary_leaves([(gfn_lo, gfn_hi)])
             vms = self._invalidate_begin(first, last)
-        self._split(to_split)
+        self._restructure(to_split)
         self.private.set(first, last, private)
-        if private:
-            self._merge_private(first, last)
+        if private and restructures:
+            self._restructure(self._merges_for_private(first, last))
         preserves = self.vm.kvm.profile.conversion_of(
             self.vm.vm_type_info) is Conversion.PRESERVE
         for lo, hi in changing:
@@ -342,102 +400,145 @@ class GmemInode:
             vm.mmu.invalidate_end()
 
     # --- HugeTLB restructuring (the WIP branch, upstream-2026-11.md §2) -----------------------
-    def _vmemmap_per_split(self) -> int:
-        """Bytes of vmemmap a split must allocate again: all HVO freed, 7 pages of a
-        2 MiB folio, 4095 of a 1 GiB one (hugetlb_vmemmap_restore_folio); none
-        without HVO."""
-        if self.spool is None or not self.vm.kvm.hugetlb.hvo:
-            return 0
-        return (self.huge_pages * 64 // PAGE - 1) * PAGE
+    # A plan is a list of (lo, hi, piece): make the folios of [lo, hi) pieces of
+    # `piece` base pages (1: 4 KiB; LEVEL_2M_PAGES: 2 MiB; huge_pages: whole again).
+    def _piece_at(self, index: int) -> int:
+        """Base pages per folio at index: huge_pages unless split."""
+        return self.split.get(index) or self.huge_pages
 
-    def _huge_pages_of(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """The whole huge pages the runs touch, merged into ranges."""
+    def _vmemmap_kept(self, pages: int) -> int:
+        """Bytes of vmemmap a folio of `pages` base pages keeps: HVO leaves one
+        page of a huge folio (HUGETLB_VMEMMAP_RESERVE_SIZE), else 64 bytes of
+        struct page per base page (vmemmap_dedup.rst)."""
+        if pages > 1 and self.vm.kvm.hugetlb.hvo:
+            return PAGE
+        return pages * STRUCT_PAGE
+
+    def _pieces(self, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+        """[lo, hi) by current piece size."""
+        at = lo
+        for a, b, piece in self.split.overlapping(lo, hi):
+            if at < a:
+                yield at, a, self.huge_pages
+            yield a, b, piece
+            at = b
+        if at < hi:
+            yield at, hi, self.huge_pages
+
+    def _simulate(self, plan: list[tuple[int, int, int]]) -> tuple[ExtentMap[int], Restructure]:
+        """Carry the plan out on a copy of the pieces of its ranges, in order: the
+        pieces after it, and what it costs. A split restores the vmemmap HVO freed
+        (hugetlb_vmemmap_restore_folio); a merge frees it again
+        (hugetlb_vmemmap_optimize_folio). Folios not allocated yet count as whole."""
+        pieces: ExtentMap[int] = ExtentMap()
+        done = Restructure()
+        if not plan:
+            return pieces, done
+        lo, hi = min(a for a, _, _ in plan), max(b for _, b, _ in plan)
+        for a, b, piece in self._pieces(lo, hi):
+            pieces.set(a, b, piece)
+        for lo, hi, piece in plan:
+            for a, b, old in list(pieces.overlapping(lo, hi)):
+                cost = (b - a) // piece * self._vmemmap_kept(piece) - \
+                    (b - a) // old * self._vmemmap_kept(old)
+                if piece < old:
+                    done.splits += (b - a) // old
+                    done.vmemmap_restored += cost
+                elif piece > old:
+                    done.merges += (b - a) // piece
+                    done.vmemmap_freed -= cost
+            pieces.set(lo, hi, piece)
+        return pieces, done
+
+    def _affordable(self, plan: list[tuple[int, int, int]]) -> bool:
+        _, done = self._simulate(plan)
+        return done.vmemmap_restored - done.vmemmap_freed <= self.vm.kvm.hugetlb.memory.free_bytes
+
+    def _restructure(self, plan: list[tuple[int, int, int]]) -> None:
+        """Carry a plan out: splits (__split_folio_to_order) and merges
+        (prep_compound_page), each paying or freeing vmemmap, and counted."""
+        pieces, done = self._simulate(plan)
+        r = self.restructure
+        r.splits += done.splits
+        r.merges += done.merges
+        r.vmemmap_restored += done.vmemmap_restored
+        r.vmemmap_freed += done.vmemmap_freed
+        self.vm.kvm.hugetlb.memory.free_bytes -= done.vmemmap_restored - done.vmemmap_freed
+        for a, b, piece in pieces.items():
+            self.split.set(a, b, piece if piece < self.huge_pages else None)
+
+    def _unsplit_for_shared(self, runs: list[tuple[int, int]],
+                            only_allocated: bool = True) -> list[tuple[int, int, int]]:
+        """The splits that make the shared runs' pages 4 KiB folios: the whole huge
+        pages they touch to order 0 (the WIP: no intermediate order), or, with
+        `stepwise`, 1 GiB to 2 MiB and only the 2 MiB pieces they touch to 4 KiB."""
+        if self.spool is None:
+            return []
+        plan = []
+        touched = self._huge_pages_of(runs)
+        if self.hugetlb_policy is HugetlbPolicy.STEPWISE and self.huge_pages > LEVEL_2M_PAGES:
+            plan += [(a, b, LEVEL_2M_PAGES) for a, b in touched]
+            touched = self._huge_pages_of(runs, LEVEL_2M_PAGES)
+        plan += [(a, b, 1) for a, b in touched]
+        if only_allocated:
+            plan = [(x, y, piece) for a, b, piece in plan
+                    for x, y, _ in self.folios.overlapping(a, b)]
+        return [(a, b, piece) for a, b, piece in plan
+                if any(old > piece for _, _, old in self._pieces(a, b))]
+
+    def _merges_for_private(self, first: int, last: int) -> list[tuple[int, int, int]]:
+        """The merges of split folios around [first, last) that are private whole:
+        2 MiB pieces first with `stepwise`, then whole huge pages."""
+        if self.spool is None or not self.split.boundaries():
+            return []
+        lo, hi = self._huge_round_out(first, last)
+        shared = _complement(self.private_ranges(lo, hi), lo, hi)
+        plan = []
+        sizes = [LEVEL_2M_PAGES] if (self.hugetlb_policy is HugetlbPolicy.STEPWISE
+                                     and self.huge_pages > LEVEL_2M_PAGES) else []
+        for size in sizes + [self.huge_pages]:
+            mergeable: ExtentMap[bool] = ExtentMap()
+            for a, b, piece in self.split.overlapping(lo, hi):
+                if piece < size:
+                    mergeable.set(a, b, True)
+            for a, b in self._huge_pages_of(shared, size):  # a shared piece keeps it split
+                mergeable.clear(a, b)
+            plan += [(a, b, size) for a, b, _ in mergeable.items()]
+        return plan
+
+    def _huge_pages_of(self, runs: list[tuple[int, int]],
+                       size: int | None = None) -> list[tuple[int, int]]:
+        """The whole huge pages (or `size`-page pieces) the runs touch, merged."""
+        unit = size or self.huge_pages
         out: list[tuple[int, int]] = []
         for lo, hi in runs:
-            a, b = self._huge_round_out(lo, hi)
+            a, b = lo // unit * unit, min(-(-hi // unit) * unit, self.npages)
             if out and a <= out[-1][1]:
                 out[-1] = (out[-1][0], max(out[-1][1], b))
             else:
                 out.append((a, b))
         return out
 
-    def _unsplit_huge(self, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Allocated, unsplit huge folios a to-shared conversion of `runs` cuts: the
-        WIP splits them to order 0 (there is no intermediate order)."""
-        if self.spool is None:
-            return []
-        out = []
-        for lo, hi in self._huge_pages_of(runs):
-            for a, b, _ in self.folios.overlapping(lo, hi):
-                out += [(x, y) for x, y in self.split.gaps(a, b)]
-        return out
-
-    def huge_mappable(self, first: int, last: int) -> list[tuple[int, int]]:
-        """kvm_gmem_mapping_order over the huge folios [first, last) touches: those
-        that may be mapped whole at stage 2, being allocated, not split and
-        private whole (the WIP maps a huge order only then; otherwise order 0)."""
+    def huge_mappable(self, first: int, last: int) -> list[tuple[int, int, int]]:
+        """kvm_gmem_mapping_order over the huge folios [first, last) touches: the
+        ranges of folios that may be mapped whole at stage 2, with their size in
+        base pages: allocated, at least 2 MiB (whole huge folios, or stepwise's
+        2 MiB pieces) and private whole (the WIP maps a huge order only then;
+        otherwise order 0)."""
         if self.spool is None:
             return []
         lo, hi = self._huge_round_out(first, last)
-        mappable: ExtentMap[bool] = ExtentMap()
-        mappable.set(lo, hi, True)
+        shared = _complement(self.private_ranges(lo, hi), lo, hi)
+        mappable: ExtentMap[int] = ExtentMap()
+        for a, b, piece in self._pieces(lo, hi):
+            if piece > 1:
+                mappable.set(a, b, piece)
         for a, b in self.folios.gaps(lo, hi):
             mappable.clear(*self._huge_round_out(a, b))
-        for a, b, _ in self.split.overlapping(lo, hi):  # split whole huge pages at a time
-            mappable.clear(a, b)
-        for a, b in self._huge_pages_of(_complement(self.private_ranges(lo, hi), lo, hi)):
-            mappable.clear(a, b)
-        return [(a, b) for a, b, _ in mappable.items()]
-
-    def _can_restructure(self, pages: int, first: int) -> None:
-        """Splitting must restore the vmemmap HVO freed; if memory cannot give it,
-        the call fails with ENOMEM before anything changed (our choice: all or
-        nothing, as the ioctl's documentation says of failures; the WIP converts
-        one huge page per batch and "a failed split can't be undone")."""
-        need = pages // self.huge_pages * self._vmemmap_per_split()
-        if need > self.vm.kvm.hugetlb.memory.free_bytes:
-            error = oserror(errno.ENOMEM, "KVM_SET_MEMORY_ATTRIBUTES2: vmemmap for a split")
-            error.error_offset = first * PAGE  # type: ignore[attr-defined]
-            raise error
-
-    def _split(self, ranges: list[tuple[int, int]]) -> None:
-        """__split_folio_to_order(0) of each huge folio in ranges, vmemmap first."""
-        count = sum(hi - lo for lo, hi in ranges) // self.huge_pages
-        if not count:
-            return
-        cost = count * self._vmemmap_per_split()
-        self.vm.kvm.hugetlb.memory.free_bytes -= cost
-        self.restructure.splits += count
-        self.restructure.vmemmap_restored += cost
-        for lo, hi in ranges:
-            self.split.set(lo, hi, True)
-
-    def _merge(self, ranges: list[tuple[int, int]]) -> None:
-        """Merge split huge folios back (prep_compound_page, then HVO frees the
-        vmemmap again: hugetlb_vmemmap_optimize_folio)."""
-        count = sum(hi - lo for lo, hi in ranges) // self.huge_pages
-        if not count:
-            return
-        gain = count * self._vmemmap_per_split()
-        self.vm.kvm.hugetlb.memory.free_bytes += gain
-        self.restructure.merges += count
-        self.restructure.vmemmap_freed += gain
-        for lo, hi in ranges:
-            self.split.clear(lo, hi)
-
-    def _merge_private(self, first: int, last: int) -> None:
-        """After a to-private conversion: merge each split huge folio of the range
-        that is now private whole (the WIP merges only then)."""
-        if self.spool is None or not self.split.boundaries():
-            return
-        lo, hi = self._huge_round_out(first, last)
-        mergeable: ExtentMap[bool] = ExtentMap()
-        for a, b, _ in self.split.overlapping(lo, hi):
-            mergeable.set(a, b, True)
-        shared = _complement(self.private_ranges(lo, hi), lo, hi)
-        for a, b in self._huge_pages_of(shared):  # a huge page with a shared piece stays split
-            mergeable.clear(a, b)
-        self._merge([(a, b) for a, b, _ in mergeable.items()])
+        for a, b, piece in list(mappable.items()):
+            for x, y in self._huge_pages_of(shared, piece):
+                mappable.clear(max(x, a), min(y, b))
+        return list(mappable.items())
 
     def merge_for_truncate(self, first: int, last: int) -> None:
         """merge_truncate_range(require_merge=true) before PUNCH_HOLE: a split folio
@@ -446,9 +547,27 @@ class GmemInode:
             return
         ranges = [(a, b) for a, b, _ in self.split.overlapping(first, last)]
         for a, b in ranges:
-            if self.pinned(a, b):
+            if self.pinned(*self._huge_round_out(a, b)):
                 raise oserror(errno.EAGAIN, "fallocate(PUNCH_HOLE): a piece is pinned")
-        self._merge(ranges)
+        self._restructure([(a, b, self.huge_pages) for a, b in ranges])
+
+    def guest_fault_restructure(self, first: int, last: int) -> None:
+        """`lazy`: a guest fault merges the split folios of [first, last) that are
+        private whole, so they can be mapped huge (merging at fault time, the
+        RFC's TODO; our choice of where). Other policies merged at conversion."""
+        if self.hugetlb_policy is HugetlbPolicy.LAZY:
+            plan = self._merges_for_private(first, last)
+            if self._affordable(plan):
+                self._restructure(plan)
+
+    def memory_by_page_size(self) -> dict[int, int]:
+        """Allocated bytes by folio size (4 KiB, 2 MiB, 1 GiB): what the pool's huge
+        pages have become."""
+        out = {PAGE: 0, LEVEL_2M_PAGES * PAGE: 0, (1 << 18) * PAGE: 0}
+        for lo, hi, _ in self.folios.overlapping(0, self.npages):
+            for a, b, piece in self._pieces(lo, hi):
+                out[piece * PAGE] += (b - a) * PAGE
+        return out
 
     def _initialised(self, first: int, last: int) -> list[tuple[int, int]]:
         """The runs of [first, last) whose folios are uptodate (hold anything)."""
@@ -494,18 +613,30 @@ class GmemInode:
             return self._private_fault_reason()
         if self.poisoned(index, index + count) is not None:
             return "hwpoison"  # __do_fault: VM_FAULT_HWPOISON
+        if not self.allocation_affordable(index, index + count, fault=True):
+            return "no memory for the vmemmap of a split (our choice: SIGBUS)"
         fresh = [] if self.spool is None else [  # huge folios this fault allocates
             r for r in self._huge_pages_of([(index, index + count)])
             if self.folios.covered(*r) == 0]
-        pages = sum(hi - lo for lo, hi in fresh)
-        if pages // self.huge_pages * self._vmemmap_per_split() > \
-                self.vm.kvm.hugetlb.memory.free_bytes:
-            return "no memory for the vmemmap of a split (our choice: SIGBUS)"
+        plan = self._host_fault_plan(index, index + count, fresh)
         self.get_pages(index, index + count)
-        self._split(fresh)  # a fresh huge folio in a range that is not all private
+        self._restructure(plan)
         if write:
             self.modified()
         return None
+
+    def _host_fault_plan(self, first: int, last: int,
+                         fresh: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """The splits a host fault on shared [first, last) makes: the WIP splits the
+        fresh folio of a range that is not all private; `lazy` splits whatever
+        folio the fault maps into, as conversions did not."""
+        if self.spool is None:
+            return []
+        if self.hugetlb_policy is HugetlbPolicy.LAZY:
+            return self._unsplit_for_shared([(first, last)], only_allocated=False)
+        plan = self._unsplit_for_shared([(first, last)], only_allocated=False)
+        return [(x, y, piece) for a, b, piece in plan for fa, fb in fresh
+                for x, y in [(max(a, fa), min(b, fb))] if x < y]
 
     def _private_fault_reason(self) -> str:
         """Why a host fault on private memory is SIGBUS, and what the VM type's
@@ -622,7 +753,7 @@ class GmemInode:
         self.bindings = ExtentMap()
         for vm in vms:
             vm.mmu.invalidate_end()
-        self._merge([(a, b) for a, b, _ in self.split.items()])  # require_merge=false
+        self._restructure([(a, b, self.huge_pages) for a, b, _ in self.split.items()])
         self._free(0, self.npages)
         if self.spool is not None:
             self.vm.kvm.hugetlb.gmem_release(self.spool)
@@ -760,6 +891,8 @@ class GuestMemfd:
                 pass
         elif offset + length > inode.size:  # kvm_gmem_allocate: "immutable by default"
             raise oserror(errno.EINVAL, "fallocate")
+        elif not inode.allocation_affordable(first, last):  # eager-4k's splits
+            raise oserror(errno.ENOMEM, "fallocate: vmemmap for splitting new folios")
         else:
             inode._allocate(first, last)  # allocation does not zero (upstream.md §2.11)
         inode.modified()
@@ -845,6 +978,19 @@ class GuestMemfd:
         error = oserror(errno.EINVAL, f"{name} {reason}")
         error.error_offset = 0  # type: ignore[attr-defined]
         raise error
+
+    def set_hugetlb_policy(self, policy: str) -> None:
+        """Select when this HugeTLB file splits and merges its folios (HugetlbPolicy:
+        "dynamic", "eager-4k", "stepwise", "lazy"); a model extension, with no
+        kernel call. EINVAL on a file without HugeTLB backing, EBUSY once it has
+        folios (our choices: a policy holds from the first allocation)."""
+        inode = self._live()
+        chosen = HugetlbPolicy(policy)  # ValueError names an unknown one
+        if inode.spool is None:
+            raise oserror(errno.EINVAL, "HugeTLB policy of a guest_memfd without HugeTLB")
+        if inode.folios.boundaries():
+            raise oserror(errno.EBUSY, "HugeTLB policy of a guest_memfd with folios")
+        inode.hugetlb_policy = chosen
 
     def set_conversion_policy(self, policy: str) -> None:
         """Select seed 004's design for this file (ConversionPolicy: "per-page",

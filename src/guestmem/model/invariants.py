@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from guestmem.model.gmem import GmemInode
+from guestmem.model.gmem import GmemInode, HugetlbPolicy
 from guestmem.model.process import AnonymousMemory
 from guestmem.model.profile import Conversion
 
@@ -131,17 +131,36 @@ def _conversions_keep_data_only_where_preserved(kvm: Any) -> Iterator[str]:
 
 
 def _huge_folios_are_uniform(kvm: Any) -> Iterator[str]:
-    """A HugeTLB guest_memfd's huge folio is whole only while every page of it is
-    private; one with a shared page is split (the WIP's restructuring), so a host
-    mapping never reaches into a huge private folio."""
+    """A HugeTLB guest_memfd's folio larger than 4 KiB (a whole huge folio, or a
+    stepwise 2 MiB piece) stays whole only while every page of it is private; one
+    with a shared page is split (the WIP's restructuring). Under `lazy` the split
+    waits for a host fault, so there the rule is what splitting protects: no host
+    mapping reaches into a folio holding private pages."""
     for inode in _inodes(kvm):
         if inode.spool is None:
             continue
+        lazy = inode.hugetlb_policy is HugetlbPolicy.LAZY
         for lo, hi, _ in inode.folios.overlapping(0, inode.npages):
-            for a, b in inode.split.gaps(lo, hi):  # whole huge folios
-                private = sum(y - x for x, y in inode.private_ranges(a, b))
-                if private != b - a:
-                    yield f"inode {inode.ino}: whole huge folios in [{a}, {b}) hold shared pages"
+            for a, b, piece in inode._pieces(lo, hi):
+                if piece == 1:
+                    continue
+                for x, y in _shared_runs(inode, a, b):
+                    x, y = x // piece * piece, -(-y // piece) * piece
+                    if not lazy:
+                        yield f"inode {inode.ino}: whole folios in [{x}, {y}) hold shared pages"
+                    elif inode.private_ranges(x, y) and any(
+                            m.ptes.covered(x - m.pgoff, y - m.pgoff) for m in inode.mappings):
+                        yield (f"inode {inode.ino}: the host maps into whole folios [{x}, {y}) "
+                               "holding private pages")
+
+
+def _shared_runs(inode: GmemInode, first: int, last: int) -> list[tuple[int, int]]:
+    out, at = [], first
+    for lo, hi in inode.private_ranges(first, last):
+        if at < lo:
+            out.append((at, lo))
+        at = hi
+    return out + ([(at, last)] if at < last else [])
 
 
 def _stage2_leaves_fit_folios(kvm: Any) -> Iterator[str]:
@@ -160,7 +179,8 @@ def _stage2_leaves_fit_folios(kvm: Any) -> Iterator[str]:
             inode, lo = slot.gmem, slot.gmem_index(g0)
             hi = lo + g1 - g0
             fits = level <= inode.huge_pages and any(
-                a <= lo and hi <= b for a, b in inode.huge_mappable(lo, hi))
+                a <= lo and hi <= b and level <= piece
+                for a, b, piece in inode.huge_mappable(lo, hi))
             if not fits or level > vm.vm_type_info.max_private_leaf:
                 yield (f"VM {vm._fd}: leaves of {level} pages on gfns [{g0}, {g1}) exceed "
                        f"the folios of inode {inode.ino} or the VM type")

@@ -40,6 +40,7 @@ def gmem_fault_path(vm: Vm, slot: Memslot, first: int, last: int) -> Path[bool]:
         return False
     lo, hi = slot.gmem_index(first), slot.gmem_index(last)
     inode.get_pages(lo, hi)
+    inode.guest_fault_restructure(lo, hi)
     huge = vm.huge_leaves(slot, first, last)
     for g0, g1, _ in huge:  # kvm_gmem_get_pfn prepares the whole folio it maps
         inode.get_pages(slot.gmem_index(g0), slot.gmem_index(g1))

@@ -639,6 +639,8 @@ class Vcpu:
                 return memory_fault(uapi.EHWPOISON, first)
             if poisoned is not None:  # the pages before it fault in
                 last, hi = first + poisoned - lo, poisoned
+            if not inode.allocation_affordable(lo, hi):  # kvm_gmem_get_pfn: -ENOMEM
+                return memory_fault(errno.ENOMEM, first)
             for _ in range(_FAULT_RETRIES):  # an invalidation raced: retry, as KVM does
                 if complete(gmem_fault_path(self.vm, slot, first, last)):
                     return _Faulted(inode.store, lo * PAGE, last)

@@ -504,7 +504,9 @@ class Vm:
                 continue
             lo = max(first // level * level, -(-slot.base_gfn // level) * level)
             hi = min(-(-last // level) * level, slot.end_gfn // level * level)
-            for a, b in inode.huge_mappable(lo - to_gfn, hi - to_gfn) if lo < hi else []:
+            for a, b, piece in inode.huge_mappable(lo - to_gfn, hi - to_gfn) if lo < hi else []:
+                if piece < level:
+                    continue
                 a, b = max(a + to_gfn, lo), min(b + to_gfn, hi)
                 for g0, g1 in list(leaves.gaps(a, b)):
                     leaves.set(g0, g1, level)
