@@ -8,12 +8,14 @@ step the outcome (success, errno, SIGBUS), every counter of the pool and every
 file's size must agree. 2 MiB pages only, a few at a time; the pools are put back
 as they were found.
 
-Opt-in for now (GUESTMEM_HUGETLB_SEQUENCES=N runs N sequences; issue 10 wants 500
-in CI): during the session that wrote it, this host's resv_hugepages went below
-zero (it reads 2**64 - 1 until reboot) and the step that did it is not known;
-2,000 random host sequences and every host test since left it unchanged. Until
-that is understood the test does not run by default on machines it could leave
-so, and it skips on a pool that is not at rest (in use, or with such a counter).
+GUESTMEM_HUGETLB_SEQUENCES=N runs N sequences (500 by default; 0: none). One
+kernel path is left out by default: a mount with both size= and min_size= whose
+reservation fails takes resv_hugepages below zero at umount, for good (a kernel
+accounting bug this test once hit on this host; the model reproduces it:
+tests/test_model_hugetlb.py). GUESTMEM_HUGETLB_ALL_MOUNTS=1 includes such mounts,
+for a machine whose pool may be left so. After each sequence the host's
+resv_hugepages must be back where it was. On a pool that is not at rest (in use,
+or with such a counter) the test skips.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from guestmem.exits import HostSigbus
 from guestmem.model.hugetlb import Hugetlb as ModelHugetlb
 
 S = 2 << 20
-SEQUENCES = int(os.environ.get("GUESTMEM_HUGETLB_SEQUENCES", "0"))
+SEQUENCES = int(os.environ.get("GUESTMEM_HUGETLB_SEQUENCES", "500"))
+ALL_MOUNTS = os.environ.get("GUESTMEM_HUGETLB_ALL_MOUNTS") == "1"
 SYSFS = "/sys/kernel/mm/hugepages/hugepages-2048kB"
 KEEP, PUNCH = uapi.FALLOC_FL_KEEP_SIZE, uapi.FALLOC_FL_PUNCH_HOLE
 MADV_DONTNEED, MADV_REMOVE = 4, 9
@@ -44,7 +47,7 @@ def _read(name: str) -> int:
 
 def host_unavailable() -> str | None:
     if not SEQUENCES:
-        return "opt-in: GUESTMEM_HUGETLB_SEQUENCES=N runs N sequences against the host's HugeTLB"
+        return "GUESTMEM_HUGETLB_SEQUENCES=0: no sequences against the host's HugeTLB"
     if not os.path.isdir(SYSFS):
         return f"no {SYSFS}: the kernel has no 2 MiB HugeTLB pool"
     if not os.access(f"{SYSFS}/nr_hugepages", os.W_OK):
@@ -82,6 +85,7 @@ class Differential(RuleBasedStateMachine):
         self.host, self.model = HostHugetlb(), ModelHugetlb()
         found = self.host.counters(S)
         self.found = (found.nr, found.overcommit)
+        self.found_resv = found.resv
         # Begin where the host's pool is: an earlier kernel accounting slip (a resv
         # below zero) stays in its counters until reboot, and deltas still compare.
         self.model.adopt(S, found)
@@ -133,6 +137,8 @@ class Differential(RuleBasedStateMachine):
     @rule(size=st.one_of(st.none(), pages.map(lambda n: n * S)),
           min_size=st.one_of(st.none(), pages.map(lambda n: n * S)))
     def mount(self, size, min_size):
+        if size is not None and min_size and not ALL_MOUNTS:
+            min_size = None  # the underflowing combination (module docstring)
         made: list[object] = []
         ok = self.step(f"mount size={size} min_size={min_size}",
                        lambda: made.append(self.host.mount(S, size, min_size)),
@@ -237,11 +243,14 @@ class Differential(RuleBasedStateMachine):
         self.mounts.clear()
         try:
             self.counters_agree()  # everything released: both where the kernel left it
+            if not ALL_MOUNTS:
+                assert self.host.counters(S).resv == self.found_resv, \
+                    "the host's resv_hugepages moved:\n" + "\n".join(self.log)
         finally:
             self.host.set_nr_overcommit_hugepages(S, self.found[1])
             self.host.set_nr_hugepages(S, self.found[0])
 
 
 Differential.TestCase.settings = settings(max_examples=max(SEQUENCES, 1), stateful_step_count=14,
-                                          deadline=None)
+                                          deadline=None, database=None)
 TestHugetlbDifferential = Differential.TestCase

@@ -204,3 +204,78 @@ def test_the_models_child_touch_reports_the_signal_touch_raises():
     f.ftruncate(S)  # page 1 is beyond EOF now
     assert m.touch_in_child(0) is None
     assert m.touch_in_child(S) == 7  # SIGBUS
+
+
+# --- the resv_hugepages underflow this host showed (README "HugeTLB") --------------------
+def _fill_pool(hugetlb):
+    """Reserve every unreserved free page through a memfd (no unclaimed page left)."""
+    c = hugetlb.counters(S)
+    g = hugetlb.memfd_create(S)
+    return g, g.mmap((c.free - c.resv) * S)
+
+
+def test_a_failed_reservation_on_a_size_and_min_size_mount_takes_resv_below_zero():
+    """hugetlb_reserve_pages' error path after a833a693 and "restore failed global
+    reservations to subpool": the pages taken from the minimum go back with
+    put_pages while used still counts the refused ones, so they are returned
+    globally instead of to the subpool's reserve; umount then releases the whole
+    minimum (unlock_or_release_subpool). Reproduced on this host's 6.18.44: one
+    run takes resv_hugepages from -2 to -3. The model does the same."""
+    hugetlb = Hugetlb()
+    hugetlb.set_nr_hugepages(S, 4)
+    mount = hugetlb.mount(S, 2 * S, S)
+    g, fill = _fill_pool(hugetlb)
+    f = mount.create()
+    assert errno_of(f.mmap, 2 * S) == errno.ENOMEM
+    assert mount.spool.rsv == 0 and mount.spool.used == 0, "the minimum is not restored"
+    f.close()
+    mount.close()
+    fill.munmap()
+    g.close()
+    assert hugetlb.counters(S) == HugetlbCounters(4, 4, -1, 0, 0)
+
+
+def test_a_subpool_still_charged_at_umount_is_not_released():
+    """alloc_hugetlb_folio's failure path (a833a693) leaves used_hpages charged
+    after a fault that finds no page; subpool_is_free is then false at umount, so
+    the subpool and its minimum's reservation stay (observed on this host: resv
+    unchanged across the umount)."""
+    hugetlb = Hugetlb()
+    hugetlb.set_nr_hugepages(S, 4)
+    mount = hugetlb.mount(S, 2 * S, S)
+    f = mount.create()
+    m = f.mmap(2 * S)
+    m.touch(0)
+    m.madvise(0, S, 9)  # MADV_REMOVE: page 0 loses its reservation
+    g, fill = _fill_pool(hugetlb)
+    try:
+        m.touch(0)
+    except HostSigbus:
+        pass
+    else:
+        pytest.fail("faulted a page the pool does not have")
+    fill.munmap()
+    g.close()
+    m.munmap()
+    f.close()
+    before = hugetlb.counters(S).resv
+    assert not mount.spool.is_free()
+    mount.close()
+    assert hugetlb.counters(S).resv == before, "the minimum stays reserved"
+
+
+def test_one_reservation_never_exceeds_the_free_pages_even_with_resv_below_zero():
+    """hugetlb_acct_memory refuses delta > allowed_mems_nr (the free pages) after
+    gathering. On a sound pool gathering already makes room; with resv below
+    zero it does not: 1 free page and resv -3 leave 4 pages "available", yet a
+    4-page reservation is ENOMEM and changes nothing (seen on this host)."""
+    hugetlb = Hugetlb()
+    hugetlb.set_nr_hugepages(S, 1)
+    hugetlb.hstates[S].resv = -3  # the accounting slip this host showed
+    f = hugetlb.memfd_create(S)
+    before = hugetlb.counters(S)
+    assert errno_of(f.mmap, 4 * S) == errno.ENOMEM
+    assert hugetlb.counters(S) == before
+    m = f.mmap(S)
+    assert hugetlb.counters(S).resv == -2
+    m.munmap()

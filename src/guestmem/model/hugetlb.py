@@ -92,6 +92,15 @@ class Subpool:
             return 0
         return delta
 
+    def is_free(self) -> bool:
+        """subpool_is_free (the mount's own handle gone): no page used where size=
+        bounds it, else its reserve back at the minimum."""
+        if self.max != -1:
+            return self.used == 0
+        if self.min != -1:
+            return self.rsv == self.min
+        return True
+
     def put_pages_each(self, pages: int) -> int:
         """put_pages(1) `pages` times, in closed form (free_huge_folio's per page):
         the ones freed while used stays at or above the minimum drop their global
@@ -225,8 +234,10 @@ class Hugetlb:
 
     def acct_memory(self, h: Hstate, delta: int) -> bool:
         """hugetlb_acct_memory: reserve delta pages (gather_surplus_pages: surplus
-        pages from the buddy for what the free pages lack, all or none), or release
-        -delta (return_unused_surplus_pages: free surplus pages go back)."""
+        pages from the buddy for what the free pages lack, all or none; then
+        refused if delta exceeds the free pages, allowed_mems_nr, whatever the
+        reservations: found by reserving past a resv below zero on this host), or
+        release -delta (return_unused_surplus_pages: free surplus pages go back)."""
         if delta > 0:
             needed = h.resv + delta - h.free
             if needed > 0:
@@ -237,6 +248,9 @@ class Hugetlb:
                     self._remove_free_pages(h, gathered)
                     return False
             h.resv += delta
+            if delta > h.free:  # allowed_mems_nr: never more than the free pages at once
+                self.acct_memory(h, -delta)  # return_unused_surplus_pages
+                return False
         elif delta < 0:
             h.resv += delta
             back = min(-delta, h.surplus, h.free)
@@ -366,13 +380,18 @@ class HugetlbMount:
 
     def close(self) -> None:
         """umount(2): EBUSY while a file on it is open or mapped; then the subpool
-        goes and its minimum's reservation with it (unlock_or_release_subpool)."""
+        goes, with its minimum's reservation, if it is free (unlock_or_release_subpool,
+        subpool_is_free); a subpool that is not stays, and so does that reservation."""
         if not self.mounted:
             return
         if any(not f.evicted for f in self.files):
             raise oserror(errno.EBUSY, "umount hugetlbfs")
         self.mounted = False
-        if self.spool is not None and self.spool.min != -1:
+        if self.spool is not None and self.spool.min != -1 and self.spool.is_free():
+            # Releases all of min_hpages, whatever rsv_hpages holds: after a failed
+            # hugetlb_reserve_pages on a size=+min_size= mount rsv can be below the
+            # minimum, and resv_huge_pages goes below zero (reproduced on this host:
+            # tests/test_model_hugetlb.py, README "HugeTLB").
             self.hugetlb.acct_memory(self.h, -self.spool.min)
 
     def __enter__(self) -> Self:
