@@ -485,3 +485,15 @@ def test_dynamic_memory_by_page_size_follows_splits_and_merges():
     assert gmem.inode.memory_by_page_size() == {PAGE: 0, S: 0, G: 2 * G}
     gmem.set_memory_attributes2(G, PAGE, 0)
     assert gmem.inode.memory_by_page_size() == {PAGE: G, S: 0, G: G}
+
+
+def test_the_first_use_of_a_huge_folio_zeroes_all_of_it_and_a_split_piece_only_itself():
+    """kvm_gmem_prepare_folio clears every page of the folio it prepares."""
+    kvm, vm, gmem, slot = policy_file("dynamic")
+    guest_fault(vm, slot, GFN_4G + 3)
+    assert gmem.inode.restructure.zeroed == G
+    gmem.allocate(G, G)
+    gmem.set_memory_attributes2(G, PAGE, 0)  # split: 4 KiB folios from here on
+    view = gmem.mmap(PAGE, G)
+    view.write(0, b"x")
+    assert gmem.inode.restructure.zeroed == G + PAGE

@@ -99,12 +99,14 @@ class Orphan:
 
 @dataclass
 class Restructure:
-    """What a HugeTLB guest_memfd's splits and merges did (mm/hugetlb_restructuring.c)."""
+    """What a guest_memfd's splits and merges did (mm/hugetlb_restructuring.c), and
+    the bytes it zeroed."""
 
     splits: int = 0
     merges: int = 0
     vmemmap_restored: int = 0  # bytes of vmemmap HVO had freed, allocated again to split
     vmemmap_freed: int = 0  # bytes freed again by merges (hugetlb_vmemmap_optimize_folio)
+    zeroed: int = 0  # bytes cleared: folios at first use, pages a conversion re-initialises
 
 
 class Pin:
@@ -234,6 +236,7 @@ class GmemInode:
             if not state.uptodate:
                 self.store.set(lo, hi, ZERO)
                 self.folios.set(lo, hi, replace(state, uptodate=True))
+                self.restructure.zeroed += (hi - lo) * PAGE
 
     def poisoned(self, first: int, last: int) -> int | None:
         for lo, _, state in self.folios.overlapping(first, last):
@@ -586,6 +589,8 @@ class GmemInode:
         new = ZERO if conversion is Conversion.ZERO else Ciphertext(next(_conversion_keys))
         for lo, hi in self._initialised(first, last):
             self.store.set(lo, hi, new)
+            if new is ZERO:
+                self.restructure.zeroed += (hi - lo) * PAGE
 
     # --- memory errors (kvm_gmem_error_folio) ----------------------------------------------------
     def memory_failure(self, first: int, last: int) -> None:
