@@ -497,3 +497,47 @@ def test_the_first_use_of_a_huge_folio_zeroes_all_of_it_and_a_split_piece_only_i
     view = gmem.mmap(PAGE, G)
     view.write(0, b"x")
     assert gmem.inode.restructure.zeroed == G + PAGE
+
+
+# --- the restructuring worker: pieces outliving the file --------------------------------------
+def test_a_folio_whose_piece_is_pinned_at_close_comes_back_only_after_the_worker_runs():
+    """Close merges with require_merge=false: a folio with a pinned piece stays
+    split; its other pieces are freed, the pinned one at the unpin, and only then
+    does the "hugetlb_restructuring" worker merge it and give it to the pool, so
+    the counters lag until settle(). The subpool (and its reservation) waits for
+    the folio."""
+    kvm, gmem = one_gig_file()
+    vm = gmem.vm
+    gmem.set_memory_attributes2(G + 5 * PAGE, PAGE, 0)
+    view = gmem.mmap(PAGE, G + 5 * PAGE)
+    pin = view.pin(0, PAGE)
+    view.munmap()
+    gmem.close()
+    vm.close()
+    r = gmem.inode.restructure
+    assert (r.splits, r.merges) == (1, 0)
+    assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 1, 1, 0, 0), "one folio held"
+    pin.unpin()
+    assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 1, 1, 0, 0), "the worker has not run"
+    assert len(kvm.hugetlb.deferred) == 1
+    kvm.hugetlb.settle()
+    assert (r.merges, r.vmemmap_freed) == (1, 4095 * PAGE)
+    assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 2, 0, 0, 0)
+    assert leaks_after_close(kvm) == []
+
+
+def test_two_pins_in_one_folio_hold_it_until_both_go():
+    kvm, gmem = one_gig_file()
+    vm = gmem.vm
+    gmem.set_memory_attributes2(0, 4 * PAGE, 0)
+    view = gmem.mmap(4 * PAGE)
+    pins = [view.pin(0, PAGE), view.pin(2 * PAGE, PAGE)]
+    view.munmap()
+    gmem.close()
+    vm.close()
+    pins[0].unpin()
+    kvm.hugetlb.settle()
+    assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 1, 1, 0, 0)
+    pins[1].unpin()
+    kvm.hugetlb.settle()
+    assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 2, 0, 0, 0)

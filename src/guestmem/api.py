@@ -404,3 +404,9 @@ class Hugetlb(Protocol):
     def mount(self, page_size: int, size: int | None = None,
               min_size: int | None = None) -> HugetlbMount:
         """mount(2) of hugetlbfs with pagesize=, size= and min_size= (in bytes)."""
+
+    def settle(self) -> None:
+        """Wait for HugeTLB's deferred work (the WIP's "hugetlb_restructuring"
+        workqueue merging freed pieces, RCU inode frees), after which the
+        counters stop moving: the model runs it; the kernel offers no handle,
+        so the host waits 300 ms as guest_memfd_hugetlb_reporting_test does."""

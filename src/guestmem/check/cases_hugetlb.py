@@ -83,6 +83,7 @@ def _report(ctx: Ctx, size: int, order: int) -> None:
         ctx.ok(f"{label}: PUNCH_HOLE", gmem.punch_hole, 0, size)
         _expect(ctx, f"{label}: punched", base, hugetlb.counters(size), 1, 0)
         gmem.close()
+    hugetlb.settle()  # the selftest's usleep(300 ms): deferred frees land
     _expect(ctx, f"{label}: closed", base, hugetlb.counters(size), 0, 0)
 
 

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Final, Self
@@ -236,6 +237,11 @@ class Hugetlb:
 
     def __init__(self, sysfs: str = SYSFS) -> None:
         self.sysfs = sysfs
+
+    def settle(self) -> None:
+        """usleep(300 ms), as guest_memfd_hugetlb_reporting_test does after close:
+        no syscall flushes the kernel's deferred HugeTLB work."""
+        time.sleep(0.3)
 
     @property
     def page_sizes(self) -> tuple[int, ...]:

@@ -95,6 +95,7 @@ class Orphan:
 
     pages: int
     refs: int
+    folios: tuple[int, int] | None = None  # HugeTLB: the huge folios its pieces belong to
 
 
 @dataclass
@@ -133,9 +134,7 @@ class Pin:
             if orphan.refs == 0:
                 inode.process.stats.orphaned -= orphan.pages
                 inode.process.stats.free(orphan.pages)
-                if inode.spool is not None:  # the last reference: free_huge_folio
-                    inode.vm.kvm.hugetlb.gmem_free(inode.spool,
-                                                   orphan.pages // inode.huge_pages)
+                inode.orphan_freed(orphan)
         inode.live_pins.discard(self)
 
 
@@ -150,6 +149,8 @@ class GmemInode:
         # Huge folios split to 4 KiB pages (the WIP's restructuring), by base index,
         # whole huge pages at a time; and what splitting and merging cost so far.
         self.split: ExtentMap[int] = ExtentMap()  # index -> base pages per piece
+        # Huge folios truncated while pieces were pinned -> pinned pieces still out.
+        self.waiting: ExtentMap[int] = ExtentMap()
         self.restructure = Restructure()
         self.hugetlb_policy = HugetlbPolicy.DYNAMIC
         self.vm = vm
@@ -277,9 +278,17 @@ class GmemInode:
         the final folio_put)."""
         orphaned = 0
         pinned = list(self.pins.overlapping(first, last)) if self.pins.boundaries() else []
+        held = 0  # pages of huge folios that wait for pinned pieces
         for lo, hi, count in pinned:
             pages = self.folios.covered(lo, hi)
-            orphan = Orphan(pages, count)
+            folios = None if self.spool is None else self._huge_round_out(lo, hi)
+            if folios is not None:
+                for a, b in list(self.waiting.gaps(*folios)):
+                    held += self.folios.covered(a, b)
+                    self.waiting.set(a, b, 0)
+                for a, b, n in list(self.waiting.overlapping(*folios)):
+                    self.waiting.set(a, b, n + 1)
+            orphan = Orphan(pages, count, folios)
             for pin in self.live_pins:
                 if pin.live.covered(lo, hi):
                     pin.live.clear(lo, hi)
@@ -290,9 +299,30 @@ class GmemInode:
         self.process.stats.orphaned += orphaned
         taken = self.folios.take(first, last)
         self.process.stats.free(taken - orphaned)
-        if self.spool is not None and taken > orphaned:  # free_huge_folio, per folio
-            self.vm.kvm.hugetlb.gmem_free(self.spool, (taken - orphaned) // self.huge_pages)
+        if self.spool is not None and taken > held:  # free_huge_folio, per whole folio
+            self.vm.kvm.hugetlb.gmem_free(self.spool, (taken - held) // self.huge_pages)
         self.store.clear(first, last)
+
+    def orphan_freed(self, orphan: Orphan) -> None:
+        """The last pin of truncated pieces is gone: a huge folio with no piece left
+        is merged and freed by the restructuring worker, later (the WIP's
+        nr_pages_waiting_to_be_merged reaching zero queues it)."""
+        if orphan.folios is None:
+            return
+        done = []
+        for a, b, n in list(self.waiting.overlapping(*orphan.folios)):
+            self.waiting.set(a, b, n - 1 if n > 1 else None)
+            if n == 1:
+                done.append((a, b))
+        if done:
+            self.vm.kvm.hugetlb.defer(lambda: self._merge_freed(done))
+
+    def _merge_freed(self, ranges: list[tuple[int, int]]) -> None:
+        """The worker: merge the freed pieces back and return the folios to the pool."""
+        self._restructure([(a, b, self.huge_pages) for a, b in ranges])
+        folios = sum(b - a for a, b in ranges) // self.huge_pages
+        assert self.spool is not None
+        self.vm.kvm.hugetlb.gmem_free(self.spool, folios)
 
     # --- GUP pins (pin_user_pages on a guest_memfd mapping) ------------------------------------
     def pin(self, first: int, last: int) -> Pin:
@@ -758,7 +788,14 @@ class GmemInode:
         self.bindings = ExtentMap()
         for vm in vms:
             vm.mmu.invalidate_end()
-        self._restructure([(a, b, self.huge_pages) for a, b, _ in self.split.items()])
+        # require_merge=false: what can merge does; a folio with a pinned piece
+        # stays split and waits for it (orphan_freed).
+        mergeable: ExtentMap[bool] = ExtentMap()
+        for a, b, _ in self.split.items():
+            mergeable.set(a, b, True)
+        for a, b, _ in self.pins.items():
+            mergeable.clear(*self._huge_round_out(a, b))
+        self._restructure([(a, b, self.huge_pages) for a, b, _ in mergeable.items()])
         self._free(0, self.npages)
         if self.spool is not None:
             self.vm.kvm.hugetlb.gmem_release(self.spool)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import itertools
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -75,6 +76,7 @@ class Subpool:
     min: int
     used: int = 0
     rsv: int = 0
+    handle: bool = True  # spool->count: the mount or inode still holds it
 
     def get_pages(self, delta: int) -> int | None:
         """hugepage_subpool_get_pages: charge delta pages; how many of them need a
@@ -159,6 +161,9 @@ class Hugetlb:
         self.memory = memory or PhysicalMemory(24 << 30)
         self.hstates = {size: Hstate(size) for size in (SIZE_2M, SIZE_1G)}
         self.hvo = False  # vm.hugetlb_optimize_vmemmap
+        # Work queued for later (the WIP's "hugetlb_restructuring" workqueue): the
+        # counters lag until settle() runs it.
+        self.deferred: list[Callable[[], None]] = []
 
     @property
     def page_sizes(self) -> tuple[int, ...]:
@@ -307,15 +312,32 @@ class Hugetlb:
 
     def gmem_free(self, spool: Subpool, pages: int) -> None:
         """free_huge_folio of `pages` of a guest_memfd's folios: the subpool's minimum
-        takes each back as a reservation (restore_reserve), the page is free again."""
+        takes each back as a reservation (restore_reserve), the page is free again;
+        the last one out releases a subpool its inode let go."""
         h = spool.hstate
         h.resv += pages - spool.put_pages_each(pages)
         h.free += pages
+        if not spool.handle and spool.used == 0:
+            self.acct_memory(h, -spool.min)
 
     def gmem_release(self, spool: Subpool) -> None:
-        """The inode's subpool goes (hugepage_put_subpool -> unlock_or_release_subpool):
-        the reservations its minimum held are dropped."""
-        self.acct_memory(spool.hstate, -spool.min)
+        """The inode lets its subpool go (hugepage_put_subpool): released, with the
+        reservations its minimum held, once no folio of it is in use
+        (unlock_or_release_subpool, subpool_is_free: used_hpages == 0); a folio
+        whose pieces outlive the inode keeps it until it comes back."""
+        spool.handle = False
+        if spool.used == 0:
+            self.acct_memory(spool.hstate, -spool.min)
+
+    def defer(self, work: Callable[[], None]) -> None:
+        """queue_work on the restructuring workqueue."""
+        self.deferred.append(work)
+
+    def settle(self) -> None:
+        """Run the deferred work (api.Hugetlb.settle): the worker's merges and
+        frees; the counters stop moving."""
+        while self.deferred:
+            self.deferred.pop(0)()
 
     # --- files ----------------------------------------------------------------------------------
     def memfd_create(self, page_size: int) -> HugetlbFile:
