@@ -541,3 +541,65 @@ def test_two_pins_in_one_folio_hold_it_until_both_go():
     pins[1].unpin()
     kvm.hugetlb.settle()
     assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 2, 0, 0, 0)
+
+
+# --- hwpoison on huge folios -------------------------------------------------------------------
+def test_an_error_in_an_unsplit_1g_folio_poisons_all_of_it():
+    """try_memory_failure_hugetlb poisons the hugetlb folio whole: the guest loses
+    1 GiB for one bad 4 KiB page; the other folio is untouched."""
+    kvm, vm, gmem, slot = policy_file("dynamic")
+    guest_fault(vm, slot, GFN_4G)
+    gmem.inode.memory_failure(5, 6)
+    assert gmem.memory_map(0, 2 * G).pages_with("hwpoison") == L1G
+    assert vm.mmu.mapped.covered(0, 1 << 40) == 0, "the whole leaf was zapped"
+    fault = vm.create_vcpu(0)._fault_in(GFN_4G + L1G - 1, GFN_4G + L1G, False, True, slot)
+    assert fault.err == uapi.EHWPOISON
+    guest_fault(vm, slot, GFN_4G + L1G)  # the other folio
+    assert violations(kvm) == []
+
+
+def test_an_error_in_a_split_folio_poisons_only_its_4k_page():
+    kvm, vm, gmem, slot = policy_file("dynamic")
+    gmem.allocate(0, G)
+    gmem.set_memory_attributes2(0, PAGE, 0)
+    view = gmem.mmap(PAGE)
+    view.write(0, b"x")
+    view.madvise(0, PAGE, 100)  # MADV_HWPOISON
+    assert gmem.memory_map(0, G).pages_with("hwpoison") == 1
+    guest_fault(vm, slot, GFN_4G + 10)
+    view.munmap()
+
+
+def test_a_freed_poisoned_folio_counts_as_free_but_is_never_handed_out_again():
+    """free_huge_folio enqueues it (free +1) and dequeue skips hwpoison pages: the
+    next allocation takes a clean page or, with none and no surplus possible for a
+    gigantic size, fails with ENOMEM changing nothing; shrinking the pool
+    dissolves it, its bad page kept out of memory."""
+    from guestmem.model.snapshot import snapshot
+    kvm, vm, gmem, slot = policy_file("dynamic")
+    gmem.allocate(0, 2 * G)
+    gmem.inode.memory_failure(7, 8)
+    gmem.punch_hole(0, G)
+    h = kvm.hugetlb.hstates[G]
+    assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 1, 1, 0, 0) and h.hwpoisoned == 1
+    before = snapshot(kvm)
+    assert errno_of_call(gmem.allocate, 0, G) == errno.ENOMEM
+    assert snapshot(kvm) == before and h.hwpoisoned == 1
+    gmem.punch_hole(G, G)  # a clean page comes back: the next allocation takes it
+    gmem.allocate(0, G)
+    assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 1, 1, 0, 0) and h.hwpoisoned == 1
+    gmem.punch_hole(0, G)
+    gmem.close()
+    vm.close()
+    memory = kvm.hugetlb.memory.free_bytes
+    kvm.hugetlb.set_nr_hugepages(G, 0)
+    assert h.hwpoisoned == 0
+    assert kvm.hugetlb.memory.free_bytes - memory == 2 * G - PAGE, "the bad page stays out"
+
+
+def errno_of_call(fn, *args):
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno
+    return None

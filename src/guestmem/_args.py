@@ -247,6 +247,7 @@ SPEC: dict[str, dict[str, Kind]] = {
     "Hugetlb.set_nr_overcommit_hugepages": {"page_size": U64, "count": U64},
     "Hugetlb.memfd_create": {"page_size": U64},
     "Hugetlb.mount": {"page_size": U64, "size": optional(U64), "min_size": optional(U64)},
+    "Hugetlb.settle": {},
     "HugetlbMount.create": {},
     "HugetlbMount.close": {},
     "HugetlbFile.ftruncate": {"length": S64},

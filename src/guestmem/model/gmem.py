@@ -256,13 +256,19 @@ class GmemInode:
         self._make_uptodate(first, min(last, self.npages))
 
     def allocation_affordable(self, first: int, last: int, fault: bool = False) -> bool:
-        """Can memory pay the vmemmap of the splits allocating [first, last) brings
+        """Can [first, last) be allocated: a clean page (or a surplus one) for each
+        new folio, and memory for the vmemmap of the splits the allocation brings
         (eager-4k splits every new folio; a host fault splits the new folios of a
         range not all private)?"""
-        if self.spool is None or not self.vm.kvm.hugetlb.hvo:
+        if self.spool is None:
             return True
         fresh = [(a, b) for a, b in self._huge_pages_of([(first, last)])
                  if self.folios.covered(a, b) == 0]
+        folios = sum(b - a for a, b in fresh) // self.huge_pages
+        if folios > self.vm.kvm.hugetlb.gmem_obtainable(self.spool):
+            return False  # only poisoned pages are free, and no surplus page comes
+        if not self.vm.kvm.hugetlb.hvo:
+            return True
         if self.hugetlb_policy is HugetlbPolicy.EAGER_4K:
             plan = [(a, b, 1) for a, b in fresh]
         elif fault:
@@ -297,11 +303,24 @@ class GmemInode:
         if pinned:
             self.pins.clear(first, last)
         self.process.stats.orphaned += orphaned
+        poisoned = 0 if self.spool is None else self._poisoned_folios(first, last)
         taken = self.folios.take(first, last)
         self.process.stats.free(taken - orphaned)
         if self.spool is not None and taken > held:  # free_huge_folio, per whole folio
-            self.vm.kvm.hugetlb.gmem_free(self.spool, (taken - held) // self.huge_pages)
+            self.vm.kvm.hugetlb.gmem_free(self.spool, (taken - held) // self.huge_pages,
+                                          poisoned)
         self.store.clear(first, last)
+
+    def _poisoned_folios(self, first: int, last: int) -> int:
+        """Whole huge folios of [first, last) with a hwpoison page (the raw page
+        stays on the folio's raw_hwp_list across a merge)."""
+        bad: ExtentMap[bool] = ExtentMap()
+        for lo, hi, state in self.folios.overlapping(first, last):
+            if state.hwpoison:
+                bad.set(*self._huge_round_out(lo, hi), True)
+        for a, b, _ in list(self.waiting.overlapping(first, last)):
+            bad.clear(a, b)  # these wait for their pinned pieces
+        return bad.covered(first, last) // self.huge_pages
 
     def orphan_freed(self, orphan: Orphan) -> None:
         """The last pin of truncated pieces is gone: a huge folio with no piece left
@@ -628,7 +647,15 @@ class GmemInode:
         zap their stage-2 mappings in every bound VM and their host PTEs, keep the
         folios (MF_DELAYED, no truncate) and mark them hwpoison; later guest faults
         get EHWPOISON, host faults SIGBUS, PUNCH_HOLE drops them (upstream.md §2.12).
-        Indexes with no folio have no memory to fail: nothing happens there."""
+        Indexes with no folio have no memory to fail: nothing happens there.
+        On HugeTLB the unit is the folio (try_memory_failure_hugetlb poisons a
+        hugetlb folio whole): one bad 4 KiB page costs the guest its whole 1 GiB
+        folio, or only that page where a conversion split it. Our choice: no split
+        on error (the WIP has none; splitting would need the vmemmap memory an
+        error path cannot count on). The freed folio's fate: Hugetlb.gmem_free."""
+        if self.spool is not None:  # HugeTLB poisons the folio the error is in
+            first -= first % self._piece_at(first)
+            last += -last % self._piece_at(last - 1)
         present = list(self.folios.overlapping(first, last))
         if not present:
             return
@@ -649,7 +676,8 @@ class GmemInode:
         if self.poisoned(index, index + count) is not None:
             return "hwpoison"  # __do_fault: VM_FAULT_HWPOISON
         if not self.allocation_affordable(index, index + count, fault=True):
-            return "no memory for the vmemmap of a split (our choice: SIGBUS)"
+            return ("no clean huge page, or no memory for the vmemmap of a split "
+                    "(our choice: SIGBUS)")
         fresh = [] if self.spool is None else [  # huge folios this fault allocates
             r for r in self._huge_pages_of([(index, index + count)])
             if self.folios.covered(*r) == 0]
@@ -933,8 +961,8 @@ class GuestMemfd:
                 pass
         elif offset + length > inode.size:  # kvm_gmem_allocate: "immutable by default"
             raise oserror(errno.EINVAL, "fallocate")
-        elif not inode.allocation_affordable(first, last):  # eager-4k's splits
-            raise oserror(errno.ENOMEM, "fallocate: vmemmap for splitting new folios")
+        elif not inode.allocation_affordable(first, last):  # a page, eager-4k's splits
+            raise oserror(errno.ENOMEM, "fallocate: no clean huge page or no vmemmap")
         else:
             inode._allocate(first, last)  # allocation does not zero (upstream.md §2.11)
         inode.modified()

@@ -47,6 +47,9 @@ class Hstate:
     resv: int = 0
     surplus: int = 0
     overcommit: int = 0
+    # Free pages with hwpoison: counted in free, never dequeued again
+    # (dequeue_hugetlb_folio_node_exact skips them) until the pool shrinks.
+    hwpoisoned: int = 0
 
     @property
     def gigantic(self) -> bool:
@@ -222,10 +225,16 @@ class Hugetlb:
         h.overcommit = count
 
     def _remove_free_pages(self, h: Hstate, pages: int) -> None:
-        """remove_pool_hugetlb_folio + update_and_free_hugetlb_folio, `pages` times."""
+        """remove_pool_hugetlb_folio + update_and_free_hugetlb_folio, `pages` times;
+        poisoned pages first (our choice of order: enqueue puts a freed page at the
+        head of its list), each dissolved with its bad base page kept out of the
+        buddy allocator."""
+        poisoned = min(pages, h.hwpoisoned)
+        h.hwpoisoned -= poisoned
         h.nr -= pages
         h.free -= pages
-        self.memory.give(h.page_size, pages)
+        self.memory.give(h.page_size, pages - poisoned)
+        self.memory.free_bytes += poisoned * (h.page_size - PAGE)
 
     def _alloc_surplus(self, h: Hstate, pages: int = 1) -> int:
         """alloc_surplus_hugetlb_folio up to `pages` times: never gigantic, never beyond
@@ -267,11 +276,16 @@ class Hugetlb:
         """alloc_hugetlb_folio's pool side: a reserved page takes a free one and its
         reservation (resv--); an unreserved one needs a free page no reservation
         claims, else a surplus page straight from the buddy allocator."""
-        if reserved:
+        if reserved and h.free > h.hwpoisoned:
             h.resv -= 1
             h.free -= 1
             return True
-        if h.available() > 0 and h.free > 0:  # dequeue_hugetlb_folio_vma finds one
+        if reserved:  # only poisoned pages are free: a surplus page takes the reservation
+            if self._alloc_surplus(h) != 1:
+                return False
+            h.resv -= 1
+            return True
+        if h.available() > 0 and h.free > h.hwpoisoned:  # dequeue_hugetlb_folio_vma
             h.free -= 1
             return True
         return self._alloc_surplus(h) == 1
@@ -302,21 +316,39 @@ class Hugetlb:
         h.resv += pages
         return Subpool(h, pages, pages, rsv=pages)
 
+    def gmem_obtainable(self, spool: Subpool) -> int:
+        """How many folios alloc_hugetlb_folio can give a guest_memfd now: free pages
+        without hwpoison (dequeue_hugetlb_folio_vma), then surplus pages from the
+        buddy allocator (alloc_buddy_hugetlb_folio_with_mpol; none for gigantic
+        sizes or beyond the overcommit)."""
+        h = spool.hstate
+        surplus = 0 if h.gigantic else max(0, min(h.overcommit - h.surplus,
+                                                  self.memory.free_bytes // h.page_size))
+        return h.free - h.hwpoisoned + surplus
+
     def gmem_alloc(self, spool: Subpool, pages: int) -> None:
         """alloc_hugetlb_folio from a guest_memfd's subpool, `pages` at once: its
-        minimum covers every one (gbl_chg 0), so each takes a reserved free page."""
+        minimum covers every one (gbl_chg 0), so each takes a reservation and a
+        clean free page, or a surplus one where only poisoned pages are free (the
+        caller checked gmem_obtainable)."""
         assert spool.get_pages(pages) == 0, "a guest_memfd's subpool reserves every page"
         h = spool.hstate
+        clean = min(pages, h.free - h.hwpoisoned)
         h.resv -= pages
-        h.free -= pages
+        h.free -= clean
+        if pages > clean:
+            assert self._alloc_surplus(h, pages - clean) == pages - clean
 
-    def gmem_free(self, spool: Subpool, pages: int) -> None:
+    def gmem_free(self, spool: Subpool, pages: int, poisoned: int = 0) -> None:
         """free_huge_folio of `pages` of a guest_memfd's folios: the subpool's minimum
-        takes each back as a reservation (restore_reserve), the page is free again;
-        the last one out releases a subpool its inode let go."""
+        takes each back as a reservation (restore_reserve), the page is free again
+        (free_huge_folio does not look at hwpoison: a poisoned page is enqueued
+        and counted free, but never handed out again); the last one out releases a
+        subpool its inode let go."""
         h = spool.hstate
         h.resv += pages - spool.put_pages_each(pages)
         h.free += pages
+        h.hwpoisoned += poisoned
         if not spool.handle and spool.used == 0:
             self.acct_memory(h, -spool.min)
 
