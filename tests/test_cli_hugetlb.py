@@ -3,7 +3,6 @@ the model) and `info`'s HugeTLB lines: tables at 80 columns, JSON, exit codes.""
 
 import json
 import os
-from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -15,7 +14,6 @@ from guestmem.cli import _print_pools, info_record, main
 from guestmem.host.hugetlb import SYSFS
 from guestmem.host.hugetlb import Hugetlb as HostHugetlb
 from guestmem.hugetlb_pools import Pool, Pools, host_hvo, host_meminfo, read_pools
-from guestmem.model import PROFILES
 from guestmem.model import Kvm as ModelKvm
 
 from .conftest import kvm_unavailable_reason
@@ -284,7 +282,7 @@ def test_info_says_the_mainline_model_offers_guest_memfd_no_hugetlb_and_why():
 
 
 def test_info_record_of_a_model_with_gmem_hugetlb_offers_every_hstate():
-    with ModelKvm(replace(PROFILES["inplace"], gmem_hugetlb=True)) as kvm:
+    with ModelKvm("hugetlb") as kvm:
         record = info_record(kvm)
     offer = record["gmem_hugetlb"]
     assert (offer["page_sizes"], offer["page_orders"]) == ([S, G], [uapi.HUGETLB_PAGE_ORDER_2M,

@@ -21,7 +21,7 @@ def test_case_on_kvm(host_kvm, inst):
     check(host_kvm, inst)
 
 
-@pytest.fixture(scope="module", params=["mainline", "coco", "inplace"])
+@pytest.fixture(scope="module", params=["mainline", "coco", "inplace", "hugetlb"])
 def model_kvm(request):
     with ModelKvm(request.param) as kvm:
         yield kvm

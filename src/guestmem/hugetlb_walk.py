@@ -61,7 +61,7 @@ class WalkStep:
 def hugetlb_kvm(page_size: int) -> Kvm:
     """The model with guest_memfd on HugeTLB (the inplace profile with gmem_hugetlb,
     not yet a named profile), HVO on and a pool of HUGE_PAGES pages of page_size."""
-    kvm = Kvm(replace(PROFILES["inplace"], name="inplace+gmem_hugetlb", gmem_hugetlb=True))
+    kvm = Kvm(PROFILES["hugetlb"])
     kvm.hugetlb.hvo = True
     kvm.hugetlb.set_nr_hugepages(page_size, HUGE_PAGES)
     return kvm

@@ -13,8 +13,8 @@ import mmap
 import os
 import signal
 
-from guestmem import uapi
-from guestmem.check.suite import Ctx, case, needs_no_gmem_attributes
+from guestmem import api, uapi
+from guestmem.check.suite import Ctx, case, needs_no_gmem_attributes, pool_pages
 
 PS = uapi.PAGE_SIZE
 MMAP = uapi.GUEST_MEMFD_FLAG_MMAP
@@ -24,6 +24,8 @@ KEEP = uapi.FALLOC_FL_KEEP_SIZE
 PUNCH = uapi.FALLOC_FL_PUNCH_HOLE | uapi.FALLOC_FL_KEEP_SIZE
 SRC = "guest_memfd_test.c"
 PMD_SIZE = 2 << 20  # get_trans_hugepagesz() on x86
+HUGETLB = uapi.GUEST_MEMFD_FLAG_HUGETLB  # the HugeTLB WIP branch (upstream-2026-11.md §2)
+HUGE_2M = 2 << 20
 MADV_COLLAPSE = 25  # include/uapi/asm-generic/mman-common.h (not in Python's mmap module)
 
 
@@ -34,13 +36,26 @@ def flags(ctx: Ctx) -> None:
         supported = vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
         for bit in range(64):
             flag = 1 << bit
-            if flag & supported:
+            if flag == HUGETLB and flag & supported:
+                _hugetlb_flag(ctx, vm, bit)
+            elif flag & supported:
                 ctx.ok(f"flag bit {bit}", vm.create_guest_memfd, PS, flag).close()
             else:
                 ctx.fails(f"flag bit {bit}", errno.EINVAL, vm.create_guest_memfd, PS, flag)
         # Observed on 6.18: INIT_SHARED without MMAP is accepted (kvm_gmem_create checks
         # only flags & ~supported); the spec document implies nothing else.
-        ctx.ok("all supported flags together", vm.create_guest_memfd, PS, supported).close()
+        together = supported & ~HUGETLB  # HUGETLB | INIT_SHARED is EINVAL (the WIP)
+        ctx.ok("all supported flags together", vm.create_guest_memfd, PS, together).close()
+
+
+def _hugetlb_flag(ctx: Ctx, vm: api.Vm, bit: int) -> None:
+    """GUEST_MEMFD_FLAG_HUGETLB (the WIP branch) takes whole huge pages, reserved at
+    creation: one page of the default (2 MiB) hstate, from a pool grown by one."""
+    with pool_pages(ctx, HUGE_2M, 1):
+        ctx.fails(f"flag bit {bit} (HUGETLB), one 4 KiB page", errno.EINVAL,
+                  vm.create_guest_memfd, PS, HUGETLB)
+        ctx.ok(f"flag bit {bit} (HUGETLB), one 2 MiB page", vm.create_guest_memfd,
+               HUGE_2M, HUGETLB).close()
 
 
 @case("gmem.create_multiple", f"{SRC} test_create_guest_memfd_multiple",

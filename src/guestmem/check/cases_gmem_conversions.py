@@ -312,12 +312,13 @@ def unallocated_folios(ctx: Ctx) -> None:
 def truncate(ctx: Ctx) -> None:
     """x86/guest_memfd_conversions_test.c GMEM_CONVERSION_TEST_INIT_SHARED(truncate):
     truncation does not change shared/private status."""
+    page = ctx.gmem_page_size  # upstream's page_size: a huge page on HugeTLB
     with gmem_conversions(ctx, 1, INIT_SHARED) as t:
         t.host_do_rmw(0, 0, A)
-        ctx.ok("PUNCH_HOLE page 0 (shared)", t.gmem.punch_hole, 0, PS)
+        ctx.ok("PUNCH_HOLE page 0 (shared)", t.gmem.punch_hole, 0, page)
         t.host_do_rmw(0, 0, A)
         t.test_convert_to_private(0, A, B)
-        ctx.ok("PUNCH_HOLE page 0 (private)", t.gmem.punch_hole, 0, PS)
+        ctx.ok("PUNCH_HOLE page 0 (private)", t.gmem.punch_hole, 0, page)
         t.test_private(0, 0, A)
 
 

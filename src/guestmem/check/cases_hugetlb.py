@@ -13,11 +13,12 @@ the file has a page to reserve, and puts it back after.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 from guestmem import uapi
 from guestmem.api import HugetlbCounters
 from guestmem.caps import Capabilities
-from guestmem.check.suite import Ctx, case
+from guestmem.check.suite import REGISTRY, Case, Ctx, case, pool_pages
 
 PS = uapi.PAGE_SIZE
 HUGETLB = uapi.GUEST_MEMFD_FLAG_HUGETLB
@@ -122,3 +123,41 @@ def page_order_reserved(ctx: Ctx) -> None:
             ctx.ok(f"page_order {order}: a 4 KiB fallocate", gmem.allocate, PS, PS)
             ctx.equal(f"page_order {order}: st_size", 2 * PS, gmem.stat().st_size)
             gmem.close()
+
+
+# --- the wrapper's no-leak check (guest_memfd_wrap_test_check_hugetlb_reporting.sh) -------
+WRAP_SRC = "guest_memfd_wrap_test_check_hugetlb_reporting.sh"
+
+
+def _wrapped(inner: Case) -> Callable[[Ctx], None]:
+    """Run `inner` with every guest_memfd on 2 MiB HugeTLB pages, then assert that
+    the five counters of the pool are what they were before it (after deferred
+    work settled): no leak."""
+
+    def body(ctx: Ctx) -> None:
+        size = 2 << 20
+        with pool_pages(ctx, size, 2):
+            hugetlb = ctx.kvm.hugetlb
+            base = hugetlb.counters(size)
+            ctx.hugetlb_order = ORDERS[size]
+            try:
+                inner.body(ctx)
+            finally:
+                ctx.hugetlb_order = 0
+            hugetlb.settle()
+            ctx.equal(f"{inner.name}: the 2 MiB pool's counters after it", base,
+                      hugetlb.counters(size))
+
+    return body
+
+
+def _register_wrapped(prefix: str) -> None:
+    for inner in [c for c in REGISTRY if c.name.startswith(prefix)]:
+        name = "gmem_hugetlb.wrapped." + inner.name.removeprefix("gmem_")
+        REGISTRY.append(Case(name, f"{WRAP_SRC} around {inner.source}",
+                             f"on 2 MiB HugeTLB pages: {inner.expected}; then the pool's five "
+                             "counters are as before (no leak)", _wrapped(inner),
+                             (*inner.needs, needs_gmem_hugetlb), inner.gmem_flags))
+
+
+_register_wrapped("gmem_conversions.")

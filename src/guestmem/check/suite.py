@@ -72,6 +72,9 @@ class Ctx:
         self.vm_type = vm_type
         self.gmem_flags = gmem_flags
         self.checks: list[Check] = []
+        # HugeTLB backing for every guest_memfd the case makes through gmem() (the
+        # WIP's wrapper runs the selftests so): the page order, 0 for none.
+        self.hugetlb_order = 0
 
     # --- resources ------------------------------------------------------------------------
     @contextmanager
@@ -84,11 +87,31 @@ class Ctx:
 
     @contextmanager
     def gmem(self, vm: api.Vm, size: int, flags: int | None = None) -> Iterator[api.GuestMemfd]:
-        g = vm.create_guest_memfd(size, self.gmem_flags if flags is None else flags)
+        flags = self.gmem_flags if flags is None else flags
+        g = self._hugetlb_gmem(vm, size, flags) if self.hugetlb_order else \
+            vm.create_guest_memfd(size, flags)
         try:
             yield g
         finally:
             g.close()
+
+    @property
+    def gmem_page_size(self) -> int:
+        """The unit guest_memfd allocates and punches in: a huge page on HugeTLB."""
+        return uapi.PAGE_SIZE << self.hugetlb_order
+
+    def _hugetlb_gmem(self, vm: api.Vm, size: int, flags: int) -> api.GuestMemfd:
+        """The file on HugeTLB: whole huge pages, and, since HUGETLB | INIT_SHARED is
+        EINVAL in the WIP, INIT_SHARED done as its VMM would: the whole file
+        converted to shared after creation."""
+        huge = uapi.PAGE_SIZE << self.hugetlb_order
+        size = -(-size // huge) * huge
+        shared = flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED
+        g = vm.create_guest_memfd(size, (flags & ~shared) | uapi.GUEST_MEMFD_FLAG_HUGETLB,
+                                  self.hugetlb_order)
+        if shared:
+            g.set_memory_attributes2(0, size, 0)
+        return g
 
     # --- checks ---------------------------------------------------------------------------
     def _record(self, what: str, expected: str, observed: str, ok: bool | None = None) -> None:
@@ -184,6 +207,20 @@ def _flag_names(flags: int) -> str:
     if flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED:
         names.append("INIT_SHARED")
     return "|".join(names) or "0"
+
+
+@contextmanager
+def pool_pages(ctx: Ctx, size: int, pages: int) -> Iterator[None]:
+    """The pool of `size` grown by `pages` for the case and put back after; the
+    case skips, naming the size, where the machine cannot give them."""
+    hugetlb = ctx.kvm.hugetlb
+    found = hugetlb.counters(size)
+    try:
+        if hugetlb.set_nr_hugepages(size, found.nr + pages) < found.nr + pages:
+            raise CaseSkipped(f"the {size >> 20} MiB pool cannot grow by {pages} page(s) here")
+        yield
+    finally:
+        hugetlb.set_nr_hugepages(size, found.nr)
 
 
 def needs_vm_type(caps: Capabilities, vm_type: int, gmem_flags: int) -> str | None:

@@ -227,8 +227,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             "KVM_SET_MEMORY_ATTRIBUTES2 on it; adds the pkvm VM type (a model extension)",
             frozenset(VM_TYPES), memory_attributes=True,
             pre_fault_memory=True, memory_failure=True, gmem_in_place_conversion=True),
+    # The HugeTLB WIP branch (googleprodkernel wip-gmem-conversions-hugetlb-restructuring,
+    # Dec 2025; upstream-2026-11.md §2) on top of in-place conversion, which it needs.
+    Profile("hugetlb", "inplace plus guest_memfd on HugeTLB (an unmerged WIP branch): "
+            "GUEST_MEMFD_FLAG_HUGETLB with a page_order, folios split on conversion to "
+            "shared and merged when private whole",
+            frozenset(VM_TYPES), memory_attributes=True, pre_fault_memory=True,
+            memory_failure=True, gmem_in_place_conversion=True, gmem_hugetlb=True),
 )}
-# guest_memfd on HugeTLB is being built (issue 10): not a named profile until the
-# conformance suite holds on it; tests take replace(PROFILES["inplace"], gmem_hugetlb=True).
 # `host` is not in PROFILES: it exists only once a probe of /dev/kvm has built it
 # (guestmem.Kvm(backend="model", profile="host")).
