@@ -5,6 +5,7 @@ profile is inplace with gmem_hugetlb, not yet a named one."""
 from __future__ import annotations
 
 import errno
+from dataclasses import replace
 
 import pytest
 
@@ -625,3 +626,47 @@ def test_the_wrapped_cases_run_every_conversions_case_on_hugetlb_and_pass():
             result = run_instance(kvm, Instance(case, SW))
             assert result.status is Status.PASS, (case.name, result.observed)
         assert kvm.hugetlb.counters(S) == HugetlbCounters(0, 0, 0, 0, 0)
+
+
+# --- the RFC's encoding of the page size: a second uAPI variant ---------------------------------
+RFC_PROFILE = replace(PROFILES["hugetlb"], name="hugetlb-rfc", gmem_hugetlb_encoding="flags")
+RFC_2M = 21 << uapi.GUESTMEM_HUGETLB_FLAG_SHIFT  # GUESTMEM_HUGETLB_FLAG_2MB, 0x54...
+RFC_1G = 30 << uapi.GUESTMEM_HUGETLB_FLAG_SHIFT  # GUESTMEM_HUGETLB_FLAG_1GB, 0x78...
+
+
+def test_the_rfc_encoding_names_the_page_size_in_flag_bits_58_to_63():
+    assert (RFC_2M, RFC_1G) == (0x5400000000000000, 0x7800000000000000)
+    kvm = Kvm(RFC_PROFILE)
+    kvm.hugetlb.set_nr_hugepages(G, 1)
+    kvm.hugetlb.set_nr_hugepages(S, 1)
+    vm = kvm.create_vm(SW)
+    one_g = vm.create_guest_memfd(G, HUGETLB | RFC_1G)
+    assert one_g.inode.huge_pages == L1G
+    # page_order is reserved space there: unread
+    two_m = vm.create_guest_memfd(S, HUGETLB | RFC_2M, uapi.HUGETLB_PAGE_ORDER_1G)
+    assert two_m.inode.huge_pages == L2M
+    for what, flags in (("size bits without HUGETLB", RFC_2M),
+                        ("4 MiB: no hstate", HUGETLB | 22 << uapi.GUESTMEM_HUGETLB_FLAG_SHIFT)):
+        try:
+            vm.create_guest_memfd(S, flags)
+        except OSError as e:
+            assert e.errno == errno.EINVAL, what
+        else:
+            pytest.fail(what)
+
+
+def test_the_wip_encoding_refuses_the_rfc_size_bits_as_unknown_flags():
+    kvm = kvm_with_pool(1)
+    vm = kvm.create_vm(SW)
+    try:
+        vm.create_guest_memfd(S, HUGETLB | RFC_2M)
+    except OSError as e:
+        assert e.errno == errno.EINVAL
+    else:
+        pytest.fail("took bits 58-63 that KVM_CAP_GUEST_MEMFD_FLAGS does not offer")
+    assert kvm.hugetlb.counters(S) == HugetlbCounters(1, 1, 0, 0, 0)
+
+
+def test_hugetlb_takes_the_bit_the_direct_map_series_also_claims():
+    """Neither series is merged; a model offering both must not trust either value."""
+    assert uapi.GUEST_MEMFD_FLAG_HUGETLB == uapi.GUEST_MEMFD_FLAG_NO_DIRECT_MAP == 1 << 2

@@ -142,6 +142,11 @@ class Profile:
     # GUEST_MEMFD_FLAG_HUGETLB and kvm_create_guest_memfd.page_order. Without it the
     # page_order byte is reserved and never read (observed on 6.18.44: any value).
     gmem_hugetlb: bool = False
+    # How KVM_CREATE_GUEST_MEMFD names the huge page size, neither merged: "page_order"
+    # (the WIP branch: kvm_create_guest_memfd.page_order, log2 base pages) or "flags"
+    # (RFC v2: log2 bytes in flag bits 58-63, GUESTMEM_HUGETLB_FLAG_SHIFT, as
+    # MAP_HUGE_*; upstream.md §7.2). Both put HUGETLB at bit 2, NO_DIRECT_MAP's bit.
+    gmem_hugetlb_encoding: str = "page_order"
     implementation: str = "model"
     # How guest code runs: hypercall outcomes, emulated privilege levels (caps.py).
     execution: GuestExecution = UPSTREAM_EXECUTION

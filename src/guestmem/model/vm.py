@@ -244,7 +244,8 @@ class Vm:
         HugeTLB (the WIP branch), the page order's rules and the reservation of
         every huge page (_hugetlb_backing)."""
         self._live()
-        if flags & ~self.kvm.profile.gmem_flags_of(self.vm_type_info):
+        size_bits = self._hugetlb_size_bits(flags)
+        if flags & ~size_bits & ~self.kvm.profile.gmem_flags_of(self.vm_type_info):
             raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD flags")
         hstate = self._hugetlb_hstate(flags, page_order)
         if size <= 0 or size >= 1 << 63 or size % PAGE:
@@ -265,14 +266,35 @@ class Vm:
         if not self.kvm.profile.gmem_hugetlb:
             return None
         if not flags & uapi.GUEST_MEMFD_FLAG_HUGETLB:
-            if page_order:
+            if self._hugetlb_size_bits(flags):  # our reading of the RFC: size needs HUGETLB
+                raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD page size without HUGETLB")
+            if page_order and self.kvm.profile.gmem_hugetlb_encoding == "page_order":
                 raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD page_order without HUGETLB")
             return None
         if flags & uapi.GUEST_MEMFD_FLAG_INIT_SHARED:
             raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD: HUGETLB with INIT_SHARED")
+        if self.kvm.profile.gmem_hugetlb_encoding == "flags":
+            return self._hugetlb_hstate_of_flags(flags)
         hstate = self.kvm.hugetlb.hstate_of_order(page_order or uapi.HUGETLB_PAGE_ORDER_2M)
         if hstate is None:
             raise oserror(errno.EINVAL, "KVM_CREATE_GUEST_MEMFD page_order: no such hstate")
+        return hstate
+
+    def _hugetlb_size_bits(self, flags: int) -> int:
+        """The RFC encoding's size field in flags (bits 58-63), where it is the one."""
+        profile = self.kvm.profile
+        if not profile.gmem_hugetlb or profile.gmem_hugetlb_encoding != "flags":
+            return 0
+        return flags & (uapi.GUESTMEM_HUGETLB_FLAG_MASK << uapi.GUESTMEM_HUGETLB_FLAG_SHIFT)
+
+    def _hugetlb_hstate_of_flags(self, flags: int) -> Hstate:
+        """RFC v2's encoding: log2 of the page size in bytes in bits 58-63, 0 for the
+        default hstate (as MAP_HUGE_*); a size no hstate has: EINVAL. The
+        page_order byte is reserved there and unread."""
+        log2 = flags >> uapi.GUESTMEM_HUGETLB_FLAG_SHIFT & uapi.GUESTMEM_HUGETLB_FLAG_MASK
+        hstate = self.kvm.hugetlb.hstates.get(1 << log2 if log2 else 2 << 20)
+        if hstate is None:
+            raise oserror(errno.EINVAL, f"KVM_CREATE_GUEST_MEMFD: no hstate of 2^{log2} bytes")
         return hstate
 
     # --- memslots (kvm_set_memory_region, checks in the kernel's order) ------------------------
