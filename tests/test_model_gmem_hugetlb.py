@@ -124,11 +124,13 @@ def test_sharing_one_4k_page_splits_its_1g_folio_and_restores_16_mib_of_vmemmap(
     r = gmem.inode.restructure
     assert (r.splits, r.merges, r.vmemmap_restored) == (1, 0, 4095 * 4096)
     assert free - kvm.hugetlb.memory.free_bytes == 4095 * 4096
+    assert kvm.hugetlb.vmemmap_bytes(G) == 2 * 4096 + 4095 * 4096, "the pool view sees it"
     assert list(gmem.inode.split.items()) == [(G // 4096, 2 * G // 4096, True)]
     assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 0, 0, 0, 0), "the pool sees no change"
     gmem.set_memory_attributes2(G + 4096, 4096, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
     assert (r.splits, r.merges, r.vmemmap_freed) == (1, 1, 4095 * 4096)
     assert kvm.hugetlb.memory.free_bytes == free and not gmem.inode.split.boundaries()
+    assert kvm.hugetlb.vmemmap_bytes(G) == 2 * 4096
     assert violations(kvm) == []
 
 

@@ -516,6 +516,8 @@ class GmemInode:
         r.vmemmap_restored += done.vmemmap_restored
         r.vmemmap_freed += done.vmemmap_freed
         self.vm.kvm.hugetlb.memory.free_bytes -= done.vmemmap_restored - done.vmemmap_freed
+        if self.spool is not None:
+            self.spool.hstate.vmemmap_restored += done.vmemmap_restored - done.vmemmap_freed
         for a, b, piece in pieces.items():
             self.split.set(a, b, piece if piece < self.huge_pages else None)
 

@@ -50,6 +50,9 @@ class Hstate:
     # Free pages with hwpoison: counted in free, never dequeued again
     # (dequeue_hugetlb_folio_node_exact skips them) until the pool shrinks.
     hwpoisoned: int = 0
+    # Vmemmap bytes splits of in-use folios restored (hugetlb_vmemmap_restore_folio)
+    # and merges have not freed again.
+    vmemmap_restored: int = 0
 
     @property
     def gigantic(self) -> bool:
@@ -409,10 +412,11 @@ class Hugetlb:
     def vmemmap_bytes(self, page_size: int) -> int:
         """The struct pages behind the pool's pages: page_size/4096 * 64 bytes each;
         with HVO (hugetlb_optimize_vmemmap) all but one vmemmap page per huge page
-        are freed: 7 of 8 for 2 MiB, 4095 of 4096 for 1 GiB (vmemmap_dedup.rst)."""
+        are freed: 7 of 8 for 2 MiB, 4095 of 4096 for 1 GiB (vmemmap_dedup.rst);
+        plus what splitting guest_memfd folios restored."""
         h = self.hstate(page_size)
         per_page = page_size // PAGE * STRUCT_PAGE
-        return h.nr * (PAGE if self.hvo else per_page)
+        return h.nr * (PAGE if self.hvo else per_page) + h.vmemmap_restored
 
 
 @_args.checked
