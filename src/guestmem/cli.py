@@ -652,7 +652,7 @@ def walk(page_size: str, as_json: bool) -> None:
     console = _console()
     steps = []
     if not as_json:
-        console.print(f"guestmem hugetlb walk: model backend, inplace+gmem_hugetlb profile, "
+        console.print(f"guestmem hugetlb walk: model backend, hugetlb profile, "
                       f"{page_size} pages", style="bold")
     try:
         for step in hugetlb_walk.run(size):
