@@ -14,6 +14,7 @@ from guestmem.api import HugetlbCounters
 from guestmem.check import REGISTRY, Instance, Status, run_instance
 from guestmem.model import PROFILES, Kvm
 from guestmem.model.invariants import leaks_after_close, violations
+from tests.test_model_hugetlb import errno_of
 
 HUGETLB_PROFILE = PROFILES["hugetlb"]
 S, G = 2 << 20, 1 << 30
@@ -585,7 +586,7 @@ def test_a_freed_poisoned_folio_counts_as_free_but_is_never_handed_out_again():
     h = kvm.hugetlb.hstates[G]
     assert kvm.hugetlb.counters(G) == HugetlbCounters(2, 1, 1, 0, 0) and h.hwpoisoned == 1
     before = snapshot(kvm)
-    assert errno_of_call(gmem.allocate, 0, G) == errno.ENOMEM
+    assert errno_of(gmem.allocate, 0, G) == errno.ENOMEM
     assert snapshot(kvm) == before and h.hwpoisoned == 1
     gmem.punch_hole(G, G)  # a clean page comes back: the next allocation takes it
     gmem.allocate(0, G)
@@ -597,14 +598,6 @@ def test_a_freed_poisoned_folio_counts_as_free_but_is_never_handed_out_again():
     kvm.hugetlb.set_nr_hugepages(G, 0)
     assert h.hwpoisoned == 0
     assert kvm.hugetlb.memory.free_bytes - memory == 2 * G - PAGE, "the bad page stays out"
-
-
-def errno_of_call(fn, *args):
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return None
 
 
 def test_the_wrapped_cases_see_a_leak(monkeypatch):
