@@ -571,6 +571,9 @@ STYLES = {"dynamic": ("tab:blue", "-", "o"), "eager-4k": ("tab:red", "--", "s"),
           "stepwise": ("tab:green", "-.", "^"), "lazy": ("tab:purple", ":", "D")}
 
 
+PLOTS = {"A": "hugetlb-coco-boot.png", "B": "hugetlb-conversions.png"}
+
+
 def plot(results: list[Result], out_dir: Path) -> list[Path]:
     """Memory by folio size across workload A's phases and over workload B's
     conversions: a subplot per folio size, a line per policy; the PNGs' paths."""
@@ -581,39 +584,49 @@ def plot(results: list[Result], out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for workload, name, xlabel in (("A", "hugetlb-coco-boot.png", "phase"),
-                                   ("B", "hugetlb-conversions.png", "conversions done")):
+    for workload, name in PLOTS.items():
         runs = [r for r in results if r.workload == workload]
-        if not runs:
-            continue
-        fig, axes = plt.subplots(1, len(SIZES), figsize=(13, 4.2), sharex=True)
-        for ax, size in zip(axes, SIZES, strict=True):
-            for r in runs:
-                color, style, marker = STYLES.get(r.policy, ("black", "-", "x"))
-                x = list(range(len(r.samples))) if workload == "A" else [s.at for s in r.samples]
-                ax.plot(x, [s.memory[size] / GIB for s in r.samples], label=r.policy,
-                        color=color, linestyle=style, marker=marker,
-                        markersize=4 if workload == "A" else 0, linewidth=1.6)
-            ax.set_title(f"in {size} folios")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("GiB")
-            ax.grid(True, alpha=0.3)
-            if workload == "A":
-                ax.set_xticks(range(len(runs[0].samples)),
-                              [s.label for s in runs[0].samples], rotation=60, ha="right",
-                              fontsize=7)
-        axes[0].legend(title="policy")
-        r0 = runs[0]
-        what = ("CoCo boot, then swiotlb, virtio rings and DMA buffers shared" if workload == "A"
-                else f"{r0.ops:,} conversions of 4 KiB / 2 MiB / 1 GiB")
-        fig.suptitle(f"Workload {workload}: guest memory by folio size, {what} "
-                     f"({size_name(r0.guest)} guest on 1 GiB HugeTLB pages, HVO)")
-        fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        if runs:
+            fig, axes = plt.subplots(1, len(SIZES), figsize=(13, 4.4), sharex=True)
+            for ax, size in zip(axes, SIZES, strict=True):
+                _subplot(ax, size, workload, runs)
+            (axes[2] if workload == "A" else axes[0]).legend(title="policy", loc="center right")
+            fig.suptitle(_plot_title(workload, runs[0]))
+            fig.tight_layout()
+            paths.append(out_dir / name)
+            fig.savefig(paths[-1], dpi=100)
+            plt.close(fig)
     return paths
+
+
+def _subplot(ax: Any, size: str, workload: str, runs: list[Result]) -> None:
+    """One folio size, a line per policy: across A's phases (symlog: eager-4k's
+    whole guest and the other policies' few GiB on one axis), or over B's
+    conversions (in thousands)."""
+    for r in runs:
+        color, style, marker = STYLES.get(r.policy, ("black", "-", "x"))
+        x = [i if workload == "A" else s.at / 1000 for i, s in enumerate(r.samples)]
+        ax.plot(x, [s.memory[size] / GIB for s in r.samples], label=r.policy, color=color,
+                linestyle=style, marker=marker, markersize=4 if workload == "A" else 0,
+                linewidth=1.6)
+    ax.set_title(f"in {size} folios")
+    ax.grid(True, alpha=0.3)
+    if workload == "A":
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_ylabel("GiB (symlog)")
+        ax.set_xticks(range(len(runs[0].samples)), [s.label for s in runs[0].samples],
+                      rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel("phase (after)")
+    else:
+        ax.set_ylabel("GiB")
+        ax.set_xlabel("conversions done (thousands)")
+
+
+def _plot_title(workload: str, r: Result) -> str:
+    what = ("CoCo boot, then swiotlb, virtio rings and DMA buffers shared" if workload == "A"
+            else f"{r.ops:,} conversions of 4 KiB / 2 MiB / 1 GiB")
+    return (f"Workload {workload}: guest memory by folio size, {what}\n"
+            f"{size_name(r.guest)} guest on 1 GiB HugeTLB pages, HVO; one line per policy")
 
 
 # --- output -----------------------------------------------------------------------------------
