@@ -279,3 +279,24 @@ def test_one_reservation_never_exceeds_the_free_pages_even_with_resv_below_zero(
     m = f.mmap(S)
     assert hugetlb.counters(S).resv == -2
     m.munmap()
+
+
+def test_a_reservation_whose_page_went_away_takes_a_surplus_page():
+    """A subpool's minimum restores its reservation when a page is freed
+    (free_huge_folio's restore_reserve) even where that page was surplus and
+    leaves the pool: resv 1, free 0. The next allocation under that reservation
+    finds no free page and takes a surplus one from the buddy allocator
+    (alloc_buddy_hugetlb_folio_with_mpol). Found by the differential; the kernel
+    here ended at nr 2, free 0, surplus 2 where the model once said free -1."""
+    hugetlb = Hugetlb()
+    hugetlb.set_nr_overcommit_hugepages(S, 2)
+    mount = hugetlb.mount(S, None, S)
+    f = mount.create()
+    f.fallocate(0, S // 2, S + 4096)  # pages 0 and 1
+    f.ftruncate(0)
+    assert hugetlb.counters(S) == HugetlbCounters(0, 0, 1, 0, 2)
+    f.fallocate(0, S // 2, S + 4096)
+    assert hugetlb.counters(S) == HugetlbCounters(2, 0, 0, 2, 2)
+    f.close()
+    mount.close()
+    assert hugetlb.counters(S) == HugetlbCounters(0, 0, 0, 0, 2)

@@ -279,19 +279,24 @@ class Hugetlb:
         """alloc_hugetlb_folio's pool side: a reserved page takes a free one and its
         reservation (resv--); an unreserved one needs a free page no reservation
         claims, else a surplus page straight from the buddy allocator."""
-        if reserved and h.free > h.hwpoisoned:
-            h.resv -= 1
-            h.free -= 1
-            return True
-        if reserved:  # only poisoned pages are free: a surplus page takes the reservation
-            if self._alloc_surplus(h) != 1:
-                return False
-            h.resv -= 1
-            return True
+        if reserved:
+            return self.take_reserved(h, 1) == 1
         if h.available() > 0 and h.free > h.hwpoisoned:  # dequeue_hugetlb_folio_vma
             h.free -= 1
             return True
         return self._alloc_surplus(h) == 1
+
+    def take_reserved(self, h: Hstate, pages: int) -> int:
+        """`pages` allocations that each consume a reservation (resv--): a clean free
+        page (dequeue_hugetlb_folio_vma skips hwpoison), else a surplus page from
+        the buddy allocator (alloc_buddy_hugetlb_folio_with_mpol, within the
+        overcommit), which a reservation whose page went away needs (a surplus
+        page freed under a subpool's minimum: seen on this host). How many."""
+        clean = max(0, min(pages, h.free - h.hwpoisoned))
+        h.free -= clean
+        done = clean + self._alloc_surplus(h, pages - clean) if pages > clean else clean
+        h.resv -= done
+        return done
 
     def free_pages(self, h: Hstate, spool: Subpool | None, pages: int) -> None:
         """free_huge_folio of `pages` page-cache pages: the subpool gets each back (its
@@ -528,10 +533,8 @@ class HugetlbFile:
                       + [(lo, hi, False) for lo, hi in self.resv_map.gaps(first, last)])
         for lo, hi, reserved in runs:
             for a, b in list(self.pages.gaps(lo, hi)):
-                done = b - a if reserved else self._allocate_unreserved(b - a)
-                if reserved:
-                    self.h.resv -= done
-                    self.h.free -= done
+                done = (self.hugetlb.take_reserved(self.h, b - a) if reserved
+                        else self._allocate_unreserved(b - a))
                 self.pages.set(a, a + done, True)
                 self.resv_map.set(a, a + done, True)  # vma_commit_reservation: region_add
                 if done < b - a:
@@ -550,8 +553,10 @@ class HugetlbFile:
         if spool is not None and spool.min != -1:
             covered = min(room, spool.rsv)  # gbl_chg 0: reserved by the minimum
             spool.get_pages(covered)
-            h.resv -= covered
-            h.free -= covered
+            got = self.hugetlb.take_reserved(h, covered)
+            if got < covered:  # out_subpool_put: the failing page goes back
+                spool.put_pages(covered - got)
+                return got
         want = room - covered
         from_free = min(want, max(0, min(h.available(), h.free)))
         h.free -= from_free
