@@ -665,3 +665,35 @@ def test_the_wip_encoding_refuses_the_rfc_size_bits_as_unknown_flags():
 def test_hugetlb_takes_the_bit_the_direct_map_series_also_claims():
     """Neither series is merged; a model offering both must not trust either value."""
     assert uapi.GUEST_MEMFD_FLAG_HUGETLB == uapi.GUEST_MEMFD_FLAG_NO_DIRECT_MAP == 1 << 2
+
+
+def test_a_new_folio_holding_a_shared_page_is_split_on_every_allocation_path():
+    """Not only a host fault: a guest fault or a fallocate that allocates a folio
+    whose range is not all private splits it (dynamic), so no whole folio holds
+    a shared page."""
+    for allocate in ("guest", "fallocate"):
+        kvm, vm, gmem, slot = policy_file("dynamic")
+        gmem.set_memory_attributes2(PAGE, PAGE, 0)  # nothing allocated yet
+        if allocate == "guest":
+            guest_fault(vm, slot, GFN_4G + 1)
+        else:
+            gmem.allocate(0, G)
+        assert gmem.inode.restructure.splits == 1, allocate
+        assert violations(kvm) == [], allocate
+
+
+@pytest.mark.parametrize("policy", ["stepwise", "lazy"])
+def test_a_cut_1g_leaf_becomes_2m_leaves_where_the_folio_allows(policy):
+    """kvm_split_cross_boundary_leafs splits only as far as it must: 2 MiB leaves
+    over 2 MiB pieces (stepwise) or a still whole folio (lazy), 4 KiB around the
+    cut; a later split of the folio (lazy's host fault) splits its leaves first."""
+    kvm, vm, gmem, slot = policy_file(policy)
+    guest_fault(vm, slot, GFN_4G)
+    gmem.set_memory_attributes2(3 * S + PAGE, PAGE, 0)
+    assert vm.mmu.pages_by_level() == {1: L2M - 1, L2M: L1G - L2M, L1G: 0}
+    assert violations(kvm) == []
+    if policy == "lazy":
+        view = gmem.mmap(PAGE, 3 * S + PAGE)
+        view.write(0, b"host")  # splits the whole 1 GiB folio to 4 KiB
+        assert vm.mmu.pages_by_level() == {1: L1G - 1, L2M: 0, L1G: 0}
+        assert violations(kvm) == []

@@ -197,16 +197,30 @@ class GmemInode:
         the local node, where there is none), in ascending index order."""
         chooser = self.process.node_chooser
         first, last = self._huge_round_out(first, last)
-        for lo, hi in list(self.folios.gaps(first, last)):
+        fresh = list(self.folios.gaps(first, last))
+        plan = self._fresh_plan(fresh)
+        for lo, hi in fresh:
             if self.spool is not None:  # whole huge folios, from the reserved subpool
                 self.vm.kvm.hugetlb.gmem_alloc(self.spool, (hi - lo) // self.huge_pages)
-                if self.hugetlb_policy is HugetlbPolicy.EAGER_4K:
-                    self._restructure([(lo, hi, 1)])
             self.store.set(lo, hi, self.process.new_pages(hi - lo))  # not zeroed yet
             policies = ([(lo, hi, None)] if self.policy is None
                         else _with_gaps(self.policy.overlapping(lo, hi), lo, hi))
             for a, b, policy in policies:
                 self.folios.set(a, b, FolioState(placement=chooser.place(policy, a, b)))
+        self._restructure(plan)
+
+    def _fresh_plan(self, fresh: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """The splits new huge folios get when allocated: eager-4k splits each to
+        4 KiB; dynamic and stepwise split one whose range is not all private (the
+        WIP's kvm_gmem_fault_user_mapping does so for a fresh folio; our reading:
+        on every allocation path, so that no whole folio holds a shared page);
+        lazy waits for a host fault."""
+        if self.spool is None or not fresh or self.hugetlb_policy is HugetlbPolicy.LAZY:
+            return []
+        if self.hugetlb_policy is HugetlbPolicy.EAGER_4K:
+            return [(a, b, 1) for a, b in fresh]
+        shared = [run for a, b in fresh for run in _complement(self.private_ranges(a, b), a, b)]
+        return self._unsplit_for_shared(shared, only_allocated=False)
 
     def _huge_round_out(self, first: int, last: int) -> tuple[int, int]:
         """[first, last) widened to whole folios (a huge folio is allocated whole)."""
@@ -258,8 +272,7 @@ class GmemInode:
     def allocation_affordable(self, first: int, last: int, fault: bool = False) -> bool:
         """Can [first, last) be allocated: a clean page (or a surplus one) for each
         new folio, and memory for the vmemmap of the splits the allocation brings
-        (eager-4k splits every new folio; a host fault splits the new folios of a
-        range not all private)?"""
+        (_fresh_plan), and, for a host fault under lazy, of the splits it makes?"""
         if self.spool is None:
             return True
         fresh = [(a, b) for a, b in self._huge_pages_of([(first, last)])
@@ -269,12 +282,7 @@ class GmemInode:
             return False  # only poisoned pages are free, and no surplus page comes
         if not self.vm.kvm.hugetlb.hvo:
             return True
-        if self.hugetlb_policy is HugetlbPolicy.EAGER_4K:
-            plan = [(a, b, 1) for a, b in fresh]
-        elif fault:
-            plan = self._host_fault_plan(first, last, fresh)
-        else:
-            return True
+        plan = self._fresh_plan(fresh) + (self._lazy_fault_plan(first, last) if fault else [])
         return self._affordable(plan)
 
     def _free(self, first: int, last: int) -> None:
@@ -431,11 +439,11 @@ class GmemInode:
             raise error
         if private:  # the invalidation is rounded out to huge pages (the WIP)
             vms = self._invalidate_begin(*self._huge_round_out(first, last))
-        else:  # to shared: split the stage-2 leaves crossing the range, then zap it
-            for slot, gfn_lo, gfn_hi in self.bound_gfn_ranges(first, last):
-                slot.vm.mmu.split_cross_boundary_leaves([(gfn_lo, gfn_hi)])
+        else:  # to shared: split the folios and the stage-2 leaves crossing the range,
+            # then zap only it (the model's order: the state after is the kernel's)
+            self._restructure(to_split)
+            self._split_crossing_leaves(first, last)
             vms = self._invalidate_begin(first, last)
-        self._restructure(to_split)
         self.private.set(first, last, private)
         if private and restructures:
             self._restructure(self._merges_for_private(first, last))
@@ -520,6 +528,18 @@ class GmemInode:
             self.spool.hstate.vmemmap_restored += done.vmemmap_restored - done.vmemmap_freed
         for a, b, piece in pieces.items():
             self.split.set(a, b, piece if piece < self.huge_pages else None)
+            self._fit_leaves(a, b, piece)
+
+    def _fit_leaves(self, first: int, last: int, piece: int) -> None:
+        """Stage-2 leaves over folios split smaller than them are split to the new
+        folio size first (the fixup "zap mappings before splitting" asks for: no
+        mapping larger than its folio)."""
+        for slot, g_lo, g_hi in list(self.bound_gfn_ranges(first, last)):
+            mmu = slot.vm.mmu
+            for lo, hi, level in list(mmu.levels.overlapping(g_lo, g_hi)):
+                if level > piece:
+                    mmu.levels.set(lo, hi, piece if piece > 1 else None)
+                    mmu.leaf_splits += (hi - lo) // level
 
     def _unsplit_for_shared(self, runs: list[tuple[int, int]],
                             only_allocated: bool = True) -> list[tuple[int, int, int]]:
@@ -573,6 +593,26 @@ class GmemInode:
                 out.append((a, b))
         return out
 
+    def _split_crossing_leaves(self, first: int, last: int) -> None:
+        """kvm_split_cross_boundary_leafs: a huge stage-2 leaf crossing an end of
+        [first, last) is split, as far as it takes for no leaf to cross it and none
+        to exceed its folio: a 1 GiB leaf to 2 MiB leaves where the folio is at
+        least 2 MiB there (stepwise's pieces, lazy's whole folio), the 2 MiB block
+        around the boundary and split pieces to 4 KiB."""
+        for slot, g_lo, g_hi in list(self.bound_gfn_ranges(first, last)):
+            mmu, to_index = slot.vm.mmu, slot.gmem_pgoff - slot.base_gfn
+            for point in (g_lo, g_hi):
+                level = mmu.levels.get(point)
+                if not level or not point % level or mmu.levels.get(point - 1) != level:
+                    continue
+                start = point // level * level
+                leaves: list[tuple[int, int, int]] = []
+                if level > LEVEL_2M_PAGES:
+                    leaves = [(a - to_index, b - to_index, LEVEL_2M_PAGES) for a, b, piece
+                              in self._pieces(start + to_index, start + level + to_index)
+                              if piece >= LEVEL_2M_PAGES]
+                mmu.split_leaf(start, level, leaves, point)
+
     def huge_mappable(self, first: int, last: int) -> list[tuple[int, int, int]]:
         """kvm_gmem_mapping_order over the huge folios [first, last) touches: the
         ranges of folios that may be mapped whole at stage 2, with their size in
@@ -589,9 +629,11 @@ class GmemInode:
                 mappable.set(a, b, piece)
         for a, b in self.folios.gaps(lo, hi):
             mappable.clear(*self._huge_round_out(a, b))
-        for a, b, piece in list(mappable.items()):
+        for piece in {piece for _, _, piece in mappable.items()}:  # per size, not per range
             for x, y in self._huge_pages_of(shared, piece):
-                mappable.clear(max(x, a), min(y, b))
+                for a, b, size in list(mappable.overlapping(x, y)):
+                    if size == piece:
+                        mappable.clear(max(x, a), min(y, b))
         return list(mappable.items())
 
     def merge_for_truncate(self, first: int, last: int) -> None:
@@ -680,28 +722,19 @@ class GmemInode:
         if not self.allocation_affordable(index, index + count, fault=True):
             return ("no clean huge page, or no memory for the vmemmap of a split "
                     "(our choice: SIGBUS)")
-        fresh = [] if self.spool is None else [  # huge folios this fault allocates
-            r for r in self._huge_pages_of([(index, index + count)])
-            if self.folios.covered(*r) == 0]
-        plan = self._host_fault_plan(index, index + count, fresh)
-        self.get_pages(index, index + count)
+        plan = self._lazy_fault_plan(index, index + count)
+        self.get_pages(index, index + count)  # fresh folios split as _fresh_plan says
         self._restructure(plan)
         if write:
             self.modified()
         return None
 
-    def _host_fault_plan(self, first: int, last: int,
-                         fresh: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-        """The splits a host fault on shared [first, last) makes: the WIP splits the
-        fresh folio of a range that is not all private; `lazy` splits whatever
-        folio the fault maps into, as conversions did not."""
-        if self.spool is None:
+    def _lazy_fault_plan(self, first: int, last: int) -> list[tuple[int, int, int]]:
+        """`lazy`: a host fault on shared [first, last) splits the folios it maps
+        into, as conversions did not."""
+        if self.spool is None or self.hugetlb_policy is not HugetlbPolicy.LAZY:
             return []
-        if self.hugetlb_policy is HugetlbPolicy.LAZY:
-            return self._unsplit_for_shared([(first, last)], only_allocated=False)
-        plan = self._unsplit_for_shared([(first, last)], only_allocated=False)
-        return [(x, y, piece) for a, b, piece in plan for fa, fb in fresh
-                for x, y in [(max(a, fa), min(b, fb))] if x < y]
+        return self._unsplit_for_shared([(first, last)], only_allocated=False)
 
     def _private_fault_reason(self) -> str:
         """Why a host fault on private memory is SIGBUS, and what the VM type's

@@ -165,8 +165,8 @@ def _shared_runs(inode: GmemInode, first: int, last: int) -> list[tuple[int, int
 
 def _stage2_leaves_fit_folios(kvm: Any) -> Iterator[str]:
     """Mapping size <= folio size (the rule Yan Zhao's review holds the WIP to): a
-    huge stage-2 leaf maps guest_memfd pages of one whole, unsplit, private huge
-    folio, aligned, no larger than the VM type allows (TDX: 2 MiB)."""
+    huge stage-2 leaf maps allocated private guest_memfd pages of folios at least
+    as large as it, aligned, no larger than the VM type allows (TDX: 2 MiB)."""
     for vm in list(kvm.vms):
         for g0, g1, level in vm.mmu.levels.items():
             slot = vm.mmu.mapped.get(g0)
@@ -178,9 +178,9 @@ def _stage2_leaves_fit_folios(kvm: Any) -> Iterator[str]:
                 continue
             inode, lo = slot.gmem, slot.gmem_index(g0)
             hi = lo + g1 - g0
-            fits = level <= inode.huge_pages and any(
-                a <= lo and hi <= b and level <= piece
-                for a, b, piece in inode.huge_mappable(lo, hi))
+            fits = (all(level <= piece for _, _, piece in inode._pieces(lo, hi))
+                    and inode.folios.covered(lo, hi) == hi - lo
+                    and sum(b - a for a, b in inode.private_ranges(lo, hi)) == hi - lo)
             if not fits or level > vm.vm_type_info.max_private_leaf:
                 yield (f"VM {vm._fd}: leaves of {level} pages on gfns [{g0}, {g1}) exceed "
                        f"the folios of inode {inode.ino} or the VM type")

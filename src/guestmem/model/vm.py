@@ -120,18 +120,18 @@ class Stage2Mmu:
         self.invalidate_begin(ranges)
         self.invalidate_end()
 
-    def split_cross_boundary_leaves(self, ranges: list[tuple[int, int]]) -> None:
-        """kvm_split_cross_boundary_leafs (the HugeTLB WIP, before a to-shared zap):
-        a huge leaf that crosses an end of a range is demoted to 4 KiB leaves (as
-        small as the folio the conversion splits it to), so that zapping the range
-        leaves the rest of the leaf mapped."""
-        for first, last in ranges:
-            for point in (first, last):
-                level = self.levels.get(point)
-                if level is not None and point % level and self.levels.get(point - 1):
-                    start = point // level * level  # the leaf around the boundary
-                    self.levels.clear(start, start + level)
-                    self.leaf_splits += 1
+    def split_leaf(self, start: int, level: int, leaves: list[tuple[int, int, int]],
+                   point: int) -> None:
+        """Split the huge leaf [start, start + level) (kvm_split_cross_boundary_leafs):
+        `leaves` are the smaller huge leaves it becomes, the rest 4 KiB; none of
+        them crosses `point`."""
+        self.levels.clear(start, start + level)
+        for a, b, size in leaves:
+            self.levels.set(a, b, size)
+        around = point // LEVEL_2M * LEVEL_2M
+        if point % LEVEL_2M and self.levels.get(around):
+            self.levels.clear(around, around + LEVEL_2M)
+        self.leaf_splits += 1
 
     def pages_by_level(self) -> dict[int, int]:
         """Mapped base pages by leaf size (1, LEVEL_2M, LEVEL_1G): the TLB reach."""
