@@ -275,8 +275,7 @@ class GmemInode:
         (_fresh_plan), and, for a host fault under lazy, of the splits it makes?"""
         if self.spool is None:
             return True
-        fresh = [(a, b) for a, b in self._huge_pages_of([(first, last)])
-                 if self.folios.covered(a, b) == 0]
+        fresh = list(self.folios.gaps(*self._huge_round_out(first, last)))
         folios = sum(b - a for a, b in fresh) // self.huge_pages
         if folios > self.vm.kvm.hugetlb.gmem_obtainable(self.spool):
             return False  # only poisoned pages are free, and no surplus page comes
@@ -293,7 +292,7 @@ class GmemInode:
         orphaned = 0
         pinned = list(self.pins.overlapping(first, last)) if self.pins.boundaries() else []
         held = 0  # pages of huge folios that wait for pinned pieces
-        for lo, hi, count in pinned:
+        for lo, hi, count in self._pin_segments(pinned):
             pages = self.folios.covered(lo, hi)
             folios = None if self.spool is None else self._huge_round_out(lo, hi)
             if folios is not None:
@@ -330,6 +329,19 @@ class GmemInode:
             bad.clear(a, b)  # these wait for their pinned pieces
         return bad.covered(first, last) // self.huge_pages
 
+    def _pin_segments(self, pinned: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """The pinned runs cut where a pin begins or ends: the pages each Orphan holds
+        are held by the same pins (adjacent pins of one count merge in `pins`)."""
+        out = []
+        for lo, hi, count in pinned:
+            cuts = {lo, hi}
+            for pin in self.live_pins:
+                for a, b, _ in pin.live.overlapping(lo, hi):
+                    cuts.update(p for p in (a, b) if lo < p < hi)
+            edges = sorted(cuts)
+            out += [(a, b, count) for a, b in zip(edges, edges[1:], strict=False)]
+        return out
+
     def orphan_freed(self, orphan: Orphan) -> None:
         """The last pin of truncated pieces is gone: a huge folio with no piece left
         is merged and freed by the restructuring worker, later (the WIP's
@@ -346,7 +358,7 @@ class GmemInode:
 
     def _merge_freed(self, ranges: list[tuple[int, int]]) -> None:
         """The worker: merge the freed pieces back and return the folios to the pool."""
-        self._restructure([(a, b, self.huge_pages) for a, b in ranges])
+        self._restructure([(a, b, self.huge_pages) for a, b in ranges], merge=True)
         folios = sum(b - a for a, b in ranges) // self.huge_pages
         assert self.spool is not None
         self.vm.kvm.hugetlb.gmem_free(self.spool, folios)
@@ -446,7 +458,7 @@ class GmemInode:
             vms = self._invalidate_begin(first, last)
         self.private.set(first, last, private)
         if private and restructures:
-            self._restructure(self._merges_for_private(first, last))
+            self._restructure(self._merges_for_private(first, last), merge=True)
         preserves = self.vm.kvm.profile.conversion_of(
             self.vm.vm_type_info) is Conversion.PRESERVE
         for lo, hi in changing:
@@ -485,39 +497,58 @@ class GmemInode:
         if at < hi:
             yield at, hi, self.huge_pages
 
-    def _simulate(self, plan: list[tuple[int, int, int]]) -> tuple[ExtentMap[int], Restructure]:
+    def _simulate(self, plan: list[tuple[int, int, int]],
+                  merge: bool = False) -> tuple[ExtentMap[int], Restructure]:
         """Carry the plan out on a copy of the pieces of its ranges, in order: the
-        pieces after it, and what it costs. A split restores the vmemmap HVO freed
+        pieces after it, and what it costs. A split plan splits only folios larger
+        than an entry's piece, whole; a merge plan (`merge`) only merges smaller
+        pieces, into whole pieces of the entry's size. A split restores the vmemmap HVO freed
         (hugetlb_vmemmap_restore_folio); a merge frees it again
         (hugetlb_vmemmap_optimize_folio). Folios not allocated yet count as whole."""
         pieces: ExtentMap[int] = ExtentMap()
         done = Restructure()
         if not plan:
             return pieces, done
-        lo, hi = min(a for a, _, _ in plan), max(b for _, b, _ in plan)
-        for a, b, piece in self._pieces(lo, hi):
+        hp = self.huge_pages
+        lo, hi = min(a for a, _, _ in plan) // hp * hp, -(-max(b for _, b, _ in plan) // hp) * hp
+        for a, b, piece in self._pieces(lo, min(hi, self.npages)):
             pieces.set(a, b, piece)
         for lo, hi, piece in plan:
+            if merge:
+                self._simulate_merge(pieces, done, lo, hi, piece)
+                continue
             for a, b, old in list(pieces.overlapping(lo, hi)):
-                cost = (b - a) // piece * self._vmemmap_kept(piece) - \
-                    (b - a) // old * self._vmemmap_kept(old)
-                if piece < old:
+                if old > piece:  # split whole folios of `old`
+                    a, b = max(a, lo // old * old), min(b, -(-hi // old) * old)
                     done.splits += (b - a) // old
-                    done.vmemmap_restored += cost
-                elif piece > old:
-                    done.merges += (b - a) // piece
-                    done.vmemmap_freed -= cost
-            pieces.set(lo, hi, piece)
+                    done.vmemmap_restored += (b - a) // piece * self._vmemmap_kept(piece) - \
+                        (b - a) // old * self._vmemmap_kept(old)
+                    pieces.set(a, b, piece)
         return pieces, done
 
+    def _simulate_merge(self, pieces: ExtentMap[int], done: Restructure, lo: int, hi: int,
+                        piece: int) -> None:
+        """The merge part of a plan entry: every `piece`-sized unit of [lo, hi) that
+        holds smaller pieces becomes one folio of `piece` pages."""
+        units: ExtentMap[bool] = ExtentMap()
+        for a, b, old in pieces.overlapping(lo, hi):
+            if old < piece:
+                units.set(a // piece * piece, -(-b // piece) * piece, True)
+        for x, y, _ in list(units.items()):
+            kept = sum((b - a) // old * self._vmemmap_kept(old)
+                       for a, b, old in pieces.overlapping(x, y))
+            done.merges += (y - x) // piece
+            done.vmemmap_freed += kept - (y - x) // piece * self._vmemmap_kept(piece)
+            pieces.set(x, y, piece)
+
     def _affordable(self, plan: list[tuple[int, int, int]]) -> bool:
-        _, done = self._simulate(plan)
+        _, done = self._simulate(plan)  # splits: merges always free memory
         return done.vmemmap_restored - done.vmemmap_freed <= self.vm.kvm.hugetlb.memory.free_bytes
 
-    def _restructure(self, plan: list[tuple[int, int, int]]) -> None:
-        """Carry a plan out: splits (__split_folio_to_order) and merges
+    def _restructure(self, plan: list[tuple[int, int, int]], merge: bool = False) -> None:
+        """Carry a plan out: splits (__split_folio_to_order) or, with `merge`, merges
         (prep_compound_page), each paying or freeing vmemmap, and counted."""
-        pieces, done = self._simulate(plan)
+        pieces, done = self._simulate(plan, merge)
         r = self.restructure
         r.splits += done.splits
         r.merges += done.merges
@@ -556,9 +587,19 @@ class GmemInode:
         plan += [(a, b, 1) for a, b in touched]
         if only_allocated:
             plan = [(x, y, piece) for a, b, piece in plan
-                    for x, y, _ in self.folios.overlapping(a, b)]
+                    for x, y in self._allocated_runs(a, b)]
         return [(a, b, piece) for a, b, piece in plan
                 if any(old > piece for _, _, old in self._pieces(a, b))]
+
+    def _allocated_runs(self, first: int, last: int) -> list[tuple[int, int]]:
+        """The allocated runs of [first, last), whatever the folios' states."""
+        runs: list[tuple[int, int]] = []
+        for a, b, _ in self.folios.overlapping(first, last):
+            if runs and runs[-1][1] == a:
+                runs[-1] = (runs[-1][0], b)
+            else:
+                runs.append((a, b))
+        return runs
 
     def _merges_for_private(self, first: int, last: int) -> list[tuple[int, int, int]]:
         """The merges of split folios around [first, last) that are private whole:
@@ -645,7 +686,7 @@ class GmemInode:
         for a, b in ranges:
             if self.pinned(*self._huge_round_out(a, b)):
                 raise oserror(errno.EAGAIN, "fallocate(PUNCH_HOLE): a piece is pinned")
-        self._restructure([(a, b, self.huge_pages) for a, b in ranges])
+        self._restructure([(a, b, self.huge_pages) for a, b in ranges], merge=True)
 
     def guest_fault_restructure(self, first: int, last: int) -> None:
         """`lazy`: a guest fault merges the split folios of [first, last) that are
@@ -653,8 +694,7 @@ class GmemInode:
         RFC's TODO; our choice of where). Other policies merged at conversion."""
         if self.hugetlb_policy is HugetlbPolicy.LAZY:
             plan = self._merges_for_private(first, last)
-            if self._affordable(plan):
-                self._restructure(plan)
+            self._restructure(plan, merge=True)
 
     def memory_by_page_size(self) -> dict[int, int]:
         """Allocated bytes by folio size (4 KiB, 2 MiB, 1 GiB): what the pool's huge
@@ -858,7 +898,8 @@ class GmemInode:
             mergeable.set(a, b, True)
         for a, b, _ in self.pins.items():
             mergeable.clear(*self._huge_round_out(a, b))
-        self._restructure([(a, b, self.huge_pages) for a, b, _ in mergeable.items()])
+        self._restructure([(a, b, self.huge_pages) for a, b, _ in mergeable.items()],
+                          merge=True)
         self._free(0, self.npages)
         if self.spool is not None:
             self.vm.kvm.hugetlb.gmem_release(self.spool)

@@ -84,8 +84,12 @@ class Stage2Mmu:
         """Install SPTEs for [first, last), leaves of `level` base pages (the range
         is aligned to it); `source` is the memslot for guest_memfd pages, "hva"
         for pages reached through userspace_addr."""
-        self.mapped.set(first, last, source)
-        self.levels.set(first, last, level if level > 1 else None)
+        if level > 1:
+            self.mapped.set(first, last, source)
+            self.levels.set(first, last, level)
+            return
+        for lo, hi in list(self.levels.gaps(first, last)):  # a huge leaf there stays
+            self.mapped.set(lo, hi, source)
 
     def _leaf_bounds(self, first: int, last: int) -> tuple[int, int]:
         """[first, last) widened to the huge leaves it cuts: zapping part of a leaf
