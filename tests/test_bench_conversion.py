@@ -3,12 +3,12 @@ costs of each conversion (never its times)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import bench_module
 
 PATH = Path(__file__).resolve().parent.parent / "bench" / "conversion.py"
 MIB, GIB, TIB = 1 << 20, 1 << 30, 1 << 40
@@ -16,12 +16,7 @@ MIB, GIB, TIB = 1 << 20, 1 << 30, 1 << 40
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_conversion", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from bench_module.load("conversion")
 
 
 def counters(row):

@@ -5,15 +5,15 @@ folio size, stage-2 leaf sizes and the plots; never times."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from rich.console import Console
+
+from tests import bench_module
 
 PATH = Path(__file__).resolve().parent.parent / "bench" / "hugetlb.py"
 PAGE, MIB, GIB = 4096, 1 << 20, 1 << 30
@@ -28,12 +28,7 @@ RESTORE_2M_TO_4K = 8 - 1
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_hugetlb", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from bench_module.load("hugetlb")
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,15 @@ let each workload do. Outcomes and the model's counters, never times."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from guestmem import program as p
+from tests import bench_module
 
 PATH = Path(__file__).resolve().parent.parent / "bench" / "policies.py"
 POLICIES = ("per-page", "whole-file", "no-get-pfn-while-mapped", "rmap-switch")
@@ -20,12 +19,7 @@ POLICIES = ("per-page", "whole-file", "no-get-pfn-while-mapped", "rmap-switch")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_policies", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from bench_module.load("policies")
 
 
 @pytest.fixture(scope="module")
