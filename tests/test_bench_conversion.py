@@ -4,13 +4,11 @@ costs of each conversion (never its times)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tests import bench_module
 
-PATH = Path(__file__).resolve().parent.parent / "bench" / "conversion.py"
 MIB, GIB, TIB = 1 << 20, 1 << 30, 1 << 40
 
 

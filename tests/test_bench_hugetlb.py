@@ -15,7 +15,6 @@ from rich.console import Console
 
 from tests import bench_module
 
-PATH = Path(__file__).resolve().parent.parent / "bench" / "hugetlb.py"
 PAGE, MIB, GIB = 4096, 1 << 20, 1 << 30
 GIB_PAGES = GIB // PAGE
 POLICIES = ("dynamic", "eager-4k", "stepwise", "lazy")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -13,7 +12,6 @@ from rich.console import Console
 from guestmem import program as p
 from tests import bench_module
 
-PATH = Path(__file__).resolve().parent.parent / "bench" / "policies.py"
 POLICIES = ("per-page", "whole-file", "no-get-pfn-while-mapped", "rmap-switch")
 
 
