@@ -1,0 +1,82 @@
+"""Private pages leaving through the firmware, modelled (issue 11 part 2).
+
+SEV's SEND_UPDATE_DATA hands the host a run of guest pages encrypted and
+integrity-protected under a transport key that the source and destination
+firmware agreed on; the host only carries the blob, and RECEIVE_UPDATE_DATA
+imports it where it was sent from, or refuses it. Here AES-256-GCM (the
+`cryptography` library) plays the firmware: the gfn, the page count and the
+page's state (private or shared, and how it was when sent) are authenticated
+data, so a blob cannot be replayed at another gfn or as another state, and a
+damaged one, or one under another key, is refused whole. Nonces come from a
+counter per exporter, never repeating under one key.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+PAGE = 4096
+_HEADER = struct.Struct("<QQB")  # gfn, pages, state
+_NONCE = 12
+
+
+class TransportError(ValueError):
+    """A blob the importing firmware refuses."""
+
+
+@dataclass(frozen=True)
+class ImportedPages:
+    gfn: int
+    pages: int
+    state: int
+    data: bytes
+
+
+class TransportKey:
+    """The transport key both firmwares hold (the launch's shared secret)."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self.key = key if key is not None else AESGCM.generate_key(bit_length=256)
+        if len(self.key) != 32:
+            raise ValueError("a transport key is 32 bytes (AES-256)")
+
+
+class Exporter:
+    """SEND_UPDATE_DATA on the source: one exporter per stream."""
+
+    def __init__(self, key: TransportKey) -> None:
+        self._aead = AESGCM(key.key)
+        self._prefix = os.urandom(4)
+        self._counter = 0
+
+    def export(self, gfn: int, state: int, data: bytes) -> bytes:
+        """gfn, page count and state in the clear (authenticated), then the nonce
+        and the pages encrypted with their tag."""
+        if not data or len(data) % PAGE:
+            raise ValueError("pages are exported whole")
+        header = _HEADER.pack(gfn, len(data) // PAGE, state)
+        nonce = self._prefix + self._counter.to_bytes(8, "little")
+        self._counter += 1
+        return header + nonce + self._aead.encrypt(nonce, data, header)
+
+
+def import_pages(key: TransportKey, blob: bytes) -> ImportedPages:
+    """RECEIVE_UPDATE_DATA on the destination: the pages and where and how they
+    were sent, or TransportError if anything was changed or the key differs."""
+    if len(blob) < _HEADER.size + _NONCE + 16:
+        raise TransportError("a blob shorter than its header, nonce and tag")
+    header, nonce = blob[:_HEADER.size], blob[_HEADER.size:_HEADER.size + _NONCE]
+    gfn, pages, state = _HEADER.unpack(header)
+    try:
+        data = AESGCM(key.key).decrypt(nonce, blob[_HEADER.size + _NONCE:], header)
+    except InvalidTag:
+        raise TransportError(f"pages at gfn {gfn:#x}: authentication failed (damaged, "
+                             "moved, or under another transport key)") from None
+    if len(data) != pages * PAGE:
+        raise TransportError(f"pages at gfn {gfn:#x}: {len(data)} bytes for {pages} pages")
+    return ImportedPages(gfn, pages, state, data)
