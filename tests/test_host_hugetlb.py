@@ -315,3 +315,36 @@ def test_hvo_frees_seven_vmemmap_pages_per_2m_page(host, hvo_setting):
         assert before - _vmemmap_pages() == 2 * freed
         host.set_nr_hugepages(M2, 0)
         assert _vmemmap_pages() == before  # restored when the pages leave the pool
+
+
+def test_a_reservation_whose_page_left_the_pool_takes_a_surplus_page(host):
+    """A subpool's minimum restores its reservation when a surplus page is freed
+    and leaves the pool (resv 1, free 0); the next allocation under it takes a
+    surplus page from the buddy allocator. The same steps on the model give the
+    same counters (tests/test_model_hugetlb.py has the model's side alone)."""
+    from guestmem.model.hugetlb import Hugetlb as ModelHugetlb
+
+    host.set_nr_hugepages(M2, 0)
+    model = ModelHugetlb()
+    seen = []
+    host.set_nr_overcommit_hugepages(M2, 2)
+    model.set_nr_overcommit_hugepages(M2, 2)
+    mounts = [host.mount(M2, None, M2), model.mount(M2, None, M2)]
+    try:
+        files = [m.create() for m in mounts]
+        for step in ("fallocate", "ftruncate", "fallocate"):
+            for h, f in zip((host, model), files, strict=True):
+                if step == "fallocate":
+                    f.fallocate(0, M2 // 2, M2 + 4096)  # pages 0 and 1
+                else:
+                    f.ftruncate(0)
+                seen.append(h.counters(M2))
+            assert seen[-2] == seen[-1], step
+        assert seen[-1] == api.HugetlbCounters(2, 0, 0, 2, 2)
+        for f in files:
+            f.close()
+    finally:
+        for m in mounts:
+            m.close()
+        host.set_nr_overcommit_hugepages(M2, 0)
+    assert counts(host) == (0, 0, 0, 0, 0)
