@@ -697,3 +697,21 @@ def test_a_cut_1g_leaf_becomes_2m_leaves_where_the_folio_allows(policy):
         view.write(0, b"host")  # splits the whole 1 GiB folio to 4 KiB
         assert vm.mmu.pages_by_level() == {1: L1G - 1, L2M: 0, L1G: 0}
         assert violations(kvm) == []
+
+
+def test_with_only_poisoned_pages_free_a_surplus_page_is_taken_as_fragmentation_allows():
+    """Where the pool's free pages are all poisoned, a 2 MiB folio comes from the
+    buddy allocator as a surplus page, if fragmentation still gives one."""
+    kvm = kvm_with_pool(1)
+    kvm.hugetlb.set_nr_overcommit_hugepages(S, 1)
+    vm = kvm.create_vm(SW)
+    gmem = vm.create_guest_memfd(S, HUGETLB, uapi.HUGETLB_PAGE_ORDER_2M)
+    gmem.allocate(0, S)
+    gmem.inode.memory_failure(0, 1)
+    gmem.punch_hole(0, S)
+    assert kvm.hugetlb.hstates[S].hwpoisoned == 1
+    kvm.hugetlb.memory.obtainable[S] = 0
+    assert errno_of(gmem.allocate, 0, S) == errno.ENOMEM
+    kvm.hugetlb.memory.obtainable[S] = 1
+    gmem.allocate(0, S)
+    assert kvm.hugetlb.counters(S) == HugetlbCounters(2, 1, 0, 1, 1)

@@ -330,8 +330,10 @@ class Hugetlb:
         buddy allocator (alloc_buddy_hugetlb_folio_with_mpol; none for gigantic
         sizes or beyond the overcommit)."""
         h = spool.hstate
-        surplus = 0 if h.gigantic else max(0, min(h.overcommit - h.surplus,
-                                                  self.memory.free_bytes // h.page_size))
+        left = self.memory.obtainable.get(h.page_size)  # what fragmentation still allows
+        surplus = 0 if h.gigantic else max(0, min(
+            h.overcommit - h.surplus, self.memory.free_bytes // h.page_size,
+            left if left is not None else h.overcommit))
         return h.free - h.hwpoisoned + surplus
 
     def gmem_alloc(self, spool: Subpool, pages: int) -> None:
