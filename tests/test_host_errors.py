@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 
 import pytest
@@ -64,3 +65,34 @@ def test_failed_run_names_kvm_run(host_kvm):
             vcpu.run()
         assert e.value.errno == errno.EINTR, "immediate_exit: KVM_RUN returns EINTR"
         assert "KVM_RUN" in str(e.value)
+
+
+class _InterruptedOnce:
+    """A libc whose ioctl fails with EINTR the first time, then answers 7."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def ioctl(self, fd, request, arg):
+        self.calls += 1
+        if self.calls == 1:
+            ctypes.set_errno(errno.EINTR)
+            return -1
+        return 7
+
+
+def test_an_interrupted_ioctl_is_retried_but_kvm_run_reports_the_kick(monkeypatch):
+    """PEP 475 for the integer-argument ioctls (a signal once interrupted
+    KVM_CREATE_VM here); KVM_RUN's EINTR is a kick the VMM must see."""
+    from guestmem.host import libc
+
+    fake = _InterruptedOnce()
+    monkeypatch.setattr(libc, "_libc", fake)
+    assert libc.ioctl(3, uapi.KVM_CREATE_VM, 0, "KVM_CREATE_VM") == 7 and fake.calls == 2
+    fake.calls = 0
+    try:
+        libc.ioctl(3, uapi.KVM_RUN, 0, "KVM_RUN", retry_eintr=False)
+    except InterruptedError as e:
+        assert e.errno == errno.EINTR and fake.calls == 1
+    else:
+        pytest.fail("KVM_RUN's EINTR was retried away")

@@ -105,16 +105,22 @@ def ioctl_inout(fd: int, request: int, arg: ctypes.Structure, name: str) -> int:
             raise oserror(err, name)
 
 
-def ioctl(fd: int, request: int, arg: int, name: str) -> int:
+def ioctl(fd: int, request: int, arg: int, name: str, retry_eintr: bool = True) -> int:
     """ioctl(2) with an integer argument as the kernel takes it, an unsigned long
-    (fcntl.ioctl passes a C int: ids and types above 2**31 could not be asked)."""
-    ret = _libc.ioctl(fd, request, arg)
-    if ret < 0:
+    (fcntl.ioctl passes a C int: ids and types above 2**31 could not be asked).
+    EINTR runs the signal handlers, as fcntl.ioctl does, then retries (PEP 475),
+    unless the caller takes EINTR as an answer (KVM_RUN: a kick). Seen here once:
+    KVM_CREATE_VM interrupted by a signal in a full test run."""
+    while True:
+        ret = _libc.ioctl(fd, request, arg)
+        if ret >= 0:
+            return int(ret)
         err = _errno()
-        if err == errno.EINTR:  # run a signal handler now, as fcntl.ioctl does
+        if err == errno.EINTR:
             ctypes.pythonapi.PyErr_CheckSignals()
+            if retry_eintr:
+                continue
         raise oserror(err, name)
-    return int(ret)
 
 
 def munmap(addr: int, length: int) -> None:

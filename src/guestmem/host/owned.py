@@ -66,8 +66,8 @@ class OwnedFd:
         name = uapi.IOCTL_NAMES.get(request, f"ioctl {request:#x}")
         if self._fd is None:
             raise oserror(errno.EBADF, name)
-        if isinstance(arg, int):
-            return libc.ioctl(self._fd, request, arg, name)
+        if isinstance(arg, int):  # KVM_RUN's EINTR is a kick: the caller's to see
+            return libc.ioctl(self._fd, request, arg, name, request != uapi.KVM_RUN)
         try:
             return int(fcntl.ioctl(self._fd, request, arg, True))
         except OSError as e:
