@@ -23,7 +23,10 @@ HELPERS = {"open_fd_count", "touch_in_child", "memory_map", "load_program", "fil
            "write", "zap", "pin", "mark_dirty", "complete_io_in", "supported_attributes",
            "slot_for_gfn", "vm_extension", "system_extension", "is_private", "get_ref",
            "put_ref", "gmem_index", "memory_failure", "touch", "inherit", "copy_to",
-           "all_mappings", "gmem_private_runs", "set_conversion_policy", "set_hugetlb_policy"}
+           "all_mappings", "gmem_private_runs", "set_conversion_policy", "set_hugetlb_policy",
+           # model extras for live migration (api.Firmware, api.ContentRuns, api.ProgramVcpu)
+           "firmware_export", "firmware_import", "guest_view", "content_runs", "write_runs",
+           "program_state", "restore_program_state"}
 KERNEL_CALL = re.compile(r"KVM_\w+|\b[a-z_0-9]+\(\d?\)|\b_*kvm_\w+|\b(fstat|fallocate|mmap|"
                          r"munmap|mprotect|madvise|mbind|ioctl|close|ksys_\w+|vcpu_run)\b")
 

@@ -230,6 +230,81 @@ class ProgramVcpu(Vcpu, Protocol):
     def load_program(self, program: Program, hypercall_abi: str) -> None:
         """Give the vCPU the program the VMM placed in guest memory."""
 
+    def program_state(self) -> ProgramState:
+        """Where the program stands, to continue elsewhere (a migrated vCPU's RIP
+        and the guest's C-bit view, which on hardware live in registers and guest
+        page tables). ValueError unless the vCPU stopped at a resumable exit: a
+        top-level Checkpoint, or after the program's last step."""
+
+    def restore_program_state(self, state: ProgramState) -> None:
+        """Continue `state`'s program from where it stood (the destination of a
+        migration)."""
+
+
+@dataclass(frozen=True)
+class ProgramState:
+    """Model only: a program, the index of the step to run next, the hypercall
+    ABI, and the gfn ranges the guest's page tables map with the C-bit set."""
+
+    program: Program
+    next_step: int
+    hypercall_abi: str
+    encrypted: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Run:
+    """Bytes [start, end) of a mapping (or guest-physical range): real `data`, or,
+    when data is None, the formula "64-bit word i is word + i * step" (a zeroed
+    run is word 0, step 0). Formulas let the model move a 1 TiB guest in ranges."""
+
+    start: int
+    end: int
+    data: bytes | None = None
+    word: int = 0
+    step: int = 0
+
+
+@runtime_checkable
+class ContentRuns(Protocol):
+    """Model only: a mapping that reads and writes its contents as Runs, so what
+    is alike costs one run however large (DESIGN.md "Scale")."""
+
+    def content_runs(self, offset: int, length: int) -> list[Run]:
+        """[offset, +length) as the host reads it, page-aligned runs, in order."""
+
+    def write_runs(self, offset: int, runs: list[Run]) -> None:
+        """Write runs (offsets relative to the mapping) as the host would."""
+
+
+@runtime_checkable
+class Firmware(Protocol):
+    """Model only: the platform firmware's view of a VM's memory, as SEV's
+    SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA have it (the PSP reads and writes guest
+    pages under the VM's memory key; for guest_memfd no uAPI exists,
+    upstream-2026-11.md §4). A VM whose memory nothing encrypts needs none: its
+    pages read the same through the host mapping."""
+
+    def firmware_export(self, gpa: int, length: int, private: bool) -> list[Run]:
+        """The guest's data at [gpa, +length) as the firmware decrypts it: a
+        private page under the VM's key (from guest_memfd where the VM keeps it
+        there), a shared one as stored. Offsets are guest-physical."""
+
+    def firmware_import(self, gpa: int, runs: list[Run], private: bool) -> None:
+        """Place runs at their guest-physical offsets, as the firmware does: under
+        the VM's key (in guest_memfd for a VM that keeps private memory there) if
+        `private`, else in plaintext."""
+
+    def launch_update_data(self, gpa: int, length: int) -> None:
+        """KVM_SEV_LAUNCH_UPDATE_DATA: encrypt [gpa, +length) in place under the VM's
+        key (the VMM's initial image of an SEV guest); nothing for a VM whose memory
+        nothing encrypts."""
+
+    def guest_view(self, gpa: int, length: int) -> list[tuple[Run, bool]]:
+        """What the guest reads at [gpa, +length) through its own page tables and
+        the VM's memory state, and whether each run is private (a checker's oracle:
+        hardware truth, which neither KVM nor the VMM knows for SEV)."""
+
 
 class Vm(Closable, Protocol):
     """A VM (KVM_CREATE_VM)."""

@@ -24,6 +24,13 @@ PORT_TICK: Final = 0xE8  # one exit, counted by the VMM (benchmarks)
 # deliver KVM_EXIT_HYPERCALL to userspace (this project's kvm_pvm host: README).
 PORT_HYPERCALL: Final = 0xEC
 PORT_DONE: Final = 0xF4
+# A numbered point in the program where the VMM may act (a migration step) and
+# where the vCPU can be paused and continued elsewhere: `out PORT_CHECKPOINT, eax`.
+PORT_CHECKPOINT: Final = 0xF8
+# The guest's MSR_KVM_MIGRATION_CONTROL write (guestmem extension, "port" doorbell):
+# `out PORT_MIGRATION_CONTROL, eax` with the MSR's value in EAX (KVM_MIGRATION_READY
+# = 1). For hosts where the WRMSR cannot reach the VMM (README).
+PORT_MIGRATION_CONTROL: Final = 0xFC
 
 # Report tags: the low 32 bits say what a report is, the high 32 bits carry data
 # that fits (a step index); full 64-bit values go in a following report.
@@ -101,6 +108,10 @@ class MapGpaRange:
     page_size: int = uapi.PAGE_SIZE
     encrypted: bool = True
     flags: int | None = None
+    # The guest also sets its C-bit (SEV) on the pages it announces, as Linux's
+    # set_memory_decrypted does; False announces only (R1's rounding bug: the
+    # hypercall covers a page the guest did not convert).
+    sets_view: bool = True
 
     @property
     def attrs(self) -> int:
@@ -123,6 +134,33 @@ class Tick:
 
 
 @dataclass(frozen=True)
+class SetCBit:
+    """SEV: set (encrypted) or clear the C-bit of [gpa, +npages pages) in the
+    guest's own page tables, without telling the host (seed 001 #1: the guest
+    writes under the new C-bit before its hypercall). Model only: no SEV guest
+    runs on the kernels guestmem compiles for."""
+
+    gpa: int
+    npages: int
+    encrypted: bool
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Tell the VMM the program reached point `label` (one port-I/O exit). A
+    top-level checkpoint is where a migration may pause the vCPU."""
+
+    label: int
+
+
+@dataclass(frozen=True)
+class MigrationReady:
+    """Write KVM_MIGRATION_READY to MSR_KVM_MIGRATION_CONTROL: "every shared region
+    has been reported" (commit f4495615d76c, ecosystem.md §3.1), through the
+    VMM's doorbell port where the WRMSR cannot reach it."""
+
+
+@dataclass(frozen=True)
 class Loop:
     """Repeat the inner steps `count` times (for benchmarks: exits per second)."""
 
@@ -135,7 +173,8 @@ class Halt:
     """Stop: tell the VMM through PORT_DONE (HLT is not usable at CPL3)."""
 
 
-Step = WritePattern | VerifyPattern | ReadValue | Report | MapGpaRange | Tick | Loop | Halt
+Step = (WritePattern | VerifyPattern | ReadValue | Report | MapGpaRange | SetCBit | Tick
+        | Checkpoint | MigrationReady | Loop | Halt)
 
 
 @dataclass(frozen=True)
@@ -147,3 +186,34 @@ class Program:
         if not steps or not isinstance(steps[-1], Halt):
             steps = (*steps, Halt())
         return cls(tuple(steps))
+
+
+_STEP_TYPES: Final = {cls.__name__: cls for cls in (
+    WritePattern, VerifyPattern, ReadValue, Report, MapGpaRange, SetCBit, Tick, Checkpoint,
+    MigrationReady, Loop, Halt)}
+
+
+def encode_program(program: Program) -> list[object]:
+    """The program as JSON-able data: [step name, fields] per step (a migrated
+    model vCPU carries it, as a real guest's code travels in its memory)."""
+    def step(s: Step) -> list[object]:
+        fields = {k: (encode_program(Program(v)) if k == "body" else v)
+                  for k, v in vars(s).items()}
+        return [type(s).__name__, fields]
+    return [step(s) for s in program.steps]
+
+
+def decode_program(data: object) -> Program:
+    """encode_program's inverse; ValueError (or TypeError) for anything else."""
+    if not isinstance(data, list):
+        raise ValueError("a program is a list of steps")
+    steps: list[Step] = []
+    for item in data:
+        if not (isinstance(item, list) and len(item) == 2 and item[0] in _STEP_TYPES
+                and isinstance(item[1], dict)):
+            raise ValueError(f"not a step: {item!r}")
+        fields = dict(item[1])
+        if "body" in fields:
+            fields["body"] = decode_program(fields["body"]).steps
+        steps.append(_STEP_TYPES[item[0]](**fields))
+    return Program(tuple(steps))

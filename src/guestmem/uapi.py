@@ -411,6 +411,11 @@ def KVM_MAP_GPA_RANGE_ENC_STAT(n: int) -> int:  # noqa: N802
 
 KVM_MAP_GPA_RANGE_ENCRYPTED: Final = KVM_MAP_GPA_RANGE_ENC_STAT(1)
 KVM_MAP_GPA_RANGE_DECRYPTED: Final = KVM_MAP_GPA_RANGE_ENC_STAT(0)
+# SEV live migration: the guest's "every shared region is reported" (kvm_para.h).
+MSR_KVM_MIGRATION_CONTROL: Final = 0x4B564D08
+KVM_MIGRATION_READY: Final = 1 << 0
+KVM_FEATURE_MIGRATION_CONTROL: Final = 17
+KVM_FEATURE_HC_MAP_GPA_RANGE: Final = 16
 # Guest-visible error codes (include/uapi/linux/kvm_para.h).
 KVM_ENOSYS: Final = 1000
 KVM_EFAULT: Final = 14

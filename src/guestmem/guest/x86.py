@@ -134,6 +134,15 @@ class Compiler:
                 self._report_r8()
             case p.Tick():
                 self.asm.out(p.PORT_TICK)
+            case p.SetCBit():
+                raise ValueError("SetCBit changes an SEV guest's C-bit; guestmem compiles "
+                                 "for hosts without SEV (the model runs it)")
+            case p.Checkpoint(label=label):
+                self.asm.mov_imm(R.RAX, label)
+                self.asm.out(p.PORT_CHECKPOINT)
+            case p.MigrationReady():
+                self.asm.mov_imm(R.RAX, uapi.KVM_MIGRATION_READY)
+                self.asm.out(p.PORT_MIGRATION_CONTROL)
             case p.MapGpaRange():
                 self._map_gpa_range(step)
             case p.Loop():

@@ -14,6 +14,14 @@ A page's bytes are one of:
 - Ciphertext(key): what the other side of an SNP conversion reads: the bytes
   seen through the other key, noise that is neither owner's data.
 
+SEV memory encryption (the C-bit) is kept beside the contents: `sealed` maps a
+page to the memory key its bytes are under (an SEV VM's key when the guest wrote
+it with C=1), so a reader under another key, or the host (no key), sees
+Ciphertext noise, and the firmware, reading under the VM's key, the data. Our
+simplification: a page is under one key; a partial write under another key
+turns the rest of the page to noise for the new key (hardware encrypts per
+16-byte block).
+
 Offsets are byte offsets in the backing object (a guest_memfd inode or an
 anonymous mapping), so contents stay put when the object is mapped elsewhere.
 """
@@ -94,9 +102,12 @@ class PageStore:
         # Pages converted in place and not written since: what their previous owner
         # had there (invariants._conversions_keep_data_only_where_preserved).
         self.handed_over: ExtentMap[Content | Snapshot] = ExtentMap()
+        self.sealed: ExtentMap[int] = ExtentMap()  # page -> SEV memory key (C=1 data)
 
     def clear(self, first: int, last: int) -> None:
         """Forget [first, last) (the pages were freed, or are being rewritten)."""
+        if self.sealed.boundaries():
+            self.sealed.clear(first, last)
         if self.handed_over.boundaries():
             self.handed_over.clear(first, last)
         if not self.extents.boundaries():
@@ -147,11 +158,35 @@ class PageStore:
         self.clear(first, last)
         self.extents.set(first, last, content)
 
-    def write_pattern(self, offset: int, length: int, value: int, step: int) -> None:
-        """Write a pattern over [offset, offset+length); partial pages become Bytes."""
+    def write_pattern(self, offset: int, length: int, value: int, step: int,
+                      key: int | None = None) -> None:
+        """Write a pattern over [offset, offset+length); partial pages become Bytes.
+        `key`: the SEV memory key the write is under (C=1), None for plaintext."""
+        self._rekey(offset, length, key)
         self._write_uniform(offset, length, Pattern(value & _MASK, step & _MASK, offset))
+        self._seal(offset, length, key)
 
-    def write_bytes(self, offset: int, data: bytes) -> None:
+    def write_bytes(self, offset: int, data: bytes, key: int | None = None) -> None:
+        self._rekey(offset, len(data), key)
+        self._write_bytes(offset, data)
+        self._seal(offset, len(data), key)
+
+    def _rekey(self, offset: int, length: int, key: int | None) -> None:
+        """The pages of [offset, +length) go under `key`; a page only partly
+        written that was under another key reads as noise under the new one."""
+        if key is None and not self.sealed.boundaries():
+            return  # plaintext over plaintext: the common case costs nothing
+        first, last = offset // PAGE, -(-(offset + length) // PAGE)
+        for index in {first, last - 1}:
+            whole = offset <= index * PAGE and (index + 1) * PAGE <= offset + length
+            if not whole and self.sealed.get(index) != key:
+                self.set(index, index + 1, Ciphertext(_noise(self.sealed.get(index), key)))
+
+    def _seal(self, offset: int, length: int, key: int | None) -> None:
+        if key is not None or self.sealed.boundaries():
+            self.sealed.set(offset // PAGE, -(-(offset + length) // PAGE), key)
+
+    def _write_bytes(self, offset: int, data: bytes) -> None:
         pos = 0
         while pos < len(data):
             index, within = divmod(offset + pos, PAGE)
@@ -162,19 +197,21 @@ class PageStore:
             page[within:within + n] = data[pos:pos + n]
             pos += n
 
-    def fill(self, offset: int, length: int, byte: int) -> None:
+    def fill(self, offset: int, length: int, byte: int, key: int | None = None) -> None:
+        self._rekey(offset, length, key)
         self._write_uniform(offset, length, Fill(byte))
+        self._seal(offset, length, key)
 
     def _write_uniform(self, offset: int, length: int, content: Fill | Pattern) -> None:
         end = offset + length
         first_full, last_full = -(-offset // PAGE), end // PAGE
         if first_full >= last_full:  # no whole page: real bytes
-            self.write_bytes(offset, render(content, offset, length))
+            self._write_bytes(offset, render(content, offset, length))
             return
         self.set(first_full, last_full, content)
         for lo, hi in ((offset, first_full * PAGE), (last_full * PAGE, end)):  # partial edges
             if lo < hi:
-                self.write_bytes(lo, render(content, lo, hi - lo))
+                self._write_bytes(lo, render(content, lo, hi - lo))
 
     def _materialize(self, index: int) -> bytearray:
         """Turn page `index` into real bytes (keeping what it held) and return them."""
@@ -187,15 +224,45 @@ class PageStore:
         return data
 
     # --- reading ----------------------------------------------------------------------------
-    def read(self, offset: int, length: int) -> bytes:
-        """Bytes of [offset, offset+length); pages with no content read as zeros."""
+    def read(self, offset: int, length: int, key: int | None = None) -> bytes:
+        """Bytes of [offset, offset+length) as a reader under `key` sees them
+        (None: the host, or C=0); pages with no content read as zeros."""
         out = bytearray()
-        for lo, hi, c in self._pieces(offset, offset + length):
+        for lo, hi, c in self._pieces(offset, offset + length, key):
             out += self._render_piece(lo, hi, c)
         return bytes(out)
 
-    def _pieces(self, lo: int, hi: int) -> Iterator[tuple[int, int, Content]]:
-        """(start, end, content) byte pieces covering [lo, hi), gaps as ZERO."""
+    def runs(self, offset: int, length: int,
+             key: int | None = None) -> Iterator[tuple[int, int, Content]]:
+        """(start, end, content) byte pieces of [offset, +length) as a reader under
+        `key` sees them: Bytes pieces need read(), the others are formulas."""
+        return self._pieces(offset, offset + length, key)
+
+    def _pieces(self, lo: int, hi: int,
+                key: int | None = None) -> Iterator[tuple[int, int, Content]]:
+        """(start, end, content) byte pieces covering [lo, hi), gaps as ZERO; pages
+        under a key other than `key` as noise."""
+        if not self.sealed.boundaries() and key is None:
+            yield from self._plain_pieces(lo, hi)
+            return
+        pos = lo
+        for s, e, sealed_by in self.sealed.overlapping(lo // PAGE, -(-hi // PAGE)):
+            s_b, e_b = max(s * PAGE, lo), min(e * PAGE, hi)
+            if s_b > pos:
+                yield from self._under(pos, s_b, None, key)
+            yield from self._under(s_b, e_b, sealed_by, key)
+            pos = e_b
+        if pos < hi:
+            yield from self._under(pos, hi, None, key)
+
+    def _under(self, lo: int, hi: int, sealed_by: int | None,
+               key: int | None) -> Iterator[tuple[int, int, Content]]:
+        if sealed_by == key:
+            yield from self._plain_pieces(lo, hi)
+        else:
+            yield lo, hi, Ciphertext(_noise(sealed_by, key))
+
+    def _plain_pieces(self, lo: int, hi: int) -> Iterator[tuple[int, int, Content]]:
         pos = lo
         for s, e, c in self.extents.overlapping(lo // PAGE, -(-hi // PAGE)):
             s_b, e_b = max(s * PAGE, lo), min(e * PAGE, hi)
@@ -218,12 +285,12 @@ class PageStore:
             return bytes(page[lo - index * PAGE: hi - index * PAGE])
         return render(c, lo, hi - lo)
 
-    def first_mismatch(self, offset: int, length: int,
-                       want: Pattern | Fill) -> tuple[int, int] | None:
+    def first_mismatch(self, offset: int, length: int, want: Pattern | Fill,
+                       key: int | None = None) -> tuple[int, int] | None:
         """First 8-byte word in [offset, +length) that differs from `want`, as
         (byte offset, word found), or None. Costs per extent, not per page. The
         range is 8-byte aligned, as every pattern range is (program.pattern_words)."""
-        for lo, hi, c in self._pieces(offset, offset + length):
+        for lo, hi, c in self._pieces(offset, offset + length, key):
             if isinstance(c, Stale | Ciphertext):
                 c = c.as_pattern()
             if c == want or (isinstance(c, Fill) and isinstance(want, Pattern)
@@ -256,6 +323,12 @@ class PageStore:
         return None
 
 
+def _noise(under: int | None, reader: int | None) -> int:
+    """The Ciphertext key of what a reader under `reader` sees of bytes under
+    `under`: distinct per pair, never anyone's data."""
+    return 0x5E0000 | ((under or 0) & 0xFF) << 8 | ((reader or 0) & 0xFF)
+
+
 def _fill_word(byte: int) -> int:
     return int.from_bytes(bytes([byte]) * 8, "little")
 
@@ -275,3 +348,35 @@ def render(c: Content, offset: int, length: int) -> bytes:
             blob = struct.pack(f"<{nwords}Q", *(c.word_at(start + 8 * i) for i in range(nwords)))
         return blob[offset - start: offset - start + length]
     raise TypeError(f"render of {c!r} needs the page store")
+
+
+def to_runs(store: PageStore, offset: int, length: int, key: int | None = None,
+            base: int = 0) -> list[tuple[int, int, bytes | None, int, int]]:
+    """[offset, +length) of `store` as a reader under `key` sees it: (start, end,
+    data, word, step) with start/end shifted by base - offset; data None means the
+    formula "word i is word + i*step". Costs per extent (DESIGN.md "Scale")."""
+    out: list[tuple[int, int, bytes | None, int, int]] = []
+    shift = base - offset
+    for lo, hi, c in store.runs(offset, length, key):
+        if isinstance(c, Stale | Ciphertext):
+            c = c.as_pattern()
+        if isinstance(c, Fill):
+            out.append((lo + shift, hi + shift, None, _fill_word(c.byte), 0))
+        elif isinstance(c, Pattern) and (lo - c.origin) % 8 == 0 and lo % 8 == 0 and hi % 8 == 0:
+            out.append((lo + shift, hi + shift, None, c.word_at(lo), c.step))
+        else:
+            out.append((lo + shift, hi + shift, store.read(lo, hi - lo, key), 0, 0))
+    return out
+
+
+def write_runs(store: PageStore, offset: int, runs: list[tuple[int, int, bytes | None, int, int]],
+               key: int | None = None) -> None:
+    """Write (start, end, data, word, step) runs, start/end relative to `offset`."""
+    for start, end, data, word, step in runs:
+        if data is not None:
+            store.write_bytes(offset + start, data, key)
+        elif (offset + start) % 8 == 0 and (end - start) % 8 == 0:
+            store.write_pattern(offset + start, end - start, word, step, key)
+        else:
+            pattern = Pattern(word & _MASK, step & _MASK, offset + start)
+            store.write_bytes(offset + start, render(pattern, offset + start, end - start), key)

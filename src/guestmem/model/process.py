@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
-from guestmem import _args, uapi
+from guestmem import _args, api, uapi
 from guestmem.exits import HostSigbus, HostSigsegv, oserror
 from guestmem.extents import ExtentMap
 from guestmem.model.addrspace import TASK_SIZE, AddressSpace
-from guestmem.model.content import PAGE, ZERO, PageStore, Stale
+from guestmem.model.content import PAGE, ZERO, PageStore, Stale, to_runs, write_runs
 from guestmem.model.mempolicy import (
     DEFAULT_REPORT,
     MAXNODE,
@@ -429,6 +429,24 @@ class Mapping:
                 self.backing.store.write_bytes(self.pgoff * PAGE + offset, data[:good])
             raise
         self.backing.store.write_bytes(self.pgoff * PAGE + offset, data)
+
+    def content_runs(self, offset: int, length: int) -> list[api.Run]:
+        """api.ContentRuns: a host read of [offset, +length) as runs (read()'s
+        faults and signals), their offsets relative to `offset`."""
+        self._check(offset, length)
+        self._allowed(offset, False)
+        self._fault(offset, length, False)
+        return [api.Run(*run) for run in
+                to_runs(self.backing.store, self.pgoff * PAGE + offset, length)]
+
+    def write_runs(self, offset: int, runs: list[api.Run]) -> None:
+        """api.ContentRuns: host writes of runs, their offsets relative to `offset`."""
+        for run in runs:
+            self._check(offset + run.start, run.end - run.start)
+            self._allowed(offset + run.start, True)
+            self._fault(offset + run.start, run.end - run.start, True)
+        write_runs(self.backing.store, self.pgoff * PAGE + offset,
+                   [(r.start, r.end, r.data, r.word, r.step) for r in runs])
 
     def fill(self, offset: int, byte: int, length: int) -> None:
         """memset(3) over [offset, offset+length), faulting pages in for writing."""

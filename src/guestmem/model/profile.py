@@ -66,6 +66,10 @@ class VmType:
     # 2 MiB, with no promotion (the TDX module wants all 512 4 KiB leaves alike:
     # upstream-2026-11.md §2, TDX huge page v3); others allow 1 GiB.
     max_private_leaf: int = 1 << 18
+    # SEV/SEV-ES: the memory controller encrypts what the guest accesses with its
+    # C-bit set, under the VM's key, and KVM never knows (seed 001's setting): the
+    # host reads ciphertext, and only the firmware (SEND_UPDATE_DATA) the data.
+    c_bit_encrypts: bool = False
 
     @property
     def conversion_preserves(self) -> bool:
@@ -87,9 +91,9 @@ VM_TYPES: dict[int, VmType] = {t.number: t for t in (
     # SEV/SEV-ES: encryption is invisible to KVM (no private memory, no private
     # faults: upstream.md §2.10 takes privateness from hardware only for SNP/TDX).
     VmType(uapi.KVM_X86_SEV_VM, "sev", False, _MMAP_SHARED, Prepare.ZERO,
-           Conversion.CIPHERTEXT, HostPrivateAccess.SIGBUS, True, False),
+           Conversion.CIPHERTEXT, HostPrivateAccess.SIGBUS, True, False, c_bit_encrypts=True),
     VmType(uapi.KVM_X86_SEV_ES_VM, "sev-es", False, _MMAP_SHARED, Prepare.ZERO,
-           Conversion.CIPHERTEXT, HostPrivateAccess.SIGBUS, True, False),
+           Conversion.CIPHERTEXT, HostPrivateAccess.SIGBUS, True, False, c_bit_encrypts=True),
     # SNP/TDX: KVM_PRE_FAULT_MEMORY only after the VM is finalized, which the model
     # has no API for yet: EOPNOTSUPP (upstream.md §2.14).
     VmType(uapi.KVM_X86_SNP_VM, "snp", True, _MMAP, Prepare.FIRMWARE, Conversion.CIPHERTEXT,
@@ -147,6 +151,10 @@ class Profile:
     # (RFC v2: log2 bytes in flag bits 58-63, GUESTMEM_HUGETLB_FLAG_SHIFT, as
     # MAP_HUGE_*; upstream.md §7.2). Both put HUGETLB at bit 2, NO_DIRECT_MAP's bit.
     gmem_hugetlb_encoding: str = "page_order"
+    # KVM_MEM_LOG_DIRTY_PAGES on guest_memfd memslots, which check_memory_region_flags
+    # refuses upstream (R10, ecosystem.md §3.3: an open request). A model extension,
+    # for studying pre-copy of guest_memfd memory (issue 11's attributes design).
+    gmem_dirty_logging: bool = False
     implementation: str = "model"
     # How guest code runs: hypercall outcomes, emulated privilege levels (caps.py).
     execution: GuestExecution = UPSTREAM_EXECUTION

@@ -17,7 +17,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
-from guestmem import _args, hypercall, uapi
+from guestmem import _args, api, hypercall, uapi
 from guestmem import program as p
 from guestmem.caps import HypercallOutcome
 from guestmem.exits import (
@@ -63,6 +63,7 @@ class _Piece:
     offset: int  # byte offset in the store
     gpa: int
     length: int
+    key: int | None = None  # the SEV memory key the access is under (C=1), else None
 
 
 Execution = Generator[Exit | _Fault, None, None]
@@ -100,6 +101,13 @@ class Vcpu:
         self.closed = False
         self._fd = vm.kvm.process.install(self, vm.put_ref)  # dropped: as close()
         self.encrypted_view: ExtentMap[bool] = ExtentMap()  # the guest's own C-bit view
+        if vm.vm_type_info.c_bit_encrypts:  # SEV: "by default all guest pages are
+            # considered encrypted" (commit 0dbb11230437): C=1 wherever it is not cleared
+            self.encrypted_view.set(0, hypercall.GFN_LIMIT, True)
+        self._program = p.Program()
+        self._abi = "port"
+        self._resume_at: int | None = None  # the step a paused program continues at
+        self._depth = 0  # Loop nesting of the step running
 
     def _live(self, what: str) -> None:
         """Every call needs the fd (an ioctl) or its kvm_run page, gone with it."""
@@ -145,7 +153,27 @@ class Vcpu:
                             f"got {type(program).__name__}; raw machine code runs only on "
                             f"the kvm backend")
         self._abi = hypercall_abi
+        self._program = program
         self._execution = self._run_steps(program.steps)
+
+    def program_state(self) -> api.ProgramState:
+        """api.ProgramVcpu: the program, the step to continue at, the C-bit view."""
+        self._live("KVM_GET_REGS")
+        if self._execution is None or self._resume_at is None:
+            raise ValueError("the vCPU can be continued elsewhere only when stopped at a "
+                             "top-level Checkpoint or at the program's end")
+        return api.ProgramState(self._program, self._resume_at, self._abi,
+                                tuple((s, e) for s, e, _ in self.encrypted_view.overlapping(
+                                    0, hypercall.GFN_LIMIT)))
+
+    def restore_program_state(self, state: api.ProgramState) -> None:
+        """api.ProgramVcpu: continue state's program at its next step."""
+        self._live("KVM_SET_REGS")
+        self._abi, self._program = state.hypercall_abi, state.program
+        self._execution = self._run_steps(state.program.steps, state.next_step)
+        self.encrypted_view = ExtentMap()
+        for s, e in state.encrypted:
+            self.encrypted_view.set(s, e, True)
 
     @property
     def fd(self) -> int:
@@ -242,9 +270,15 @@ class Vcpu:
         self.close()
 
     # --- the program ---
-    def _run_steps(self, steps: tuple[p.Step, ...]) -> Execution:
-        for step in steps:
+    def _run_steps(self, steps: tuple[p.Step, ...], start: int = 0) -> Execution:
+        for index in range(start, len(steps)):
+            step = steps[index]
+            if isinstance(step, p.Checkpoint):  # paused here, go on after it
+                self._resume_at = index + 1
+            elif isinstance(step, p.Halt):  # paused here, halt again
+                self._resume_at = index
             yield from self._step(step)
+            self._resume_at = None
 
     def _step(self, step: p.Step) -> Execution:
         match step:
@@ -255,7 +289,7 @@ class Vcpu:
                 def store(piece: _Piece) -> bool:
                     first_word = (piece.gpa - gpa) // 8
                     piece.store.write_pattern(piece.offset, piece.length,
-                                              value + first_word * inc, inc)
+                                              value + first_word * inc, inc, piece.key)
                     return True
 
                 yield from self._access(gpa, length, True, store, word)
@@ -265,7 +299,7 @@ class Vcpu:
                 data: list[bytes] = []
 
                 def load(piece: _Piece) -> bool:
-                    data.append(piece.store.read(piece.offset, piece.length))
+                    data.append(piece.store.read(piece.offset, piece.length, piece.key))
                     return True
 
                 yield from self._access(gpa, 8, False, load)
@@ -274,18 +308,29 @@ class Vcpu:
                 yield from self._report(value)
             case p.Tick():
                 yield _out(p.PORT_TICK, 0)
+            case p.Checkpoint(label=label):
+                if self._depth:  # not resumable inside a Loop
+                    self._resume_at = None
+                yield _out(p.PORT_CHECKPOINT, label & 0xFFFFFFFF)
+            case p.MigrationReady():
+                yield _out(p.PORT_MIGRATION_CONTROL, uapi.KVM_MIGRATION_READY)
             case p.MapGpaRange():
                 ret = yield from self._hypercall(uapi.KVM_HC_MAP_GPA_RANGE,
                                                  (step.gpa, step.npages, step.attrs))
-                if ret == 0:
+                if ret == 0 and step.sets_view:
                     gfn = step.gpa // PAGE
                     view = True if step.encrypted else None
                     self.encrypted_view.set(gfn, gfn + step.npages, view)
                 yield from self._report(ret)
+            case p.SetCBit(gpa=gpa, npages=npages, encrypted=encrypted):
+                gfn = gpa // PAGE
+                self.encrypted_view.set(gfn, gfn + npages, True if encrypted else None)
             case p.Loop(count=count, body=body):
+                self._depth += 1
                 for _ in range(count):
                     for inner in body:
                         yield from self._step(inner)
+                self._depth -= 1
             case p.Halt():
                 while True:
                     yield _out(p.PORT_DONE, 0)
@@ -304,7 +349,7 @@ class Vcpu:
         def compare(piece: _Piece) -> bool:
             first_word = (piece.gpa - gpa) // 8
             want = Pattern((value + first_word * inc) & _MASK, inc & _MASK, piece.offset)
-            bad = piece.store.first_mismatch(piece.offset, piece.length, want)
+            bad = piece.store.first_mismatch(piece.offset, piece.length, want, piece.key)
             if bad is not None:
                 offset, found = bad
                 mismatch.append((piece.gpa + offset - piece.offset, found))
@@ -322,7 +367,8 @@ class Vcpu:
     def _hypercall(self, nr: int, args: tuple[int, ...]) -> Generator[Exit | _Fault, None, int]:
         """Issue a hypercall the way the compiled code does for this ABI."""
         if self._abi == "port":  # the doorbell: arguments in registers, answer in RAX
-            self.regs.rax, self.regs.rbx, self.regs.rcx, self.regs.rdx = nr, *args
+            self.regs.rax = nr
+            self.regs.rbx, self.regs.rcx, self.regs.rdx = args[:3]
             yield _out(p.PORT_HYPERCALL, nr & 0xFFFFFFFF)
             return int(self.regs.rax)
         outcome = self._hypercall_outcome()
@@ -398,7 +444,7 @@ class Vcpu:
             done, failure = self._resolve_physical(phys, stop - pos, write, stored)
             for piece in done:  # back to the linear addresses the guest used
                 pieces.append(_Piece(piece.store, piece.offset, piece.gpa - phys + pos,
-                                     piece.length))
+                                     piece.length, piece.key))
             if failure is not None:
                 return pieces, failure
             pos = stop
@@ -474,9 +520,14 @@ class Vcpu:
         if found is None or found[1] + PAGE > found[0].length:
             return None
         try:
-            return found[0].read(found[1], PAGE)
+            data = found[0].read(found[1], PAGE)
         except HostFault:
             return None
+        key = self._memory_key(gfn)
+        if key is not None:  # SEV: the walk reads an encrypted table through the VM's key
+            mapping, offset = found
+            data = mapping.backing.store.read(mapping.pgoff * PAGE + offset, PAGE, key)
+        return data
 
     @property
     def _kvm_walks(self) -> bool:
@@ -526,7 +577,8 @@ class Vcpu:
                 self.vm.guest_pte_dirty.set(gfn >> _FRAME_SHIFT, ((end - 1) >> _FRAME_SHIFT) + 1,
                                             True)
             lo, hi = max(gpa, gfn * PAGE), min(gpa + length, end * PAGE)
-            pieces.append(_Piece(got.store, got.offset + lo - gfn * PAGE, lo, hi - lo))
+            pieces.append(_Piece(got.store, got.offset + lo - gfn * PAGE, lo, hi - lo,
+                                 self._memory_key(lo // PAGE)))
             if write:
                 slot.mark_dirty(gfn, end)
             gfn = end
@@ -598,6 +650,13 @@ class Vcpu:
                 if gfn < point < end:
                     end = point
         return end
+
+    def _memory_key(self, gfn: int) -> int | None:
+        """SEV/SEV-ES: the VM's memory key where the guest's C-bit is set (the memory
+        controller encrypts the access; KVM never sees it), else None."""
+        if self.vm.vm_type_info.c_bit_encrypts and self.encrypted_view.get(gfn):
+            return self.vm.memory_key
+        return None
 
     def _access_is_private(self, gfn: int) -> bool:
         """SW_PROTECTED: the attributes say (kvm_mem_is_private); SEV/SNP/TDX: the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Self
 from sortedcontainers import SortedDict
 
 from guestmem import _args, api, uapi
-from guestmem.exits import oserror
+from guestmem.exits import HostSigbus, HostSigsegv, oserror
 from guestmem.extents import ExtentMap
-from guestmem.model.content import PAGE
+from guestmem.model.content import PAGE, PageStore, to_runs, write_runs
 from guestmem.model.gmem import GmemInode, GuestMemfd
 from guestmem.model.hugetlb import Hstate
 from guestmem.model.paths import complete, set_attributes_path
@@ -146,6 +147,9 @@ class Stage2Mmu:
         return out
 
 
+_MEMORY_KEYS = itertools.count(1)
+
+
 @_args.checked
 class Vm:
     def __init__(self, kvm: Kvm, vm_type: VmType) -> None:
@@ -167,6 +171,8 @@ class Vm:
         # Dirty bits of the guest's 2 MiB page-table entries (guestmem machines map
         # guest memory with 2 MiB identity pages, written once per VM), by 2 MiB frame.
         self.guest_pte_dirty: ExtentMap[bool] = ExtentMap()
+        # SEV: the VM's memory encryption key (the ASID's VEK), distinct per VM
+        self.memory_key = next(_MEMORY_KEYS)
         self.refs = 1  # the fd; guest_memfd files and vCPUs take more (kvm_get_kvm)
         self.fd_open = True
         self._fd = kvm.process.install(self)
@@ -327,7 +333,7 @@ class Vm:
     def _valid_flags(self, flags: int) -> int:
         """check_memory_region_flags."""
         valid = uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_GUEST_MEMFD
-        if flags & uapi.KVM_MEM_GUEST_MEMFD:
+        if flags & uapi.KVM_MEM_GUEST_MEMFD and not self.kvm.profile.gmem_dirty_logging:
             valid &= ~uapi.KVM_MEM_LOG_DIRTY_PAGES  # no dirty logging of gmem slots
         elif self.kvm.system_extension(uapi.KVM_CAP_READONLY_MEM):
             valid |= uapi.KVM_MEM_READONLY
@@ -484,6 +490,129 @@ class Vm:
         if self.attributes.all_equal(first, last, attributes or None):
             return  # kvm_vm_set_mem_attributes: nothing to change, no invalidation
         complete(set_attributes_path(self, first, last, attributes))
+
+    # --- the firmware's view (api.Firmware; model extension) ---
+    def firmware_export(self, gpa: int, length: int, private: bool) -> list[api.Run]:
+        """api.Firmware: SEND_UPDATE_DATA's read of [gpa, +length), decrypted.
+        kernel: none for guest_memfd (upstream-2026-11.md §4); SEV's
+        KVM_SEV_SEND_UPDATE_DATA has the PSP read the pages under the VM's key."""
+        self._live()
+        runs: list[api.Run] = []
+        for store, offset, seg, n, key in self._firmware_segments(gpa, length, private):
+            runs += [api.Run(*run) for run in to_runs(store, offset, n, key, seg - gpa)]
+        return runs
+
+    def firmware_import(self, gpa: int, runs: list[api.Run], private: bool) -> None:
+        """api.Firmware: RECEIVE_UPDATE_DATA's write of runs (offsets from gpa),
+        under the VM's key if private (SEV), into guest_memfd where the VM keeps
+        private memory there. Nothing is written unless every run has memory."""
+        self._live()
+        segments = [(run, self._firmware_segments(gpa + run.start, run.end - run.start, private))
+                    for run in runs]
+        for run, pieces in segments:
+            for store, offset, seg, n, key in pieces:
+                self._populate(seg, n, private)
+                start = seg - gpa - run.start
+                piece = api.Run(0, n, None if run.data is None else run.data[start:start + n],
+                                run.word + (start // 8) * run.step, run.step)
+                write_runs(store, offset, [(piece.start, piece.end, piece.data, piece.word,
+                                            piece.step)], key)
+
+    def _populate(self, gpa: int, length: int, private: bool) -> None:
+        """The pages the firmware writes are there first: the guest_memfd's folios
+        allocated (kvm_gmem_get_pfn), or the host pages faulted in for writing (SEV
+        pins them: sev_pin_memory)."""
+        slot = self.slot_for_gfn(gpa // PAGE)
+        assert slot is not None  # _firmware_segments found it
+        if slot.gmem is not None and (slot.gmem_only or private and
+                                      self.vm_type_info.has_private_mem):
+            first = slot.gmem_index(gpa // PAGE)
+            slot.gmem.get_pages(first, first + -(-length // PAGE))
+            return
+        found = self.kvm.process.mapping_at(slot.userspace_addr + gpa - slot.base_gfn * PAGE)
+        assert found is not None
+        try:
+            found[0]._fault(found[1], length, True)
+        except (HostSigbus, HostSigsegv) as e:
+            raise oserror(errno.EFAULT, f"host memory behind gpa {gpa:#x}: {e}") from None
+
+    def _firmware_segments(self, gpa: int, length: int, private: bool) -> list[
+            tuple[PageStore, int, int, int, int | None]]:
+        """(store, byte offset, gpa, length, key) of each memslot piece of the range;
+        EFAULT (nothing done) where no memslot or host memory backs it."""
+        out = []
+        pos, end = gpa, gpa + length
+        while pos < end:
+            slot = self.slot_for_gfn(pos // PAGE)
+            if slot is None:
+                raise oserror(errno.EFAULT, f"no memslot at gpa {pos:#x}")
+            n = min(end, slot.end_gfn * PAGE) - pos
+            key = self.memory_key if private and self.vm_type_info.c_bit_encrypts else None
+            if slot.gmem is not None and (slot.gmem_only or private and
+                                          self.vm_type_info.has_private_mem):
+                out.append((slot.gmem.store, slot.gmem_index(pos // PAGE) * PAGE + pos % PAGE,
+                            pos, n, key))
+            else:
+                found = self.kvm.process.mapping_at(slot.userspace_addr +
+                                                    pos - slot.base_gfn * PAGE)
+                if found is None or found[0].length - found[1] < n:
+                    raise oserror(errno.EFAULT, f"no host memory behind gpa {pos:#x}")
+                mapping, moff = found
+                out.append((mapping.backing.store, mapping.pgoff * PAGE + moff, pos, n, key))
+            pos += n
+        return out
+
+    def launch_update_data(self, gpa: int, length: int) -> None:
+        """api.Firmware: KVM_SEV_LAUNCH_UPDATE_DATA (sev_launch_update_data): the
+        PSP encrypts the pages in place under the VM's key; only SEV types."""
+        self._live()
+        if not self.vm_type_info.c_bit_encrypts:
+            raise oserror(errno.ENOTTY, "KVM_SEV_LAUNCH_UPDATE_DATA: not an SEV VM")
+        segments = self._firmware_segments(gpa, length, False)
+        for store, offset, _, n, _ in segments:
+            write_runs(store, offset, to_runs(store, offset, n), self.memory_key)
+
+    def guest_view(self, gpa: int, length: int) -> list[tuple[api.Run, bool]]:
+        """api.Firmware: what the guest reads at [gpa, +length), and whether private:
+        the first vCPU's C-bit view for SEV (hardware truth, invisible to KVM),
+        kvm_mem_is_private for VMs with private memory, shared otherwise."""
+        self._live()
+        view: list[tuple[api.Run, bool]] = []
+        first, last = gpa // PAGE, -(-(gpa + length) // PAGE)
+        for lo, hi, private in self._privateness(first, last):
+            lo_b, hi_b = max(lo * PAGE, gpa), min(hi * PAGE, gpa + length)
+            for run in self.firmware_export(lo_b, hi_b - lo_b, private):
+                view.append((api.Run(run.start + lo_b - gpa, run.end + lo_b - gpa, run.data,
+                                     run.word, run.step), private))
+        return view
+
+    def _privateness(self, first: int, last: int) -> list[tuple[int, int, bool]]:
+        marks: list[tuple[int, int]] = []
+        if self.vm_type_info.c_bit_encrypts:
+            vcpu = min(self.vcpus.items(), default=None)
+            if vcpu is not None:
+                marks = [(s, e) for s, e, _ in vcpu[1].encrypted_view.overlapping(first, last)]
+        elif self.vm_type_info.has_private_mem:
+            pos = first
+            while pos < last:  # per memslot: in-place keeps the state in each guest_memfd
+                slot = self.slot_for_gfn(pos)
+                end = min(last, slot.end_gfn) if slot is not None else last
+                if slot is not None and self.kvm.profile.gmem_in_place_conversion:
+                    marks += self.gmem_private_runs(pos, end)
+                else:
+                    marks += [(s, e) for s, e, a in self.attributes.overlapping(pos, end)
+                              if a & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE]
+                pos = end
+        out, pos = [], first
+        for s, e in marks:
+            s, e = max(s, first), min(e, last)
+            if s > pos:
+                out.append((pos, s, False))
+            out.append((s, e, True))
+            pos = e
+        if pos < last:
+            out.append((pos, last, False))
+        return out
 
     def is_private(self, gfn: int) -> bool:
         """kvm_mem_is_private: KVM_MEMORY_ATTRIBUTE_PRIVATE at gfn; with in-place
