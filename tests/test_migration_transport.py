@@ -17,19 +17,19 @@ SECRET = (b"private guest data, page " * 400)[:2 * PAGE]
 
 def test_pages_come_back_with_their_gfn_and_state():
     key = TransportKey()
-    blob = Exporter(key).export(0x1234, PRIVATE, SECRET)
+    blob = Exporter(key).export(0x1234, 2, PRIVATE, SECRET)
     got = import_pages(key, blob)
     assert (got.gfn, got.pages, got.state, got.data) == (0x1234, 2, PRIVATE, SECRET)
 
 
 def test_nothing_private_crosses_in_plaintext():
-    blob = Exporter(TransportKey()).export(7, PRIVATE, SECRET)
+    blob = Exporter(TransportKey()).export(7, 2, PRIVATE, SECRET)
     assert SECRET[:32] not in blob and b"private guest data" not in blob
 
 
 def test_every_flipped_bit_is_refused():
     key = TransportKey()
-    blob = Exporter(key).export(9, PRIVATE, bytes(PAGE))
+    blob = Exporter(key).export(9, 1, PRIVATE, bytes(PAGE))
     for at in range(len(blob)):
         damaged = bytearray(blob)
         damaged[at] ^= 0x04
@@ -39,7 +39,7 @@ def test_every_flipped_bit_is_refused():
 
 def test_a_blob_cannot_be_moved_to_another_gfn_or_state():
     key = TransportKey()
-    blob = Exporter(key).export(0x10, PRIVATE, SECRET)
+    blob = Exporter(key).export(0x10, 2, PRIVATE, SECRET)
     for gfn, state in ((0x11, PRIVATE), (0x10, 0)):
         moved = struct.pack("<QQB", gfn, 2, state) + blob[17:]
         with pytest.raises(TransportError, match="authentication failed"):
@@ -47,7 +47,7 @@ def test_a_blob_cannot_be_moved_to_another_gfn_or_state():
 
 
 def test_another_key_or_a_short_blob_is_refused():
-    blob = Exporter(TransportKey()).export(1, PRIVATE, bytes(PAGE))
+    blob = Exporter(TransportKey()).export(1, 1, PRIVATE, bytes(PAGE))
     with pytest.raises(TransportError, match="another transport key"):
         import_pages(TransportKey(), blob)
     with pytest.raises(TransportError, match="shorter"):
@@ -56,15 +56,15 @@ def test_another_key_or_a_short_blob_is_refused():
 
 def test_nonces_never_repeat_under_one_exporter():
     exporter = Exporter(TransportKey())
-    blobs = [exporter.export(0, PRIVATE, bytes(PAGE)) for _ in range(100)]
+    blobs = [exporter.export(0, 1, PRIVATE, bytes(PAGE)) for _ in range(100)]
     assert len({b[17:29] for b in blobs}) == 100
     assert len(set(blobs)) == 100, "the same page exported twice is two different blobs"
 
 
 def test_pages_are_exported_whole_and_keys_are_aes_256():
     exporter = Exporter(TransportKey())
-    for data in (b"", bytes(PAGE + 1)):
+    for pages, data in ((1, b""), (0, bytes(PAGE)), (-1, bytes(PAGE))):
         with pytest.raises(ValueError, match="whole"):
-            exporter.export(0, PRIVATE, data)
+            exporter.export(0, pages, PRIVATE, data)
     with pytest.raises(ValueError, match="32 bytes"):
         TransportKey(bytes(16))

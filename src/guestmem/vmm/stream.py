@@ -30,10 +30,12 @@ _RECORD = struct.Struct("<4sIQ")
 _CRC = struct.Struct("<I")
 MAX_PAYLOAD = 1 << 32  # a bound on what a reader allocates for one record
 
-# Record tags: memory pages in plaintext, private pages as the firmware exported
-# them, the shared-regions list, vCPU state, the end of the stream.
-PAGES, PRIVATE, SHARED_LIST, VCPU, END = b"PAGE", b"PRIV", b"LIST", b"VCPU", b"END."
-TAGS = frozenset({PAGES, PRIVATE, SHARED_LIST, VCPU, END})
+# Record tags: the VM's configuration, memory pages in plaintext, private pages as
+# the firmware exported them, the shared-regions list (SEV design) or the private
+# attributes (guest_memfd design), vCPU state, the end of the stream.
+CONFIG, PAGES, PRIVATE, SHARED_LIST, ATTRIBUTES, VCPU, END = (
+    b"CONF", b"PAGE", b"PRIV", b"LIST", b"ATTR", b"VCPU", b"END.")
+TAGS = frozenset({CONFIG, PAGES, PRIVATE, SHARED_LIST, ATTRIBUTES, VCPU, END})
 
 
 class StreamError(ValueError):
@@ -55,6 +57,7 @@ class StreamWriter:
         self.sequence = 0
         self.ended = False
         out.write(_HEADER.pack(MAGIC, VERSION, 0))
+        self.written = _HEADER.size  # bytes so far
 
     def record(self, tag: bytes, payload: bytes) -> None:
         if tag not in TAGS or tag == END:
@@ -71,6 +74,7 @@ class StreamWriter:
         head = _RECORD.pack(tag, self.sequence, len(payload))
         self.out.write(head + payload + _CRC.pack(zlib.crc32(payload, zlib.crc32(head))))
         self.sequence += 1
+        self.written += len(head) + len(payload) + _CRC.size
 
 
 def read_records(source: BinaryIO) -> Iterator[Record]:

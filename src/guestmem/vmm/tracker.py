@@ -60,6 +60,10 @@ class SharedRegionTracker:
         self.initial = initial
         self.requests: list[MapGpaRequest] = []
         self._changed: ExtentMap[Sharing] = ExtentMap()
+        # gfns whose state a request set since the last harvest_changed(): a
+        # conversion without a write is still a change to migrate ("classification
+        # dirty", ecosystem.md §3.3's inference).
+        self._reclassified: ExtentMap[bool] = ExtentMap()
 
     def record(self, gpa: int, npages: int, attrs: int) -> int:
         """Validate and apply one guest request; returns the value for the guest's
@@ -77,7 +81,31 @@ class SharedRegionTracker:
             state = Sharing.PRIVATE if attrs & _ENC_MASK else Sharing.SHARED
             # Store only what differs from the initial state: ranges stay few.
             self._changed.set(gfn, gfn + npages, None if state == self.initial else state)
+            self._reclassified.set(gfn, gfn + npages, True)
         return ret
+
+    def harvest_changed(self) -> list[tuple[int, int]]:
+        """The gfn ranges requests set since the last harvest (set to their state
+        or not), cleared as they are read, as KVM_GET_DIRTY_LOG clears its bitmap."""
+        ranges = [(s, e) for s, e, _ in self._reclassified.items()]
+        self._reclassified = ExtentMap()
+        return ranges
+
+    def private_gfns(self) -> list[tuple[int, int]]:
+        """The private gfn ranges below GFN_LIMIT, as [first, last) pairs (ranges,
+        never pages; for a tracker that starts private, the gaps between the
+        shared ranges)."""
+        if self.initial == Sharing.PRIVATE:
+            return list(self._changed.gaps(0, _GFN_LIMIT))
+        return [(s, e) for s, e, v in self._changed.items() if v == Sharing.PRIVATE]
+
+    def replace(self, private: list[tuple[int, int]]) -> None:
+        """Take a migrated list: exactly `private` is private (a destination's start)."""
+        self._changed = ExtentMap()
+        if self.initial == Sharing.PRIVATE:
+            self._changed.set(0, _GFN_LIMIT, Sharing.SHARED)
+        for s, e in private:
+            self._changed.set(s, e, None if self.initial == Sharing.PRIVATE else Sharing.PRIVATE)
 
     def state(self, gpa: int) -> Sharing:
         return self._changed.get(gpa >> uapi.PAGE_SHIFT) or self.initial

@@ -54,12 +54,13 @@ class Exporter:
         self._prefix = os.urandom(4)
         self._counter = 0
 
-    def export(self, gfn: int, state: int, data: bytes) -> bytes:
+    def export(self, gfn: int, pages: int, state: int, data: bytes) -> bytes:
         """gfn, page count and state in the clear (authenticated), then the nonce
-        and the pages encrypted with their tag."""
-        if not data or len(data) % PAGE:
-            raise ValueError("pages are exported whole")
-        header = _HEADER.pack(gfn, len(data) // PAGE, state)
+        and `data` (the pages' contents as the migration encodes them: bytes, or
+        runs of alike pages) encrypted with their tag."""
+        if pages <= 0 or not data:
+            raise ValueError("pages are exported whole: at least one, with their contents")
+        header = _HEADER.pack(gfn, pages, state)
         nonce = self._prefix + self._counter.to_bytes(8, "little")
         self._counter += 1
         return header + nonce + self._aead.encrypt(nonce, data, header)
@@ -77,6 +78,4 @@ def import_pages(key: TransportKey, blob: bytes) -> ImportedPages:
     except InvalidTag:
         raise TransportError(f"pages at gfn {gfn:#x}: authentication failed (damaged, "
                              "moved, or under another transport key)") from None
-    if len(data) != pages * PAGE:
-        raise TransportError(f"pages at gfn {gfn:#x}: {len(data)} bytes for {pages} pages")
     return ImportedPages(gfn, pages, state, data)

@@ -127,7 +127,8 @@ class _ConversionFailed(Exception):
 
 @dataclass
 class RunResult:
-    """What one `Vmm.run()` saw. `stop` is "done" (the program halted),
+    """What one `Vmm.run()` saw. `stop` is "done" (the program halted), "paused"
+    (on_checkpoint asked to stop at a Checkpoint),
     "memory_fault" (KVM_RUN failed with a MEMORY_FAULT exit), "error" (KVM_RUN
     failed otherwise), "shutdown" (a triple fault) or "mmio" (an access no memslot
     or device answers; `exit` has its address and data)."""
@@ -136,6 +137,7 @@ class RunResult:
     reports: list[int] = field(default_factory=list)
     exits: int = 0
     ticks: int = 0
+    checkpoints: list[int] = field(default_factory=list)
     errno: int | None = None
     memory_fault: MemoryFaultExit | None = None
     log: list[str] = field(default_factory=list)
@@ -160,6 +162,14 @@ Handler = Callable[[Exit, RunResult], bool]  # True: the program is done
 # only where there are two). "guest-flags" still punches and allocates as the guest
 # asks, in the same guest_memfd.
 CONVERSIONS = ("attributes+fallocate", "attributes", "guest-flags")
+# What the shared-regions list records of a MAP_GPA_RANGE on a VM whose VMM also
+# converts: "outcome" (the state the conversion left: one meaning per VM, as QEMU
+# keeps them apart, R9) or "request" (what the guest said, failed conversions
+# included: SEV-LM's notification meaning on top of the conversion meaning).
+MAP_GPA_LISTS = ("outcome", "request")
+# VM types whose memory only the guest's C-bit protects (SEV, SEV-ES): no private
+# memory in KVM, every page encrypted until the guest reports it shared.
+C_BIT_VM_TYPES = frozenset({uapi.KVM_X86_SEV_VM, uapi.KVM_X86_SEV_ES_VM})
 MAP_GPA_SET_ATTRIBUTES, MAP_GPA_SHARED, MAP_GPA_DO_FALLOCATE = 1 << 0, 1 << 1, 1 << 2
 # Shared-memory sources of add_private_memory (kvm_util's vm_mem_backing_src_type).
 SHARED_SOURCES = ("anon", "thp")
@@ -175,7 +185,12 @@ class Vmm:
         low_memory_size: int = machine.LOW_MEMORY_SIZE,
         cpl: int | None = None,
         conversion: str = "attributes+fallocate",
+        map_gpa_list: str = "outcome",
     ) -> None:
+        if map_gpa_list not in MAP_GPA_LISTS:
+            raise ValueError(f"map_gpa_list must be one of {', '.join(MAP_GPA_LISTS)}, "
+                             f"not {map_gpa_list!r}")
+        self.map_gpa_list = map_gpa_list
         if conversion not in CONVERSIONS:
             raise ValueError(f"conversion must be one of {', '.join(CONVERSIONS)}, "
                              f"not {conversion!r}")
@@ -188,7 +203,15 @@ class Vmm:
         self.regions: list[MemoryRegion] = []
         self.pins: list[HeldPin] = []  # pins the VMM holds itself (Vmm.pin)
         self.exit_hypercall = self._enable_exit_hypercall()
-        self.tracker = SharedRegionTracker(Sharing.SHARED)
+        # SEV guests start private: KVM_HC_MAP_GPA_RANGE "by default all guest pages
+        # are considered encrypted" (commit 0dbb11230437); the list is of shared regions.
+        self.tracker = SharedRegionTracker(
+            Sharing.PRIVATE if vm_type in C_BIT_VM_TYPES else Sharing.SHARED)
+        # What this VMM set with KVM_SET_MEMORY_ATTRIBUTES(2): the conversions that
+        # succeeded, wherever they came from (there is no KVM_GET_MEMORY_ATTRIBUTES:
+        # QEMU keeps its own bitmap too, RamBlockAttributes). The attributes design of
+        # live migration reads it.
+        self.attributes = SharedRegionTracker(Sharing.SHARED)
         # Perform the userspace side of conversions when the VM has private memory:
         # PRIVATE in the VM's attributes, or in its guest_memfds (in place).
         self.in_place = self._in_place_conversion()
@@ -204,6 +227,12 @@ class Vmm:
             HypercallExit: self._handle_hypercall,
         }
         self._report_lo: int | None = None
+        # Called at each Checkpoint with its label; True pauses the run (stop
+        # "paused"), as a migration's stop-and-copy does.
+        self.on_checkpoint: Callable[[int, RunResult], bool] | None = None
+        # The guest wrote KVM_MIGRATION_READY to MSR_KVM_MIGRATION_CONTROL: every
+        # shared region is reported (ecosystem.md §3.1, R2).
+        self.migration_ready = False
         self._tables_written = False
         self.image: machine.GuestImage | None = None  # what load() placed last
 
@@ -383,11 +412,19 @@ class Vmm:
             if gpa != machine.CODE and self._tables_written:
                 continue
             self.write(gpa, data)
+            if self.vm.vm_type in C_BIT_VM_TYPES and isinstance(self.vm, api.Firmware):
+                self.vm.launch_update_data(gpa, -(-len(data) // uapi.PAGE_SIZE) * uapi.PAGE_SIZE)
         self._tables_written = True
         self.vcpu.set_sregs(machine.initial_sregs(self.vcpu.get_sregs(), self.cpl))
         self.vcpu.set_regs(machine.initial_regs(image))
         if isinstance(self.vcpu, api.ProgramVcpu) and image.program is not None:
             self.vcpu.load_program(image.program, image.hypercall_abi)  # the model runs it
+        self.image = image
+
+    def adopt(self, image: machine.GuestImage) -> None:
+        """Take a program that is already in guest memory and in the vCPU (a
+        migration's destination): run() goes on with it; nothing is written."""
+        self._tables_written = True
         self.image = image
 
     def run(self, timeout: float = 30.0, vcpu: api.Vcpu | None = None) -> RunResult:
@@ -487,11 +524,39 @@ class Vmm:
             self._handle_doorbell(result)
         elif exit.port == p.PORT_TICK:
             result.ticks += 1
+        elif exit.port == p.PORT_CHECKPOINT:
+            return self._checkpoint(exit.value(), result)
+        elif exit.port == p.PORT_MIGRATION_CONTROL:
+            self._migration_control(exit.value(), result)
         elif exit.port == p.PORT_DONE:
             return True
         else:
             raise UnhandledExit(exit)
         return False
+
+    def _checkpoint(self, label: int, result: RunResult) -> bool:
+        result.checkpoints.append(label)
+        if self.on_checkpoint is not None and self.on_checkpoint(label, result):
+            result.stop = "paused"
+            return False
+        return False
+
+    def _migration_control(self, value: int, result: RunResult) -> None:
+        """The guest's MSR_KVM_MIGRATION_CONTROL write, through the doorbell. QEMU's
+        SEV series takes only READY (a write of other bits is refused: our reading
+        of its kvm_handle_x86_msr; the guest sees nothing either way)."""
+        if value & ~uapi.KVM_MIGRATION_READY:
+            result.log.append(f"MSR_KVM_MIGRATION_CONTROL {value:#x}: unknown bits, ignored")
+            return
+        self.migration_ready = bool(value & uapi.KVM_MIGRATION_READY)
+        result.log.append(f"MSR_KVM_MIGRATION_CONTROL {value:#x}: migration "
+                          f"{'ready' if self.migration_ready else 'not ready'}")
+
+    def settle_vcpu(self) -> None:
+        """Make the vCPU's state consistent before it is saved: KVM_RUN with
+        immediate_exit completes a pending exit (an OUT's RIP advance) and returns
+        EINTR (Documentation/virt/kvm/api.rst, immediate_exit)."""
+        self._complete_pending()
 
     def _handle_hypercall(self, exit: Exit, result: RunResult) -> bool:
         """KVM_EXIT_HYPERCALL: KVM validated gpa/npages already; answer via kvm_run."""
@@ -519,11 +584,15 @@ class Vmm:
             done = self._convert_as_flagged(gpa, npages, attrs, result.log)
         else:
             done = Converted(validate_map_gpa_range(gpa, npages, attrs))
+            if done.ret == 0 and self.map_gpa_list == "request":
+                # SEV-LM's meaning, a notification: listed as the guest said it
+                self.tracker.apply(gpa, npages, attrs, 0)
             # convert first: the list records only what happened
             if done.ret == 0 and self.converts:
                 done = self._convert(gpa, npages * uapi.PAGE_SIZE,
                                      bool(attrs & uapi.KVM_MAP_GPA_RANGE_ENCRYPTED), result.log)
-            self.tracker.apply(gpa, npages, attrs, done.ret, done.failed_gpa)
+            if self.map_gpa_list == "outcome" or done.ret:
+                self.tracker.apply(gpa, npages, attrs, done.ret, done.failed_gpa)
         where = "" if done.failed_gpa is None else f" (failed at gpa {done.failed_gpa:#x})"
         result.log.append(f"MAP_GPA_RANGE gpa={gpa:#x} npages={npages} attrs={attrs:#x} -> "
                           f"{done.ret}{where}")
@@ -536,8 +605,13 @@ class Vmm:
 
     def _convert(self, gpa: int, size: int, private: bool, log: list[str]) -> Converted:
         if self.in_place:
-            return self._convert_in_place(gpa, size, private, log)
-        return Converted(self._convert_vm_attributes(gpa, size, private))
+            done = self._convert_in_place(gpa, size, private, log)
+        else:
+            done = Converted(self._convert_vm_attributes(gpa, size, private))
+        if done.ret == 0:
+            enc = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED if private else 0
+            self.attributes.apply(gpa, size // uapi.PAGE_SIZE, enc, 0)
+        return done
 
     def _convert_vm_attributes(self, gpa: int, size: int, private: bool) -> int:
         """Without in-place conversion: KVM_SET_MEMORY_ATTRIBUTES, then (unless

@@ -1,0 +1,194 @@
+"""Live migration on the model (guestmem.vmm.migration): a paused guest continues
+on the destination with its memory, its C-bit view and its list; a damaged
+stream is refused while the source runs on and loses nothing."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from guestmem import api, uapi
+from guestmem import program as p
+from guestmem.machine import GuestImage
+from guestmem.model.kvm import Kvm
+from guestmem.vmm import Vmm
+from guestmem.vmm import stream
+from guestmem.vmm.migration import (
+    VARIANTS,
+    Destination,
+    MigrationRefused,
+    Source,
+    bitmap_ranges,
+    decode_runs,
+    encode_runs,
+    migrate,
+    zero_runs,
+)
+from guestmem.vmm.transport import TransportKey
+
+DATA = 0x1_0000_0000
+PAGE = 4096
+
+
+def sev_source(steps: tuple[p.Step, ...], size: int = 1 << 20) -> Vmm:
+    vmm = Vmm(Kvm("coco"), uapi.KVM_X86_SEV_VM, backing="anon")
+    vmm.add_memory(DATA, size, "anon")
+    vmm.load(GuestImage(b"", 0, p.Program.of(*steps), "port"))
+    vmm.on_checkpoint = lambda label, result: True  # pause at the first checkpoint
+    return vmm
+
+
+PRIVATE_AND_SHARED = (
+    p.WritePattern(DATA, 2 * PAGE, 0xAA, 1),  # private: SEV pages start encrypted
+    p.MapGpaRange(DATA + 16 * PAGE, 1, encrypted=False),
+    p.WritePattern(DATA + 16 * PAGE, PAGE, 0xBB, 0),
+    p.MigrationReady(),
+    p.Checkpoint(1),
+    p.VerifyPattern(DATA, 2 * PAGE, 0xAA, 1),
+    p.VerifyPattern(DATA + 16 * PAGE, PAGE, 0xBB, 0),
+)
+
+
+def test_a_paused_sev_guest_continues_on_the_destination():
+    vmm = sev_source(PRIVATE_AND_SHARED)
+    assert vmm.run().stop == "paused"
+    dest, stats = migrate(vmm, vmm.kvm, VARIANTS["dirty-first"])
+    assert dest.run().reports == [p.VERIFY_OK, p.VERIFY_OK]
+    assert dest.tracker.shared_ranges() == [(DATA + 16 * PAGE, PAGE)]
+    assert stats.rounds[0].private_pages and stats.rounds[-1].phase == "stop-and-copy"
+
+
+def test_the_host_reads_ciphertext_and_the_stream_carries_no_private_plaintext():
+    vmm = sev_source(PRIVATE_AND_SHARED)
+    vmm.run()
+    secret = vmm.vm.guest_view(DATA, 2 * PAGE)[0][0]
+    assert (secret.word, secret.step) == (0xAA, 1)
+    host = vmm.read(DATA, 16)
+    assert int.from_bytes(host[:8], "little") != 0xAA, "the host must see ciphertext"
+    out = io.BytesIO()
+    sent = []
+    source = Source(vmm, VARIANTS["dirty-first"], TransportKey(), out, on_send=sent.append)
+    source.begin()
+    source.stop_and_copy()
+    source.finish()
+    assert (0xAA).to_bytes(8, "little") + (0xAB).to_bytes(8, "little") not in out.getvalue()
+    plain = [s for s in sent if not s.private and s.gfn <= DATA // PAGE < s.gfn + s.pages]
+    assert not plain, "a private page went as plaintext"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "drop", "swap"])
+def test_a_damaged_stream_is_refused_and_the_source_runs_on(damage):
+    vmm = sev_source(PRIVATE_AND_SHARED)
+    vmm.run()
+    key = TransportKey()
+    out = io.BytesIO()
+    source = Source(vmm, VARIANTS["dirty-first"], key, out)
+    source.begin()
+    source.stop_and_copy()
+    source.finish()
+    data = bytearray(out.getvalue())
+    records = _record_offsets(bytes(data))
+    if damage == "truncate":
+        data = data[:len(data) // 2]
+    elif damage == "flip":
+        data[records[2][0] + 30] ^= 0x10
+    elif damage == "drop":
+        start, end = records[1]
+        del data[start:end]
+    else:
+        (a, b), (c, d) = records[1], records[2]
+        data = data[:a] + data[c:d] + data[a:b] + data[d:]
+    with pytest.raises(stream.StreamError):
+        Destination(vmm.kvm, key).receive(io.BytesIO(bytes(data)))
+    source.resume()
+    vmm.on_checkpoint = None
+    assert vmm.run().reports == [p.VERIFY_OK, p.VERIFY_OK], "the source lost nothing"
+
+
+def test_another_transport_key_is_refused_naming_the_record():
+    vmm = sev_source(PRIVATE_AND_SHARED)
+    vmm.run()
+    out = io.BytesIO()
+    source = Source(vmm, VARIANTS["dirty-first"], TransportKey(), out)
+    source.begin()
+    source.stop_and_copy()
+    source.finish()
+    with pytest.raises(stream.StreamError, match="PRIV.*another transport key"):
+        Destination(vmm.kvm, TransportKey()).receive(io.BytesIO(out.getvalue()))
+
+
+def test_migration_waits_for_ready_when_gated():
+    vmm = sev_source((p.Checkpoint(1), p.MigrationReady(), p.Checkpoint(2)))
+    vmm.run()
+    source = Source(vmm, VARIANTS["dirty-first"], TransportKey(), io.BytesIO())
+    with pytest.raises(MigrationRefused, match="KVM_MIGRATION_READY"):
+        source.begin()
+    assert not source.begun and not source.logged, "a refused start changes nothing"
+    ungated = Source(vmm, VARIANTS["dirty-first-ungated"], TransportKey(), io.BytesIO())
+    ungated.begin()
+    assert ungated.begun
+
+
+def test_guest_memfd_memslots_go_in_stop_and_copy():
+    """KVM refuses KVM_MEM_LOG_DIRTY_PAGES on guest_memfd memslots (EINVAL), so
+    their pages move only while the guest is paused."""
+    kvm = Kvm("mainline")
+    vmm = Vmm(kvm)
+    vmm.add_memory(DATA, 1 << 20, "anon")
+    vmm.load(GuestImage(b"", 0, p.Program.of(p.WritePattern(DATA, PAGE, 7, 1),
+                                             p.Checkpoint(1), p.VerifyPattern(DATA, PAGE, 7, 1)),
+                        "port"))
+    vmm.on_checkpoint = lambda label, result: True
+    vmm.run()
+    source = Source(vmm, VARIANTS["dirty-first-ungated"], TransportKey(), io.BytesIO())
+    source.begin()
+    assert [r.backing for r in source.stop_and_copy_only] == ["gmem"]
+    assert [r.backing for r in source.logged] == ["anon"]
+
+
+def test_a_1_tib_guest_migrates_in_ranges():
+    """The guest's page tables map 64 GiB: it writes 48 GiB of them and shares
+    256 GiB more, which the host fills; all of the 1 TiB moves as a few runs."""
+    shared = DATA + (512 << 30)
+    vmm = sev_source((p.WritePattern(DATA, 48 << 30, 5, 1),
+                      p.MapGpaRange(shared, (256 << 30) // PAGE, encrypted=False),
+                      p.MigrationReady(),
+                      p.Checkpoint(1), p.VerifyPattern(DATA, 48 << 30, 5, 1)), size=1 << 40)
+    vmm.run()
+    vmm.regions[-1].mapping.fill(512 << 30, 0x5A, 256 << 30)
+    vmm.write(shared + (100 << 30), b"host data")
+    dest, stats = migrate(vmm, vmm.kvm, VARIANTS["dirty-first"])
+    assert stats.stream_bytes < 1 << 20, "1 TiB of alike pages is a few runs"
+    assert dest.run().reports == [p.VERIFY_OK]
+    assert dest.read(shared + (100 << 30), 12) == b"host dataZZZ"
+    assert dest.read(shared + (200 << 30), 4) == b"ZZZZ"
+
+
+def test_runs_round_trip_and_refuse_what_does_not_tile():
+    runs = [api.Run(0, PAGE, b"x" * PAGE), api.Run(PAGE, 3 * PAGE, None, 5, 1)]
+    assert decode_runs(encode_runs(9, 3, runs)) == (9, 3, runs)
+    with pytest.raises(stream.StreamError, match="tile"):
+        decode_runs(encode_runs(9, 3, runs[1:]))
+    with pytest.raises(stream.StreamError, match="cover"):
+        decode_runs(encode_runs(9, 4, runs))
+    assert zero_runs(bytes(2 * PAGE) + b"y" * PAGE) == [
+        api.Run(0, 2 * PAGE, None), api.Run(2 * PAGE, 3 * PAGE, b"y" * PAGE)]
+
+
+def test_dirty_bitmaps_become_ranges():
+    assert bitmap_ranges(bytes([0b0000_0110, 0xFF, 0xFF, 0x01, 0, 0x80]), 48) == [
+        (1, 3), (8, 25), (47, 48)]
+    assert bitmap_ranges(bytes([0xFF]), 5) == [(0, 5)]
+    assert bitmap_ranges(bytes(8), 64) == []
+
+
+def _record_offsets(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each record after the 12-byte header."""
+    out, pos = [], 12
+    while pos < len(data):
+        length = int.from_bytes(data[pos + 8:pos + 16], "little")
+        end = pos + 16 + length + 4
+        out.append((pos, end))
+        pos = end
+    return out
