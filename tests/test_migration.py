@@ -12,8 +12,7 @@ from guestmem import api, uapi
 from guestmem import program as p
 from guestmem.machine import GuestImage
 from guestmem.model.kvm import Kvm
-from guestmem.vmm import Vmm
-from guestmem.vmm import stream
+from guestmem.vmm import Vmm, stream
 from guestmem.vmm.migration import (
     VARIANTS,
     Destination,
