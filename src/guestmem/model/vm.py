@@ -369,6 +369,8 @@ class Vm:
             return
         base_gfn = gpa // PAGE
         if old is not None:
+            if is_gmem and self._gmem_log_toggle(old, base_gfn, npages, flags):
+                return
             if is_gmem:
                 raise einval  # guest_memfd slots are immutable, only deletable
             if (hva != old.userspace_addr or npages != old.npages
@@ -391,6 +393,17 @@ class Vm:
             raise einval
         self.memslots[(as_id, id_)] = slot
         self.by_gfn[base_gfn] = slot
+
+    def _gmem_log_toggle(self, old: Memslot, base_gfn: int, npages: int, flags: int) -> bool:
+        """The gmem_dirty_logging extension (R10): a guest_memfd slot may change
+        KVM_MEM_LOG_DIRTY_PAGES alone, in place, as other slots do (KVM_MR_FLAGS_ONLY);
+        upstream it is immutable. Our choice: the guest_memfd and offset given
+        are not compared with the bound ones."""
+        if not self.kvm.profile.gmem_dirty_logging or base_gfn != old.base_gfn or \
+                npages != old.npages or (flags ^ old.flags) & ~uapi.KVM_MEM_LOG_DIRTY_PAGES:
+            return False
+        self._move_or_flags(old, base_gfn, flags)
+        return True
 
     def _check_overlap(self, base_gfn: int, npages: int, skip: Memslot | None) -> None:
         """kernel: kvm_main.c kvm_set_memory_region: a CREATE or MOVE whose gfns
