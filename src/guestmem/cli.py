@@ -728,3 +728,218 @@ def memory(pid: int, target_fd: int, offset: str, length: str | None, as_json: b
 
 if __name__ == "__main__":
     main()
+
+
+# --- migrate ---------------------------------------------------------------------------------
+OUTCOME_STYLE = {"ok": "green", "refused": "yellow"}  # anything else is damage: red
+
+
+@main.group()
+def migrate() -> None:
+    """Live migration: a running guest moved to a new VM (`run`), or seed 001's
+    races under each protocol (`scenarios`, `scenario NAME`). KVM cannot
+    dirty-log guest_memfd memslots, so their memory moves in stop-and-copy."""
+
+
+@migrate.command("run")
+@click.option("--backend", default="model", show_default=True,
+              type=click.Choice(guestmem.BACKENDS),
+              help="model: the whole subsystem in Python; kvm: a real guest on this host.")
+@click.option("--size", default="64M", show_default=True,
+              help="Guest memory the guest writes (bytes, K/M/G/T); kvm: at most 1G.")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 20),
+              help="Pre-copy rounds; the guest halves what it rewrites each round.")
+@click.option("--variant", default="dirty-first", show_default=True,
+              help="The protocol (guestmem migrate scenarios lists them).")
+@click.option("--plot", "plot_path", default="migration-convergence.png", show_default=True,
+              help="Where to write the convergence PNG ('' for none).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON record.")
+def migrate_run(backend: str, size: str, rounds: int, variant: str, plot_path: str,
+                as_json: bool) -> None:
+    """Migrate a running guest: pre-copy rounds while it writes, stop-and-copy, and
+    the destination verifies every byte it wrote and runs on. Exit 1 unless the
+    destination's guest verified its memory."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from guestmem.lab import migration as lab
+    from guestmem.vmm.migration import VARIANTS
+
+    if variant not in VARIANTS:
+        raise click.BadParameter(f"{variant!r} is not one of {', '.join(VARIANTS)}",
+                                 param_hint="--variant")
+    try:
+        plan = lab.Plan(_parse_size(size, "--size"), rounds)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--size") from e
+    console = _console()
+    with _open(backend, None) as kvm:
+        if not as_json:
+            console.print(escape(f"guestmem migrate run: {describe(kvm)}, "
+                                 f"{_bytes_text(plan.size)}, {variant}"), style="bold")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, console=console, disable=as_json, transient=True) as progress:
+            task = progress.add_task("pre-copy", total=rounds + 2)
+
+            def advance(stats: Any) -> None:
+                progress.update(task, advance=1, description=f"round {stats.index} "
+                                f"({stats.phase}): {stats.sent_pages} pages")
+            try:
+                result = lab.run(kvm, plan, VARIANTS[variant], on_round=advance)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise click.ClickException(f"the migration stopped: {e}") from e
+        if backend == "kvm":
+            result.memcpy_bytes_per_s = lab.memcpy_bandwidth(min(plan.size, 256 << 20))
+    plot = lab.plot_convergence(result, plot_path) if plot_path else None
+    if as_json:
+        click.echo(json.dumps({**result.as_json(), "plot": plot}, indent=2))
+    else:
+        _print_live_run(console, result, plot)
+    if not result.verified:
+        raise click.ClickException("the destination's guest did not find its memory intact: "
+                                   f"reports {result.destination.reports}")
+
+
+def _print_live_run(console: Console, result: Any, plot: str | None) -> None:
+    table = Table(title="rounds (pages of 4 KiB)", title_justify="left")
+    for name in ("round", "phase", "dirty", "sent", "private", "bytes", "ms"):
+        table.add_column(name, justify="left" if name == "phase" else "right", no_wrap=True)
+    for r in result.stats.rounds:
+        table.add_row(str(r.index), "stop&copy" if r.phase == "stop-and-copy" else r.phase,
+                      str(r.dirty_pages), str(r.sent_pages), str(r.private_pages),
+                      _short_size(r.bytes_sent), f"{r.seconds * 1000:.1f}")
+    console.print(table)
+    rows = [("verdict", "memory intact; the guest runs on at the destination"
+             if result.verified else "memory NOT intact at the destination"),
+            ("downtime", f"{result.stats.downtime_pages} pages, "
+                         f"{result.stats.downtime_seconds * 1000:.1f} ms"),
+            ("stream", _short_size(result.stats.stream_bytes)),
+            ("stop-and-copy only", escape(", ".join(result.stop_and_copy_only) or "none") +
+             " (KVM cannot dirty-log guest_memfd)")]
+    if result.memcpy_bytes_per_s:
+        rows.append(("pre-copy rate", f"{result.precopy_bytes_per_s / 1e6:.0f} MB/s = "
+                     f"{result.precopy_bytes_per_s / result.memcpy_bytes_per_s:.3f} of this "
+                     f"host's memcpy ({result.memcpy_bytes_per_s / 1e6:.0f} MB/s)"))
+    if plot:
+        rows.append(("plot", escape(plot)))
+    console.print(_notes_grid(rows))
+
+
+@migrate.command("scenarios")
+@click.option("--variant", "variants", multiple=True,
+              help="Only these protocols (repeatable; default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print every verdict as JSON.")
+def migrate_scenarios(variants: tuple[str, ...], as_json: bool) -> None:
+    """Every scenario under every protocol, on the model: what each loses,
+    corrupts or leaks. Exit 1 if a scenario's safe protocol fails it."""
+    from guestmem.vmm.migration import VARIANTS
+    from guestmem.vmm.scenarios import SCENARIOS, safe_variant, verdict_table
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: not one of {', '.join(VARIANTS)}",
+                                 param_hint="--variant")
+    chosen = list(variants) or list(VARIANTS)
+    verdicts = verdict_table(chosen)
+    failed = [v for v in verdicts if v.variant == safe_variant(SCENARIOS[v.scenario])
+              and not v.passed]
+    if as_json:
+        click.echo(json.dumps([v.as_json() for v in verdicts], indent=2))
+    else:
+        _print_matrix(_console(), verdicts, list(SCENARIOS), chosen)
+    if failed:
+        raise click.ClickException(f"{len(failed)} scenario(s) fail their safe protocol")
+
+
+def _short_size(n: int) -> str:
+    """1023 B, 4.0 KiB, 128.0 MiB: fits a narrow column."""
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
+OUTCOME_CODE = {"ok": "ok", "refused": "--", "corrupted": "C", "lost": "D", "list": "L",
+                "state": "S", "leaked": "X"}
+
+
+def _outcome_code(outcome: str) -> str:
+    return "".join(OUTCOME_CODE.get(part, "?") for part in outcome.split("+"))
+
+
+def _print_matrix(console: Console, verdicts: list[Any], scenarios: list[str],
+                  variants: list[str]) -> None:
+    """Rows: scenarios; columns: protocols by number (legends below). A cell is
+    the outcome on pages the guest still owns: ok, C corrupted, D lost, L stale
+    list, S wrong state, X leaked, -- refused; * marks the safe protocol."""
+    from guestmem.vmm.migration import VARIANTS
+    from guestmem.vmm.scenarios import SCENARIOS, safe_variant
+
+    by = {(v.scenario, v.variant): v for v in verdicts}
+    table = Table(title="verdicts: ok, C corrupted, D lost, L stale list, S wrong state, "
+                        "X leaked, -- refused; * safe", title_justify="left")
+    table.add_column("scenario", no_wrap=True)
+    for i, _ in enumerate(variants, 1):
+        table.add_column(f"P{i}", no_wrap=True)
+    for i, s in enumerate(scenarios, 1):
+        cells = []
+        for name in variants:
+            v = by[(s, name)]
+            style = OUTCOME_STYLE.get(v.outcome, "bold red")
+            mark = "*" if name == safe_variant(SCENARIOS[s]) else ""
+            cells.append(f"[{style}]{escape(_outcome_code(v.outcome) + mark)}[/]")
+        table.add_row(escape(f"S{i} {s}"[:21]), *cells)
+    console.print(table)
+    blame = {s: sorted({o for v in verdicts if v.scenario == s for o in v.guest_blame().split(",")
+                        if o}) for s in scenarios}
+    console.print(_notes_grid([(f"S{i}", escape(f"{SCENARIOS[s].title}" + (
+        f" (guest broke {', '.join(blame[s])})" if blame[s] else "")))
+        for i, s in enumerate(scenarios, 1)]))
+    console.print(_notes_grid([(f"P{i}", escape(f"{n}: {VARIANTS[n].describe()}"))
+                               for i, n in enumerate(variants, 1)]))
+
+
+@migrate.command("scenario")
+@click.argument("name")
+@click.option("--variant", "variants", multiple=True,
+              help="Only these protocols (repeatable; default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+def migrate_scenario(name: str, variants: tuple[str, ...], as_json: bool) -> None:
+    """One scenario in detail: per protocol, the damage and where, the guest's
+    broken obligations, the pages moved. Exit 1 if its safe protocol fails."""
+    from guestmem.vmm.migration import VARIANTS
+    from guestmem.vmm.scenarios import SCENARIOS, run_scenario, safe_variant
+
+    if name not in SCENARIOS:
+        raise click.BadParameter(f"{name!r}: not one of {', '.join(SCENARIOS)}",
+                                 param_hint="NAME")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: not one of {', '.join(VARIANTS)}",
+                                 param_hint="--variant")
+    scenario = SCENARIOS[name]
+    verdicts = [run_scenario(scenario, VARIANTS[v]) for v in (variants or VARIANTS)]
+    if as_json:
+        click.echo(json.dumps([v.as_json() for v in verdicts], indent=2))
+    else:
+        console = _console()
+        console.print(escape(f"{name}: {scenario.title} ({scenario.source})"), style="bold")
+        console.print(escape(f"expected: {scenario.expects}"))
+        for v in verdicts:
+            safe = " (safe)" if v.variant == safe_variant(scenario) else ""
+            style = OUTCOME_STYLE.get(v.outcome, "bold red")
+            console.print(f"[bold]{escape(v.variant + safe)}[/]: [{style}]"
+                          f"{escape(v.outcome)}[/]")
+            lines = [f"{f.kind} at gpa {f.gfn * 4096:#x} (+{f.pages} pages) {f.detail}".rstrip()
+                     for f in v.damage + v.leaks]
+            lines += [f"guest broke {x.obligation} at gpa {x.gfn * 4096:#x}: {x.detail}"
+                      for x in v.violations]
+            lines += [f"the destination's guest read wrong data at {gpa:#x}"
+                      for gpa in v.guest_failures]
+            lines += [f"refused at checkpoint {label} (not READY)" for label in v.refused]
+            for line in lines:
+                console.print(Padding(escape(line), (0, 0, 0, 2)))
+    failed = [v for v in verdicts if v.variant == safe_variant(scenario) and not v.passed]
+    if failed:
+        raise click.ClickException(f"{name} fails its safe protocol {failed[0].variant}")

@@ -199,19 +199,16 @@ def decode_runs(payload: bytes) -> tuple[int, int, list[api.Run]]:
 
 def zero_runs(data: bytes, base: int = 0) -> list[api.Run]:
     """Bytes read from a host mapping as runs: whole zero pages as one formula
-    (QEMU's zero-page flag), the rest as bytes."""
-    runs: list[api.Run] = []
+    (QEMU's zero-page flag), the rest as bytes. One pass, each run cut once:
+    growing a run page by page would copy its bytes again for every page
+    (quadratic: 40 MB/s on the kvm backend with 2 MiB chunks)."""
     zero = bytes(PAGE)
-    for off in range(0, len(data), PAGE):
-        page = data[off:off + PAGE]
-        is_zero = page == zero[:len(page)]
-        last = runs[-1] if runs else None
-        if last is not None and last.end == base + off and (last.data is None) == is_zero:
-            merged = None if is_zero else last.data + page  # type: ignore[operator]
-            runs[-1] = api.Run(last.start, base + off + len(page), merged)
-        else:
-            runs.append(api.Run(base + off, base + off + len(page), None if is_zero else page))
-    return runs
+    kinds = [data.startswith(zero[:min(PAGE, len(data) - off)], off)
+             for off in range(0, len(data), PAGE)]
+    cuts = [0, *(i * PAGE for i in range(1, len(kinds)) if kinds[i] != kinds[i - 1]),
+            len(data)]
+    return [api.Run(base + a, base + b, None if kinds[a // PAGE] else data[a:b])
+            for a, b in zip(cuts, cuts[1:], strict=False) if a < b]
 
 
 def bitmap_ranges(bitmap: bytes, npages: int) -> list[tuple[int, int]]:

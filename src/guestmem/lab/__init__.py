@@ -1,0 +1,1 @@
+"""Layer 7: workloads, measurements and plots over the layers below."""

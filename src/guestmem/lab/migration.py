@@ -1,0 +1,187 @@
+"""A running guest migrated live, with its numbers and a convergence plot
+(issue 11 part 6), on either backend.
+
+The guest writes its memory, then in each of `rounds` steps rewrites half of
+what it wrote the step before (so pre-copy converges: pages dirtied per round
+halve) and flips one page's state with MAP_GPA_RANGE, stopping at a
+checkpoint after each step, where the VMM runs a pre-copy round. After the
+last one the vCPU pauses; stop-and-copy sends what is still dirty, every
+memslot KVM cannot dirty-log (guest_memfd), the list and the vCPU. The
+destination continues the same program: it verifies every byte it wrote,
+writes once more and verifies that too, then halts.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from guestmem import api, uapi
+from guestmem import program as p
+from guestmem.guest import compile_program, default_hypercall_abi
+from guestmem.vmm.migration import Destination, RoundStats, Source, Stats, Variant
+from guestmem.vmm.transport import TransportKey
+from guestmem.vmm.vmm import RunResult, Vmm
+
+PAGE = uapi.PAGE_SIZE
+DATA = 0x1_0000_0000
+SEED = 0x6D69_6772_0000_0000  # "migr": the first word the guest writes
+# The kvm backend populates what the guest writes: keep it a small share of memory.
+KVM_LIMIT = 1 << 30
+
+
+@dataclass(frozen=True)
+class Plan:
+    size: int
+    rounds: int
+
+    def __post_init__(self) -> None:
+        if self.size < PAGE << self.rounds or self.size % (PAGE << self.rounds):
+            raise ValueError(f"{self.size} bytes do not halve {self.rounds} times into pages")
+
+
+def program(plan: Plan) -> p.Program:
+    """The guest: write, then halve and rewrite per round; verify on the destination."""
+    steps: list[p.Step] = [p.WritePattern(DATA, plan.size, SEED, 1), p.MigrationReady(),
+                           p.Checkpoint(0)]
+    for i in range(1, plan.rounds + 1):
+        steps += [p.WritePattern(DATA, plan.size >> i, SEED + i, 1),
+                  p.MapGpaRange(DATA + plan.size - i * PAGE, 1, encrypted=i % 2 == 1),
+                  p.Checkpoint(i)]
+    steps += _verify(plan, 0)
+    steps += [p.WritePattern(DATA, plan.size, SEED + 100, 1),
+              p.VerifyPattern(DATA, plan.size, SEED + 100, 1)]
+    return p.Program.of(*steps)
+
+
+def _verify(plan: Plan, extra: int) -> list[p.Step]:
+    """Each piece as last written: [size>>(i+1), size>>i) in round i, the rest last."""
+    steps: list[p.Step] = []
+    for i in range(plan.rounds):
+        lo, hi = plan.size >> (i + 1), plan.size >> i
+        steps.append(p.VerifyPattern(DATA + lo, hi - lo, SEED + i + extra + lo // 8, 1))
+    steps.append(p.VerifyPattern(DATA, plan.size >> plan.rounds, SEED + plan.rounds + extra, 1))
+    return steps
+
+
+@dataclass
+class LiveRun:
+    backend: str
+    variant: str
+    size: int
+    stats: Stats
+    source: RunResult
+    destination: RunResult
+    verified: bool
+    memcpy_bytes_per_s: float | None = None
+    stop_and_copy_only: list[str] = field(default_factory=list)
+
+    @property
+    def precopy_bytes_per_s(self) -> float:
+        """The first round's rate: it sends all memory (the later ones are small)."""
+        first = self.stats.rounds[0]
+        return first.bytes_sent / first.seconds if first.seconds else 0.0
+
+    def as_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "backend": self.backend, "variant": self.variant, "size": self.size,
+            "verified": self.verified, **self.stats.as_json(),
+            "destination_reports": self.destination.reports,
+            "stop_and_copy_only": self.stop_and_copy_only,
+            "precopy_bytes_per_s": round(self.precopy_bytes_per_s)}
+        if self.memcpy_bytes_per_s:
+            out["memcpy_bytes_per_s"] = round(self.memcpy_bytes_per_s)
+            out["precopy_to_memcpy"] = round(self.precopy_bytes_per_s / self.memcpy_bytes_per_s, 4)
+        return out
+
+
+def run(kvm: api.Kvm, plan: Plan, variant: Variant,
+        on_round: Callable[[RoundStats], None] | None = None) -> LiveRun:
+    """Migrate the running guest in this process; the destination on the same Kvm."""
+    if kvm.backend == "kvm" and plan.size > KVM_LIMIT:
+        raise ValueError(f"{plan.size} bytes: the kvm backend migrates at most {KVM_LIMIT} "
+                         "(it populates every page the guest writes)")
+    vmm = Vmm(kvm)
+    try:
+        vmm.add_memory(DATA, plan.size, "anon")
+        vmm.load(compile_program(program(plan), default_hypercall_abi(kvm.capabilities)))
+        key, out = TransportKey(), io.BytesIO()
+        source = Source(vmm, variant, key, out)
+
+        def at(label: int, result: RunResult) -> bool:
+            if label == 0:
+                source.begin()
+                stats = source.stats.rounds[-1]
+            else:
+                stats = source.round()
+            if on_round is not None:
+                on_round(stats)
+            return label == plan.rounds
+
+        vmm.on_checkpoint = at
+        result = vmm.run(timeout=600)
+        if result.stop != "paused":
+            raise RuntimeError(f"the guest stopped before its last checkpoint: {result.stop} "
+                               f"{result.log[-3:]}")
+        final = source.stop_and_copy()
+        if on_round is not None:
+            on_round(final)
+        source.finish()
+        out.seek(0)
+        dest = Destination(kvm, key).receive(out)
+        try:
+            rest = dest.run(timeout=600)
+        finally:
+            dest.close()
+        verified = rest.stop == "done" and rest.reports == [p.VERIFY_OK] * (plan.rounds + 2)
+        return LiveRun(kvm.backend, variant.name, plan.size, source.stats, result, rest,
+                       verified,
+                       stop_and_copy_only=[f"memslot {r.slot} ({r.backing})"
+                                           for r in source.stop_and_copy_only])
+    finally:
+        vmm.close()
+
+
+def memcpy_bandwidth(size: int, repeats: int = 5) -> float:
+    """This host's memcpy rate over `size` bytes, warm: the best of `repeats`
+    (ctypes.memmove, which is libc's memcpy), bytes per second."""
+    import ctypes
+    src = ctypes.create_string_buffer(size)
+    dst = ctypes.create_string_buffer(size)
+    ctypes.memmove(dst, src, size)  # warm: fault every page in
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        ctypes.memmove(dst, src, size)
+        best = min(best, time.perf_counter() - started)
+    return size / best
+
+
+def plot_convergence(run: LiveRun, path: str) -> str:
+    """A PNG: pages dirtied and pages sent per round (log scale), stop-and-copy
+    marked. Returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = run.stats.rounds
+    xs = [r.index for r in rounds]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([x - 0.2 for x in xs], [max(r.dirty_pages, 0.5) for r in rounds], width=0.4,
+           label="pages found dirty")
+    ax.bar([x + 0.2 for x in xs], [max(r.sent_pages, 0.5) for r in rounds], width=0.4,
+           label="pages sent")
+    ax.set_yscale("log")
+    ax.set_xlabel("round (last: stop-and-copy)")
+    ax.set_ylabel("pages")
+    ax.set_xticks(xs, [str(x) if r.phase == "pre-copy" else f"{x}\nstop" for x, r in
+                       zip(xs, rounds, strict=True)])
+    ax.set_title(f"pre-copy convergence: {run.backend}, {run.size >> 20} MiB, {run.variant}, "
+                 f"downtime {run.stats.downtime_seconds * 1000:.1f} ms")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
