@@ -17,6 +17,7 @@ from guestmem.vmm.scenarios import (
     run_scenario,
     safe_variant,
     verdict_table,
+    vm_attributes_vmm,
 )
 
 PFN, QFN = P // PAGE, Q // PAGE
@@ -114,3 +115,19 @@ def test_the_leak_watch_catches_private_plaintext(monkeypatch):
     monkeypatch.setattr(Source, "_send_pages", leaky)
     v = verdict("seed1-announce-then-write", SAFE_SEV)
     assert v.leaks and not v.passed and v.outcome.endswith("leaked")
+
+
+@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if not s.sev])
+def test_the_attributes_design_holds_with_vm_level_attributes_too(name):
+    """The same scenarios on a SW_PROTECTED VM with KVM_SET_MEMORY_ATTRIBUTES and
+    two backings (no in-place conversion): the attributes design still passes, and
+    without classification dirty a converted, unwritten page arrives in the wrong
+    state. A conversion there loses the data (the private page is punched), and
+    the guest that expects it breaks O2."""
+    v = run_scenario(SCENARIOS[name], VARIANTS[SAFE_GMEM], vm_attributes_vmm)
+    assert v.passed, v.as_json()
+    if name == "convert-without-write":
+        assert {x.obligation for x in v.violations} == {"O2"} and v.guest_failures == [P]
+        bad = run_scenario(SCENARIOS[name], VARIANTS["attributes-no-classification"],
+                           vm_attributes_vmm)
+        assert [(f.kind, f.gfn) for f in bad.damage] == [("state", PFN)]

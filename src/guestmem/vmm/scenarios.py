@@ -468,6 +468,22 @@ def model_vmm(sev: bool, variant: Variant) -> Vmm:
     return vmm
 
 
+def vm_attributes_vmm(sev: bool, variant: Variant) -> Vmm:
+    """The guest_memfd design with the VM's own attributes (no in-place conversion):
+    a SW_PROTECTED VM on `coco`, private pages in a guest_memfd and shared ones in
+    anonymous memory (the selftests' layout), dirty logging of the memslot allowed
+    by the same model extension. SEV scenarios stay on their SEV VM."""
+    from guestmem.model.kvm import Kvm
+    from guestmem.model.profile import PROFILES
+    if sev:
+        return model_vmm(sev, variant)
+    profile = replace(PROFILES["coco"], name="coco+gmem-dirty-log", gmem_dirty_logging=True)
+    lists = "request" if variant.design is Design.SHARED_LIST else "outcome"
+    vmm = Vmm(Kvm(profile), uapi.KVM_X86_SW_PROTECTED_VM, backing="anon", map_gpa_list=lists)
+    vmm.add_private_memory(DATA, DATA_SIZE)
+    return vmm
+
+
 def run_scenario(scenario: Scenario, variant: Variant,
                  make_vmm: Callable[[bool, Variant], Vmm] = model_vmm) -> Verdict:
     """Run the program on a fresh source, migrate as scheduled, continue on the
