@@ -191,3 +191,31 @@ def _record_offsets(data: bytes) -> list[tuple[int, int]]:
         out.append((pos, end))
         pos = end
     return out
+
+
+def test_dirty_log_ranges_say_what_the_bitmap_says():
+    """The model's range form of KVM_GET_DIRTY_LOG (api.DirtyLogRanges) against the
+    bitmap, on the same writes; both clear, both refuse a slot without logging."""
+    import errno
+
+    results = []
+    for ranges in (False, True):
+        vmm = Vmm(Kvm("mainline"))
+        region = vmm.add_memory(DATA, 1 << 20, "anon")
+        vmm.vm.set_user_memory_region2(region.slot, uapi.KVM_MEM_LOG_DIRTY_PAGES, DATA,
+                                       1 << 20, region.mapping.addr)
+        vmm.load(GuestImage(b"", 0, p.Program.of(p.WritePattern(DATA + PAGE, 3 * PAGE, 1, 1),
+                                                 p.WritePattern(DATA + 9 * PAGE, 8, 2, 0)),
+                            "port"))
+        vmm.run()
+        get = (lambda: vmm.vm.get_dirty_log_ranges(region.slot)) if ranges else (
+            lambda: bitmap_ranges(vmm.vm.get_dirty_log(region.slot, 256), 256))
+        results.append((get(), get()))
+        for slot in (vmm.low.slot, 7):
+            try:
+                vmm.vm.get_dirty_log_ranges(slot) if ranges else vmm.vm.get_dirty_log(slot, 1)
+            except OSError as e:
+                assert e.errno == errno.ENOENT
+            else:
+                raise AssertionError("a slot without a dirty bitmap")
+    assert results[0] == results[1] == ([(1, 4), (9, 10)], [])

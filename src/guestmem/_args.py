@@ -212,6 +212,7 @@ SPEC: dict[str, dict[str, Kind]] = {
     "Vm.enable_cap": {"cap": U32, "args": at_most(4, U64), "flags": U32},
     "Vm.create_vcpu": {"vcpu_id": U64},  # ioctl arg: unsigned long
     "Vm.get_dirty_log": {"slot": U32, "npages": INT},
+    "Vm.get_dirty_log_ranges": {"slot": U32},
     "Vm.close": {},
     "GuestMemfd.stat": {},
     "GuestMemfd.fallocate": {"mode": S32, "offset": S64, "length": S64},

@@ -278,6 +278,16 @@ class ContentRuns(Protocol):
 
 
 @runtime_checkable
+class DirtyLogRanges(Protocol):
+    """Model only: KVM_GET_DIRTY_LOG as page ranges instead of a bitmap, so that a
+    harvest of a 1 TiB memslot costs in ranges (a bitmap is 32 MiB)."""
+
+    def get_dirty_log_ranges(self, slot: int) -> list[tuple[int, int]]:
+        """The slot's dirty pages as [first, last) page indexes, cleared as read;
+        the errors of KVM_GET_DIRTY_LOG."""
+
+
+@runtime_checkable
 class Firmware(Protocol):
     """Model only: the platform firmware's view of a VM's memory, as SEV's
     SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA have it (the PSP reads and writes guest

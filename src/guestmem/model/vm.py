@@ -469,19 +469,30 @@ class Vm:
 
     def get_dirty_log(self, slot: int, npages: int) -> bytes:
         """KVM_GET_DIRTY_LOG: the slot's dirty bitmap, cleared as it is read."""
-        self._live()
-        # kvm_get_dirty_log: as_id beyond the address spaces (one here) or id beyond
-        # KVM_USER_MEM_SLOTS
-        if slot >> 16 >= 1 or slot & 0xFFFF >= self.kvm.profile.nr_memslots:
-            raise oserror(errno.EINVAL, "KVM_GET_DIRTY_LOG")
-        memslot = self.memslots.get((slot >> 16, slot & 0xFFFF))
-        if memslot is None or not memslot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
-            raise oserror(errno.ENOENT, "KVM_GET_DIRTY_LOG")  # no dirty_bitmap
+        memslot = self._dirty_logged(slot)
         bits = 0  # one bit per page, built per dirty range with big-int arithmetic
         for lo, hi, _ in memslot.dirty.items():
             bits |= ((1 << (hi - lo)) - 1) << lo
         memslot.dirty = ExtentMap()
         return bits.to_bytes(((memslot.npages + 63) // 64) * 8, "little")
+
+    def get_dirty_log_ranges(self, slot: int) -> list[tuple[int, int]]:
+        """api.DirtyLogRanges: KVM_GET_DIRTY_LOG's pages as ranges, cleared as read."""
+        memslot = self._dirty_logged(slot)
+        ranges = [(lo, hi) for lo, hi, _ in memslot.dirty.items()]
+        memslot.dirty = ExtentMap()
+        return ranges
+
+    def _dirty_logged(self, slot: int) -> Memslot:
+        """kvm_get_dirty_log's checks: as_id beyond the address spaces (one here) or
+        id beyond KVM_USER_MEM_SLOTS: EINVAL; no such slot or no dirty bitmap: ENOENT."""
+        self._live()
+        if slot >> 16 >= 1 or slot & 0xFFFF >= self.kvm.profile.nr_memslots:
+            raise oserror(errno.EINVAL, "KVM_GET_DIRTY_LOG")
+        memslot = self.memslots.get((slot >> 16, slot & 0xFFFF))
+        if memslot is None or not memslot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+            raise oserror(errno.ENOENT, "KVM_GET_DIRTY_LOG")  # no dirty_bitmap
+        return memslot
 
     # --- memory attributes (kvm_vm_ioctl_set_mem_attributes) ---
     def set_memory_attributes(self, address: int, size: int, attributes: int,

@@ -330,11 +330,14 @@ class Source:
     def _harvest_dirty(self) -> None:
         """KVM_GET_DIRTY_LOG of every logged memslot (cleared as read); with the
         attributes design and classification-dirty, the conversions since too."""
+        vm = self.vmm.vm
         for region in self.logged:
-            bitmap = self.vmm.vm.get_dirty_log(region.slot, region.size // PAGE)
-            base = region.gpa // PAGE
-            self._dirty += [(base + lo, base + hi)
-                            for lo, hi in bitmap_ranges(bitmap, region.size // PAGE)]
+            base, npages = region.gpa // PAGE, region.size // PAGE
+            if isinstance(vm, api.DirtyLogRanges):
+                ranges = vm.get_dirty_log_ranges(region.slot)
+            else:
+                ranges = bitmap_ranges(vm.get_dirty_log(region.slot, npages), npages)
+            self._dirty += [(base + lo, base + hi) for lo, hi in ranges]
         if self.design is Design.ATTRIBUTES and self.variant.classification_dirty:
             self._dirty += self.vmm.attributes.harvest_changed()
 
