@@ -31,13 +31,14 @@ def verdict(scenario: str, variant: str):
 def test_the_safe_protocol_passes_every_scenario(name):
     v = verdict(name, safe_variant(SCENARIOS[name]))
     assert v.passed, v.as_json()
-    assert v.stats.rounds[-1].phase == "stop-and-copy"
+    assert v.stats.rounds[-1].phase == "stop-and-copy" if v.migrated else v.refused
 
 
 def test_every_scenario_has_a_verdict_under_every_variant():
     table = verdict_table()
     assert len(table) == len(SCENARIOS) * len(VARIANTS)
-    assert {v.outcome for v in table} >= {"ok", "corrupted+list", "list", "state", "corrupted"}
+    assert {v.outcome for v in table} >= {"ok", "corrupted+list", "list", "state", "corrupted",
+                                          "refused"}
     assert SAFE_SEV in VARIANTS and SAFE_GMEM in VARIANTS
 
 
@@ -87,6 +88,15 @@ def test_r2_migrating_before_ready():
     bad = verdict("r2-before-ready", "dirty-first-noresync-ungated")
     assert bad.damage == [Finding("corrupted", PFN, 1)] and bad.guest_failures == [P]
     assert not bad.violations
+
+
+def test_r2_only_gating_saves_a_guest_paused_before_it_reported():
+    gated = verdict("r2-paused-before-ready", "dirty-first")
+    assert gated.refused == [1] and not gated.migrated and gated.passed
+    assert not gated.guest_failures, "the guest ran on at the source, intact"
+    for name in ("dirty-first-ungated", "list-first-ungated"):
+        bad = verdict("r2-paused-before-ready", name)
+        assert bad.damage == [Finding("corrupted", PFN, 1)] and bad.guest_failures == [P]
 
 
 def test_r9_a_list_of_requests_disagrees_with_a_failed_conversion():

@@ -391,6 +391,15 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         {1: ("begin",), 2: ("begin",), 3: ("round", "pause")},
         expects="ungated and without resync the shared page goes as private: garbage"),
     Scenario(
+        "r2-paused-before-ready", "R2: the guest is paused before it has reported its "
+        "shared regions", "R2, commit f4495615d76c", True,
+        (p.WritePattern(DATA, DATA_SIZE, 0x1000, 1), p.SetCBit(P, 1, encrypted=False),
+         p.WritePattern(P, PAGE, 0xF7, 1), p.Checkpoint(1), p.Checkpoint(2),
+         p.MapGpaRange(P, 1, encrypted=False), p.MigrationReady(),
+         p.VerifyPattern(P, PAGE, 0xF7, 1)),
+        {1: ("begin",), 2: ("round", "pause")},
+        expects="only READY gating saves it: it refuses, and the guest runs on at the source"),
+    Scenario(
         "r9-two-meanings", "R9: MAP_GPA_RANGE as conversion and as SEV-LM notification on "
         "one VM; a conversion fails", "R9, QEMU kvm_handle_hc_map_gpa_range", False,
         (p.WritePattern(DATA, DATA_SIZE, 0x2000, 1), p.MigrationReady(), p.Checkpoint(1),
@@ -425,8 +434,10 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        """The protocol lost, corrupted and leaked nothing the guest still owns."""
-        return self.migrated and not self.damage and not self.leaks
+        """The protocol lost, corrupted and leaked nothing the guest still owns (a
+        refusal to start loses nothing: the guest runs on at the source)."""
+        return not self.damage and not self.leaks and (self.migrated or
+                                                       not self.guest_failures)
 
     @property
     def outcome(self) -> str:
@@ -521,8 +532,9 @@ def run_scenario(scenario: Scenario, variant: Variant,
     vmm.on_checkpoint = act
     result = vmm.run()
     if result.stop != "paused" or not source.begun:
-        return Verdict(scenario.name, variant.name, False, refused, [], [], [], [], [],
-                       source.stats)
+        # never migrated: the guest ran on at the source, which must have lost nothing
+        return Verdict(scenario.name, variant.name, False, refused, [], [], [], [],
+                       _guest_failures(result), source.stats)
     before = guest_memory(vmm)
     account = GuestAccount(vmm.vm.vm_type in C_BIT_VM_TYPES,
                            preserves=vmm.vm.vm_type == uapi.GUESTMEM_PKVM_VM)
