@@ -208,8 +208,11 @@ def test_dirty_log_ranges_say_what_the_bitmap_says():
                                                  p.WritePattern(DATA + 9 * PAGE, 8, 2, 0)),
                             "port"))
         vmm.run()
-        get = (lambda: vmm.vm.get_dirty_log_ranges(region.slot)) if ranges else (
-            lambda: bitmap_ranges(vmm.vm.get_dirty_log(region.slot, 256), 256))
+        def get(vm=vmm.vm, slot=region.slot, ranges=ranges):
+            if ranges:
+                return vm.get_dirty_log_ranges(slot)
+            return bitmap_ranges(vm.get_dirty_log(slot, 256), 256)
+
         results.append((get(), get()))
         for slot in (vmm.low.slot, 7):
             try:
