@@ -156,6 +156,11 @@ class Sent:
 def encode_runs(gfn: int, pages: int, runs: list[api.Run]) -> bytes:
     """gfn and page count, then each run: start, length, kind, and the bytes (raw)
     or the formula's first word and step."""
+    return b"".join(encode_run_parts(gfn, pages, runs))
+
+
+def encode_run_parts(gfn: int, pages: int, runs: list[api.Run]) -> list[bytes]:
+    """encode_runs as the parts it joins (a record writes them without a copy)."""
     out = [_GFNS.pack(gfn, pages)]
     for run in runs:
         if run.data is not None:
@@ -163,7 +168,7 @@ def encode_runs(gfn: int, pages: int, runs: list[api.Run]) -> bytes:
         else:
             out += [_RUN.pack(run.start, run.end - run.start, _FORMULA_RUN),
                     _FORMULA.pack(run.word & (2**64 - 1), run.step & (2**64 - 1))]
-    return b"".join(out)
+    return out
 
 
 def decode_runs(payload: bytes) -> tuple[int, int, list[api.Run]]:
@@ -385,9 +390,9 @@ class Source:
             stats.bytes_sent += len(blob)
         else:
             runs = self._read_shared(region, gpa, length)
-            payload = encode_runs(gfn, pages, runs)
-            self.writer.record(stream.PAGES, payload)
-            stats.bytes_sent += len(payload)
+            parts = encode_run_parts(gfn, pages, runs)
+            self.writer.record(stream.PAGES, parts)
+            stats.bytes_sent += sum(len(part) for part in parts)
         stats.sent_pages += pages
         self._sent_private.set(gfn, gfn + pages, True if private else None)
         if self.on_send is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -59,22 +59,30 @@ class StreamWriter:
         out.write(_HEADER.pack(MAGIC, VERSION, 0))
         self.written = _HEADER.size  # bytes so far
 
-    def record(self, tag: bytes, payload: bytes) -> None:
+    def record(self, tag: bytes, payload: bytes | Sequence[bytes]) -> None:
+        """One record; a payload given in parts is written part by part (no copy
+        of a large one to join it)."""
         if tag not in TAGS or tag == END:
             raise ValueError(f"not a record tag: {tag!r}")
-        self._write(tag, payload)
+        self._write(tag, [payload] if isinstance(payload, bytes) else payload)
 
     def end(self) -> None:
-        self._write(END, b"")
+        self._write(END, [])
         self.ended = True
 
-    def _write(self, tag: bytes, payload: bytes) -> None:
+    def _write(self, tag: bytes, parts: Sequence[bytes]) -> None:
         if self.ended:
             raise ValueError("the stream has ended")
-        head = _RECORD.pack(tag, self.sequence, len(payload))
-        self.out.write(head + payload + _CRC.pack(zlib.crc32(payload, zlib.crc32(head))))
+        length = sum(len(part) for part in parts)
+        head = _RECORD.pack(tag, self.sequence, length)
+        crc = zlib.crc32(head)
+        self.out.write(head)
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+            self.out.write(part)
+        self.out.write(_CRC.pack(crc))
         self.sequence += 1
-        self.written += len(head) + len(payload) + _CRC.size
+        self.written += len(head) + length + _CRC.size
 
 
 def read_records(source: BinaryIO) -> Iterator[Record]:
