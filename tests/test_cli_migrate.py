@@ -99,3 +99,10 @@ def test_run_on_the_kernel_reports_the_memcpy_ratio(tmp_path):
     assert record["verified"] and record["destination_reports"] == [0] * 5
     assert 0 < record["precopy_to_memcpy"] < 1
     assert record["stop_and_copy_only"] == ["memslot 0 (gmem)"]
+
+
+def test_run_across_two_processes_on_the_model():
+    record = json.loads(invoke(["migrate", "run", "--size", "256M", "--rounds", "3",
+                                "--processes", "2", "--plot", "", "--json"]).output)
+    assert record["verified"] and record["processes"] == 2
+    assert record["destination_reports"] == [0] * 5

@@ -31,7 +31,7 @@ PAGE = 4096
 
 
 def sev_source(steps: tuple[p.Step, ...], size: int = 1 << 20) -> Vmm:
-    vmm = Vmm(Kvm("coco"), uapi.KVM_X86_SEV_VM, backing="anon")
+    vmm = Vmm(Kvm("coco"), uapi.KVM_X86_SEV_VM, backing="anon", launch_sev=True)
     vmm.add_memory(DATA, size, "anon")
     vmm.load(GuestImage(b"", 0, p.Program.of(*steps), "port"))
     vmm.on_checkpoint = lambda label, result: True  # pause at the first checkpoint
@@ -222,3 +222,35 @@ def test_dirty_log_ranges_say_what_the_bitmap_says():
             else:
                 raise AssertionError("a slot without a dirty bitmap")
     assert results[0] == results[1] == ([(1, 4), (9, 10)], [])
+
+
+def test_sev_encryption_starts_with_the_launch():
+    """Nothing encrypts an SEV VM's memory until KVM_SEV_LAUNCH_START (the model's
+    launch_start): the conformance cases' SEV VMs share plaintext with the host."""
+    import errno
+
+    kvm = Kvm("coco")
+    plain = Vmm(kvm, uapi.KVM_X86_SEV_VM)
+    for call in (lambda: plain.vm.launch_update_data(0, PAGE),):
+        try:
+            call()
+        except OSError as e:
+            assert e.errno == errno.EINVAL
+        else:
+            raise AssertionError("LAUNCH_UPDATE_DATA before LAUNCH_START")
+    plain.vm.launch_start()
+    try:
+        plain.vm.launch_start()
+    except OSError as e:
+        assert e.errno == errno.EINVAL
+    else:
+        raise AssertionError("a second LAUNCH_START")
+    with pytest.raises(ValueError, match="SEV VM type"):
+        Vmm(kvm, uapi.KVM_X86_DEFAULT_VM, launch_sev=True)
+    default = Vmm(kvm)
+    try:
+        default.vm.launch_start()
+    except OSError as e:
+        assert e.errno == errno.ENOTTY
+    else:
+        raise AssertionError("LAUNCH_START on a default VM")

@@ -305,10 +305,13 @@ class Firmware(Protocol):
         the VM's key (in guest_memfd for a VM that keeps private memory there) if
         `private`, else in plaintext."""
 
+    def launch_start(self) -> None:
+        """KVM_SEV_LAUNCH_START: memory encryption on for an SEV VM (the guest's
+        C-bit set wherever it does not clear it)."""
+
     def launch_update_data(self, gpa: int, length: int) -> None:
         """KVM_SEV_LAUNCH_UPDATE_DATA: encrypt [gpa, +length) in place under the VM's
-        key (the VMM's initial image of an SEV guest); nothing for a VM whose memory
-        nothing encrypts."""
+        key (the VMM's initial image of a launched SEV guest)."""
 
     def guest_view(self, gpa: int, length: int) -> list[tuple[Run, bool]]:
         """What the guest reads at [gpa, +length) through its own page tables and

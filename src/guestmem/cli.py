@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -751,11 +752,14 @@ def migrate() -> None:
               help="Pre-copy rounds; the guest halves what it rewrites each round.")
 @click.option("--variant", default="dirty-first", show_default=True,
               help="The protocol (guestmem migrate scenarios lists them).")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 2),
+              help="2: the destination is another process, over a socket "
+                   "(python -m guestmem.vmm.remote receive).")
 @click.option("--plot", "plot_path", default="migration-convergence.png", show_default=True,
               help="Where to write the convergence PNG ('' for none).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON record.")
-def migrate_run(backend: str, size: str, rounds: int, variant: str, plot_path: str,
-                as_json: bool) -> None:
+def migrate_run(backend: str, size: str, rounds: int, variant: str, processes: int,
+                plot_path: str, as_json: bool) -> None:
     """Migrate a running guest: pre-copy rounds while it writes, stop-and-copy, and
     the destination verifies every byte it wrote and runs on. Exit 1 unless the
     destination's guest verified its memory."""
@@ -775,7 +779,9 @@ def migrate_run(backend: str, size: str, rounds: int, variant: str, plot_path: s
     with _open(backend, None) as kvm:
         if not as_json:
             console.print(escape(f"guestmem migrate run: {describe(kvm)}, "
-                                 f"{_bytes_text(plan.size)}, {variant}"), style="bold")
+                                 f"{_bytes_text(plan.size)}, {variant}"
+                                 + (", destination in another process" if processes == 2
+                                    else "")), style="bold")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
         with Progress(*columns, console=console, disable=as_json, transient=True) as progress:
             task = progress.add_task("pre-copy", total=rounds + 2)
@@ -784,8 +790,9 @@ def migrate_run(backend: str, size: str, rounds: int, variant: str, plot_path: s
                 progress.update(task, advance=1, description=f"round {stats.index} "
                                 f"({stats.phase}): {stats.sent_pages} pages")
             try:
-                result = lab.run(kvm, plan, VARIANTS[variant], on_round=advance)
-            except (OSError, ValueError, RuntimeError) as e:
+                migrate_one = lab.run if processes == 1 else lab.run_across
+                result = migrate_one(kvm, plan, VARIANTS[variant], on_round=advance)
+            except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as e:
                 raise click.ClickException(f"the migration stopped: {e}") from e
         if backend == "kvm":
             result.memcpy_bytes_per_s = lab.memcpy_bandwidth(min(plan.size, 256 << 20))

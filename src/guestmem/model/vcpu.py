@@ -101,8 +101,7 @@ class Vcpu:
         self.closed = False
         self._fd = vm.kvm.process.install(self, vm.put_ref)  # dropped: as close()
         self.encrypted_view: ExtentMap[bool] = ExtentMap()  # the guest's own C-bit view
-        if vm.vm_type_info.c_bit_encrypts:  # SEV: "by default all guest pages are
-            # considered encrypted" (commit 0dbb11230437): C=1 wherever it is not cleared
+        if vm.sev_active:  # SEV launched: C=1 wherever the guest does not clear it
             self.encrypted_view.set(0, hypercall.GFN_LIMIT, True)
         self._program = p.Program()
         self._abi = "port"
@@ -515,7 +514,8 @@ class Vcpu:
         if not through_hva and (slot.gmem_only or self._access_is_private(gfn)):
             if slot.gmem is None:
                 return None
-            return slot.gmem.store.read(slot.gmem_index(gfn) * PAGE, PAGE)
+            # SEV: the walk reads a table the guest encrypted through the VM's key
+            return slot.gmem.store.read(slot.gmem_index(gfn) * PAGE, PAGE, self._memory_key(gfn))
         found = self.vm.kvm.process.mapping_at(slot.userspace_addr + (gfn - slot.base_gfn) * PAGE)
         if found is None or found[1] + PAGE > found[0].length:
             return None
@@ -524,7 +524,7 @@ class Vcpu:
         except HostFault:
             return None
         key = self._memory_key(gfn)
-        if key is not None:  # SEV: the walk reads an encrypted table through the VM's key
+        if key is not None:  # SEV: as above
             mapping, offset = found
             data = mapping.backing.store.read(mapping.pgoff * PAGE + offset, PAGE, key)
         return data
@@ -652,9 +652,9 @@ class Vcpu:
         return end
 
     def _memory_key(self, gfn: int) -> int | None:
-        """SEV/SEV-ES: the VM's memory key where the guest's C-bit is set (the memory
-        controller encrypts the access; KVM never sees it), else None."""
-        if self.vm.vm_type_info.c_bit_encrypts and self.encrypted_view.get(gfn):
+        """SEV/SEV-ES once launched: the VM's memory key where the guest's C-bit is
+        set (the memory controller encrypts the access; KVM never sees it), else None."""
+        if self.vm.sev_active and self.encrypted_view.get(gfn):
             return self.vm.memory_key
         return None
 

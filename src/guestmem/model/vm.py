@@ -14,6 +14,7 @@ from sortedcontainers import SortedDict
 from guestmem import _args, api, uapi
 from guestmem.exits import HostSigbus, HostSigsegv, oserror
 from guestmem.extents import ExtentMap
+from guestmem.hypercall import GFN_LIMIT
 from guestmem.model.content import PAGE, PageStore, to_runs, write_runs
 from guestmem.model.gmem import GmemInode, GuestMemfd
 from guestmem.model.hugetlb import Hstate
@@ -171,8 +172,10 @@ class Vm:
         # Dirty bits of the guest's 2 MiB page-table entries (guestmem machines map
         # guest memory with 2 MiB identity pages, written once per VM), by 2 MiB frame.
         self.guest_pte_dirty: ExtentMap[bool] = ExtentMap()
-        # SEV: the VM's memory encryption key (the ASID's VEK), distinct per VM
+        # SEV: the VM's memory encryption key (the ASID's VEK), distinct per VM, in
+        # use once the SEV context is launched (launch_start)
         self.memory_key = next(_MEMORY_KEYS)
+        self.sev_active = False
         self.refs = 1  # the fd; guest_memfd files and vCPUs take more (kvm_get_kvm)
         self.fd_open = True
         self._fd = kvm.process.install(self)
@@ -571,7 +574,7 @@ class Vm:
             if slot is None:
                 raise oserror(errno.EFAULT, f"no memslot at gpa {pos:#x}")
             n = min(end, slot.end_gfn * PAGE) - pos
-            key = self.memory_key if private and self.vm_type_info.c_bit_encrypts else None
+            key = self.memory_key if private and self.sev_active else None
             if slot.gmem is not None and (slot.gmem_only or private and
                                           self.vm_type_info.has_private_mem):
                 out.append((slot.gmem.store, slot.gmem_index(pos // PAGE) * PAGE + pos % PAGE,
@@ -586,12 +589,29 @@ class Vm:
             pos += n
         return out
 
-    def launch_update_data(self, gpa: int, length: int) -> None:
-        """api.Firmware: KVM_SEV_LAUNCH_UPDATE_DATA (sev_launch_update_data): the
-        PSP encrypts the pages in place under the VM's key; only SEV types."""
+    def launch_start(self) -> None:
+        """api.Firmware: KVM_SEV_INIT2 and KVM_SEV_LAUNCH_START (or RECEIVE_START on
+        a migration's destination): memory encryption on, under the VM's key; the
+        guest's C-bit is set wherever it does not clear it ("by default all guest
+        pages are considered encrypted", commit 0dbb11230437). Only SEV types
+        (ENOTTY, as sev_mem_enc_ioctl's checks), once (EINVAL: sev_guest_init on an
+        active SEV VM)."""
         self._live()
         if not self.vm_type_info.c_bit_encrypts:
-            raise oserror(errno.ENOTTY, "KVM_SEV_LAUNCH_UPDATE_DATA: not an SEV VM")
+            raise oserror(errno.ENOTTY, "KVM_SEV_LAUNCH_START: not an SEV VM")
+        if self.sev_active:
+            raise oserror(errno.EINVAL, "KVM_SEV_LAUNCH_START: already launched")
+        self.sev_active = True
+        for vcpu in list(self.vcpus.values()):
+            vcpu.encrypted_view.set(0, GFN_LIMIT, True)
+
+    def launch_update_data(self, gpa: int, length: int) -> None:
+        """api.Firmware: KVM_SEV_LAUNCH_UPDATE_DATA (sev_launch_update_data): the
+        PSP encrypts the pages in place under the VM's key; only a launched SEV VM
+        (EINVAL otherwise: sev_guest is false)."""
+        self._live()
+        if not self.sev_active:
+            raise oserror(errno.EINVAL, "KVM_SEV_LAUNCH_UPDATE_DATA: no SEV context launched")
         segments = self._firmware_segments(gpa, length, False)
         for store, offset, _, n, _ in segments:
             write_runs(store, offset, to_runs(store, offset, n), self.memory_key)
@@ -612,7 +632,7 @@ class Vm:
 
     def _privateness(self, first: int, last: int) -> list[tuple[int, int, bool]]:
         marks: list[tuple[int, int]] = []
-        if self.vm_type_info.c_bit_encrypts:
+        if self.sev_active:
             vcpu = min(self.vcpus.items(), default=None)
             if vcpu is not None:
                 marks = [(s, e) for s, e, _ in vcpu[1].encrypted_view.overlapping(first, last)]

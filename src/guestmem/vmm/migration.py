@@ -216,6 +216,25 @@ def zero_runs(data: bytes, base: int = 0) -> list[api.Run]:
             for a, b in zip(cuts, cuts[1:], strict=False) if a < b]
 
 
+def canonical_runs(runs: list[api.Run]) -> list[api.Run]:
+    """The same contents, cut the same way whoever wrote them: adjacent formulas
+    that continue each other, and adjacent bytes, merged (for digests of memory
+    that the model keeps as runs)."""
+    out: list[api.Run] = []
+    for run in runs:
+        last = out[-1] if out else None
+        if last is not None and last.end == run.start:
+            if last.data is None and run.data is None and last.step == run.step and \
+                    (last.word + (last.end - last.start) // 8 * last.step - run.word) % 2**64 == 0:
+                out[-1] = api.Run(last.start, run.end, None, last.word, last.step)
+                continue
+            if last.data is not None and run.data is not None:
+                out[-1] = api.Run(last.start, run.end, last.data + run.data)
+                continue
+        out.append(run)
+    return out
+
+
 def bitmap_ranges(bitmap: bytes, npages: int) -> list[tuple[int, int]]:
     """KVM_GET_DIRTY_LOG's bitmap as [first, last) page ranges: whole 0xff bytes at
     C speed, bits only in the bytes at the edges of runs."""
@@ -306,7 +325,7 @@ class Source:
         regions = [{"gpa": r.gpa, "size": r.size, "backing": r.backing, "slot": r.slot}
                    for r in self.vmm.regions]
         payload = {"vm_type": self.vmm.vm.vm_type, "design": self.design.value,
-                   "regions": regions, "in_place": self.vmm.in_place}
+                   "regions": regions, "in_place": self.vmm.in_place, "sev": self.vmm.sev}
         self.writer.record(stream.CONFIG, _json(payload))
 
     # -- pre-copy --
@@ -602,7 +621,9 @@ class Destination:
         if low is None or low["gpa"] != 0:
             raise stream.StreamError("the configuration has no low memory at GPA 0")
         backing = "anon" if low["backing"] == "anon" else "gmem"
-        vmm = self.make_vmm(self.kvm, vm_type, backing=backing, low_memory_size=low["size"])
+        # an SEV source's context is received (RECEIVE_START: encryption on here too)
+        vmm = self.make_vmm(self.kvm, vm_type, backing=backing, low_memory_size=low["size"],
+                            launch_sev=bool(conf.get("sev", False)))
         self.vmm = vmm
         for region in regions[1:]:
             kind = "anon" if region["backing"] == "anon" else "gmem"

@@ -48,7 +48,7 @@ from guestmem.vmm.migration import (
     Variant,
 )
 from guestmem.vmm.transport import TransportKey
-from guestmem.vmm.vmm import C_BIT_VM_TYPES, Vmm
+from guestmem.vmm.vmm import Vmm
 
 PAGE = uapi.PAGE_SIZE
 DATA = 0x1_0000_0000  # the scenarios' guest memory, 1 MiB of it
@@ -469,7 +469,7 @@ def model_vmm(sev: bool, variant: Variant) -> Vmm:
     from guestmem.model.profile import PROFILES
     if sev:
         vmm = Vmm(Kvm("coco"), uapi.KVM_X86_SEV_VM, backing="anon",
-                  map_gpa_list="request")
+                  map_gpa_list="request", launch_sev=True)
         vmm.add_memory(DATA, DATA_SIZE, "anon")
         return vmm
     profile = replace(PROFILES["inplace"], name="inplace+gmem-dirty-log", gmem_dirty_logging=True)
@@ -536,7 +536,7 @@ def run_scenario(scenario: Scenario, variant: Variant,
         return Verdict(scenario.name, variant.name, False, refused, [], [], [], [],
                        _guest_failures(result), source.stats)
     before = guest_memory(vmm)
-    account = GuestAccount(vmm.vm.vm_type in C_BIT_VM_TYPES,
+    account = GuestAccount(vmm.sev,
                            preserves=vmm.vm.vm_type == uapi.GUESTMEM_PKVM_VM)
     next_step = _paused_at(vmm)
     account.replay(scenario.program.steps[:next_step], iter(result.reports))

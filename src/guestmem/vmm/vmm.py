@@ -186,6 +186,7 @@ class Vmm:
         cpl: int | None = None,
         conversion: str = "attributes+fallocate",
         map_gpa_list: str = "outcome",
+        launch_sev: bool = False,
     ) -> None:
         if map_gpa_list not in MAP_GPA_LISTS:
             raise ValueError(f"map_gpa_list must be one of {', '.join(MAP_GPA_LISTS)}, "
@@ -203,10 +204,18 @@ class Vmm:
         self.regions: list[MemoryRegion] = []
         self.pins: list[HeldPin] = []  # pins the VMM holds itself (Vmm.pin)
         self.exit_hypercall = self._enable_exit_hypercall()
-        # SEV guests start private: KVM_HC_MAP_GPA_RANGE "by default all guest pages
-        # are considered encrypted" (commit 0dbb11230437); the list is of shared regions.
-        self.tracker = SharedRegionTracker(
-            Sharing.PRIVATE if vm_type in C_BIT_VM_TYPES else Sharing.SHARED)
+        # An SEV guest launched with memory encryption (KVM_SEV_LAUNCH_START, a backend
+        # with api.Firmware) starts private: KVM_HC_MAP_GPA_RANGE "by default all guest
+        # pages are considered encrypted" (commit 0dbb11230437); the list is of shared
+        # regions. Without the launch nothing encrypts (the conformance cases' SEV VMs).
+        self.sev = launch_sev
+        if launch_sev:
+            if vm_type not in C_BIT_VM_TYPES or not isinstance(self.vm, api.Firmware):
+                self.vm.close()
+                raise ValueError("launch_sev needs an SEV VM type on a backend with the "
+                                 "firmware (the model)")
+            self.vm.launch_start()
+        self.tracker = SharedRegionTracker(Sharing.PRIVATE if launch_sev else Sharing.SHARED)
         # What this VMM set with KVM_SET_MEMORY_ATTRIBUTES(2): the conversions that
         # succeeded, wherever they came from (there is no KVM_GET_MEMORY_ATTRIBUTES:
         # QEMU keeps its own bitmap too, RamBlockAttributes). The attributes design of
@@ -412,7 +421,7 @@ class Vmm:
             if gpa != machine.CODE and self._tables_written:
                 continue
             self.write(gpa, data)
-            if self.vm.vm_type in C_BIT_VM_TYPES and isinstance(self.vm, api.Firmware):
+            if self.sev and isinstance(self.vm, api.Firmware):
                 self.vm.launch_update_data(gpa, -(-len(data) // uapi.PAGE_SIZE) * uapi.PAGE_SIZE)
         self._tables_written = True
         self.vcpu.set_sregs(machine.initial_sregs(self.vcpu.get_sregs(), self.cpl))
