@@ -118,18 +118,29 @@ class LiveRun:
         return out
 
 
-def run(kvm: api.Kvm, plan: Plan, variant: Variant,
-        on_round: Callable[[RoundStats], None] | None = None) -> LiveRun:
-    """Migrate the running guest in this process; the destination on the same Kvm."""
-    if kvm.backend == "kvm" and plan.size > KVM_LIMIT:
-        raise ValueError(f"{plan.size} bytes: the kvm backend migrates at most {KVM_LIMIT} "
-                         "(it populates every page the guest writes)")
+def _source(kvm: api.Kvm, plan: Plan) -> Vmm:
+    """The source VM: guest memory at DATA (host-filled beyond the guest's reach)
+    and the program loaded; closed again if any step fails."""
     vmm = Vmm(kvm)
     try:
         region = vmm.add_memory(DATA, plan.size, "anon")
         if plan.size > plan.touched:
             region.mapping.fill(plan.touched, HOST_FILL, plan.size - plan.touched)
         vmm.load(compile_program(program(plan), default_hypercall_abi(kvm.capabilities)))
+    except BaseException:
+        vmm.close()
+        raise
+    return vmm
+
+
+def run(kvm: api.Kvm, plan: Plan, variant: Variant,
+        on_round: Callable[[RoundStats], None] | None = None) -> LiveRun:
+    """Migrate the running guest in this process; the destination on the same Kvm."""
+    if kvm.backend == "kvm" and plan.size > KVM_LIMIT:
+        raise ValueError(f"{plan.size} bytes: the kvm backend migrates at most {KVM_LIMIT} "
+                         "(it populates every page the guest writes)")
+    vmm = _source(kvm, plan)
+    try:
         key, out = TransportKey(), io.BytesIO()
         source = Source(vmm, variant, key, out)
 
@@ -190,18 +201,21 @@ def run_across(kvm: api.Kvm, plan: Plan, variant: Variant,
     command = [sys.executable, "-m", "guestmem.vmm.remote", "receive", "--fd",
                str(theirs.fileno()), "--key-fd", str(key_read), "--backend", kvm.backend,
                "--timeout", str(timeout)]
-    if isinstance(getattr(kvm, "profile", None), object) and kvm.backend == "model":
-        command += ["--profile", kvm.profile.name]  # type: ignore[attr-defined]
+    profile = getattr(kvm, "profile", None)  # the model's: the destination takes the same
+    if profile is not None:
+        command += ["--profile", str(profile.name)]
     child = subprocess.Popen(command, pass_fds=(theirs.fileno(), key_read),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     theirs.close()
     os.close(key_read)
-    vmm = Vmm(kvm)
     try:
-        region = vmm.add_memory(DATA, plan.size, "anon")
-        if plan.size > plan.touched:
-            region.mapping.fill(plan.touched, HOST_FILL, plan.size - plan.touched)
-        vmm.load(compile_program(program(plan), default_hypercall_abi(kvm.capabilities)))
+        vmm = _source(kvm, plan)
+    except BaseException:
+        ours.close()
+        child.kill()
+        child.wait()
+        raise
+    try:
         sent = remote.send(vmm, variant, ours, key, plan.rounds, timeout, on_round)
         out, err = child.communicate(timeout=timeout)
         stop_and_copy_only = [f"memslot {r.slot} ({r.backing})" for r in vmm.regions

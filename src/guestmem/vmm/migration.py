@@ -514,17 +514,10 @@ def _classify(private: list[tuple[int, int]], lo: int, hi: int) -> Iterator[tupl
 
 
 def _sent_runs(sent: ExtentMap[bool], lo: int, hi: int) -> Iterator[tuple[int, int, bool]]:
-    """The sent gfns of [lo, hi) and whether each went private. Never-sent gfns are
-    left out: they go in full anyway (guest_memfd memslots) or were never dirty
-    (sent in the first round: every logged gfn was)."""
-    pos = lo
-    for a, b, _ in sent.overlapping(lo, hi):
-        if a > pos:
-            yield pos, a, False
-        yield a, b, True
-        pos = b
-    if pos < hi:
-        yield pos, hi, False
+    """[lo, hi) by how each gfn last went: (start, end, private). A gfn never sent
+    counts as shared: guest_memfd memslots go whole at stop-and-copy anyway, and
+    every logged gfn went in the first round."""
+    return _classify([(a, b) for a, b, _ in sent.overlapping(lo, hi)], lo, hi)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
