@@ -254,3 +254,31 @@ def test_sev_encryption_starts_with_the_launch():
         assert e.errno == errno.ENOTTY
     else:
         raise AssertionError("LAUNCH_START on a default VM")
+
+
+def test_a_start_that_fails_leaves_dirty_logging_off(monkeypatch):
+    """The second memslot's flags change fails (ENOMEM, say): the first one's dirty
+    logging is turned off again, and nothing counts as begun."""
+    import errno
+
+    vmm = sev_source(PRIVATE_AND_SHARED)
+    vmm.run()
+    real = vmm.vm.set_user_memory_region2
+    calls = []
+
+    def flaky(slot, flags, *args):
+        calls.append((slot, flags))
+        if slot == vmm.regions[1].slot and flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+            raise OSError(errno.ENOMEM, "no memory for the dirty bitmap")
+        return real(slot, flags, *args)
+
+    monkeypatch.setattr(vmm.vm, "set_user_memory_region2", flaky)
+    source = Source(vmm, VARIANTS["dirty-first"], TransportKey(), io.BytesIO())
+    with pytest.raises(OSError):
+        source.begin()
+    assert calls[-1] == (vmm.regions[0].slot, 0), "the first memslot's logging off again"
+    assert not source.begun and not source.logged and not source.stop_and_copy_only
+    monkeypatch.undo()
+    with pytest.raises(OSError) as e:
+        vmm.vm.get_dirty_log(vmm.regions[0].slot, 1)
+    assert e.value.errno == errno.ENOENT

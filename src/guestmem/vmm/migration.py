@@ -298,9 +298,15 @@ class Source:
             raise MigrationRefused("the guest has not reported KVM_MIGRATION_READY through "
                                    "MSR_KVM_MIGRATION_CONTROL: its shared regions may not "
                                    "all be in the list yet (R2)")
-        for region in self.vmm.regions:
-            (self.logged if self._log_dirty(region) else self.stop_and_copy_only).append(region)
-        self._config()
+        try:
+            for region in self.vmm.regions:
+                (self.logged if self._log_dirty(region) else self.stop_and_copy_only).append(
+                    region)
+            self._config()
+        except BaseException:  # a failed start leaves the memslots as they were
+            self.resume()
+            self.stop_and_copy_only = []
+            raise
         self.begun = True
         self._dirty = [(r.gpa // PAGE, (r.gpa + r.size) // PAGE) for r in self.logged]
         self._harvest_list()
