@@ -175,6 +175,16 @@ def MAPPING(name: str, value: Any) -> Any:  # noqa: N802 (a kind, named like the
     return value
 
 
+def _msr_ranges(name: str, value: Any) -> list[tuple[int, int, bytes]]:
+    """KVM_X86_SET_MSR_FILTER's ranges: a list of (flags, base MSR, bitmap bytes)."""
+    if not isinstance(value, list) or not all(isinstance(r, tuple) and len(r) == 3
+                                              for r in value):
+        raise TypeError(f"{name} must be a list of (flags, base, bitmap) tuples, "
+                        f"not {type(value).__name__}")
+    return [(U32(f"{name} flags", f), U32(f"{name} base", b), BYTES(f"{name} bitmap", m))
+            for f, b, m in value]
+
+
 def _regs(name: str, value: Any) -> Any:
     from guestmem import uapi
 
@@ -213,6 +223,7 @@ SPEC: dict[str, dict[str, Kind]] = {
     "Vm.create_vcpu": {"vcpu_id": U64},  # ioctl arg: unsigned long
     "Vm.get_dirty_log": {"slot": U32, "npages": INT},
     "Vm.get_dirty_log_ranges": {"slot": U32},
+    "Vm.set_msr_filter": {"flags": U32, "ranges": _msr_ranges},
     "Vm.close": {},
     "GuestMemfd.stat": {},
     "GuestMemfd.fallocate": {"mode": S32, "offset": S64, "length": S64},
@@ -273,6 +284,7 @@ SPEC: dict[str, dict[str, Kind]] = {
     "Vcpu.kick": {},
     "Vcpu.complete_io_in": {"data": BYTES},
     "Vcpu.complete_hypercall": {"ret": U64},
+    "Vcpu.complete_msr": {"error": BOOL, "data": U64},
     "Vcpu.close": {},
 }
 

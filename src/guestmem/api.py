@@ -222,13 +222,18 @@ class Vcpu(Closable, Protocol):
     def complete_hypercall(self, ret: int) -> None:
         """Answer a KVM_EXIT_HYPERCALL: the guest's RAX after the next KVM_RUN."""
 
+    def complete_msr(self, error: bool, data: int = 0) -> None:
+        """Answer a KVM_EXIT_X86_RDMSR/WRMSR: error injects #GP; a read gets data."""
+
 
 @runtime_checkable
 class ProgramVcpu(Vcpu, Protocol):
     """Model only: a vCPU that interprets guestmem programs instead of x86 code."""
 
-    def load_program(self, program: Program, hypercall_abi: str) -> None:
-        """Give the vCPU the program the VMM placed in guest memory."""
+    def load_program(self, program: Program, hypercall_abi: str,
+                     migration_control: str = "port") -> None:
+        """Give the vCPU the program the VMM placed in guest memory (compiled for
+        `hypercall_abi` and `migration_control`, as guest.compile_program)."""
 
     def program_state(self) -> ProgramState:
         """Where the program stands, to continue elsewhere (a migrated vCPU's RIP
@@ -250,6 +255,7 @@ class ProgramState:
     next_step: int
     hypercall_abi: str
     encrypted: tuple[tuple[int, int], ...]
+    migration_control: str = "port"
 
 
 @dataclass(frozen=True)
@@ -335,6 +341,10 @@ class Vm(Closable, Protocol):
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP."""
+
+    def set_msr_filter(self, flags: int, ranges: list[tuple[int, int, bytes]]) -> None:
+        """KVM_X86_SET_MSR_FILTER: default allow or deny, and (flags, base, bitmap)
+        ranges (a set bit allows the MSR)."""
 
     def create_guest_memfd(self, size: int, flags: int = 0, page_order: int = 0) -> GuestMemfd:
         """KVM_CREATE_GUEST_MEMFD; page_order (log2 of base pages per folio) goes with

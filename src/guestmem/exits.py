@@ -59,6 +59,21 @@ class HypercallExit(Exit):
 
 
 @dataclass(frozen=True)
+class MsrExit(Exit):
+    """KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR (KVM_CAP_X86_USER_SPACE_MSR): why it
+    exited (KVM_MSR_EXIT_REASON_*), the MSR, the value written. The VMM answers
+    with `Vcpu.complete_msr(error, data)`; error 1 injects #GP."""
+
+    msr_reason: int  # kvm_run.msr.reason
+    index: int
+    data: int
+
+    @property
+    def is_write(self) -> bool:
+        return self.reason == uapi.KVM_EXIT_X86_WRMSR
+
+
+@dataclass(frozen=True)
 class HltExit(Exit):
     pass
 

@@ -57,6 +57,9 @@ class GuestImage:
     entry: int
     program: Program | None  # None: raw machine code, which only a real vCPU runs
     hypercall_abi: str
+    # How MigrationReady reaches the VMM: "port" (the doorbell, any CPL) or "wrmsr"
+    # (MSR_KVM_MIGRATION_CONTROL itself, through KVM_EXIT_X86_WRMSR: CPL0 only)
+    migration_control: str = "port"
 
 
 @functools.cache

@@ -161,6 +161,27 @@ class kvm_dirty_log(_Struct):  # noqa: N801
     _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
 
 
+class kvm_msr_filter_range(_Struct):  # noqa: N801
+    """One range of the MSR filter: nmsrs MSRs from base, a bit each in bitmap
+    (set: allowed), for reads and/or writes (flags)."""
+
+    EXPECTED_SIZE = 24
+    _fields_ = [("flags", u32), ("nmsrs", u32), ("base", u32), ("bitmap", u64)]
+
+
+KVM_MSR_FILTER_MAX_RANGES: Final = 16
+KVM_MSR_FILTER_READ: Final = 1 << 0
+KVM_MSR_FILTER_WRITE: Final = 1 << 1
+KVM_MSR_FILTER_DEFAULT_ALLOW: Final = 0
+KVM_MSR_FILTER_DEFAULT_DENY: Final = 1 << 0
+
+
+class kvm_msr_filter(_Struct):  # noqa: N801
+    EXPECTED_SIZE = 8 + 16 * 24
+    _fields_ = [("flags", u32), ("pad", u32),
+                ("ranges", kvm_msr_filter_range * KVM_MSR_FILTER_MAX_RANGES)]
+
+
 # --- x86 registers (arch/x86/include/uapi/asm/kvm.h) ------------------------------------------
 class kvm_regs(_Struct):  # noqa: N801
     EXPECTED_SIZE = 144
@@ -268,6 +289,14 @@ class kvm_run_ex(_Struct):  # noqa: N801
     _fields_ = [("exception", u32), ("error_code", u32)]
 
 
+class kvm_run_msr(_Struct):  # noqa: N801
+    """KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR: error is the VMM's answer (1: the
+    guest gets #GP), data goes both ways."""
+
+    EXPECTED_SIZE = 24
+    _fields_ = [("error", u8), ("pad", u8 * 7), ("reason", u32), ("index", u32), ("data", u64)]
+
+
 class kvm_run_exit(ctypes.Union):  # noqa: N801
     _fields_ = [
         ("hw_exit_reason", u64),
@@ -279,6 +308,7 @@ class kvm_run_exit(ctypes.Union):  # noqa: N801
         ("internal", kvm_run_internal),
         ("system_event", kvm_run_system_event),
         ("memory_fault", kvm_run_memory_fault),
+        ("msr", kvm_run_msr),
         ("padding", u8 * 256),
     ]
 
@@ -316,7 +346,14 @@ KVM_EXIT_FAIL_ENTRY: Final = 9
 KVM_EXIT_INTR: Final = 10
 KVM_EXIT_INTERNAL_ERROR: Final = 17
 KVM_EXIT_SYSTEM_EVENT: Final = 24
+KVM_EXIT_X86_RDMSR: Final = 29
+KVM_EXIT_X86_WRMSR: Final = 30
 KVM_EXIT_MEMORY_FAULT: Final = 39
+# kvm_run.msr.reason, and KVM_CAP_X86_USER_SPACE_MSR's argument: which MSR accesses
+# exit to userspace (invalid, unknown to KVM, denied by the filter)
+KVM_MSR_EXIT_REASON_INVAL: Final = 1 << 0
+KVM_MSR_EXIT_REASON_UNKNOWN: Final = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER: Final = 1 << 2
 
 KVM_EXIT_IO_IN: Final = 0
 KVM_EXIT_IO_OUT: Final = 1
@@ -332,6 +369,7 @@ KVM_GET_VCPU_MMAP_SIZE: Final = _IO(KVMIO, 0x04)
 # --- ioctls on a VM fd ---------------------------------------------------------------------
 KVM_CREATE_VCPU: Final = _IO(KVMIO, 0x41)
 KVM_GET_DIRTY_LOG: Final = _IOW(KVMIO, 0x42, kvm_dirty_log)
+KVM_X86_SET_MSR_FILTER: Final = _IOW(KVMIO, 0xC6, kvm_msr_filter)
 KVM_SET_USER_MEMORY_REGION: Final = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
 KVM_SET_USER_MEMORY_REGION2: Final = _IOW(KVMIO, 0x49, kvm_userspace_memory_region2)
 KVM_ENABLE_CAP: Final = _IOW(KVMIO, 0xA3, kvm_enable_cap)
@@ -362,6 +400,8 @@ KVM_CAP_MAX_VCPUS: Final = 66
 KVM_CAP_READONLY_MEM: Final = 81
 KVM_CAP_MULTI_ADDRESS_SPACE: Final = 118
 KVM_CAP_IMMEDIATE_EXIT: Final = 136
+KVM_CAP_X86_USER_SPACE_MSR: Final = 188
+KVM_CAP_X86_MSR_FILTER: Final = 189
 KVM_CAP_EXIT_HYPERCALL: Final = 201
 KVM_CAP_USER_MEMORY2: Final = 231
 KVM_CAP_MEMORY_FAULT_INFO: Final = 232

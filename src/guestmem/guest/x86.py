@@ -105,18 +105,25 @@ class _Assembler:
         return bytes(encoder.encode(base))
 
 
+MIGRATION_CONTROLS = ("port", "wrmsr")
+
+
 class Compiler:
-    def __init__(self, hypercall_abi: str = "vmcall") -> None:
+    def __init__(self, hypercall_abi: str = "vmcall", migration_control: str = "port") -> None:
         if hypercall_abi not in HYPERCALL_ABIS:
             raise ValueError(f"hypercall ABI {hypercall_abi!r} not one of {HYPERCALL_ABIS}")
+        if migration_control not in MIGRATION_CONTROLS:
+            raise ValueError(f"migration control {migration_control!r} not one of "
+                             f"{MIGRATION_CONTROLS}")
         self.abi = hypercall_abi
+        self.migration_control = migration_control
         self.asm = _Assembler()
         self._depth = 0
 
     def compile(self, prog: p.Program) -> GuestImage:
         for step in prog.steps:
             self._step(step)
-        return GuestImage(self.asm.encode(CODE), 0, prog, self.abi)
+        return GuestImage(self.asm.encode(CODE), 0, prog, self.abi, self.migration_control)
 
     # --- steps ------------------------------------------------------------------------------
     def _step(self, step: p.Step) -> None:
@@ -140,6 +147,11 @@ class Compiler:
             case p.Checkpoint(label=label):
                 self.asm.mov_imm(R.RAX, label)
                 self.asm.out(p.PORT_CHECKPOINT)
+            case p.MigrationReady() if self.migration_control == "wrmsr":
+                self.asm.mov_imm(R.RCX, uapi.MSR_KVM_MIGRATION_CONTROL)
+                self.asm.mov_imm(R.RAX, uapi.KVM_MIGRATION_READY)
+                self.asm.mov_imm(R.RDX, 0)
+                self.asm.plain(Code.WRMSR)
             case p.MigrationReady():
                 self.asm.mov_imm(R.RAX, uapi.KVM_MIGRATION_READY)
                 self.asm.out(p.PORT_MIGRATION_CONTROL)
@@ -241,8 +253,11 @@ class Compiler:
         a.jmp(spin)  # a VMM that resumes anyway gets PORT_DONE again
 
 
-def compile_program(prog: p.Program, hypercall_abi: str = "vmcall") -> GuestImage:
-    return Compiler(hypercall_abi).compile(prog)
+def compile_program(prog: p.Program, hypercall_abi: str = "vmcall",
+                    migration_control: str = "port") -> GuestImage:
+    """`migration_control`: how MigrationReady reaches the VMM, the doorbell port or
+    a WRMSR of MSR_KVM_MIGRATION_CONTROL (which only CPL0 code may execute)."""
+    return Compiler(hypercall_abi, migration_control).compile(prog)
 
 
 def default_hypercall_abi(caps: Capabilities, cpl: int | None = None) -> str:

@@ -29,6 +29,7 @@ from guestmem.exits import (
     KvmRunError,
     MemoryFaultExit,
     MmioExit,
+    MsrExit,
     PreFaultError,
     ShutdownExit,
     SystemEventExit,
@@ -282,6 +283,22 @@ class Vm(_Fd):
         for i, value in enumerate(args):
             req.args[i] = value
         self._ioctl(uapi.KVM_ENABLE_CAP, req)
+
+    def set_msr_filter(self, flags: int, ranges: list[tuple[int, int, bytes]]) -> None:
+        """KVM_X86_SET_MSR_FILTER: the default (KVM_MSR_FILTER_DEFAULT_*) and up to 16
+        ranges of (flags, base MSR, bitmap: a bit per MSR, set = allowed)."""
+        req = uapi.kvm_msr_filter(flags=flags)
+        if len(ranges) > uapi.KVM_MSR_FILTER_MAX_RANGES:
+            raise OSError(errno.EINVAL, "KVM_X86_SET_MSR_FILTER: more than 16 ranges")
+        keep = []  # the bitmaps must live until the ioctl returns
+        for i, (range_flags, base, bitmap) in enumerate(ranges):
+            buf = ctypes.create_string_buffer(bytes(bitmap), len(bitmap))
+            keep.append(buf)
+            req.ranges[i].flags, req.ranges[i].base = range_flags, base
+            req.ranges[i].nmsrs = len(bitmap) * 8
+            req.ranges[i].bitmap = ctypes.addressof(buf)
+        self._ioctl(uapi.KVM_X86_SET_MSR_FILTER, req)
+        del keep
 
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
         """KVM_CREATE_VCPU, and the mmap of its struct kvm_run."""
@@ -739,6 +756,8 @@ class Vcpu(_Fd):
         if reason == uapi.KVM_EXIT_MEMORY_FAULT:
             mf = u.memory_fault
             return MemoryFaultExit(reason, mf.flags, mf.gpa, mf.size)
+        if reason in (uapi.KVM_EXIT_X86_RDMSR, uapi.KVM_EXIT_X86_WRMSR):
+            return MsrExit(reason, u.msr.reason, u.msr.index, u.msr.data)
         if reason == uapi.KVM_EXIT_MMIO:
             m = u.mmio
             # The data of a read is for userspace to fill in: report it for writes only.
@@ -773,6 +792,14 @@ class Vcpu(_Fd):
         """Answer a KVM_EXIT_HYPERCALL: KVM puts `ret` in the guest's RAX on the next run."""
         with self._map_lock:
             self._shared("kvm_run").exit.hypercall.ret = ret & 0xFFFFFFFFFFFFFFFF
+
+    def complete_msr(self, error: bool, data: int = 0) -> None:
+        """Answer a KVM_EXIT_X86_RDMSR/WRMSR in kvm_run.msr: error injects #GP on the
+        next KVM_RUN (complete_emulated_msr_access); a read returns `data`."""
+        with self._map_lock:
+            msr = self._shared("kvm_run").exit.msr
+            msr.error = 1 if error else 0
+            msr.data = data & 0xFFFFFFFFFFFFFFFF
 
     @property
     def immediate_exit(self) -> bool:

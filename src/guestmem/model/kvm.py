@@ -77,6 +77,7 @@ class Kvm:
             uapi.KVM_CAP_MULTI_ADDRESS_SPACE: 0, uapi.KVM_CAP_IMMEDIATE_EXIT: 1,
             uapi.KVM_CAP_EXIT_HYPERCALL: prof.exit_hypercall, uapi.KVM_CAP_USER_MEMORY2: 1,
             uapi.KVM_CAP_MEMORY_FAULT_INFO: 1,
+            uapi.KVM_CAP_X86_USER_SPACE_MSR: 1, uapi.KVM_CAP_X86_MSR_FILTER: 1,
             # kvm_supported_mem_attributes(NULL): PRIVATE at system scope when built
             uapi.KVM_CAP_MEMORY_ATTRIBUTES: (
                 uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE

@@ -33,7 +33,8 @@ def snapshot(kvm: Any) -> dict[str, Any]:
             tuple((a, b, v if v == "hva" else v.id) for a, b, v in vm.mmu.mapped.items()),
             (vm.mmu.invalidations, vm.mmu.tlb_flushes, vm.mmu.zapped_pages, vm.mmu.sequence,
              vm.mmu.in_progress, vm.mmu.leaf_splits), tuple(vm.mmu.levels.items()),
-            tuple(vm.guest_pte_dirty.items()), vm.exit_hypercall_mask, vm.refs, vm.fd_open,
+            tuple(vm.guest_pte_dirty.items()), vm.exit_hypercall_mask, vm.user_space_msr,
+            vm.msr_filter, vm.sev_active, vm.refs, vm.fd_open,
             sorted((i, bytes(v.regs), bytes(v.sregs), tuple(v.encrypted_view.items()), v.closed)
                    for i, v in vm.vcpus.items()),
         )

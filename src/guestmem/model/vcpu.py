@@ -29,6 +29,7 @@ from guestmem.exits import (
     KvmRunError,
     MemoryFaultExit,
     MmioExit,
+    MsrExit,
     PreFaultError,
     ShutdownExit,
     oserror,
@@ -105,6 +106,8 @@ class Vcpu:
             self.encrypted_view.set(0, hypercall.GFN_LIMIT, True)
         self._program = p.Program()
         self._abi = "port"
+        self._migration_control = "port"
+        self._msr_error: bool | None = None
         self._resume_at: int | None = None  # the step a paused program continues at
         self._depth = 0  # Loop nesting of the step running
 
@@ -145,13 +148,15 @@ class Vcpu:
         self._live("kvm_run")
         self._immediate_exit = _args.BOOL("immediate_exit", value)
 
-    def load_program(self, program: p.Program, hypercall_abi: str) -> None:
+    def load_program(self, program: p.Program, hypercall_abi: str,
+                     migration_control: str = "port") -> None:
         """Model only: the program the VMM placed in guest memory, to interpret."""
         if not isinstance(program, p.Program):
             raise TypeError(f"the model's vCPU interprets guestmem programs, not x86 code: "
                             f"got {type(program).__name__}; raw machine code runs only on "
                             f"the kvm backend")
         self._abi = hypercall_abi
+        self._migration_control = migration_control
         self._program = program
         self._execution = self._run_steps(program.steps)
 
@@ -163,12 +168,13 @@ class Vcpu:
                              "top-level Checkpoint or at the program's end")
         return api.ProgramState(self._program, self._resume_at, self._abi,
                                 tuple((s, e) for s, e, _ in self.encrypted_view.overlapping(
-                                    0, hypercall.GFN_LIMIT)))
+                                    0, hypercall.GFN_LIMIT)), self._migration_control)
 
     def restore_program_state(self, state: api.ProgramState) -> None:
         """api.ProgramVcpu: continue state's program at its next step."""
         self._live("KVM_SET_REGS")
         self._abi, self._program = state.hypercall_abi, state.program
+        self._migration_control = state.migration_control
         self._execution = self._run_steps(state.program.steps, state.next_step)
         self.encrypted_view = ExtentMap()
         for s, e in state.encrypted:
@@ -311,6 +317,8 @@ class Vcpu:
                 if self._depth:  # not resumable inside a Loop
                     self._resume_at = None
                 yield _out(p.PORT_CHECKPOINT, label & 0xFFFFFFFF)
+            case p.MigrationReady() if self._migration_control == "wrmsr":
+                yield from self._wrmsr(uapi.MSR_KVM_MIGRATION_CONTROL, uapi.KVM_MIGRATION_READY)
             case p.MigrationReady():
                 yield _out(p.PORT_MIGRATION_CONTROL, uapi.KVM_MIGRATION_READY)
             case p.MapGpaRange():
@@ -335,6 +343,24 @@ class Vcpu:
                     yield _out(p.PORT_DONE, 0)
             case _:
                 raise TypeError(f"unknown step {step!r}")
+
+    def _wrmsr(self, index: int, value: int) -> Execution:
+        """WRMSR: #GP at CPL3 before any MSR handling (observed on 6.18 PVM, whatever
+        the capability and filter); at CPL0 KVM_EXIT_X86_WRMSR where the VM asked
+        for this reason (KVM_CAP_X86_USER_SPACE_MSR), else #GP. With no IDT a #GP
+        is a triple fault: KVM_EXIT_SHUTDOWN."""
+        reason = self.vm.msr_write_exit(index) if self.cpl == 0 else None
+        if reason is not None:
+            self._msr_error = None
+            yield MsrExit(uapi.KVM_EXIT_X86_WRMSR, reason, index, value)
+            if not self._msr_error:
+                return
+        yield from _shut_down()
+
+    def complete_msr(self, error: bool, data: int = 0) -> None:
+        """Answer a KVM_EXIT_X86_RDMSR/WRMSR: error injects #GP on the next KVM_RUN."""
+        self._live("kvm_run")
+        self._msr_error = bool(error)
 
     def _report(self, value: int) -> Execution:
         value &= _MASK

@@ -149,6 +149,8 @@ class Stage2Mmu:
 
 
 _MEMORY_KEYS = itertools.count(1)
+_MSR_EXIT_REASONS = (uapi.KVM_MSR_EXIT_REASON_INVAL | uapi.KVM_MSR_EXIT_REASON_UNKNOWN
+                     | uapi.KVM_MSR_EXIT_REASON_FILTER)
 
 
 @_args.checked
@@ -165,6 +167,9 @@ class Vm:
         self.attributes: ExtentMap[int] = ExtentMap()  # gfn -> attrs, absent = 0
         self.mmu = Stage2Mmu()
         self.exit_hypercall_mask = 0
+        self.user_space_msr = 0  # KVM_CAP_X86_USER_SPACE_MSR: the reasons that exit
+        # KVM_X86_SET_MSR_FILTER: (default flags, ((flags, base, bitmap), ...))
+        self.msr_filter: tuple[int, tuple[tuple[int, int, bytes], ...]] = (0, ())
         # Open vCPU fds by id (a dropped one is collected), and every id ever created:
         # a vCPU outlives its fd until the VM dies (kvm->vcpu_array).
         self.vcpus: weakref.WeakValueDictionary[int, Vcpu] = weakref.WeakValueDictionary()
@@ -242,14 +247,53 @@ class Vm:
         return self.kvm.vm_extension(self.vm_type, cap)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        """KVM_ENABLE_CAP (x86 kvm_vm_ioctl_enable_cap: KVM_CAP_EXIT_HYPERCALL only here)."""
+        """KVM_ENABLE_CAP (x86 kvm_vm_ioctl_enable_cap: KVM_CAP_EXIT_HYPERCALL and
+        KVM_CAP_X86_USER_SPACE_MSR here)."""
         self._live()
+        if cap == uapi.KVM_CAP_X86_USER_SPACE_MSR and not flags and \
+                self.kvm.system_extension(cap):
+            mask = args[0] if args else 0
+            if mask & ~_MSR_EXIT_REASONS:
+                raise oserror(errno.EINVAL, "enable_cap")  # x86.c: outside the valid mask
+            self.user_space_msr = mask
+            return
         if cap != uapi.KVM_CAP_EXIT_HYPERCALL or flags:
             raise oserror(errno.EINVAL, "enable_cap")  # kvm_vm_ioctl_enable_cap: unknown
         mask = args[0] if args else 0
         if mask & ~self.kvm.system_extension(uapi.KVM_CAP_EXIT_HYPERCALL):
             raise oserror(errno.EINVAL, "enable_cap")  # x86.c: outside VALID_MASK
         self.exit_hypercall_mask = mask
+
+    def set_msr_filter(self, flags: int, ranges: list[tuple[int, int, bytes]]) -> None:
+        """KVM_X86_SET_MSR_FILTER (kvm_vm_ioctl_set_msr_filter, kvm_add_msr_filter):
+        unknown default flags, more than 16 ranges, unknown range flags, or a range
+        with MSRs and no flags: EINVAL, nothing changed."""
+        self._live()
+        if not self.kvm.system_extension(uapi.KVM_CAP_X86_MSR_FILTER):
+            raise oserror(errno.ENOTTY, "KVM_X86_SET_MSR_FILTER")
+        valid = uapi.KVM_MSR_FILTER_READ | uapi.KVM_MSR_FILTER_WRITE
+        if flags & ~uapi.KVM_MSR_FILTER_DEFAULT_DENY or \
+                len(ranges) > uapi.KVM_MSR_FILTER_MAX_RANGES:
+            raise oserror(errno.EINVAL, "KVM_X86_SET_MSR_FILTER")
+        for range_flags, _, bitmap in ranges:
+            if bitmap and (range_flags & ~valid or not range_flags):
+                raise oserror(errno.EINVAL, "KVM_X86_SET_MSR_FILTER range")
+        self.msr_filter = (flags, tuple((f, b, bytes(m)) for f, b, m in ranges if m))
+
+    def msr_write_exit(self, index: int) -> int | None:
+        """kvm_msr_allowed then the MSR's handler, for a guest's WRMSR of `index`:
+        the KVM_MSR_EXIT_REASON_* it exits to userspace with, or None where KVM
+        injects #GP. Only MSRs KVM does not handle are modelled (the guest's
+        MSR_KVM_MIGRATION_CONTROL: kvm_set_msr_common does not know it)."""
+        default, ranges = self.msr_filter
+        allowed = not default & uapi.KVM_MSR_FILTER_DEFAULT_DENY
+        for range_flags, base, bitmap in ranges:
+            if range_flags & uapi.KVM_MSR_FILTER_WRITE and base <= index < base + 8 * len(bitmap):
+                bit = index - base
+                allowed = bool(bitmap[bit // 8] >> (bit % 8) & 1)
+                break
+        reason = uapi.KVM_MSR_EXIT_REASON_UNKNOWN if allowed else uapi.KVM_MSR_EXIT_REASON_FILTER
+        return reason if self.user_space_msr & reason else None
 
     # --- guest_memfd ------------------------------------------------------------------------------
     def create_guest_memfd(self, size: int, flags: int = 0, page_order: int = 0) -> GuestMemfd:

@@ -484,6 +484,7 @@ class Source:
         if isinstance(vcpu, api.ProgramVcpu):
             state = vcpu.program_state()
             model = _json({"next_step": state.next_step, "abi": state.hypercall_abi,
+                           "migration_control": state.migration_control,
                            "encrypted": [list(r) for r in state.encrypted],
                            "program": p.encode_program(state.program)})
         return struct.pack("<II", len(regs), len(sregs)) + regs + sregs + model
@@ -720,7 +721,8 @@ class Destination:
                 abi = str(state["abi"])
                 encrypted = tuple((int(a), int(b)) for a, b in state["encrypted"])  # type: ignore
                 resume = api.ProgramState(program, int(state["next_step"]), abi,  # type: ignore
-                                          encrypted)
+                                          encrypted, str(state.get("migration_control",
+                                                                   "port")))
             except (KeyError, TypeError, ValueError) as e:
                 raise stream.StreamError(f"the program state is malformed: {e}") from None
             vcpu.restore_program_state(resume)

@@ -34,6 +34,7 @@ from guestmem.exits import (
     KvmRunError,
     MemoryFaultExit,
     MmioExit,
+    MsrExit,
     ShutdownExit,
 )
 from guestmem.hypercall import kvm_check
@@ -234,7 +235,9 @@ class Vmm:
         self.handlers: dict[type[Exit], Handler] = {
             IoExit: self._handle_io,
             HypercallExit: self._handle_hypercall,
+            MsrExit: self._handle_msr,
         }
+        self._msr_filtered = False
         self._report_lo: int | None = None
         # Called at each Checkpoint with its label; True pauses the run (stop
         # "paused"), as a migration's stop-and-copy does.
@@ -427,7 +430,10 @@ class Vmm:
         self.vcpu.set_sregs(machine.initial_sregs(self.vcpu.get_sregs(), self.cpl))
         self.vcpu.set_regs(machine.initial_regs(image))
         if isinstance(self.vcpu, api.ProgramVcpu) and image.program is not None:
-            self.vcpu.load_program(image.program, image.hypercall_abi)  # the model runs it
+            self.vcpu.load_program(image.program, image.hypercall_abi,  # the model runs it
+                                   image.migration_control)
+        if image.migration_control == "wrmsr":
+            self._msr_exits()
         self.image = image
 
     def adopt(self, image: machine.GuestImage) -> None:
@@ -541,6 +547,37 @@ class Vmm:
             return True
         else:
             raise UnhandledExit(exit)
+        return False
+
+    def _msr_exits(self) -> None:
+        """The guest writes MSR_KVM_MIGRATION_CONTROL itself: make that WRMSR exit
+        to us as QEMU's SEV series does, with KVM_CAP_X86_USER_SPACE_MSR (FILTER)
+        and a filter that denies the write (KVM does not handle the MSR)."""
+        if self._msr_filtered:
+            return
+        need = (uapi.KVM_CAP_X86_USER_SPACE_MSR, uapi.KVM_CAP_X86_MSR_FILTER)
+        missing = [cap for cap in need if not self.vm.check_extension(cap)]
+        if missing:
+            raise RuntimeError(f"KVM cannot hand the guest's WRMSR to userspace here "
+                               f"(capabilities {missing} missing): compile the guest with "
+                               "migration_control='port'")
+        self.vm.enable_cap(uapi.KVM_CAP_X86_USER_SPACE_MSR, uapi.KVM_MSR_EXIT_REASON_FILTER)
+        deny = [(uapi.KVM_MSR_FILTER_WRITE, uapi.MSR_KVM_MIGRATION_CONTROL, b"\x00")]
+        self.vm.set_msr_filter(uapi.KVM_MSR_FILTER_DEFAULT_ALLOW, deny)
+        self._msr_filtered = True
+
+    def _handle_msr(self, exit: Exit, result: RunResult) -> bool:
+        """KVM_EXIT_X86_WRMSR/RDMSR: the guest's MSR_KVM_MIGRATION_CONTROL write is
+        taken; anything else gets #GP, as KVM would have given it."""
+        if not isinstance(exit, MsrExit):
+            raise UnhandledExit(exit)
+        ours = exit.is_write and exit.index == uapi.MSR_KVM_MIGRATION_CONTROL
+        if ours:
+            result.log.append(f"KVM_EXIT_X86_WRMSR {exit.index:#x} = {exit.data:#x}")
+            self._migration_control(exit.data, result)
+        else:
+            result.log.append(f"MSR {exit.index:#x} {'write' if exit.is_write else 'read'}: #GP")
+        self.vcpu.complete_msr(not ours)
         return False
 
     def _checkpoint(self, label: int, result: RunResult) -> bool:
