@@ -282,3 +282,44 @@ def test_a_start_that_fails_leaves_dirty_logging_off(monkeypatch):
     with pytest.raises(OSError) as e:
         vmm.vm.get_dirty_log(vmm.regions[0].slot, 1)
     assert e.value.errno == errno.ENOENT
+
+
+def _stream_of(vmm, key):
+    out = io.BytesIO()
+    source = Source(vmm, VARIANTS["dirty-first"], key, out)
+    source.begin()
+    source.stop_and_copy()
+    source.finish()
+    return out.getvalue()
+
+
+def _rewritten(records):
+    """Records re-sequenced and re-checksummed, as a host that forges a stream would."""
+    out = io.BytesIO()
+    writer = stream.StreamWriter(out)
+    for record in records:
+        writer.record(record.tag, record.payload)
+    writer.end()
+    return out.getvalue()
+
+
+def test_a_forged_stream_cannot_roll_back_drop_or_cut_private_pages():
+    """Valid checksums do not make a stream genuine: a private blob swapped for an
+    earlier one, a dropped one, or a stream cut before the firmware's finish
+    record is refused naming the record."""
+    vmm = sev_source(PRIVATE_AND_SHARED)
+    vmm.run()
+    key = TransportKey()
+    records = list(stream.read_records(io.BytesIO(_stream_of(vmm, key))))
+    private = [i for i, r in enumerate(records) if r.tag == stream.PRIVATE]
+    assert len(private) >= 2
+    swapped = list(records)
+    swapped[private[1]] = records[private[0]]
+    dropped = [r for i, r in enumerate(records) if i != private[1]]
+    cut = [r for r in records if r.tag != stream.FINISH]
+    after = [*records, records[private[0]]]
+    for forged, why in ((swapped, "replayed, reordered or dropped"),
+                        (dropped, "replayed, reordered or dropped"),
+                        (cut, "no finish record"), (after, "after the finish record")):
+        with pytest.raises(stream.StreamError, match=why):
+            Destination(vmm.kvm, key).receive(io.BytesIO(_rewritten(forged)))

@@ -68,3 +68,36 @@ def test_pages_are_exported_whole_and_keys_are_aes_256():
             exporter.export(0, pages, PRIVATE, data)
     with pytest.raises(ValueError, match="32 bytes"):
         TransportKey(bytes(16))
+
+
+def test_an_importer_takes_blobs_only_in_the_order_they_were_made():
+    """A blob replayed from earlier, a dropped one, one from another stream, and a
+    count that does not match are refused (the host carries the blobs and may try
+    to roll a private page back)."""
+    from guestmem.vmm.transport import Importer
+
+    key = TransportKey()
+    exporter = Exporter(key)
+    blobs = [exporter.export(i, 1, PRIVATE, bytes([i]) * 8) for i in range(3)]
+    sealed = exporter.finish()
+    importer = Importer(key)
+    assert importer.import_pages(blobs[0]).data == bytes(8)
+    for bad in (blobs[0], blobs[2], Exporter(key).export(1, 1, PRIVATE, b"x" * 8)):
+        with pytest.raises(TransportError, match="replayed, reordered or dropped"):
+            importer.import_pages(bad)
+    importer.import_pages(blobs[1])
+    with pytest.raises(TransportError, match="due"):  # the finish is not the next blob
+        importer.finish(sealed)
+    importer.import_pages(blobs[2])
+    assert importer.finish(sealed) == 3
+    short = Importer(key)
+    short.import_pages(blobs[0])
+    with pytest.raises(TransportError):
+        short.finish(sealed)
+    damaged = bytearray(sealed)
+    damaged[-1] ^= 1
+    complete = Importer(key)
+    for blob in blobs:
+        complete.import_pages(blob)
+    with pytest.raises(TransportError, match="authentication failed"):
+        complete.finish(bytes(damaged))

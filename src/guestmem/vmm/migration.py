@@ -39,7 +39,7 @@ from guestmem import program as p
 from guestmem.extents import ExtentMap
 from guestmem.hypercall import GFN_LIMIT
 from guestmem.vmm import stream
-from guestmem.vmm.transport import Exporter, TransportError, TransportKey, import_pages
+from guestmem.vmm.transport import Exporter, Importer, TransportError, TransportKey
 from guestmem.vmm.vmm import IN_PLACE, MemoryRegion, Vmm
 
 PAGE = uapi.PAGE_SIZE
@@ -490,8 +490,10 @@ class Source:
         return struct.pack("<II", len(regs), len(sregs)) + regs + sregs + model
 
     def finish(self) -> None:
-        """END: the destination may run. The source stays as it is: it is the
-        caller's to resume (the destination refused) or destroy (SEND_FINISH)."""
+        """FINI (the firmware's sealed count of private blobs), then END: the
+        destination may run. The source stays as it is: it is the caller's to
+        resume (the destination refused) or destroy (SEND_FINISH)."""
+        self.writer.record(stream.FINISH, self.exporter.finish())
         self.writer.end()
         self.stats.stream_bytes = self.writer.written
 
@@ -562,6 +564,8 @@ class Destination:
                  ) -> None:
         self.kvm = kvm
         self.key = key
+        self.importer = Importer(key)
+        self.finished = False
         self.make_vmm = make_vmm or Vmm
         self.vmm: Vmm | None = None
         self.design: Design | None = None
@@ -576,6 +580,9 @@ class Destination:
                 self._apply(record)
             if self.vmm is None or self.vmm.image is None:
                 raise stream.StreamError("the stream has no configuration or no vCPU state")
+            if not self.finished:
+                raise stream.StreamError("the stream has no finish record: its private "
+                                         "pages cannot be known complete")
             return self.vmm
         except BaseException:
             if self.vmm is not None:
@@ -584,6 +591,9 @@ class Destination:
             raise
 
     def _apply(self, record: stream.Record) -> None:
+        if self.finished:
+            raise stream.StreamError(f"record {record.sequence} ({record.tag.decode()}) "
+                                     "after the finish record")
         if record.tag == stream.CONFIG:
             self._configure(record)
             return
@@ -594,7 +604,7 @@ class Destination:
             self._place(*decode_runs(record.payload), private=False)
         elif record.tag == stream.PRIVATE:
             try:
-                imported = import_pages(self.key, record.payload)
+                imported = self.importer.import_pages(record.payload)
             except TransportError as e:
                 raise stream.StreamError(f"record {record.sequence} (PRIV): {e}") from None
             gfn, pages, runs = decode_runs(imported.data)
@@ -606,6 +616,12 @@ class Destination:
             self._take_state(record)
         elif record.tag == stream.VCPU:
             self._take_vcpu(record.payload)
+        elif record.tag == stream.FINISH:
+            try:
+                self.importer.finish(record.payload)
+            except TransportError as e:
+                raise stream.StreamError(f"record {record.sequence} (FINI): {e}") from None
+            self.finished = True
 
     def _configure(self, record: stream.Record) -> None:
         if self.vmm is not None:

@@ -32,10 +32,11 @@ MAX_PAYLOAD = 1 << 32  # a bound on what a reader allocates for one record
 
 # Record tags: the VM's configuration, memory pages in plaintext, private pages as
 # the firmware exported them, the shared-regions list (SEV design) or the private
-# attributes (guest_memfd design), vCPU state, the end of the stream.
-CONFIG, PAGES, PRIVATE, SHARED_LIST, ATTRIBUTES, VCPU, END = (
-    b"CONF", b"PAGE", b"PRIV", b"LIST", b"ATTR", b"VCPU", b"END.")
-TAGS = frozenset({CONFIG, PAGES, PRIVATE, SHARED_LIST, ATTRIBUTES, VCPU, END})
+# attributes (guest_memfd design), vCPU state, the firmware's sealed count of
+# private blobs (SEND_FINISH), the end of the stream.
+CONFIG, PAGES, PRIVATE, SHARED_LIST, ATTRIBUTES, VCPU, FINISH, END = (
+    b"CONF", b"PAGE", b"PRIV", b"LIST", b"ATTR", b"VCPU", b"FINI", b"END.")
+TAGS = frozenset({CONFIG, PAGES, PRIVATE, SHARED_LIST, ATTRIBUTES, VCPU, FINISH, END})
 
 
 class StreamError(ValueError):

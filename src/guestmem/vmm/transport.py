@@ -47,7 +47,10 @@ class TransportKey:
 
 
 class Exporter:
-    """SEND_UPDATE_DATA on the source: one exporter per stream."""
+    """SEND_UPDATE_DATA on the source: one exporter per stream. Its nonces count
+    up from a random prefix, and `finish()` seals how many blobs it made, so an
+    Importer refuses a blob replayed from earlier, reordered or dropped, and a
+    stream cut before its last blob (SEND_FINISH's role here)."""
 
     def __init__(self, key: TransportKey) -> None:
         self._aead = AESGCM(key.key)
@@ -64,6 +67,58 @@ class Exporter:
         nonce = self._prefix + self._counter.to_bytes(8, "little")
         self._counter += 1
         return header + nonce + self._aead.encrypt(nonce, data, header)
+
+
+    def finish(self) -> bytes:
+        """The count of blobs exported, sealed under the key with the next nonce."""
+        nonce = self._prefix + self._counter.to_bytes(8, "little")
+        count = self._counter.to_bytes(8, "little")
+        return nonce + self._aead.encrypt(nonce, count, _FINISH)
+
+
+_FINISH = b"guestmem SEND_FINISH"
+
+
+class Importer:
+    """RECEIVE_UPDATE_DATA for one stream: each blob must carry the next nonce of
+    the exporter that began the stream (the first blob fixes its prefix), and
+    `finish()` must find exactly the blobs imported. Anything else is refused."""
+
+    def __init__(self, key: TransportKey) -> None:
+        self.key = key
+        self._prefix: bytes | None = None
+        self._counter = 0
+
+    def import_pages(self, blob: bytes) -> ImportedPages:
+        if len(blob) >= _HEADER.size + _NONCE:
+            self._check_nonce(blob[_HEADER.size:_HEADER.size + _NONCE], "pages")
+        pages = import_pages(self.key, blob)
+        self._counter += 1
+        return pages
+
+    def finish(self, sealed: bytes) -> int:
+        """The exporter's count, if it equals what was imported; else TransportError."""
+        if len(sealed) != _NONCE + 8 + 16:
+            raise TransportError("a finish record of the wrong size")
+        self._check_nonce(sealed[:_NONCE], "the finish record")
+        try:
+            count = AESGCM(self.key.key).decrypt(sealed[:_NONCE], sealed[_NONCE:], _FINISH)
+        except InvalidTag:
+            raise TransportError("the finish record: authentication failed") from None
+        sent = int.from_bytes(count, "little")
+        if sent != self._counter:
+            raise TransportError(f"the source exported {sent} private blobs, "
+                                 f"{self._counter} arrived")
+        return sent
+
+    def _check_nonce(self, nonce: bytes, what: str) -> None:
+        prefix, counter = nonce[:4], int.from_bytes(nonce[4:], "little")
+        if self._prefix is None:
+            self._prefix = prefix
+        if prefix != self._prefix or counter != self._counter:
+            raise TransportError(f"{what}: blob {counter} of stream {prefix.hex()} where blob "
+                                 f"{self._counter} of stream {self._prefix.hex()} was due "
+                                 "(replayed, reordered or dropped)")
 
 
 def import_pages(key: TransportKey, blob: bytes) -> ImportedPages:
