@@ -323,3 +323,69 @@ def test_a_forged_stream_cannot_roll_back_drop_or_cut_private_pages():
                         (cut, "no finish record"), (after, "after the finish record")):
         with pytest.raises(stream.StreamError, match=why):
             Destination(vmm.kvm, key).receive(io.BytesIO(_rewritten(forged)))
+
+
+def _with_payload(records, tag, payload):
+    return [stream.Record(r.tag, r.sequence, payload if r.tag == tag else r.payload)
+            for r in records]
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda c: c["regions"][0].pop("gpa"), "gpa and size must be integers"),
+    (lambda c: c.update(regions="xyz"), "list of 1 to 512"),
+    (lambda c: c.update(regions=[1, 2]), "not an object"),
+    (lambda c: c["regions"][1].update(gpa=-4096), "page-aligned"),
+    (lambda c: c["regions"][1].update(size=-4096), "page-aligned"),
+    (lambda c: c["regions"][0].update(size=4097), "page-aligned"),
+    (lambda c: c["regions"][1].update(gpa=1 << 70), "below 2\\^52"),
+    (lambda c: c["regions"][1].update(backing="tmpfs"), "backing"),
+    (lambda c: c.update(vm_type=99), "cannot build the VM"),
+    (lambda c: c.update(sev="yes"), "sev"),
+    (lambda c: c.update(design="telepathy"), "unknown design"),
+])
+def test_a_hostile_configuration_is_refused_before_anything_is_built(change, why):
+    import json
+
+    vmm = sev_source(PRIVATE_AND_SHARED)
+    vmm.run()
+    key = TransportKey()
+    records = list(stream.read_records(io.BytesIO(_stream_of(vmm, key))))
+    conf = json.loads(records[0].payload)
+    change(conf)
+    forged = _with_payload(records, stream.CONFIG, json.dumps(conf).encode())
+    with pytest.raises(stream.StreamError, match=why):
+        Destination(vmm.kvm, key).receive(io.BytesIO(_rewritten(forged)))
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda s: s.update(next_step=10**6), "step 1000000"),
+    (lambda s: s.update(next_step=-5), "step -5"),
+    (lambda s: s.update(abi="bogus"), "hypercall ABI 'bogus'"),
+    (lambda s: s.update(encrypted=[[-5, 2**70]]), "outside guest memory"),
+    (lambda s: s.update(program=[["WritePattern", {"bogus": 1}]]), "malformed"),
+])
+def test_a_hostile_vcpu_record_is_refused(change, why):
+    import json
+    import struct as st
+
+    vmm = sev_source(PRIVATE_AND_SHARED)
+    vmm.run()
+    key = TransportKey()
+    records = list(stream.read_records(io.BytesIO(_stream_of(vmm, key))))
+    payload = next(r.payload for r in records if r.tag == stream.VCPU)
+    nregs, nsregs = st.unpack_from("<II", payload)
+    head, state = payload[:8 + nregs + nsregs], json.loads(payload[8 + nregs + nsregs:])
+    change(state)
+    forged = _with_payload(records, stream.VCPU, head + json.dumps(state).encode())
+    with pytest.raises(stream.StreamError, match=why):
+        Destination(vmm.kvm, key).receive(io.BytesIO(_rewritten(forged)))
+
+
+def test_a_formula_run_must_be_whole_words_and_a_huge_claim_allocates_nothing():
+    with pytest.raises(stream.StreamError, match="whole 64-bit words"):
+        decode_runs(encode_runs(0, 1, [api.Run(0, 12, None, 1, 0),
+                                       api.Run(12, PAGE, b"x" * (PAGE - 12))]))
+    head = b"GMMIGRAT" + (1).to_bytes(2, "little") + bytes(2)
+    claim = b"PAGE" + bytes(4) + (1 << 32).to_bytes(8, "little")  # 4 GiB, never sent
+    with pytest.raises(stream.StreamError, match="ends inside record 0's payload"):
+        list(stream.read_records(io.BytesIO(head + claim + b"x" * 100)))

@@ -37,6 +37,7 @@ from typing import BinaryIO
 from guestmem import api, machine, uapi
 from guestmem import program as p
 from guestmem.extents import ExtentMap
+from guestmem.guest.x86 import HYPERCALL_ABIS, MIGRATION_CONTROLS
 from guestmem.hypercall import GFN_LIMIT
 from guestmem.vmm import stream
 from guestmem.vmm.transport import Exporter, Importer, TransportError, TransportKey
@@ -184,6 +185,8 @@ def decode_runs(payload: bytes) -> tuple[int, int, list[api.Run]]:
         pos += _RUN.size
         if start != covered or length == 0 or kind not in (_RAW, _FORMULA_RUN):
             raise stream.StreamError(f"gfn {gfn:#x}: runs do not tile the pages")
+        if kind == _FORMULA_RUN and (start % 8 or length % 8):
+            raise stream.StreamError(f"gfn {gfn:#x}: a formula run not of whole 64-bit words")
         if kind == _RAW:
             data = payload[pos:pos + length]
             if len(data) != length:
@@ -554,6 +557,60 @@ def _unjson(payload: bytes, what: str) -> dict[str, object]:
 
 
 # --- the destination ---------------------------------------------------------------------------
+BACKINGS = ("gmem", "gmem+shared", IN_PLACE, "anon")
+MAX_GUEST = 1 << 52  # x86-64 physical addresses
+
+
+@dataclass(frozen=True)
+class ConfRegion:
+    gpa: int
+    size: int
+    backing: str
+
+
+def _kind(backing: str) -> str:
+    return "anon" if backing == "anon" else "gmem"
+
+
+def _check_config(conf: dict[str, object]) -> tuple[Design, int, bool, list[ConfRegion]]:
+    """The CONF record, checked before anything is built: a design, a VM type, the
+    SEV flag, and memslots of page-aligned, non-empty, disjoint guest-physical
+    ranges below 2^52, the first at GPA 0; StreamError naming what is wrong."""
+    def bad(what: str) -> stream.StreamError:
+        return stream.StreamError(f"the configuration: {what}")
+
+    try:
+        design = Design(conf.get("design"))
+    except ValueError:
+        raise bad(f"unknown design {conf.get('design')!r}") from None
+    vm_type, sev, raw = conf.get("vm_type"), conf.get("sev", False), conf.get("regions")
+    if not isinstance(vm_type, int) or isinstance(vm_type, bool) or not 0 <= vm_type < 2**32:
+        raise bad(f"vm_type {vm_type!r}")
+    if not isinstance(sev, bool):
+        raise bad(f"sev {sev!r}")
+    if not isinstance(raw, list) or not raw or len(raw) > 512:
+        raise bad("regions must be a list of 1 to 512 memslots")
+    regions, end = [], 0
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise bad(f"region {i} is not an object")
+        gpa, size, backing = item.get("gpa"), item.get("size"), item.get("backing")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (gpa, size)):
+            raise bad(f"region {i}: gpa and size must be integers")
+        assert isinstance(gpa, int) and isinstance(size, int)
+        if gpa % PAGE or size % PAGE or size <= 0 or gpa < end or gpa + size > MAX_GUEST:
+            raise bad(f"region {i}: [{gpa:#x}, +{size:#x}) is not page-aligned, non-empty, "
+                      "in order and below 2^52")
+        if backing not in BACKINGS:
+            raise bad(f"region {i}: backing {backing!r}")
+        assert isinstance(backing, str)
+        regions.append(ConfRegion(gpa, size, backing))
+        end = gpa + size
+    if regions[0].gpa != 0:
+        raise bad("no low memory at GPA 0")
+    return design, vm_type, sev, regions
+
+
 class Destination:
     """The receiving side: builds the VM the CONF record describes, places each
     record's pages in the state they were sent with, takes the list or attributes
@@ -627,29 +684,25 @@ class Destination:
         if self.vmm is not None:
             raise stream.StreamError(f"record {record.sequence}: a second configuration")
         conf = _unjson(record.payload, "the configuration")
+        design, vm_type, sev, regions = _check_config(conf)
+        self.design = design
+        low = regions[0]
         try:
-            self.design = Design(conf["design"])
-            vm_type = int(conf["vm_type"])  # type: ignore[call-overload]
-            regions = list(conf["regions"])  # type: ignore[call-overload]
-        except (KeyError, ValueError, TypeError) as e:
-            raise stream.StreamError(f"the configuration is incomplete: {e}") from None
-        low = regions[0] if regions else None
-        if low is None or low["gpa"] != 0:
-            raise stream.StreamError("the configuration has no low memory at GPA 0")
-        backing = "anon" if low["backing"] == "anon" else "gmem"
-        # an SEV source's context is received (RECEIVE_START: encryption on here too)
-        vmm = self.make_vmm(self.kvm, vm_type, backing=backing, low_memory_size=low["size"],
-                            launch_sev=bool(conf.get("sev", False)))
-        self.vmm = vmm
-        for region in regions[1:]:
-            kind = "anon" if region["backing"] == "anon" else "gmem"
-            if region["backing"] in ("gmem+shared",) or (region["backing"] == IN_PLACE
-                                                          and not vmm.in_place):
-                vmm.add_private_memory(region["gpa"], region["size"])
-            else:
-                vmm.add_memory(region["gpa"], region["size"], kind)
+            # an SEV source's context is received (RECEIVE_START: encryption on here too)
+            vmm = self.make_vmm(self.kvm, vm_type, backing=_kind(low.backing),
+                                low_memory_size=low.size, launch_sev=sev)
+            self.vmm = vmm
+            for region in regions[1:]:
+                if region.backing == "gmem+shared" or (region.backing == IN_PLACE
+                                                       and not vmm.in_place):
+                    vmm.add_private_memory(region.gpa, region.size)
+                else:
+                    vmm.add_memory(region.gpa, region.size, _kind(region.backing))
+        except (OSError, ValueError) as e:
+            raise stream.StreamError(f"cannot build the VM the configuration describes: "
+                                     f"{e}") from None
         got = [(r.gpa, r.size, r.backing) for r in vmm.regions]
-        want = [(r["gpa"], r["size"], r["backing"]) for r in regions]
+        want = [(r.gpa, r.size, r.backing) for r in regions]
         if got != want:
             raise stream.StreamError(f"this host builds the memslots as {got}, the source "
                                      f"had {want}")
@@ -691,11 +744,13 @@ class Destination:
                 region.mapping.write(offset + run.start, run.data)
             elif run.word == 0 and run.step == 0:
                 region.mapping.fill(offset + run.start, 0, run.end - run.start)
-            else:
-                words = (run.end - run.start) // 8
-                region.mapping.write(offset + run.start, struct.pack(
-                    f"<{words}Q", *((run.word + i * run.step) & (2**64 - 1)
-                                   for i in range(words))))
+            else:  # rendered a chunk at a time: a tiny record may describe a huge run
+                for at in range(run.start, run.end, CHUNK):
+                    words = (min(run.end, at + CHUNK) - at) // 8
+                    first = run.word + (at - run.start) // 8 * run.step
+                    region.mapping.write(offset + at, struct.pack(
+                        f"<{words}Q", *((first + i * run.step) & (2**64 - 1)
+                                       for i in range(words))))
 
     def _take_state(self, record: stream.Record) -> None:
         """The list (SEV) or attributes (guest_memfd) as the source had them."""
@@ -726,23 +781,39 @@ class Destination:
         except (struct.error, ValueError) as e:
             raise stream.StreamError(f"the vCPU state is malformed: {e}") from None
         program: p.Program | None = None
-        abi = "port"
+        abi, control = "port", "port"
         if rest:
-            state = _unjson(rest, "the program state")
             if not isinstance(vcpu, api.ProgramVcpu):
                 raise stream.StreamError("the source ran an interpreted program (the model); "
                                          "this backend runs machine code")
-            try:
-                program = p.decode_program(state["program"])
-                abi = str(state["abi"])
-                encrypted = tuple((int(a), int(b)) for a, b in state["encrypted"])  # type: ignore
-                resume = api.ProgramState(program, int(state["next_step"]), abi,  # type: ignore
-                                          encrypted, str(state.get("migration_control",
-                                                                   "port")))
-            except (KeyError, TypeError, ValueError) as e:
-                raise stream.StreamError(f"the program state is malformed: {e}") from None
+            resume = _program_state(_unjson(rest, "the program state"))
+            program, abi, control = resume.program, resume.hypercall_abi, \
+                resume.migration_control
             vcpu.restore_program_state(resume)
-        self.vmm.adopt(machine.GuestImage(b"", 0, program, abi))
+        self.vmm.adopt(machine.GuestImage(b"", 0, program, abi, control))
+
+
+def _program_state(state: dict[str, object]) -> api.ProgramState:
+    """The model's vCPU record, checked: a program, a step within it, a known ABI
+    and way of writing the migration MSR, C-bit ranges within guest memory."""
+    try:
+        program = p.decode_program(state["program"])
+        next_step, abi = state["next_step"], state["abi"]
+        control = state.get("migration_control", "port")
+        encrypted = state["encrypted"]
+        if not isinstance(next_step, int) or not 0 <= next_step <= len(program.steps):
+            raise ValueError(f"step {next_step!r} of a {len(program.steps)}-step program")
+        if abi not in HYPERCALL_ABIS or control not in MIGRATION_CONTROLS:
+            raise ValueError(f"hypercall ABI {abi!r}, migration control {control!r}")
+        if not isinstance(encrypted, list):
+            raise ValueError("encrypted must be a list of ranges")
+        ranges = tuple((int(a), int(b)) for a, b in encrypted)
+        if any(not 0 <= a < b <= GFN_LIMIT for a, b in ranges):
+            raise ValueError("an encrypted range outside guest memory")
+    except (KeyError, TypeError, ValueError) as e:
+        raise stream.StreamError(f"the program state is malformed: {e}") from None
+    assert isinstance(abi, str) and isinstance(control, str)
+    return api.ProgramState(program, next_step, abi, ranges, control)
 
 
 def migrate(vmm: Vmm, kvm: api.Kvm, variant: Variant, key: TransportKey | None = None,

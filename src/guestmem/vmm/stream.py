@@ -128,8 +128,23 @@ def _read_record(source: BinaryIO, expected: int) -> Record:
     return Record(tag, sequence, payload)
 
 
+_READ_CHUNK = 1 << 20
+
+
 def _exactly(source: BinaryIO, n: int, what: str) -> bytes:
-    data = source.read(n)
+    """n bytes, read a chunk at a time: a length the record only claims allocates
+    nothing until the bytes are there."""
+    if n <= _READ_CHUNK:
+        data = source.read(n)
+    else:
+        parts, got = [], 0
+        while got < n:
+            part = source.read(min(_READ_CHUNK, n - got))
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        data = b"".join(parts)
     if len(data) < n:
         raise StreamError(f"the stream ends inside {what}")
     return data
