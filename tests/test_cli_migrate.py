@@ -64,13 +64,25 @@ def test_one_scenario_says_where_and_whose_fault():
     assert [d["kind"] for d in detail[0]["damage"]] == ["corrupted", "list"]
 
 
-def test_bad_names_exit_2_and_say_what_exists():
-    out = invoke(["migrate", "scenario", "nope"], exit_code=2).output
-    assert "seed2-list-then-dirty" in out
-    out = invoke(["migrate", "scenarios", "--variant", "nope"], exit_code=2).output
-    assert "dirty-first" in out
-    invoke(["migrate", "run", "--variant", "nope"], exit_code=2)
-    invoke(["migrate", "run", "--size", "12K", "--rounds", "3"], exit_code=2)
+def test_bad_input_exits_2_before_anything_runs_and_fits_80_columns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args, says in ((["migrate", "scenario", "nope"], "no such scenario"),
+                       (["migrate", "scenarios", "--variant", "nope"], "no such protocol"),
+                       (["migrate", "run", "--variant", "nope"], "no such protocol"),
+                       (["migrate", "run", "--size", "12K", "--rounds", "3"], "halve"),
+                       (["migrate", "run", "--backend", "kvm", "--size", "2G"], "at most 1.0 GiB"),
+                       (["migrate", "run", "--plot", "no/x.png"],
+                        "not a writable directory")):
+        out = invoke(args, exit_code=2).output
+        assert says in out and fits(out), out
+    assert not list(tmp_path.iterdir()), "nothing was written"
+
+
+def test_a_plot_path_without_png_gets_it_and_says_so(tmp_path):
+    out = invoke(["migrate", "run", "--size", "64M", "--rounds", "2", "--plot",
+                  str(tmp_path / "c"), "--json"]).output
+    record = json.loads(out)
+    assert record["plot"] == str(tmp_path / "c.png") and (tmp_path / "c.png").exists()
 
 
 def test_run_on_the_model_prints_rounds_downtime_and_the_plot(tmp_path, monkeypatch):
@@ -85,8 +97,8 @@ def test_run_on_the_model_prints_rounds_downtime_and_the_plot(tmp_path, monkeypa
     record = json.loads(invoke(["migrate", "run", "--size", "64M", "--rounds", "3", "--plot",
                                 "", "--json"]).output)
     assert record["verified"] and record["plot"] is None
-    assert [r["dirty_pages"] for r in record["rounds"][:4]] == [16384, 8192, 4096, 2048]
-    assert record["rounds"][-1]["phase"] == "stop-and-copy"
+    assert [r["dirty_pages"] for r in record["rounds"][:3]] == [16384, 8192, 4096]
+    assert [r["phase"] for r in record["rounds"]] == ["pre-copy"] * 3 + ["stop-and-copy"]
 
 
 def test_run_on_the_kernel_reports_the_memcpy_ratio(tmp_path):
@@ -106,3 +118,15 @@ def test_run_across_two_processes_on_the_model():
                                 "--processes", "2", "--plot", "", "--json"]).output)
     assert record["verified"] and record["processes"] == 2
     assert record["destination_reports"] == [0] * 5
+
+
+def test_a_refusal_across_processes_says_so(monkeypatch):
+    """The destination refuses (here a vCPU record it cannot read): the command
+    says the destination refused and why, not that memory was lost, and exits 1."""
+    from guestmem.vmm.migration import Source
+
+    monkeypatch.setattr(Source, "_vcpu_state", lambda self: b"\x01\x02")
+    out = invoke(["migrate", "run", "--size", "64M", "--rounds", "2", "--processes", "2",
+                  "--plot", ""], exit_code=1).output
+    assert "the destination refused the stream" in out and "vCPU state" in out
+    assert "NOT intact" not in out and "kept its guest" in out

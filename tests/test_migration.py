@@ -389,3 +389,43 @@ def test_a_formula_run_must_be_whole_words_and_a_huge_claim_allocates_nothing():
     claim = b"PAGE" + bytes(4) + (1 << 32).to_bytes(8, "little")  # 4 GiB, never sent
     with pytest.raises(stream.StreamError, match="ends inside record 0's payload"):
         list(stream.read_records(io.BytesIO(head + claim + b"x" * 100)))
+
+
+def test_an_empty_host_write_changes_no_sealed_page():
+    vmm = sev_source(PRIVATE_AND_SHARED)
+    vmm.run()
+    vmm.write(DATA + PAGE, b"")
+    vmm.on_checkpoint = None
+    assert vmm.run().reports == [p.VERIFY_OK, p.VERIFY_OK]
+
+
+def test_a_malformed_verdict_is_a_failure_and_the_source_stops_logging():
+    """remote.send: the destination answers 'accepted' with digests that are not
+    digests; the source treats it as a failed migration and turns dirty logging off."""
+    import json
+    import socket
+    import threading
+
+    from guestmem.vmm import remote
+
+    vmm = sev_source((p.MigrationReady(), p.Checkpoint(1), p.Checkpoint(2)))
+    vmm.on_checkpoint = None
+    ours, theirs = socket.socketpair()
+
+    def destination():
+        theirs.sendall(remote.READY + b"\n")
+        with theirs, theirs.makefile("rb") as reader:
+            while reader.read(1 << 16):
+                pass
+            theirs.sendall(json.dumps({"accepted": True, "digests": [{"gpa": 0}]}).encode()
+                           + b"\n")
+
+    thread = threading.Thread(target=destination)
+    thread.start()
+    with ours:
+        sent = remote.send(vmm, VARIANTS["dirty-first"], ours, TransportKey(), stop_at=2)
+    thread.join(10)
+    assert not sent.accepted and "verdict is malformed" in (sent.error or "")
+    for region in vmm.regions:
+        with pytest.raises(OSError):
+            vmm.vm.get_dirty_log(region.slot, 1)

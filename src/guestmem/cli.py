@@ -749,32 +749,43 @@ def migrate() -> None:
 @click.option("--size", default="64M", show_default=True,
               help="Guest memory the guest writes (bytes, K/M/G/T); kvm: at most 1G.")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 20),
-              help="Pre-copy rounds; the guest halves what it rewrites each round.")
+              help="Pre-copy rounds, the first sending everything; between them the "
+                   "guest rewrites half of what it wrote before.")
 @click.option("--variant", default="dirty-first", show_default=True,
               help="The protocol (guestmem migrate scenarios lists them).")
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 2),
               help="2: the destination is another process, over a socket "
                    "(python -m guestmem.vmm.remote receive).")
 @click.option("--plot", "plot_path", default="migration-convergence.png", show_default=True,
-              help="Where to write the convergence PNG ('' for none).")
+              help="Where to write the convergence PNG, in an existing directory "
+                   "('' for none).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON record.")
 def migrate_run(backend: str, size: str, rounds: int, variant: str, processes: int,
                 plot_path: str, as_json: bool) -> None:
-    """Migrate a running guest: pre-copy rounds while it writes, stop-and-copy, and
-    the destination verifies every byte it wrote and runs on. Exit 1 unless the
-    destination's guest verified its memory."""
+    """Migrate a running guest: pre-copy rounds between its bursts of writes (at its
+    checkpoints), stop-and-copy, and the destination verifies every byte it wrote
+    and runs on. Exit 1 unless the destination's guest verified its memory."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from guestmem.lab import migration as lab
     from guestmem.vmm.migration import VARIANTS
 
     if variant not in VARIANTS:
-        raise click.BadParameter(f"{variant!r} is not one of {', '.join(VARIANTS)}",
-                                 param_hint="--variant")
+        raise click.BadParameter(f"{variant!r}: no such protocol;\n"
+                                 "guestmem migrate scenarios lists them", param_hint="--variant")
     try:
         plan = lab.Plan(_parse_size(size, "--size"), rounds)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--size") from e
+    if backend == "kvm" and plan.size > lab.KVM_LIMIT:
+        raise click.BadParameter(f"at most {_short_size(lab.KVM_LIMIT)} on the kvm backend\n"
+                                 "(it populates what the guest writes)", param_hint="--size")
+    if plot_path:
+        plot_path = plot_path if plot_path.endswith(".png") else plot_path + ".png"
+        folder = os.path.dirname(plot_path) or "."
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise click.BadParameter(f"not a writable directory:\n{folder}",
+                                     param_hint="--plot")
     console = _console()
     with _open(backend, None) as kvm:
         if not as_json:
@@ -784,7 +795,7 @@ def migrate_run(backend: str, size: str, rounds: int, variant: str, processes: i
                                     else "")), style="bold")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
         with Progress(*columns, console=console, disable=as_json, transient=True) as progress:
-            task = progress.add_task("pre-copy", total=rounds + 2)
+            task = progress.add_task("pre-copy", total=rounds + 1)
 
             def advance(stats: Any) -> None:
                 progress.update(task, advance=1, description=f"round {stats.index} "
@@ -796,6 +807,10 @@ def migrate_run(backend: str, size: str, rounds: int, variant: str, processes: i
                 raise click.ClickException(f"the migration stopped: {e}") from e
         if backend == "kvm":
             result.memcpy_bytes_per_s = lab.memcpy_bandwidth(min(plan.size, 256 << 20))
+    if result.refused:
+        if as_json:
+            click.echo(json.dumps({**result.as_json(), "plot": None}, indent=2))
+        raise click.ClickException(f"the destination refused the stream: {result.refused}")
     plot = lab.plot_convergence(result, plot_path) if plot_path else None
     if as_json:
         click.echo(json.dumps({**result.as_json(), "plot": plot}, indent=2))
@@ -836,15 +851,16 @@ def _print_live_run(console: Console, result: Any, plot: str | None) -> None:
               help="Only these protocols (repeatable; default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print every verdict as JSON.")
 def migrate_scenarios(variants: tuple[str, ...], as_json: bool) -> None:
-    """Every scenario under every protocol, on the model: what each loses,
-    corrupts or leaks. Exit 1 if a scenario's safe protocol fails it."""
+    """Every scenario under every protocol, on the model (SEV's C-bit and the
+    checker's oracle exist only there): what each loses, corrupts or leaks. Exit 1
+    if a scenario's safe protocol fails it."""
     from guestmem.vmm.migration import VARIANTS
     from guestmem.vmm.scenarios import SCENARIOS, safe_variant, verdict_table
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise click.BadParameter(f"{', '.join(unknown)}: not one of {', '.join(VARIANTS)}",
-                                 param_hint="--variant")
+        raise click.BadParameter(f"{', '.join(unknown)}: no such protocol;\n"
+                                 "guestmem migrate scenarios lists them", param_hint="--variant")
     chosen = list(variants) or list(VARIANTS)
     verdicts = verdict_table(chosen)
     failed = [v for v in verdicts if v.variant == safe_variant(SCENARIOS[v.scenario])
@@ -900,7 +916,7 @@ def _print_matrix(console: Console, verdicts: list[Any], scenarios: list[str],
     console.print(table)
     blame = {s: sorted({o for v in verdicts if v.scenario == s for o in v.guest_blame().split(",")
                         if o}) for s in scenarios}
-    console.print(_notes_grid([(f"S{i}", escape(f"{SCENARIOS[s].title}" + (
+    console.print(_notes_grid([(f"S{i}", escape(f"{s}: {SCENARIOS[s].title}" + (
         f" (guest broke {', '.join(blame[s])})" if blame[s] else "")))
         for i, s in enumerate(scenarios, 1)]))
     console.print(_notes_grid([(f"P{i}", escape(f"{n}: {VARIANTS[n].describe()}"))
@@ -919,12 +935,12 @@ def migrate_scenario(name: str, variants: tuple[str, ...], as_json: bool) -> Non
     from guestmem.vmm.scenarios import SCENARIOS, run_scenario, safe_variant
 
     if name not in SCENARIOS:
-        raise click.BadParameter(f"{name!r}: not one of {', '.join(SCENARIOS)}",
-                                 param_hint="NAME")
+        raise click.BadParameter(f"{name!r}: no such scenario;\n"
+                                 "guestmem migrate scenarios lists them", param_hint="NAME")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise click.BadParameter(f"{', '.join(unknown)}: not one of {', '.join(VARIANTS)}",
-                                 param_hint="--variant")
+        raise click.BadParameter(f"{', '.join(unknown)}: no such protocol;\n"
+                                 "guestmem migrate scenarios lists them", param_hint="--variant")
     scenario = SCENARIOS[name]
     verdicts = [run_scenario(scenario, VARIANTS[v]) for v in (variants or VARIANTS)]
     if as_json:
@@ -938,13 +954,22 @@ def migrate_scenario(name: str, variants: tuple[str, ...], as_json: bool) -> Non
             style = OUTCOME_STYLE.get(v.outcome, "bold red")
             console.print(f"[bold]{escape(v.variant + safe)}[/]: [{style}]"
                           f"{escape(v.outcome)}[/]")
-            lines = [f"{f.kind} at gpa {f.gfn * 4096:#x} (+{f.pages} pages) {f.detail}".rstrip()
+            lines = [f"{f.kind} at gpa {f.gfn * 4096:#x} ({f.pages} page"
+                     f"{'s' if f.pages > 1 else ''}) {f.detail}".rstrip()
                      for f in v.damage + v.leaks]
-            lines += [f"guest broke {x.obligation} at gpa {x.gfn * 4096:#x}: {x.detail}"
-                      for x in v.violations]
+            lines += list(dict.fromkeys(  # once per obligation and place
+                f"guest broke {x.obligation} at gpa {x.gfn * 4096:#x}: {x.detail}"
+                for x in v.violations))
             lines += [f"the destination's guest read wrong data at {gpa:#x}"
                       for gpa in v.guest_failures]
             lines += [f"refused at checkpoint {label} (not READY)" for label in v.refused]
+            lines += [f"the destination saw pages whose state disagrees with the source's "
+                      f"final attributes: {note}" for note in v.notes]
+            moved = v.stats.rounds
+            if moved:
+                lines.append(f"moved {sum(r.sent_pages for r in moved)} pages "
+                             f"({sum(r.private_pages for r in moved)} private) in "
+                             f"{len(moved)} rounds, the last stop-and-copy")
             for line in lines:
                 console.print(Padding(escape(line), (0, 0, 0, 2)))
     failed = [v for v in verdicts if v.variant == safe_variant(scenario) and not v.passed]

@@ -97,6 +97,7 @@ class LiveRun:
     memcpy_bytes_per_s: float | None = None
     stop_and_copy_only: list[str] = field(default_factory=list)
     processes: int = 1
+    refused: str | None = None  # why the destination refused the stream (two processes)
 
     @property
     def precopy_bytes_per_s(self) -> float:
@@ -107,7 +108,7 @@ class LiveRun:
     def as_json(self) -> dict[str, object]:
         out: dict[str, object] = {
             "backend": self.backend, "variant": self.variant, "size": self.size,
-            "processes": self.processes,
+            "processes": self.processes, "refused": self.refused,
             "verified": self.verified, **self.stats.as_json(),
             "destination_reports": self.destination.reports,
             "stop_and_copy_only": self.stop_and_copy_only,
@@ -145,6 +146,11 @@ def run(kvm: api.Kvm, plan: Plan, variant: Variant,
         source = Source(vmm, variant, key, out)
 
         def at(label: int, result: RunResult) -> bool:
+            """Round 0 (everything) at the first checkpoint, a round at each one
+            after, the pause at the last: `rounds` pre-copy rounds in all, as
+            guestmem.vmm.remote.send runs them."""
+            if label == plan.rounds:
+                return True
             if label == 0:
                 source.begin()
                 stats = source.stats.rounds[-1]
@@ -152,7 +158,7 @@ def run(kvm: api.Kvm, plan: Plan, variant: Variant,
                 stats = source.round()
             if on_round is not None:
                 on_round(stats)
-            return label == plan.rounds
+            return False
 
         vmm.on_checkpoint = at
         result = vmm.run(timeout=600)
@@ -232,10 +238,9 @@ def run_across(kvm: api.Kvm, plan: Plan, variant: Variant,
     digests = [d.as_json() for d in sent.digests_at_pause]
     verified = sent.accepted and report.get("digests_before") == digests and \
         rest.stop == "done" and rest.reports == [p.VERIFY_OK] * (plan.rounds + 2)
-    if not sent.accepted:
-        rest.log.append(f"refused: {sent.error}; the destination said: {err.decode().strip()}")
+    refused = None if sent.accepted else f"{sent.error} (the source kept its guest)"
     return LiveRun(kvm.backend, variant.name, plan.size, sent.stats, sent.run, rest, verified,
-                   stop_and_copy_only=stop_and_copy_only, processes=2)
+                   stop_and_copy_only=stop_and_copy_only, processes=2, refused=refused)
 
 
 def memcpy_bandwidth(size: int, repeats: int = 5) -> float:
@@ -251,6 +256,13 @@ def memcpy_bandwidth(size: int, repeats: int = 5) -> float:
         ctypes.memmove(dst, src, size)
         best = min(best, time.perf_counter() - started)
     return size / best
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):g} {unit}"
+    return f"{n} B"
 
 
 def plot_convergence(run: LiveRun, path: str) -> str:
@@ -272,7 +284,7 @@ def plot_convergence(run: LiveRun, path: str) -> str:
     ax.set_ylabel("pages")
     ax.set_xticks(xs, [str(x) if r.phase == "pre-copy" else f"{x}\nstop" for x, r in
                        zip(xs, rounds, strict=True)])
-    ax.set_title(f"pre-copy convergence: {run.backend}, {run.size >> 20} MiB, {run.variant}, "
+    ax.set_title(f"pre-copy convergence: {run.backend}, {_size(run.size)}, {run.variant}, "
                  f"downtime {run.stats.downtime_seconds * 1000:.1f} ms")
     ax.legend()
     fig.tight_layout()

@@ -174,8 +174,8 @@ class PageStore:
     def _rekey(self, offset: int, length: int, key: int | None) -> None:
         """The pages of [offset, +length) go under `key`; a page only partly
         written that was under another key reads as noise under the new one."""
-        if key is None and not self.sealed.boundaries():
-            return  # plaintext over plaintext: the common case costs nothing
+        if length <= 0 or key is None and not self.sealed.boundaries():
+            return  # nothing written, or plaintext over plaintext: nothing to do
         first, last = offset // PAGE, -(-(offset + length) // PAGE)
         for index in {first, last - 1}:
             whole = offset <= index * PAGE and (index + 1) * PAGE <= offset + length
@@ -183,7 +183,7 @@ class PageStore:
                 self.set(index, index + 1, Ciphertext(_noise(self.sealed.get(index), key)))
 
     def _seal(self, offset: int, length: int, key: int | None) -> None:
-        if key is not None or self.sealed.boundaries():
+        if length > 0 and (key is not None or self.sealed.boundaries()):
             self.sealed.set(offset // PAGE, -(-(offset + length) // PAGE), key)
 
     def _write_bytes(self, offset: int, data: bytes) -> None:

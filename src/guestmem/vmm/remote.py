@@ -4,10 +4,13 @@ The source process runs the guest and streams it (`send`); the destination
 process builds the VM from the stream, answers whether it took it, and runs the
 guest on (`receive`, `serve`, and `python -m guestmem.vmm.remote receive`).
 
-On the socket, source to destination: the migration stream (guestmem.vmm.stream),
-then the source shuts its sending side down (the reader checks that nothing
-follows END, so it needs the end of file). Destination to source: one line of
-JSON, the verdict, sent once the whole stream is read and applied:
+On the socket, destination to source first: one line, `{"ready": true}`, once its
+backend is open (the source starts its guest and pre-copy only then, so that
+round 0's time is the transfer's, not the destination's start-up). Source to
+destination: the migration stream (guestmem.vmm.stream), then the source shuts its
+sending side down (the reader checks that nothing follows END, so it needs the end
+of file). Destination to source: one line of JSON, the verdict, sent once the
+whole stream is read and applied:
 ``{"accepted": true, "digests": [...]}`` (the SHA-256 of each memslot's memory as
 placed, before the guest resumes) or ``{"accepted": false, "error": "..."}``. A
 destination that refuses keeps reading until the source's end of file, so the
@@ -64,6 +67,7 @@ DIGEST_CHUNK: Final = 8 << 20
 # Exit statuses of the destination entry point.
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_GUEST = 0, 1, 2, 3
 _VERDICT_LIMIT: Final = 1 << 20  # the longest verdict line a source reads
+READY: Final = b'{"ready": true}'  # the destination's first line
 
 
 class MigrationFailed(Exception):
@@ -180,6 +184,7 @@ def send(vmm: Vmm, variant: Variant, sock: socket.socket, key: TransportKey, sto
     then wait for the destination's verdict. MigrationFailed if the guest ends or
     fails before `stop_at`, or migration never could begin (READY gating).
     `vmm.on_checkpoint` is restored before returning."""
+    _await_ready(sock, timeout)
     out = sock.makefile("wb")
     source = Source(vmm, variant, key, out)
     handler = _Precopy(source, stop_at, on_round)
@@ -218,12 +223,33 @@ def send(vmm: Vmm, variant: Variant, sock: socket.socket, key: TransportKey, sto
     verdict = _read_verdict(sock, timeout)
     digests = verdict.get("digests", [])
     if error is None and verdict.get("accepted") is True and isinstance(digests, list):
-        result.accepted = True
-        result.destination_digests = [RegionDigest.from_json(d) for d in digests]
-        return result
+        try:
+            result.destination_digests = [RegionDigest.from_json(d) for d in digests]
+            result.accepted = True
+            return result
+        except (KeyError, TypeError, ValueError) as e:
+            error = f"the destination's verdict is malformed: {e}"
     result.error = error or str(verdict.get("error", "the destination did not accept"))
     source.resume()
     return result
+
+
+def _await_ready(sock: socket.socket, timeout: float) -> None:
+    """The destination's first line, READY: it has its backend open and reads the
+    stream from now on, so pre-copy's timings are the transfer's, not its start-up.
+    Read a byte at a time: nothing of the verdict that follows is consumed."""
+    sock.settimeout(timeout)
+    line = b""
+    try:
+        while not line.endswith(b"\n") and len(line) < len(READY) + 1:
+            byte = sock.recv(1)
+            if not byte:
+                break
+            line += byte
+    except OSError as e:
+        raise MigrationFailed(f"the destination never became ready: {e}") from e
+    if line != READY + b"\n":
+        raise MigrationFailed(f"the destination did not say it was ready: {line!r}")
 
 
 def _read_verdict(sock: socket.socket, timeout: float) -> dict[str, object]:
@@ -259,6 +285,7 @@ def receive(kvm: api.Kvm, sock: socket.socket, key: TransportKey) -> Vmm:
     and return the VMM ready to `run()`. On a damaged stream or another key: answer
     the refusal, read on to the source's end of file, and raise Refused (with the
     StreamError or TransportError as its cause); the VM built so far is closed."""
+    sock.sendall(READY + b"\n")
     reader = sock.makefile("rb")
     try:
         try:

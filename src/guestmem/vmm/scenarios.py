@@ -431,6 +431,9 @@ class Verdict:
     violations: list[Violation]
     guest_failures: list[int]  # gpas where the destination's guest read wrong data
     stats: Stats
+    # what the destination noticed: pages placed in a state the source's final
+    # attributes contradict (a conversion that never reached it)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -459,7 +462,8 @@ class Verdict:
                 "guest_broke": [{"obligation": v.obligation, "gpa": v.gfn * PAGE,
                                  "pages": v.pages, "step": v.step, "detail": v.detail}
                                 for v in self.violations],
-                "guest_failures": self.guest_failures, "stats": self.stats.as_json()}
+                "guest_failures": self.guest_failures, "notes": self.notes,
+                "stats": self.stats.as_json()}
 
 
 def model_vmm(sev: bool, variant: Variant) -> Vmm:
@@ -544,7 +548,10 @@ def run_scenario(scenario: Scenario, variant: Variant,
     source.stop_and_copy()
     source.finish()
     out.seek(0)
-    dest = Destination(vmm.kvm, key).receive(out)
+    receiver = Destination(vmm.kvm, key)
+    dest = receiver.receive(out)
+    notes = [f"placed private {_gfn_ranges(placed)}, final {_gfn_ranges(final)}"
+             for placed, final in receiver.disagreements]
     after = guest_memory(dest)
     findings = compare(before, after, lambda lo, hi: [(lo, hi)])
     owned = [f for f in findings if f.kind == "state" or account.owns(f.gfn, f.gfn + f.pages)]
@@ -554,7 +561,11 @@ def run_scenario(scenario: Scenario, variant: Variant,
     account.replay(scenario.program.steps[next_step:], iter(rest.reports), next_step)
     return Verdict(scenario.name, variant.name, True, refused, _merge_findings(damage),
                    disowned, watch.leaks, account.violations, _guest_failures(rest),
-                   source.stats)
+                   source.stats, notes)
+
+
+def _gfn_ranges(ranges: list[tuple[int, int]]) -> str:
+    return ", ".join(f"[{a * PAGE:#x}, {b * PAGE:#x})" for a, b in ranges) or "none"
 
 
 def _paused_at(vmm: Vmm) -> int:
