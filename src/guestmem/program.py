@@ -24,6 +24,10 @@ PORT_TICK: Final = 0xE8  # one exit, counted by the VMM (benchmarks)
 # deliver KVM_EXIT_HYPERCALL to userspace (this project's kvm_pvm host: README).
 PORT_HYPERCALL: Final = 0xEC
 PORT_DONE: Final = 0xF4
+# How a compiled guest makes a hypercall (guest.default_hypercall_abi chooses) and
+# how it writes MSR_KVM_MIGRATION_CONTROL: the doorbell port, or WRMSR (CPL0 only).
+HYPERCALL_ABIS: Final = ("port", "vmcall", "vmmcall")
+MIGRATION_CONTROLS: Final = ("port", "wrmsr")
 # A numbered point in the program where the VMM may act (a migration step) and
 # where the vCPU can be paused and continued elsewhere: `out PORT_CHECKPOINT, eax`.
 PORT_CHECKPOINT: Final = 0xF8

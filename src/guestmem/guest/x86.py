@@ -28,7 +28,7 @@ from guestmem import uapi
 from guestmem.caps import Capabilities
 from guestmem.machine import CODE, GuestImage
 
-HYPERCALL_ABIS = ("port", "vmcall", "vmmcall")
+HYPERCALL_ABIS = p.HYPERCALL_ABIS
 _LOOP_REGISTERS: tuple[RegisterT, ...] = (R.R12, R.R13, R.R14, R.R15)
 _MASK64 = (1 << 64) - 1
 
@@ -105,7 +105,7 @@ class _Assembler:
         return bytes(encoder.encode(base))
 
 
-MIGRATION_CONTROLS = ("port", "wrmsr")
+MIGRATION_CONTROLS = p.MIGRATION_CONTROLS
 
 
 class Compiler:

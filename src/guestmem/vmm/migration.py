@@ -37,7 +37,6 @@ from typing import BinaryIO
 from guestmem import api, machine, uapi
 from guestmem import program as p
 from guestmem.extents import ExtentMap
-from guestmem.guest.x86 import HYPERCALL_ABIS, MIGRATION_CONTROLS
 from guestmem.hypercall import GFN_LIMIT
 from guestmem.vmm import stream
 from guestmem.vmm.transport import Exporter, Importer, TransportError, TransportKey
@@ -803,7 +802,7 @@ def _program_state(state: dict[str, object]) -> api.ProgramState:
         encrypted = state["encrypted"]
         if not isinstance(next_step, int) or not 0 <= next_step <= len(program.steps):
             raise ValueError(f"step {next_step!r} of a {len(program.steps)}-step program")
-        if abi not in HYPERCALL_ABIS or control not in MIGRATION_CONTROLS:
+        if abi not in p.HYPERCALL_ABIS or control not in p.MIGRATION_CONTROLS:
             raise ValueError(f"hypercall ABI {abi!r}, migration control {control!r}")
         if not isinstance(encrypted, list):
             raise ValueError("encrypted must be a list of ranges")
