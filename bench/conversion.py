@@ -35,13 +35,11 @@ mapped in the range just before the conversion. Peak RSS is this process's VmHWM
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -49,6 +47,7 @@ from rich.console import Console
 from rich.table import Table
 
 from guestmem import uapi
+from guestmem.lab.timing import no_gc
 from guestmem.model import Kvm
 from guestmem.model.gmem import GuestMemfd
 from guestmem.model.process import MADV_POPULATE_WRITE, Mapping
@@ -154,19 +153,6 @@ class Guest:
         """Every other CHUNK of [offset, offset+length) private, starting private."""
         for i, at in enumerate(range(offset, offset + length, CHUNK)):
             self.convert(at, CHUNK, i % 2 == 0)  # a chunk already so: no invalidation
-
-
-@contextmanager
-def no_gc() -> Iterator[None]:
-    """Collect once, then keep the collector out of the timed loop."""
-    gc.collect()
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 @dataclass

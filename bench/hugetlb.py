@@ -62,7 +62,6 @@ workload A's phases and over workload B's conversions, one line per policy.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
 import resource
@@ -72,7 +71,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -82,6 +80,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from guestmem import uapi
+from guestmem.lab.timing import no_gc
 from guestmem.model import Kvm
 from guestmem.model.gmem import GuestMemfd, HugetlbPolicy
 from guestmem.model.invariants import violations
@@ -309,19 +308,6 @@ Progress_ = Callable[[int, int], None]  # (done, total)
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-@contextmanager
-def no_gc() -> Iterator[None]:
-    """Collect once, then keep the collector out of the timed loop."""
-    gc.collect()
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 # --- workload A: CoCo boot --------------------------------------------------------------------
