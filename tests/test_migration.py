@@ -429,3 +429,22 @@ def test_a_malformed_verdict_is_a_failure_and_the_source_stops_logging():
     for region in vmm.regions:
         with pytest.raises(OSError):
             vmm.vm.get_dirty_log(region.slot, 1)
+
+
+def test_the_firmware_refuses_memory_no_memslot_backs_and_writes_nothing():
+    """firmware_export / firmware_import on a range that runs past guest memory:
+    EFAULT (our choice: SEND/RECEIVE_UPDATE_DATA fail on a bad address), and an
+    import writes none of its runs, not even those that had memory."""
+    import errno
+
+    vmm = sev_source(PRIVATE_AND_SHARED)
+    vmm.run()
+    end = DATA + (1 << 20)
+    before = vmm.vm.guest_view(end - PAGE, PAGE)
+    for call in (lambda: vmm.vm.firmware_export(end - PAGE, 2 * PAGE, True),
+                 lambda: vmm.vm.firmware_import(end - PAGE, [
+                     api.Run(0, PAGE, None, 7, 1), api.Run(PAGE, 2 * PAGE, None, 9, 1)], True)):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.EFAULT
+    assert vmm.vm.guest_view(end - PAGE, PAGE) == before
