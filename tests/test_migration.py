@@ -448,3 +448,24 @@ def test_the_firmware_refuses_memory_no_memslot_backs_and_writes_nothing():
             call()
         assert e.value.errno == errno.EFAULT
     assert vmm.vm.guest_view(end - PAGE, PAGE) == before
+
+
+@pytest.mark.parametrize("conversion", ["attributes+fallocate", "guest-flags"])
+def test_the_vmm_records_every_conversion_it_makes(conversion):
+    """Vmm.attributes (the attributes design's source) follows conversions made by a
+    guest's MAP_GPA_RANGE, whichever conversion mode the VMM uses, and not a
+    refused one."""
+    from guestmem.vmm.vmm import MAP_GPA_SET_ATTRIBUTES
+
+    vmm = Vmm(Kvm("coco"), uapi.KVM_X86_SW_PROTECTED_VM, backing="anon", conversion=conversion)
+    vmm.add_private_memory(DATA, 1 << 20)
+    flags = MAP_GPA_SET_ATTRIBUTES if conversion == "guest-flags" else None
+    vmm.load(GuestImage(b"", 0, p.Program.of(
+        p.MapGpaRange(DATA + PAGE, 2, encrypted=True, flags=flags),
+        p.MapGpaRange(DATA + 8 * PAGE, 0, encrypted=True, flags=flags)), "port"))
+    result = vmm.run()
+    assert result.reports == [0, -uapi.KVM_EINVAL & (2**64 - 1)], "npages 0 is refused"
+    gfn = DATA // PAGE
+    assert vmm.attributes.private_gfns() == [(gfn + 1, gfn + 3)]
+    assert vmm.attributes.harvest_changed() == [(gfn + 1, gfn + 3)]
+    assert vmm.attributes.harvest_changed() == [], "harvested once"

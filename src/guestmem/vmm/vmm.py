@@ -654,6 +654,11 @@ class Vmm:
             done = self._convert_in_place(gpa, size, private, log)
         else:
             done = Converted(self._convert_vm_attributes(gpa, size, private))
+        return self._recorded(done, gpa, size, private)
+
+    def _recorded(self, done: Converted, gpa: int, size: int, private: bool) -> Converted:
+        """Keep a successful conversion in Vmm.attributes (what live migration's
+        attributes design reads), whichever path made it."""
         if done.ret == 0:
             enc = uapi.KVM_MAP_GPA_RANGE_ENCRYPTED if private else 0
             self.attributes.apply(gpa, size // uapi.PAGE_SIZE, enc, 0)
@@ -824,13 +829,14 @@ class Vmm:
     def _set_flagged_attributes(self, gpa: int, size: int, private: bool,
                                 log: list[str]) -> Converted:
         if self.in_place:
-            return self._convert_in_place(gpa, size, private, log)
+            return self._recorded(self._convert_in_place(gpa, size, private, log), gpa, size,
+                                  private)
         try:
             self.vm.set_memory_attributes(gpa, size,
                                           uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
         except OSError:
             return Converted(-uapi.KVM_EINVAL)
-        return Converted(0)
+        return self._recorded(Converted(0), gpa, size, private)
 
     # --- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
