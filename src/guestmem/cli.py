@@ -747,7 +747,8 @@ def migrate() -> None:
               type=click.Choice(guestmem.BACKENDS),
               help="model: the whole subsystem in Python; kvm: a real guest on this host.")
 @click.option("--size", default="64M", show_default=True,
-              help="Guest memory the guest writes (bytes, K/M/G/T); kvm: at most 1G.")
+              help="Guest memory (bytes, K/M/G/T); the guest writes up to 32G of it "
+                   "and the host fills the rest; kvm: at most 1G.")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 20),
               help="Pre-copy rounds, the first sending everything; between them the "
                    "guest rewrites half of what it wrote before.")
